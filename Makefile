@@ -1,0 +1,43 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when missing and install
+# torch first (the CPU build where no CUDA GPU answers nvidia-smi, so pip never pulls a multi-GB CUDA build),
+# then vidgen with its test extras.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch release vidgen is tested with on CPU; on GPU nodes pip picks the newest CUDA build.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.vidgen-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "vidgen needs Python >= 3.11: run make PYTHON=python3.11 ..."; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c 'import torch' 2>/dev/null; then \
+		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing torch from PyPI"; $(PY) -m pip install -q torch; \
+	else \
+		echo "no CUDA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(PY) -m pip install -q --retries 1 --timeout 20 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/vidgen demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check vidgen tests jobs benchmarks
+
+clean:
+	rm -rf work .pytest_cache

@@ -1,0 +1,234 @@
+"""FIFO-Diffusion queue (generation.md 1.3-1.6) over fake denoisers: coverage, levels, exactness, cost.
+
+Shapes: B batch (1), Q queue slots, F window frames, C latent channels, h/w latent size.
+The fakes are plain functions obeying the denoiser interface denoise(x[B, F, C, h, w], sigma[B, F], cond).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+
+from vidgen.generate.fifo import FifoPlan, fifo_iterate, init_queue, slot_levels
+from vidgen.generate.samplers import fifo_sample, sampling_sigmas
+from vidgen.models.svd import SVD_SCHEDULER
+
+PLANS = [FifoPlan(4, 2, lookahead=True), FifoPlan(4, 2, lookahead=False)]
+ids = ["LD", "noLD"]
+
+
+def _levels(plan: FifoPlan) -> torch.Tensor:
+    """A made-up ascending table L[0] = 0 < L[1] < ... < L[nf], levels a factor 2 apart, float64."""
+    return torch.cat([torch.zeros(1), 2.0 ** torch.arange(plan.steps)]).double()
+
+
+class Recorder:
+    """Zero-x0 oracle that records every call (x, sigma) for later inspection."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, sigma, cond):
+        assert sigma.shape == x.shape[:2]
+        self.calls.append((x.clone(), sigma.clone()))
+        return torch.zeros_like(x)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+@pytest.mark.parametrize("window,partitions", [(2, 1), (4, 1), (4, 2), (6, 3), (8, 4)])
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_windows_write_every_real_slot_exactly_once(window, partitions, lookahead):
+    plan = FifoPlan(window, partitions, lookahead)
+    wins = plan.windows()
+    assert len(wins) == (2 * partitions if lookahead else partitions)
+    written = []
+    for start, end, write_from in wins:
+        assert end - start == window  # every call sees a full model window
+        assert 0 <= start <= write_from < end <= plan.queue_length
+        written += range(write_from, end)
+    assert sorted(written) == list(range(plan.offset, plan.queue_length))  # each real slot once
+    assert [w[0] for w in wins] == sorted((w[0] for w in wins), reverse=True)  # tail first
+
+
+def test_plan_sizes():
+    ld, plain = PLANS
+    assert (ld.steps, ld.offset, ld.queue_length) == (8, 2, 10)
+    assert (plain.steps, plain.offset, plain.queue_length) == (8, 0, 8)
+    assert ld.windows() == [(6, 10, 8), (4, 8, 6), (2, 6, 4), (0, 4, 2)]
+    assert plain.windows() == [(4, 8, 4), (0, 4, 0)]
+    big = FifoPlan(16, 4)  # the original's defaults: 100 frames take 148 iterations, queue of 72
+    assert big.iterations(100) == 148 and big.queue_length == 72
+    for plan in PLANS:
+        for n in (1, 5, 17):
+            assert plan.iterations(n) == n + plan.steps - plan.window
+    assert slot_levels(ld).tolist() == [1, 1, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert slot_levels(plain).tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_plan_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="window=3"):
+        FifoPlan(3, 2, lookahead=True)
+    with pytest.raises(ValueError, match="window=1"):
+        FifoPlan(1, 2, lookahead=False)
+    with pytest.raises(ValueError, match="partitions=0"):
+        FifoPlan(4, 0)
+    assert FifoPlan(3, 2, lookahead=False).windows() == [(3, 6, 3), (0, 3, 0)]
+
+
+# ---------------------------------------------------------------------------------------------- queue
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=ids)
+def test_init_queue_frames_and_levels(plan):
+    f, nf = plan.window, plan.steps
+    levels = _levels(plan)
+    shape = (1, f, 2, 32, 32)
+    base = torch.arange(1, f + 1, dtype=torch.float64).mul(100).view(1, f, 1, 1, 1).expand(shape).contiguous()
+
+    q = init_queue(base, levels, plan, generator=torch.Generator().manual_seed(0))
+    q_zero = init_queue(torch.zeros(shape, dtype=torch.float64), levels, plan,
+                        generator=torch.Generator().manual_seed(0))
+    assert q.shape == (1, plan.queue_length, 2, 32, 32) and q.dtype == torch.float64
+    frames = [0] * plan.offset + [max(0, i - (nf - f)) for i in range(nf)]  # context slots hold frame 0
+    wanted_level = [1] * plan.offset + [i + 1 for i in range(nf)]
+    # same noise, different x0: the difference is exactly the x0 of each slot's base frame
+    for slot, frame in enumerate(frames):
+        torch.testing.assert_close(q[0, slot] - q_zero[0, slot], base[0, frame], rtol=0, atol=1e-9)
+    # pure noise at the slot's level: std of 2048 draws within 8 % of L[level] (levels are 2x apart)
+    for slot, lvl in enumerate(wanted_level):
+        std = q_zero[0, slot].std().item()
+        assert std == pytest.approx(levels[lvl].item(), rel=0.08), (slot, lvl)
+        assert abs(q_zero[0, slot].mean().item()) < 0.1 * levels[lvl].item()
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=ids)
+def test_calls_per_iteration_and_sigmas_per_slot(plan):
+    levels, n_out = _levels(plan), 3
+    rec = Recorder()
+    queue = init_queue(torch.zeros(1, plan.window, 1, 2, 2, dtype=torch.float64), levels, plan,
+                       generator=torch.Generator().manual_seed(0))
+    heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=torch.Generator().manual_seed(1)))
+    assert len(heads) == n_out
+    per_iter = 2 * plan.partitions if plan.lookahead else plan.partitions
+    assert len(rec.calls) == plan.iterations(n_out) * per_iter
+    expected = levels[slot_levels(plan)]  # slot i always sits at L[i + 1]; context slots at L[1]
+    for k, (_, sigma) in enumerate(rec.calls):
+        start, end, _ = plan.windows()[k % per_iter]
+        torch.testing.assert_close(sigma[0], expected[start:end])
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=ids)
+def test_a_frame_moves_one_slot_and_one_level_per_iteration(plan):
+    """Track frames by their noise: with a zero-x0 oracle a frame's content is n * sigma, so x / sigma is
+    its identity. A frame entering at the tail at L[nf] must be seen at L[nf], L[nf-1], ..., L[1] in
+    consecutive iterations, one slot nearer the head each time, and never read half-updated."""
+    levels, n_out, nf = _levels(plan), 6, plan.steps
+    rec = Recorder()
+    queue = init_queue(torch.zeros(1, plan.window, 2, 2, 2, dtype=torch.float64), levels, plan,
+                       generator=torch.Generator().manual_seed(0))
+    heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=torch.Generator().manual_seed(1)))
+    per_iter = len(plan.windows())
+    seen: dict[float, list[tuple[int, int, float]]] = {}  # identity -> [(iteration, slot, sigma)]
+    for k, (x, sigma) in enumerate(rec.calls):
+        it, (start, _, _) = k // per_iter, plan.windows()[k % per_iter]
+        for j in range(x.shape[1]):
+            slot, s = start + j, sigma[0, j].item()
+            ident = round((x[0, j, 0, 0, 0] / s).item(), 9)
+            if slot >= plan.offset:  # context slots are read only and hold already-emitted frames
+                seen.setdefault(ident, [])
+                if (it, slot, s) not in seen[ident]:
+                    seen[ident].append((it, slot, s))
+    # every real slot of every iteration is accounted for by some frame
+    assert sum(len(v) for v in seen.values()) == plan.iterations(n_out) * nf
+    full = [v for v in seen.values() if v[0][1] == plan.queue_length - 1]  # entered at the tail
+    assert len(full) >= 2
+    for track in full:
+        if len(track) < nf:  # still in the queue when sampling stopped
+            assert track[-1][0] == plan.iterations(n_out) - 1
+        its, slots, sigmas = zip(*track)
+        assert list(its) == list(range(its[0], its[0] + len(track)))
+        assert list(slots) == [plan.queue_length - 1 - k for k in range(len(track))]
+        assert list(sigmas) == [levels[nf - k].item() for k in range(len(track))]
+    assert any(len(t) == nf for t in full)  # one that went all the way: nf iterations tail to head
+    for h in heads:  # leaving the head at level 0: exactly the oracle's x0
+        assert h.shape == (1, 2, 2, 2)
+        assert h.abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=ids)
+def test_exact_x0_oracle_makes_every_emitted_frame_exact(plan):
+    """Euler in sigma with the true x0 is exact, so each emitted head must be the x0 of its frame.
+
+    Frame k sits in real slot i during iteration k - i; the queue starts with frame i =
+    base[max(0, i - (nf - F))] in slot i, so after dropping nf - F warm-up frames the video is the base
+    video's F frames followed by the new frames, in order."""
+    f, nf, n_out = plan.window, plan.steps, 7
+    c, h, w = 2, 3, 3
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, f, c, h, w, generator=g, dtype=torch.float64)
+    new = torch.randn(1, n_out + nf, c, h, w, generator=g, dtype=torch.float64)
+    truth = [base[:, max(0, k - (nf - f))] if k < nf else new[:, k - nf] for k in range(n_out + 2 * nf)]
+    wins = plan.windows()
+    calls = 0
+
+    def oracle(x, sigma, cond):
+        nonlocal calls
+        it, (start, end, _) = calls // len(wins), wins[calls % len(wins)]
+        calls += 1
+        x0 = [truth[it + max(slot - plan.offset, 0)] for slot in range(start, end)]
+        return torch.stack(x0, dim=1)
+
+    levels = _levels(plan)
+    queue = init_queue(base, levels, plan, generator=torch.Generator().manual_seed(1))
+    heads = list(fifo_iterate(oracle, None, queue, levels, plan, n_out, generator=torch.Generator().manual_seed(2)))
+    assert len(heads) == n_out
+    for k, head in enumerate(heads):
+        frame = nf - f + k
+        torch.testing.assert_close(head, truth[frame][:, ...], rtol=0, atol=1e-9)
+    for k in range(f):  # the first F frames are the base video
+        torch.testing.assert_close(heads[k], base[:, k], rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("plan", [FifoPlan(4, 2, True), FifoPlan(4, 1, False)], ids=["LD-n2", "noLD-n1"])
+def test_fifo_sample_shape_cost_and_exactness(plan):
+    scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER)
+    target = torch.randn(1, 1, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def const_oracle(x, sigma, cond):  # every frame's x0 is `target`
+        calls.append(tuple(x.shape))
+        assert cond == "cond"
+        return target.expand_as(x)
+
+    n_out = 6
+    shape = (1, plan.window, 4, 3, 5)
+    out = fifo_sample(const_oracle, "cond", scheduler, shape, n_out, plan, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (1, n_out, 4, 3, 5)
+    assert len(calls) == plan.steps + plan.iterations(n_out) * len(plan.windows())  # base video + diagonal
+    assert all(c == shape for c in calls)
+    # sigma_max = 700 in float32: exact up to rounding of x0 + 700 n
+    torch.testing.assert_close(out, target.expand_as(out), rtol=0, atol=2e-4)
+    again = fifo_sample(const_oracle, "cond", scheduler, shape, n_out, plan, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+
+
+def test_fifo_sample_uses_the_scheduler_sigmas():
+    plan = FifoPlan(4, 1, lookahead=False)
+    scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER)
+    seen = []
+
+    def rec(x, sigma, cond):
+        seen.append(sigma[0].clone())
+        return torch.zeros_like(x)
+
+    fifo_sample(rec, None, scheduler, (1, 4, 1, 2, 2), 2, plan, generator=torch.Generator().manual_seed(0))
+    desc = sampling_sigmas(scheduler, plan.steps)  # nf + 1 values ending in 0
+    for i in range(plan.steps):  # base video: one sigma for all frames, descending
+        torch.testing.assert_close(seen[i], desc[i].expand(4))
+    torch.testing.assert_close(seen[plan.steps], desc.flip(0)[1:])  # then the queue: ascending per slot

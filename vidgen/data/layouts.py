@@ -1,0 +1,251 @@
+"""Sample discovery: turn a dataset root (local or any storage URI) into a list of `Sample`s.
+
+A layout is a function from one recursive listing of the root to samples. The listing is taken once
+(one LIST walk on object storage, not one request per folder) and nothing is decoded here: prompts in
+per-sample files are read later by the data workers, which also judge whether a sample is usable.
+
+Layouts:
+  hotshot  root/<sample>/<n>.jpg|png + prompt.txt (Hotshot-XL, Hotshot-XL-OPV2V scene folders);
+           the prompt is required.
+  frames   root/<video>/<frames> at any depth (SVD_Xtend, Something-Something rawframes, Bridge);
+           prompt from prompt.txt beside the frames, else a prompts.csv / prompts.jsonl sidecar at
+           the root keyed by folder, else the default prompt.
+  videos   video files anywhere under root; prompt from <stem>.txt beside the video, else the sidecar.
+New layouts (raw OPV2V cameras, packed shards) register a builder in LAYOUTS.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vidgen import storage
+from vidgen.data.decode import is_image_name, natural_key
+from vidgen.data.video import VIDEO_SUFFIXES
+from vidgen.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PROMPT_FILE = "prompt.txt"
+SIDECARS = ("prompts.jsonl", "prompts.csv")
+_KEY_FIELDS = ("name", "video", "folder", "path", "id", "file")
+_PROMPT_FIELDS = ("prompt", "caption", "text")
+
+
+@dataclass
+class Sample:
+    """One video: a folder of frames (frame_uris in play order) or a video file (frame_uris None).
+
+    prompt: known at discovery (sidecar); prompt_uri: a file the worker reads (wins over prompt).
+    meta: layout, name (path relative to the root), prompt_required.
+    """
+
+    uri: str
+    frame_uris: list[str] | None
+    prompt: str | None
+    prompt_uri: str | None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Listing:
+    """Every file under a root, grouped the way layouts need them."""
+
+    root: str
+    frame_dirs: dict[str, list[str]]  # folder URI -> its image URIs (unsorted)
+    videos: list[str]
+    files: set[str]
+
+    def rel(self, uri: str) -> str:
+        return _relative(uri, self.root)
+
+
+def scan(root: str) -> Listing:
+    """List `root` recursively once; DataError when it is missing or holds no files."""
+    if not storage.exists(root):
+        raise DataError(f"{root}: dataset root does not exist")
+    files = storage.walk_files(root)
+    if not files:
+        raise DataError(f"{root}: dataset root is empty; {_EXPECTED}")
+    frame_dirs: dict[str, list[str]] = defaultdict(list)
+    videos = []
+    for uri in files:
+        parent, _, base = uri.rpartition("/")
+        if is_image_name(base):
+            frame_dirs[parent].append(uri)
+        elif not base.startswith(".") and base.lower().endswith(VIDEO_SUFFIXES):
+            videos.append(uri)
+    return Listing(root, dict(frame_dirs), videos, set(files))
+
+
+def detect_layout(root: str, listing: Listing | None = None) -> str:
+    """Pick the layout from what the root holds (see the module docstring)."""
+    listing = listing or scan(root)
+    n_dirs, n_videos = len(listing.frame_dirs), len(listing.videos)
+    if n_dirs == 0 and n_videos == 0:
+        raise DataError(f"{root}: no frame folders or video files found; {_EXPECTED}")
+    if n_videos > n_dirs:
+        return "videos"
+    # Hotshot when most frame folders carry prompt.txt; the rest then show up as "missing prompt"
+    # in the skip report instead of silently training on an empty prompt.
+    with_prompt = sum(f"{d}/{PROMPT_FILE}" in listing.files for d in listing.frame_dirs)
+    return "hotshot" if 2 * with_prompt >= n_dirs else "frames"
+
+
+def list_samples(root: str, layout: str = "auto") -> list[Sample]:
+    """All samples under `root`, sorted naturally by their path relative to the root."""
+    if layout != "auto" and layout not in LAYOUTS:
+        raise DataError(f"{root}: unknown layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+    listing = scan(root)
+    if layout == "auto":
+        layout = detect_layout(root, listing)
+        log.info("%s: detected layout %r", root, layout)
+    samples = LAYOUTS[layout](listing)
+    if not samples:
+        raise DataError(f"{root}: layout {layout!r} found no samples; expected {_EXPECTS.get(layout, layout)} "
+                        f"(found {len(listing.frame_dirs)} frame folders, {len(listing.videos)} videos)")
+    return sorted(samples, key=lambda s: natural_key(s.meta.get("name", s.uri)))
+
+
+def _frame_samples(listing: Listing, layout: str, required: bool) -> list[Sample]:
+    sidecar = {} if required else read_sidecar(listing)
+    samples = []
+    for folder, frames in listing.frame_dirs.items():
+        name = listing.rel(folder) or folder.rstrip("/").rpartition("/")[2]
+        prompt_uri = f"{folder}/{PROMPT_FILE}"
+        samples.append(Sample(
+            uri=folder,
+            frame_uris=sorted(frames, key=lambda u: natural_key(u.rpartition("/")[2])),
+            prompt=_lookup(sidecar, name),
+            prompt_uri=prompt_uri if prompt_uri in listing.files else None,
+            meta={"layout": layout, "name": name, "prompt_required": required},
+        ))
+    return samples
+
+
+def _hotshot(listing: Listing) -> list[Sample]:
+    return _frame_samples(listing, "hotshot", required=True)
+
+
+def _frames(listing: Listing) -> list[Sample]:
+    return _frame_samples(listing, "frames", required=False)
+
+
+def _videos(listing: Listing) -> list[Sample]:
+    sidecar = read_sidecar(listing)
+    samples = []
+    for uri in listing.videos:
+        name = listing.rel(uri) or uri.rpartition("/")[2]  # the root may be a single video file
+        text_uri = uri.rpartition(".")[0] + ".txt"
+        samples.append(Sample(
+            uri=uri,
+            frame_uris=None,
+            prompt=_lookup(sidecar, name) or _lookup(sidecar, name.rpartition(".")[0]),
+            prompt_uri=text_uri if text_uri in listing.files else None,
+            meta={"layout": "videos", "name": name, "prompt_required": False},
+        ))
+    return samples
+
+
+LAYOUTS: dict[str, Callable[[Listing], list[Sample]]] = {
+    "hotshot": _hotshot,
+    "frames": _frames,
+    "videos": _videos,
+}
+_EXPECTS = {
+    "hotshot": f"folders <root>/<sample>/ holding numbered .jpg/.png frames and {PROMPT_FILE}",
+    "frames": "folders <root>/<video>/ holding numbered image frames",
+    "videos": f"video files ({' '.join(VIDEO_SUFFIXES)}) under the root",
+}
+_EXPECTED = "expected one of: " + "; ".join(f"{k}: {v}" for k, v in _EXPECTS.items())
+
+
+def read_sidecar(listing: Listing) -> dict[str, str]:
+    """name -> prompt from <root>/prompts.jsonl or <root>/prompts.csv ({} when neither exists).
+
+    jsonl: one object a line with a key field (name/video/folder/path/id/file) and a prompt field
+    (prompt/caption/text). csv: a header row naming such fields, or two columns name,prompt.
+    A malformed sidecar fails the whole read: it is one file the user can fix, not a bad sample.
+    """
+    at_root = {listing.rel(u): u for u in listing.files if "/" not in listing.rel(u)}
+    for sidecar in SIDECARS:
+        uri = at_root.get(sidecar)
+        if uri is None:
+            continue
+        try:
+            text = storage.read_bytes(uri).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{uri}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        table = _parse_jsonl(uri, text) if sidecar.endswith(".jsonl") else _parse_csv(uri, text)
+        return {_norm(k): v for k, v in table.items()}
+    return {}
+
+
+def _parse_jsonl(uri: str, text: str) -> dict[str, str]:
+    table = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{uri}:{lineno}: not valid JSON ({e.msg})") from e
+        key = _first(record, _KEY_FIELDS) if isinstance(record, dict) else None
+        prompt = _first(record, _PROMPT_FIELDS) if isinstance(record, dict) else None
+        if key is None or prompt is None:
+            raise DataError(f"{uri}:{lineno}: expected an object with one of {_KEY_FIELDS} and one of "
+                            f"{_PROMPT_FIELDS}")
+        table[str(key)] = str(prompt)
+    return table
+
+
+def _parse_csv(uri: str, text: str) -> dict[str, str]:
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    if not rows:
+        return {}
+    header = [c.strip().lower() for c in rows[0]]
+    key_col, prompt_col = 0, 1
+    if any(h in _PROMPT_FIELDS for h in header):  # a header row names the columns
+        prompt_col = next(i for i, h in enumerate(header) if h in _PROMPT_FIELDS)
+        key_col = next((i for i, h in enumerate(header) if h in _KEY_FIELDS), 1 if prompt_col == 0 else 0)
+        rows = rows[1:]
+    table = {}
+    for row in rows:
+        if len(row) <= max(key_col, prompt_col):
+            raise DataError(f"{uri}: row {row!r} has {len(row)} columns; expected name,prompt")
+        table[row[key_col].strip()] = row[prompt_col].strip()
+    return table
+
+
+def _first(record: dict, fields: tuple[str, ...]):
+    return next((record[f] for f in fields if f in record), None)
+
+
+def _lookup(sidecar: dict[str, str], name: str) -> str | None:
+    """By relative path first, then by the last path component (prompts keyed by folder name)."""
+    if not sidecar:
+        return None
+    name = _norm(name)
+    return sidecar.get(name) or sidecar.get(name.rpartition("/")[2]) or None
+
+
+def _norm(key: str) -> str:
+    key = key.strip().strip("/")
+    return key.removeprefix("./")
+
+
+def _relative(uri: str, root: str) -> str:
+    """`uri` relative to `root`, tolerating a listing that spells the root differently
+    (file:// prefix, trailing slash)."""
+    for prefix in (root.rstrip("/"), root.rstrip("/").removeprefix("file://")):
+        for candidate in (uri, uri.removeprefix("file://")):
+            if candidate.startswith(prefix + "/"):
+                return candidate[len(prefix) + 1:]
+            if candidate == prefix:
+                return ""
+    return uri.rpartition("/")[2]

@@ -1,0 +1,112 @@
+"""Denoisers with per-frame noise levels: the one interface every sampler uses.
+
+Shapes: B batch, F frames, C latent channels, h/w latent height/width.
+
+    denoise(latents[B, F, C, h, w], sigma[B, F], cond) -> x0 estimate [B, F, C, h, w]
+
+Per-frame sigmas are what FIFO-Diffusion needs (each queue slot sits at its own noise level). diffusers'
+SVD UNet takes one timestep per video, so `unet_forward_per_frame` runs the same modules with one time
+embedding per frame; with equal sigmas it is the stock forward (tests assert that numerically).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vidgen.models.svd import SVD
+from vidgen.train.objectives import append_dims, edm_scalings
+
+
+def unet_forward_per_frame(unet, sample_bfchw: torch.Tensor, timesteps_bf: torch.Tensor,
+                           encoder_hidden_states: torch.Tensor, added_time_ids: torch.Tensor) -> torch.Tensor:
+    """`UNetSpatioTemporalConditionModel.forward` with a timestep per frame instead of per video."""
+    b, f = sample_bfchw.shape[:2]
+    t_emb = unet.time_proj(timesteps_bf.reshape(b * f)).to(sample_bfchw.dtype)
+    emb = unet.time_embedding(t_emb)  # [B*F, D]: one time embedding per frame
+    time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape(b, -1).to(emb.dtype)
+    emb = emb + unet.add_embedding(time_embeds).repeat_interleave(f, dim=0)
+    ehs = encoder_hidden_states.repeat_interleave(f, dim=0)
+
+    sample = unet.conv_in(sample_bfchw.flatten(0, 1))
+    image_only_indicator = torch.zeros(b, f, dtype=sample.dtype, device=sample.device)
+    res_stack = (sample,)
+    for block in unet.down_blocks:
+        kw = dict(encoder_hidden_states=ehs) if getattr(block, "has_cross_attention", False) else {}
+        sample, res = block(hidden_states=sample, temb=emb, image_only_indicator=image_only_indicator, **kw)
+        res_stack += res
+    sample = unet.mid_block(hidden_states=sample, temb=emb, encoder_hidden_states=ehs,
+                            image_only_indicator=image_only_indicator)
+    for i, block in enumerate(unet.up_blocks):
+        res = res_stack[-len(block.resnets):]
+        res_stack = res_stack[: -len(block.resnets)]
+        kw = dict(encoder_hidden_states=ehs) if getattr(block, "has_cross_attention", False) else {}
+        upsample_size = res_stack[-1].shape[2:] if i < len(unet.up_blocks) - 1 else None
+        sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size,
+                       image_only_indicator=image_only_indicator, **kw)
+    sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))
+    return sample.reshape(b, f, *sample.shape[1:])
+
+
+@dataclass
+class SVDCondition:
+    """Everything an SVD denoiser call needs besides latents and sigmas (classifier-free pairs built once)."""
+
+    image_embeds: torch.Tensor  # [B, 1, D]
+    image_latent: torch.Tensor  # [B, C, h, w], unscaled VAE mode of the conditioning frame
+    added_time_ids: torch.Tensor  # [B, 3]
+
+
+class SVDDenoiser:
+    """EDM-preconditioned SVD UNet with optional classifier-free guidance ramped over window positions.
+
+    The guidance scale at window position i is linspace(min, max, F)[i], as the SVD pipeline does.
+    """
+
+    def __init__(self, model: SVD, min_guidance: float = 1.0, max_guidance: float = 3.0):
+        self.model = model
+        self.min_guidance = min_guidance
+        self.max_guidance = max_guidance
+        self.calls = 0  # UNet calls (each with CFG counts once; tests use it to check FIFO's cost)
+
+    @torch.no_grad()
+    def condition(self, image_bchw: torch.Tensor, fps: int, motion_bucket_id: int, noise_aug_strength: float,
+                  generator: torch.Generator | None = None) -> SVDCondition:
+        """The pipeline's conditioning: CLIP of the clean image, VAE mode of the noise-augmented image."""
+        m = self.model
+        image_embeds = m.encode_image(image_bchw)
+        noise = torch.randn(image_bchw.shape, generator=generator, device=image_bchw.device)
+        image_latent = m.encode_condition_frame(image_bchw + noise_aug_strength * noise)
+        b = image_bchw.shape[0]
+        ids = m.added_time_ids(torch.full((b,), fps - 1.0), torch.full((b,), float(motion_bucket_id)),
+                               torch.full((b,), float(noise_aug_strength)))
+        return SVDCondition(image_embeds, image_latent, ids.to(image_bchw.device))
+
+    @property
+    def guided(self) -> bool:
+        return self.max_guidance > 1.0 or self.min_guidance > 1.0
+
+    @torch.no_grad()
+    def __call__(self, latents_bfchw: torch.Tensor, sigma_bf: torch.Tensor, cond: SVDCondition) -> torch.Tensor:
+        m = self.model
+        b, f = latents_bfchw.shape[:2]
+        sc = edm_scalings(sigma_bf)
+        x_in = append_dims(sc.c_in, latents_bfchw.ndim) * latents_bfchw
+        frame_latent = cond.image_latent.unsqueeze(1).expand(-1, f, -1, -1, -1)
+        if self.guided:  # unconditional half: zero image embedding and zero conditioning latent
+            x_in = torch.cat([x_in, x_in])
+            frame_latent = torch.cat([torch.zeros_like(frame_latent), frame_latent])
+            ehs = torch.cat([torch.zeros_like(cond.image_embeds), cond.image_embeds])
+            ids = torch.cat([cond.added_time_ids, cond.added_time_ids])
+            c_noise = torch.cat([sc.c_noise, sc.c_noise])
+        else:
+            ehs, ids, c_noise = cond.image_embeds, cond.added_time_ids, sc.c_noise
+        unet_in = torch.cat([x_in, frame_latent], dim=2).to(m.unet.dtype)
+        out = unet_forward_per_frame(m.unet, unet_in, c_noise.to(m.unet.dtype), ehs.to(m.unet.dtype), ids).float()
+        self.calls += 1
+        if self.guided:
+            uncond, cond_out = out.chunk(2)
+            scale = torch.linspace(self.min_guidance, self.max_guidance, f, device=out.device)
+            out = uncond + append_dims(scale, out.ndim - 1) * (cond_out - uncond)
+        return append_dims(sc.c_out, out.ndim) * out + append_dims(sc.c_skip, out.ndim) * latents_bfchw

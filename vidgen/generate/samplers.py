@@ -1,0 +1,77 @@
+"""Samplers over the per-frame denoiser interface: `base` (one window) and `fifo` (any length).
+
+Shapes: B batch, F frames, C latent channels, h/w latent size.
+
+Both use the model's own scheduler only for its sigma table (EDM, Karras spacing for SVD) and take plain
+Euler steps x <- x + (x - x0) / sigma * (sigma_next - sigma): the step diffusers' EulerDiscreteScheduler
+takes with its default (churn-free) settings, so `base` reproduces the SVD pipeline's latents.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+
+from vidgen.generate.fifo import FifoPlan, fifo_iterate, init_queue
+
+log = logging.getLogger(__name__)
+
+
+def sampling_sigmas(scheduler, num_steps: int) -> torch.Tensor:
+    """Descending sigmas of length num_steps + 1 ending in 0, from a copy of `scheduler`."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(num_steps, device="cpu")
+    return sched.sigmas.float()
+
+
+def initial_noise_scale(scheduler, sigma_max: float) -> float:
+    """diffusers' `init_noise_sigma`: sigma_max, or sqrt(sigma_max^2 + 1) for leading/linspace-less spacing."""
+    if getattr(scheduler.config, "timestep_spacing", "linspace") in ("linspace", "trailing"):
+        return sigma_max
+    return (sigma_max**2 + 1) ** 0.5
+
+
+def euler_sample(denoise: Callable, cond: object, latents: torch.Tensor, sigmas: torch.Tensor,
+                 progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """Plain Euler over `sigmas` (descending, last 0) with one sigma for every frame."""
+    b, f = latents.shape[:2]
+    x = latents
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0 = denoise(x, torch.full((b, f), s, device=x.device), cond)
+        x = x + (x - x0) / s * (s_next - s)
+        if progress:
+            progress()
+    return x
+
+
+def base_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_steps: int,
+                generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                progress=None) -> torch.Tensor:
+    """One window of F frames: what the SVD pipeline does, in latent space."""
+    sigmas = sampling_sigmas(scheduler, num_steps)
+    if latents is None:
+        latents = torch.randn(shape_bfchw, generator=generator)
+    latents = latents * initial_noise_scale(scheduler, sigmas[0].item())
+    return euler_sample(denoise, cond, latents, sigmas, progress)
+
+
+def fifo_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_frames: int, plan: FifoPlan,
+                generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+    """`num_frames` latent frames [B, N, C, h, w] by diagonal denoising over a window of F frames.
+
+    The base video uses the same nf-step sigma table as the queue, as the original does.
+    """
+    sigmas = sampling_sigmas(scheduler, plan.steps)  # descending, nf + 1
+    base = base_sample(denoise, cond, scheduler, shape_bfchw, plan.steps, generator=generator)
+    levels = sigmas.flip(0)  # ascending: L[0] = 0 ... L[nf] = sigma_max
+    queue = init_queue(base, levels, plan, generator=generator)
+    frames = []
+    for head in fifo_iterate(denoise, cond, queue, levels, plan, num_frames, generator=generator):
+        frames.append(head)
+        if progress:
+            progress()
+    return torch.stack(frames, dim=1)

@@ -1,0 +1,125 @@
+"""Jobs as the CLI and `jobs/*.py` run them: Ray start-up, then one stage under one MLflow run.
+
+Each `*_job` takes a validated config and an open `Tracker`, runs its stage on Ray, logs what it
+produced, and returns a summary dict. `vidgen demo` chains them inside a single run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from vidgen import storage
+from vidgen.config import VidgenConfig
+from vidgen.errors import JobError
+from vidgen.tracking import Tracker, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+def set_worker_env() -> None:
+    """Environment that every Ray process must inherit: set before `ray.init`."""
+    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")  # v2 parquet reader starts 32 actors per epoch
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are paths, never hub downloads
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vidgen" / "torch_extensions"))
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def init_ray(cfg: VidgenConfig) -> None:
+    import ray
+
+    set_worker_env()
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
+                                      "DS_ACCELERATOR", "VIDGEN_S3_ENDPOINT_URL") if k in os.environ}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return
+    # A local cluster: more logical CPUs than cores so data tasks can run beside the train workers.
+    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
+             configure_logging=True, logging_level=logging.WARNING)
+
+
+def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
+    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.run.workdir)
+    local = storage.local_path(cfg.run.workdir)
+    if local:
+        Path(local).mkdir(parents=True, exist_ok=True)
+    return Tracker(uri, cfg.tracking.experiment, run_name or cfg.run.name, enabled=cfg.tracking.enabled)
+
+
+def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
+    """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
+    from vidgen.data.pipeline import read_clips
+    from vidgen.train.launch import check, fit
+
+    check(cfg)
+    d = cfg.data
+    if not d.source:
+        raise JobError("data.source: required for training (a dataset root path or URI)")
+    stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, height=d.height, width=d.width,
+                        fps=d.fps, source_fps=d.source_fps, train=True, seed=cfg.run.seed,
+                        clips_per_video=d.clips_per_video, default_prompt=d.default_prompt,
+                        max_bad_fraction=d.max_bad_fraction,
+                        report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))
+    log.info("training on %d samples from %s", stream.num_samples, d.source)
+
+    def on_metrics(rows: list[dict]) -> None:
+        for r in rows:
+            tracker.log_metrics({f"train/{k}": float(v) for k, v in r.items() if k != "step"}, step=r["step"])
+            if progress:
+                progress(r)
+
+    result = fit(cfg, stream.dataset, on_metrics=on_metrics)
+    report = stream.check()
+    tracker.log_metrics({"data/skipped": report["skipped"], "data/samples": report["total"]})
+    tracker.set_tags({"train.checkpoint": result.checkpoint_dir, "train.export": result.export_dir})
+    losses = [r["loss"] for r in result.metrics]
+    return {"export_dir": result.export_dir, "checkpoint_dir": result.checkpoint_dir,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "steps": len(losses), "data_report": report}
+
+
+def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = None,
+                 log_videos: int = 4) -> dict:
+    from vidgen.generate.job import output_dir, run_generation, summarize
+
+    results = run_generation(cfg, rows)
+    counts = summarize(results)
+    tracker.log_metrics({f"generate/{k}": v for k, v in counts.items()})
+    done = [r for r in results if r["status"] != "failed"]
+    for r in done[:log_videos]:
+        tracker.log_video(r["path"])
+    if counts.get("failed"):
+        first = next(r for r in results if r["status"] == "failed")
+        raise JobError(f"{counts['failed']} of {len(results)} videos failed; first: {first['id']}: {first['error']}")
+    return {"output_dir": output_dir(cfg), "videos": [r["path"] for r in done], "counts": counts}
+
+
+def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, generated: str | None = None) -> dict:
+    from vidgen.eval.job import run_eval
+    from vidgen.generate.job import output_dir
+
+    real = real or cfg.eval.real or cfg.data.source
+    generated = generated or cfg.eval.generated or output_dir(cfg)
+    if not real:
+        raise JobError("eval.real: required (real clips to compare against; defaults to data.source)")
+    res = run_eval(cfg, real, generated)
+    tracker.log_params(res.params)
+    tracker.log_metrics({"fvd": res.fvd, "kvd": res.kvd, "eval/num_real": res.num_real,
+                         "eval/num_generated": res.num_generated})
+    return {"fvd": res.fvd, "kvd": res.kvd, "num_real": res.num_real, "num_generated": res.num_generated}

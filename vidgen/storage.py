@@ -1,0 +1,525 @@
+"""Files and object storage behind one small API: the only module in vidgen that opens files.
+
+A location is a *URI*: a local path (`./work`, `/data/x.mp4`), `file://...`, `s3://bucket/key`,
+`gs://bucket/key`, or any other fsspec protocol whose package is installed.
+
+Rules every function here keeps:
+
+- **Atomic writes.** A reader sees the old file or the complete new one, never a partial file, even
+  when the writer is killed. Local files are written to a temporary file in the same directory,
+  fsynced and moved into place with `os.replace`; remote files are uploaded only once they are
+  complete, as one PUT (object stores publish an object only when its upload completes). Temporary
+  names start with `.vidgen-tmp-`; listings skip them, so a killed writer's leftovers never look like
+  outputs. `atomic_local` is the way to hand a real path to code that must write one itself (video
+  encoders, `save_pretrained`); the path may become a file or a directory.
+- **Retries.** Every remote operation goes through `retry`: up to 5 attempts with exponential
+  backoff and jitter, on transient errors only (connection errors, timeouts, HTTP 5xx, throttling /
+  SlowDown). Missing objects, 403s and other client errors fail at once. The retries inside
+  botocore and s3fs are switched off so that attempts do not multiply and every retry is logged.
+  Reads from an `open()` handle are not retried: use `read_bytes` for whole objects.
+- **Errors.** Failures raise `vidgen.errors.StorageError` naming the URI and the operation:
+  `s3://b/k: read failed after 5 attempts: ...`, `/data/x: not found`.
+- **S3 endpoints.** `s3://` uses `$VIDGEN_S3_ENDPOINT_URL`, else `$AWS_ENDPOINT_URL_S3`, else
+  `$AWS_ENDPOINT_URL` (MinIO, moto, other S3-compatible stores); credentials come from the usual
+  AWS chain (env vars, profiles, instance roles).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
+
+import fsspec
+
+from vidgen.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Read at call time, so a test (or an impatient user) can shorten the waits.
+RETRY_ATTEMPTS = 5
+RETRY_BASE_DELAY = 0.2
+RETRY_MAX_DELAY = 5.0
+
+S3_ENDPOINT_ENV_VARS = ("VIDGEN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+TMP_PREFIX = ".vidgen-tmp-"
+COMPLETE_MARKER = ".complete"
+
+_LOCAL_PROTOCOLS = ("file", "local")
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+    errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+    errno.EBUSY,  # s3fs turns SlowDown / 503 ServiceUnavailable into EBUSY
+}
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException", "ProvisionedThroughputExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "OperationAborted",
+}
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+
+def _protocol(uri: str) -> str | None:
+    if "::" in uri:  # fsspec chained URL (simplecache::s3://...): remote by construction
+        return uri.split("::", 1)[0].lower()
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    return None
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs that are not on the local filesystem (s3://, gs://, ...)."""
+    return _protocol(uri) not in (None, *_LOCAL_PROTOCOLS)
+
+
+def local_path(uri: str) -> str | None:
+    """The absolute local path of a local path or file:// URI; None for remote URIs."""
+    protocol = _protocol(uri)
+    if protocol is None:
+        return os.path.abspath(os.path.expanduser(uri))
+    if protocol in _LOCAL_PROTOCOLS:
+        return os.path.abspath(os.path.expanduser(uri.split("://", 1)[1]))
+    return None
+
+
+def join(uri: str, *parts: str) -> str:
+    """`join("s3://b/x", "y/", "z.mp4") -> "s3://b/x/y/z.mp4"`; plain os.path.join for local paths."""
+    parts = tuple(p.strip("/") for p in parts if p and p.strip("/"))
+    if _protocol(uri) is None:
+        return os.path.join(uri, *parts)
+    return "/".join((uri.rstrip("/"), *parts)) if parts else uri
+
+
+# --------------------------------------------------------------------------------------- filesystems
+
+_FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def s3_endpoint() -> str | None:
+    """The custom S3 endpoint from the environment, if any (see the module docstring)."""
+    for name in S3_ENDPOINT_ENV_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def _options(protocol: str) -> dict[str, Any]:
+    if protocol not in ("s3", "s3a"):
+        return {}
+    opts: dict[str, Any] = {
+        # `retry` is the one retry layer: botocore's own would multiply attempts and hide them.
+        "config_kwargs": {"retries": {"total_max_attempts": 1}},
+        # Several processes write the same prefixes (Ray workers, the driver): never trust a stale listing.
+        "use_listings_cache": False,
+    }
+    if endpoint := s3_endpoint():
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it.
+
+    Instances are cached per process, protocol and options (the S3 endpoint is read from the
+    environment each call, so changing it gives a new client).
+    """
+    protocol = _protocol(uri)
+    if protocol is None or protocol in _LOCAL_PROTOCOLS:
+        return fsspec.filesystem("file"), local_path(uri)  # type: ignore[return-value]
+    options = _options(protocol)
+    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True))
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            try:
+                fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+            except (ImportError, ValueError) as e:
+                raise StorageError(f"{uri}: no filesystem for protocol {protocol!r} ({e})") from e
+            if protocol in ("s3", "s3a"):
+                fs.retries = 1  # s3fs's own retry loop, see above
+            _FS_CACHE[key] = fs
+    return fs, fs._strip_protocol(uri)
+
+
+# ------------------------------------------------------------------------------------------- retries
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _client_error(exc: BaseException) -> tuple[int | None, str]:
+    """(HTTP status, error code) of a botocore ClientError anywhere in the chain, else (None, "")."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return status, str(response["Error"].get("Code", ""))
+    return None, ""
+
+
+def _network_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import HTTPClientError
+
+        types.append(HTTPClientError)  # EndpointConnectionError, ReadTimeoutError, ConnectionClosedError
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientConnectionError, ClientPayloadError
+
+        types += [ClientConnectionError, ClientPayloadError]
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    return tuple(types)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when trying again may succeed: network trouble, 5xx, throttling. Never 403/404."""
+    status, code = _client_error(exc)
+    if status is not None or code:  # the server answered: its answer decides
+        return code in _TRANSIENT_CODES or status == 429 or (status is not None and status >= 500
+                                                               and status != 501)
+    if any(isinstance(e, FileNotFoundError | PermissionError) for e in _chain(exc)):
+        return False
+    network = _network_error_types()
+    for e in _chain(exc):
+        if isinstance(e, network):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0,
+          what: str = "storage operation") -> T:
+    """Call `fn` until it succeeds, at most `attempts` times, retrying transient errors only.
+
+    Waits grow as base_delay * 2**k, capped at max_delay, with jitter (half fixed, half random) so
+    that many workers hitting one throttled bucket do not retry in lock step. Each retry logs a
+    warning; the last error is re-raised unchanged.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == attempts or not is_transient(e):
+                raise
+            cap = min(max_delay, base_delay * 2 ** (attempt - 1))
+            delay = cap / 2 + random.uniform(0, cap / 2)
+            log.warning("%s: attempt %d/%d failed (%s: %s); retrying in %.2f s",
+                        what, attempt, attempts, type(e).__name__, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _error(op: str, uri: str, exc: BaseException, retried: bool) -> StorageError:
+    status, code = _client_error(exc)
+    if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "404") or any(
+            isinstance(e, FileNotFoundError) for e in _chain(exc)):
+        return StorageError(f"{uri}: not found")
+    if status == 403 or any(isinstance(e, PermissionError) for e in _chain(exc)):
+        return StorageError(f"{uri}: {op} failed: permission denied ({exc})")
+    if retried and is_transient(exc):
+        return StorageError(f"{uri}: {op} failed after {RETRY_ATTEMPTS} attempts: {exc}")
+    return StorageError(f"{uri}: {op} failed: {exc}")
+
+
+def _run(op: str, uri: str, fn: Callable[[], T]) -> T:
+    """Run one operation on `uri`: with retries when remote; any failure becomes a StorageError."""
+    remote = is_remote(uri)
+    try:
+        if remote:
+            return retry(fn, attempts=RETRY_ATTEMPTS, base_delay=RETRY_BASE_DELAY, max_delay=RETRY_MAX_DELAY,
+                         what=f"{uri}: {op}")
+        return fn()
+    except StorageError:
+        raise
+    except Exception as e:
+        raise _error(op, uri, e, remote) from e
+
+
+# ------------------------------------------------------------------------------------ reading, listing
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return _run("exists", uri, lambda: fs.exists(path))
+
+
+def isdir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return _run("isdir", uri, lambda: fs.isdir(path))
+
+
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(_run("size", uri, lambda: fs.size(path)))
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(TMP_PREFIX) for part in rel.split("/"))
+
+
+def listdir(uri: str) -> list[str]:
+    """Full URIs of the direct children of directory `uri`, sorted."""
+    fs, path = filesystem(uri)
+    if not isdir(uri):
+        if exists(uri):
+            raise StorageError(f"{uri}: list failed: not a directory")
+        raise StorageError(f"{uri}: not found")
+    root = path.rstrip("/")
+    entries = _run("list", uri, lambda: fs.ls(path, detail=False))
+    names = {posixpath.basename(p.rstrip("/")) for p in entries if p.rstrip("/") != root}
+    return sorted(join(uri, n) for n in names if n and not _hidden(n))
+
+
+def _relative_files(uri: str) -> list[str]:
+    """Paths (with '/') of every file under `uri`, relative to it; [""] when `uri` is a file."""
+    fs, path = filesystem(uri)
+    root = path.rstrip("/")
+    if not is_remote(uri):
+        if os.path.isfile(root):
+            return [""]
+        if not os.path.isdir(root):
+            raise StorageError(f"{uri}: not found")
+        out = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+            rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            out += [f if rel_dir == "." else f"{rel_dir}/{f}" for f in filenames if not f.startswith(TMP_PREFIX)]
+        return out
+    found = _run("list", uri, lambda: fs.find(path, withdirs=False))
+    if not found and not exists(uri):
+        raise StorageError(f"{uri}: not found")
+    if found == [root]:
+        return [""]
+    return [rel for p in found if p.startswith(root + "/") and (rel := p[len(root) + 1:])
+            and not rel.endswith("/") and not _hidden(rel)]
+
+
+def walk_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """Full URIs of every file under `uri` (recursive), sorted; `suffixes` filters, ignoring case."""
+    rels = _relative_files(uri)
+    if suffixes:
+        wanted = tuple(s.lower() for s in suffixes)
+        rels = [r for r in rels if (r or uri).lower().endswith(wanted)]
+    return sorted(join(uri, r) if r else uri for r in rels)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return _run("read", uri, lambda: fs.cat_file(path))
+
+
+def read_text(uri: str, encoding: str = "utf-8") -> str:
+    data = read_bytes(uri)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise StorageError(f"{uri}: read failed: not {encoding} text ({e})") from e
+
+
+def open(uri: str, mode: str = "rb") -> IO:  # shadows builtins.open on purpose: storage.open(uri)
+    """A file object for reading. Writes go through write_* or atomic_local, which are atomic."""
+    if any(c in mode for c in "wax+"):
+        raise ValueError(f"{uri}: storage.open is read-only (mode {mode!r}); write with write_bytes, "
+                         "write_text, write_json or atomic_local")
+    fs, path = filesystem(uri)
+    return _run("open", uri, lambda: fs.open(path, mode))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    _run("makedirs", uri, lambda: fs.makedirs(path, exist_ok=True))
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    """Delete a file, or a directory with recursive=True; a missing `uri` is an error."""
+    fs, path = filesystem(uri)
+    if not exists(uri):
+        raise StorageError(f"{uri}: not found")
+    if not recursive and isdir(uri):
+        raise StorageError(f"{uri}: remove failed: is a directory (pass recursive=True)")
+    if not is_remote(uri):
+        _run("remove", uri, lambda: shutil.rmtree(path) if os.path.isdir(path) else os.remove(path))
+    else:
+        _run("remove", uri, lambda: fs.rm(path, recursive=recursive))
+
+
+def _fsync(path: str) -> None:
+    with contextlib.suppress(OSError):  # some filesystems (and directories on them) cannot fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _commit_local(tmp: str, target: str, scratch: str) -> None:
+    """Move finished `tmp` (file or directory) to `target`; `scratch` is a dir on the same filesystem."""
+    if os.path.isdir(tmp):
+        for dirpath, _, filenames in os.walk(tmp):
+            for f in filenames:
+                _fsync(os.path.join(dirpath, f))
+        if os.path.lexists(target):  # rename() cannot replace a non-empty directory: move the old one aside
+            os.replace(target, os.path.join(scratch, TMP_PREFIX + "old"))
+        os.replace(tmp, target)
+    else:
+        _fsync(tmp)
+        os.replace(tmp, target)
+    _fsync(os.path.dirname(target))
+
+
+@contextlib.contextmanager
+def atomic_local(uri: str, suffix: str = "") -> Iterator[str]:
+    """Yield a local path that does not exist yet; on clean exit its contents appear at `uri` at once.
+
+    Write a file (or create a directory) at the yielded path. The path ends with `suffix` so that
+    encoders can pick a format from it (`atomic_local(uri, ".mp4")`). On an exception nothing is
+    written to `uri`, an existing object there stays as it was, and the temporary files are removed.
+    A remote directory is uploaded file by file: each file is atomic, the directory as a whole is not.
+    """
+    name = posixpath.basename(uri.rstrip("/").replace(os.sep, "/"))
+    if not name:
+        raise StorageError(f"{uri}: write failed: the URI names no file")
+    target = local_path(uri)
+    if target is not None:
+        parent = os.path.dirname(target)
+        _run("makedirs", parent, lambda: os.makedirs(parent, exist_ok=True))
+        scratch = _run("write", uri, lambda: tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    else:
+        scratch = tempfile.mkdtemp(prefix=TMP_PREFIX)
+    tmp = os.path.join(scratch, name if name.endswith(suffix) else name + suffix)
+    try:
+        yield tmp
+        if not os.path.lexists(tmp):
+            raise StorageError(f"{uri}: write failed: nothing was written to the temporary path {tmp}")
+        if target is not None:
+            _run("write", uri, lambda: _commit_local(tmp, target, scratch))
+        elif os.path.isdir(tmp):
+            upload_dir(tmp, uri)
+        else:
+            fs, path = filesystem(uri)
+            _run("write", uri, lambda: fs.put_file(tmp, path))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` atomically (see the module docstring)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        _run("write", uri, lambda: fs.pipe_file(path, bytes(data)))
+        return
+    with atomic_local(uri) as tmp, builtins.open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
+    write_bytes(uri, text.encode(encoding))
+
+
+def write_json(uri: str, obj: Any, indent: int | None = 2) -> None:
+    write_text(uri, json.dumps(obj, indent=indent) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- directories
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy every file under local directory `local_dir` to `uri` (each file written atomically)."""
+    src = local_path(local_dir)
+    if src is None or not os.path.isdir(src):
+        raise StorageError(f"{local_dir}: upload failed: not a local directory")
+    for rel in _relative_files(src):
+        dest = join(uri, rel)
+        if is_remote(dest):
+            fs, path = filesystem(dest)
+            _run("upload", dest, functools.partial(fs.put_file, os.path.join(src, rel), path))
+        else:
+            with atomic_local(dest) as tmp:
+                shutil.copyfile(os.path.join(src, rel), tmp)
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy every file under `uri` into local directory `local_dir` (each file written atomically)."""
+    dest_root = local_path(local_dir)
+    if dest_root is None:
+        raise StorageError(f"{local_dir}: download failed: not a local path")
+    for rel in _relative_files(uri):
+        if not rel:
+            raise StorageError(f"{uri}: download failed: a file, not a directory")
+        src = join(uri, rel)
+        with atomic_local(os.path.join(dest_root, *rel.split("/"))) as tmp:
+            if is_remote(src):
+                fs, path = filesystem(src)
+                _run("download", src, functools.partial(fs.get_file, path, tmp))
+            else:
+                shutil.copyfile(local_path(src), tmp)  # type: ignore[arg-type]
+
+
+def cached_local_dir(uri: str, cache_dir: str) -> str:
+    """A local directory holding the files of directory `uri`.
+
+    Local paths come back as they are. A remote directory is copied once into
+    `cache_dir/<sha256(uri)[:16]>`: into a temporary directory first, then renamed into place with
+    a `.complete` marker, so a half-finished copy is never reused; later calls reuse the copy without
+    touching the remote store.
+    """
+    local = local_path(uri)
+    if local is not None:
+        if not os.path.isdir(local):
+            raise StorageError(f"{uri}: not found" if not os.path.exists(local) else f"{uri}: not a directory")
+        return local
+    cache = local_path(cache_dir)
+    if cache is None:
+        raise StorageError(f"{cache_dir}: cache_dir must be a local directory")
+    dest = os.path.join(cache, hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16])
+    if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
+        return dest
+    os.makedirs(cache, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=cache)
+    try:
+        start = time.monotonic()
+        download_dir(uri, scratch)
+        with builtins.open(os.path.join(scratch, COMPLETE_MARKER), "w") as f:
+            json.dump({"uri": uri}, f)
+        try:
+            os.rename(scratch, dest)
+        except OSError:
+            if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):  # another process finished first
+                return dest
+            shutil.rmtree(dest, ignore_errors=True)  # a stray, unfinished copy
+            os.rename(scratch, dest)
+        log.info("copied %s to %s in %.1f s", uri, dest, time.monotonic() - start)
+        return dest
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,268 @@
+"""MLflow run lifecycle for a vidgen job. The driver logs; workers and actors never do.
+
+Workers return metrics and file paths to the driver, which logs them through one `Tracker`:
+
+    with Tracker(resolve_tracking_uri(cfg.tracking.uri, cfg.run.workdir), "vidgen", "svd-lora") as t:
+        t.log_config(cfg.model_dump(mode="json"))
+        t.log_metrics({"loss": 0.12}, step=10)
+        t.log_video("s3://bucket/out/sample.mp4")
+    print(t.ui_command())
+
+One `Tracker` makes one run, ended FINISHED, FAILED when an exception escapes the `with` block, or
+KILLED on Ctrl-C. Every call goes through an `MlflowClient` bound to the tracking URI, never through
+mlflow's global state, so two trackers on different stores in one process do not interfere.
+The default store is a sqlite file in the run's workdir (sqlite has one writer: the driver), with
+artifacts beside it in `mlartifacts/`; clusters point `MLFLOW_TRACKING_URI` at an `mlflow server`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+from vidgen import storage
+from vidgen.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits (mlflow.utils.validation); fixed here so that importing this module stays cheap.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_KEY_LENGTH = 250
+UI_PORT = 5000
+
+
+def resolve_tracking_uri(uri: str | None, workdir: str) -> str:
+    """The tracking URI to use: `uri` if given, else $MLFLOW_TRACKING_URI, else a sqlite file in workdir."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    local = storage.local_path(workdir)
+    if local is None:
+        raise ConfigError(
+            f"run.workdir={workdir!r} is remote, and the default MLflow store is a sqlite file that must be "
+            "local: set tracking.uri (or $MLFLOW_TRACKING_URI) to an mlflow server URL or a local sqlite:/// URI"
+        )
+    return f"sqlite:///{local}/mlflow.db"
+
+
+def _sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite:/// URI (None for in-memory and non-sqlite stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return path if path and path != ":memory:" else None
+
+
+def _plain(obj: Any) -> Any:
+    """Turn a config into YAML/JSON-safe data (tuples, paths, enums, numpy scalars...)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return _plain(obj.value)
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    return str(obj)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _key(name: str) -> str:
+    """A name MLflow accepts: its character set, no '..' or leading '/', at most 250 characters."""
+    key = re.sub(r"[^/\w.\- ]", "_", str(name)).strip("/")
+    key = re.sub(r"/{2,}", "/", key).replace("..", "_.")
+    return key[:MAX_KEY_LENGTH] or "_"
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, list | dict) else str(value)
+    if len(text) > MAX_PARAM_VALUE_LENGTH:  # the whole value is in config.yaml
+        text = text[: MAX_PARAM_VALUE_LENGTH - 3] + "..."
+    return text
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+class Tracker:
+    """One MLflow run; every method is a no-op when `enabled` is False (then run_id is None)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, enabled: bool = True):
+        self._uri, self._experiment, self._run_name, self.enabled = tracking_uri, experiment, run_name, enabled
+        self._client: Any = None
+        self._run_id: str | None = None
+        self._experiment_id: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        if not self.enabled:
+            return self
+        if self._run_id is not None:
+            raise RuntimeError(f"Tracker for run {self._run_name!r} is already started: one run per Tracker")
+        from mlflow import MlflowClient  # ~1 s import, paid only by jobs that track
+
+        if db := _sqlite_file(self._uri):
+            os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)  # sqlite creates files, not dirs
+        self._client = MlflowClient(tracking_uri=self._uri)
+        self._experiment_id = self._ensure_experiment()
+        run = self._client.create_run(self._experiment_id, run_name=self._run_name)
+        self._run_id = run.info.run_id
+        log.info("MLflow run %s (%s) in experiment %r at %s", self._run_name, self._run_id, self._experiment,
+                 self._uri)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if not self.enabled or self._run_id is None:
+            return
+        status = ("FINISHED" if exc_type is None else
+                  "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        try:
+            self._client.set_terminated(self._run_id, status=status)
+        except Exception:
+            if exc_type is None:
+                raise
+            log.exception("could not mark MLflow run %s %s", self._run_id, status)  # keep the real error
+
+    def _ensure_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self._client.get_experiment_by_name(self._experiment)
+        if exp is None:
+            location = None
+            if db := _sqlite_file(self._uri):  # artifacts beside the database, not in the current directory
+                location = (Path(db).resolve().parent / "mlartifacts").as_uri()
+            try:
+                return self._client.create_experiment(self._experiment, artifact_location=location)
+            except MlflowException:  # created meanwhile by another process
+                exp = self._client.get_experiment_by_name(self._experiment)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", self._experiment)
+            self._client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    # -- properties -----------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._uri
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._experiment_id
+
+    def _active(self) -> bool:
+        if not self.enabled:
+            return False
+        if self._run_id is None:
+            raise RuntimeError("Tracker is not started: use it as `with Tracker(...) as t:`")
+        return True
+
+    # -- logging --------------------------------------------------------------------------------------
+
+    def log_config(self, cfg: Mapping[str, Any]) -> None:
+        """The resolved config: whole as `config.yaml`, and flattened as params (`train.lr`)."""
+        if not self._active():
+            return
+        plain = _plain(cfg)
+        self._client.log_text(self._run_id, yaml.safe_dump(plain, sort_keys=False), "config.yaml")
+        self.log_params(_flatten(plain))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self._active():
+            return
+        from mlflow.entities import Param
+
+        entries = [Param(_key(k), _param_value(v)) for k, v in params.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self._run_id, params=chunk)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self._active():
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self._run_id, metrics=chunk)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self._active():
+            return
+        from mlflow.entities import RunTag
+
+        entries = [RunTag(_key(k), str(v)) for k, v in tags.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self._run_id, tags=chunk)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Log a file or directory; `path` may be a remote URI (workers return those), copied first."""
+        if not self._active():
+            return
+        local = storage.local_path(path)
+        if local is not None:
+            if not os.path.exists(local):
+                raise StorageError(f"{path}: not found")
+            if os.path.isdir(local):
+                self._client.log_artifacts(self._run_id, local, artifact_path)
+            else:
+                self._client.log_artifact(self._run_id, local, artifact_path)
+            return
+        with tempfile.TemporaryDirectory(prefix="vidgen-artifact-") as tmp:
+            name = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+            if storage.isdir(path):
+                storage.download_dir(path, name)
+            else:
+                storage.write_bytes(name, storage.read_bytes(path))
+            self.log_artifact(name, artifact_path)
+
+    def log_video(self, path: str, artifact_path: str = "videos") -> None:
+        self.log_artifact(path, artifact_path)
+
+    # -- UI -------------------------------------------------------------------------------------------
+
+    def ui_command(self) -> str:
+        """How to look at this run: the run page of a server, or the `mlflow ui` command for a local store."""
+        if not self.enabled:
+            return ""
+        if self._uri.startswith(("http://", "https://")):
+            base = self._uri.rstrip("/")
+            if self._run_id is None:
+                return base
+            return f"{base}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
+        return f"mlflow ui --backend-store-uri {shlex.quote(self._uri)} --port {UI_PORT}"

@@ -1,0 +1,76 @@
+"""Training objectives as pure functions over tensors.
+
+Shapes: B batch, F frames, C latent channels, h/w latent height/width.
+
+SVD is trained in the EDM formulation (Karras et al. 2022) with v-prediction, as SVD Xtend does:
+    sigma ~ LogNormal(p_mean, p_std)               noisy = x0 + sigma * n
+    c_in = 1 / sqrt(sigma^2 + 1)                    c_noise = 0.25 * ln(sigma)   (the UNet's "timestep")
+    c_skip = 1 / (sigma^2 + 1)                      c_out = -sigma / sqrt(sigma^2 + 1)
+    denoised = c_out * unet(c_in * noisy, c_noise) + c_skip * noisy
+    loss = mean_b( mean_{f,c,h,w}( lambda(sigma) * (denoised - x0)^2 ) ),  lambda = (sigma^2 + 1) / sigma^2
+These are exactly what diffusers' EulerDiscreteScheduler (v_prediction, continuous timesteps) inverts at
+sampling time, so a model trained here samples with the stock scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def rand_log_normal(shape: tuple[int, ...], loc: float, scale: float, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """exp(loc + scale * N(0, 1)): k-diffusion's log-normal sigma sampler."""
+    return (torch.randn(shape, generator=generator, device=device) * scale + loc).exp()
+
+
+@dataclass
+class EDMScalings:
+    c_in: torch.Tensor
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    c_noise: torch.Tensor
+    weight: torch.Tensor
+
+
+def edm_scalings(sigma: torch.Tensor) -> EDMScalings:
+    """Preconditioning for sigma_data = 1 and v-prediction; `sigma` of any shape."""
+    s2 = sigma**2
+    return EDMScalings(
+        c_in=(s2 + 1).rsqrt(),
+        c_skip=1 / (s2 + 1),
+        c_out=-sigma * (s2 + 1).rsqrt(),
+        c_noise=0.25 * sigma.log(),
+        weight=(s2 + 1) / s2,
+    )
+
+
+def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
+
+
+def edm_denoised(model_output: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 estimate from the UNet's v-prediction; sigma [B] or [B, F] broadcast over the rest."""
+    sc = edm_scalings(append_dims(sigma, noisy.ndim))
+    return sc.c_out * model_output + sc.c_skip * noisy
+
+
+def edm_loss(denoised: torch.Tensor, x0: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
+    """lambda-weighted MSE: per-sample mean over non-batch dims, then the batch mean."""
+    weight = append_dims(edm_scalings(sigma_b).weight, x0.ndim)
+    per_sample = (weight * (denoised.float() - x0.float()) ** 2).flatten(1).mean(1)
+    return per_sample.mean()
+
+
+def conditioning_dropout_masks(batch: int, p: float, generator: torch.Generator | None = None,
+                               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructPix2Pix-style masks (1 keep, 0 drop) for the image embedding and the conditioning latent.
+
+    One uniform draw r per sample: r < 2p drops the embedding, p <= r < 3p drops the latent, so each is
+    dropped 20% of the time at p = 0.1 and both together 10% (SVD Xtend's scheme, made per-sample).
+    """
+    r = torch.rand(batch, generator=generator, device=device)
+    keep_embedding = (r >= 2 * p).float()
+    keep_latent = ((r < p) | (r >= 3 * p)).float()
+    return keep_embedding, keep_latent

@@ -1,0 +1,109 @@
+"""Training recipes: what trains and how a batch becomes a loss.
+
+Shapes: B batch, F frames, C channels, H/W pixels, h/w latents.
+
+A recipe builds its models, names the trainable parameters, turns a batch into a loss through a given
+UNet callable (the DeepSpeed engine, so ZeRO sees every forward), and exports trained weights. Adding a
+model family touches `vidgen/models/` and this file only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vidgen.config import ModelConfig, TrainConfig
+from vidgen.models import svd
+from vidgen.train.objectives import (
+    conditioning_dropout_masks,
+    edm_denoised,
+    edm_loss,
+    edm_scalings,
+    rand_log_normal,
+)
+
+
+@dataclass
+class SVDFullRecipe:
+    """Full (or temporal-only) fine-tuning of the SVD UNet with SVD Xtend's EDM objective, minus its bugs:
+    per-sample conditioning noise in `added_time_ids`, fps from the data (sent as fps - 1, as the pipeline
+    samples), the conditioning frame's VAE mode, and gradient clipping that actually happens (DeepSpeed).
+    """
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    seed: int = 0
+
+    def __post_init__(self):
+        self.model = svd.build(self.model_cfg.flavor, path=self.model_cfg.path, cache_dir=self.model_cfg.cache_dir,
+                               seed=self.seed, num_frames=self.model_cfg.num_frames)
+        self.model.vae.requires_grad_(False)
+        self.model.image_encoder.requires_grad_(False)
+        unet = self.model.unet
+        unet.requires_grad_(self.train_cfg.trainable == "all")
+        if self.train_cfg.trainable == "temporal":  # SVD Xtend's choice: temporal transformer blocks only
+            for name, p in unet.named_parameters():
+                p.requires_grad_("temporal_transformer_block" in name)
+        unet.train()
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def to(self, device: torch.device) -> SVDFullRecipe:
+        self.model.vae.to(device)
+        self.model.image_encoder.to(device)
+        return self
+
+    def loss(self, batch: dict[str, torch.Tensor], unet_fn, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """EDM loss for a batch {frames uint8 [B, F, H, W, 3], fps [B]}."""
+        c = self.train_cfg
+        m = self.model
+        device = next(m.vae.parameters()).device
+        frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, F, 3, H, W]
+        b = frames.shape[0]
+        with torch.no_grad():
+            latents = m.encode_video(frames, generator=generator)  # [B, F, C, h, w], scaled
+            first = frames[:, 0]
+            cond_sigma = rand_log_normal((b,), c.cond_aug_mean, c.cond_aug_std, generator).to(device)
+            noisy_first = first + cond_sigma.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator).to(device)
+            cond_latent = m.encode_condition_frame(noisy_first)  # [B, C, h, w], unscaled
+            image_embeds = m.encode_image(first)  # [B, 1, D], from the clean frame as at sampling
+        keep_emb, keep_lat = conditioning_dropout_masks(b, c.conditioning_dropout, generator)
+        image_embeds = image_embeds * keep_emb.to(device).view(b, 1, 1)
+        cond_latent = cond_latent * keep_lat.to(device).view(b, 1, 1, 1)
+
+        sigma = rand_log_normal((b,), c.p_mean, c.p_std, generator).to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noisy = latents + sigma.view(b, 1, 1, 1, 1) * noise
+        sc = edm_scalings(sigma)
+        f = latents.shape[1]
+        unet_in = torch.cat([sc.c_in.view(b, 1, 1, 1, 1) * noisy,
+                             cond_latent.unsqueeze(1).expand(-1, f, -1, -1, -1)], dim=2)
+        fps = batch["fps"].to(device).float().round().clamp(min=1)
+        ids = m.added_time_ids(fps - 1, torch.full((b,), float(c.motion_bucket_id), device=device), cond_sigma)
+        dtype = next(self.unet.parameters()).dtype
+        out = unet_fn(unet_in.to(dtype), sc.c_noise.to(dtype), image_embeds.to(dtype), ids.to(dtype))
+        denoised = edm_denoised(out.float(), noisy, sigma)
+        loss = edm_loss(denoised, latents, sigma)
+        return loss, {"sigma_mean": sigma.mean().item()}
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        """Write the trained UNet as a diffusers directory (`UNetSpatioTemporalConditionModel.from_pretrained`)."""
+        missing, unexpected = self.unet.load_state_dict(state_dict, strict=False)
+        if unexpected or (missing and self.train_cfg.trainable == "all"):
+            raise RuntimeError(f"exported state dict does not fit the UNet: missing={missing[:5]} "
+                               f"unexpected={unexpected[:5]}")
+        self.unet.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+RECIPES = {"svd_full": SVDFullRecipe}
+
+
+def build_recipe(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int):
+    return RECIPES[name](model_cfg, train_cfg, seed)
