@@ -322,19 +322,19 @@ def _handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
             if failure:
                 status, code = failure
                 xml = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message>"
-                self._reply(status, [("Content-Type", "application/xml")], (xml + "</Error>").encode())
+                headers, data, length = [("Content-Type", "application/xml")], (xml + "</Error>").encode(), None
             else:
                 conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
-                conn.request(self.command, self.path, body=body, headers=headers)
+                conn.request(self.command, self.path, body=body,
+                             headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
                 resp = conn.getresponse()
-                data = resp.read()
+                status, data = resp.status, resp.read()
                 conn.close()
-                status = resp.status
+                headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in hop]
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self._reply(status, [(k, v) for k, v in resp.getheaders() if k.lower() not in hop], data, length)
-            with proxy.lock:
+            with proxy.lock:  # before replying: the client's next request may overtake this thread
                 proxy.requests.append((self.command, status))
+            self._reply(status, headers, data, length)
 
         upstream_host, upstream_port = proxy.upstream.hostname, proxy.upstream.port
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_any

@@ -1,0 +1,13 @@
+"""Entrypoint for `ray job submit`: `vidgen generate` on the cluster the job runs in.
+
+    ray job submit --working-dir . -- python jobs/generate.py --config jobs/configs/demo.yaml [key=value ...]
+
+Inside a Ray job RAY_ADDRESS is set, so vidgen joins that cluster instead of starting a local one.
+"""
+
+import sys
+
+from vidgen.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["generate", *sys.argv[1:]]))
