@@ -152,6 +152,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Boot the slow MLflow server now, so that it starts while the tests before it run.
+    if session.config.option.collectonly:
+        return
     if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items):
         _mlflow().start()
 

@@ -23,6 +23,10 @@ def _levels(plan: FifoPlan) -> torch.Tensor:
     return torch.cat([torch.zeros(1), 2.0 ** torch.arange(plan.steps)]).double()
 
 
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 class Recorder:
     """Zero-x0 oracle that records every call (x, sigma) for later inspection."""
 
@@ -110,7 +114,7 @@ def test_calls_per_iteration_and_sigmas_per_slot(plan):
     rec = Recorder()
     queue = init_queue(torch.zeros(1, plan.window, 1, 2, 2, dtype=torch.float64), levels, plan,
                        generator=torch.Generator().manual_seed(0))
-    heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=torch.Generator().manual_seed(1)))
+    heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=_gen(1)))
     assert len(heads) == n_out
     per_iter = 2 * plan.partitions if plan.lookahead else plan.partitions
     assert len(rec.calls) == plan.iterations(n_out) * per_iter
@@ -129,7 +133,7 @@ def test_a_frame_moves_one_slot_and_one_level_per_iteration(plan):
     rec = Recorder()
     queue = init_queue(torch.zeros(1, plan.window, 2, 2, 2, dtype=torch.float64), levels, plan,
                        generator=torch.Generator().manual_seed(0))
-    heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=torch.Generator().manual_seed(1)))
+    heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=_gen(1)))
     per_iter = len(plan.windows())
     seen: dict[float, list[tuple[int, int, float]]] = {}  # identity -> [(iteration, slot, sigma)]
     for k, (x, sigma) in enumerate(rec.calls):
@@ -183,7 +187,7 @@ def test_exact_x0_oracle_makes_every_emitted_frame_exact(plan):
 
     levels = _levels(plan)
     queue = init_queue(base, levels, plan, generator=torch.Generator().manual_seed(1))
-    heads = list(fifo_iterate(oracle, None, queue, levels, plan, n_out, generator=torch.Generator().manual_seed(2)))
+    heads = list(fifo_iterate(oracle, None, queue, levels, plan, n_out, generator=_gen(2)))
     assert len(heads) == n_out
     for k, head in enumerate(heads):
         frame = nf - f + k
@@ -208,13 +212,13 @@ def test_fifo_sample_shape_cost_and_exactness(plan):
 
     n_out = 6
     shape = (1, plan.window, 4, 3, 5)
-    out = fifo_sample(const_oracle, "cond", scheduler, shape, n_out, plan, generator=torch.Generator().manual_seed(1))
+    out = fifo_sample(const_oracle, "cond", scheduler, shape, n_out, plan, generator=_gen(1))
     assert out.shape == (1, n_out, 4, 3, 5)
     assert len(calls) == plan.steps + plan.iterations(n_out) * len(plan.windows())  # base video + diagonal
     assert all(c == shape for c in calls)
     # sigma_max = 700 in float32: exact up to rounding of x0 + 700 n
     torch.testing.assert_close(out, target.expand_as(out), rtol=0, atol=2e-4)
-    again = fifo_sample(const_oracle, "cond", scheduler, shape, n_out, plan, generator=torch.Generator().manual_seed(1))
+    again = fifo_sample(const_oracle, "cond", scheduler, shape, n_out, plan, generator=_gen(1))
     assert torch.equal(out, again)
 
 

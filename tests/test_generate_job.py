@@ -20,8 +20,8 @@ from vidgen.errors import ConfigError, DataError, StorageError
 from vidgen.generate.job import VideoGenerator, load_prompts, output_name, run_generation, summarize
 
 WINDOW = 4
-GEN = dict(sampler="fifo", num_frames=6, fifo=dict(partitions=1), min_guidance_scale=1.0, max_guidance_scale=1.0,
-           height=64, width=64, fps=7)
+GEN = dict(sampler="fifo", num_frames=6, fifo=dict(partitions=1), min_guidance_scale=1.0,
+           max_guidance_scale=1.0, height=64, width=64, fps=7)
 MODEL = dict(flavor="tiny", num_frames=WINDOW)
 
 
@@ -162,7 +162,8 @@ def test_generator_records_failures_per_row(tmp_path):
 def test_run_generation_through_ray_then_rerun_skips(ray_session, tmp_path):
     images = [_png(tmp_path / f"img{i}.png", 10 + i) for i in range(2)]
     prompts = _jsonl(tmp_path / "prompts.jsonl", [json.dumps({"image": p}) for p in images])
-    cfg = VidgenConfig(run={"workdir": str(tmp_path / "work")}, model=MODEL, generate={**GEN, "prompts": prompts})
+    cfg = VidgenConfig(run={"workdir": str(tmp_path / "work")}, model=MODEL,
+                       generate={**GEN, "prompts": prompts})
 
     results = run_generation(cfg)
     assert [r["id"] for r in results] == ["img0", "img1"]

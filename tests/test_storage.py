@@ -69,12 +69,10 @@ def test_s3_endpoint_precedence(monkeypatch):
     for name in storage.S3_ENDPOINT_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     assert storage.s3_endpoint() is None
-    expected = []
     for name, url in [("AWS_ENDPOINT_URL", "http://a:1"), ("AWS_ENDPOINT_URL_S3", "http://b:2"),
                       ("VIDGEN_S3_ENDPOINT_URL", "http://c:3")]:
         monkeypatch.setenv(name, url)
         fs, path = storage.filesystem("s3://bkt/key/x.mp4")
-        expected.append(url)
         assert (storage.s3_endpoint(), fs.endpoint_url, path) == (url, url, "bkt/key/x.mp4")
     assert storage.filesystem("s3://bkt/other")[0] is fs  # cached per endpoint
     with pytest.raises(StorageError, match="nosuchproto://x: no filesystem for protocol 'nosuchproto'"):
@@ -196,6 +194,11 @@ def test_atomic_local_directory(root):
         Path(path, "config.json").write_text("{}")
     assert storage.walk_files(uri) == [storage.join(uri, "config.json"), storage.join(uri, "unet", "w.bin")]
     assert all_files(root) == ["model/config.json", "model/unet/w.bin"]
+    if not storage.is_remote(root):  # locally a rewrite replaces the whole directory
+        with storage.atomic_local(uri) as path:
+            os.makedirs(path)
+            Path(path, "other.bin").write_bytes(b"o")
+        assert all_files(root) == ["model/other.bin"]
 
 
 KILLED_WRITER = """

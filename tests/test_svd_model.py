@@ -1,4 +1,4 @@
-"""SVD model: tiny flavor, per-frame-timestep UNet forward, parity with diffusers' pipeline, pretrained loading.
+"""SVD model: tiny flavor, per-frame-timestep UNet forward, parity with diffusers' pipeline, loading weights.
 
 Shapes: B batch, F frames, C channels, H/W pixels, h/w latents.
 """
@@ -118,8 +118,6 @@ def test_per_frame_forward_differs_when_timesteps_differ(tiny):
         a = unet_forward_per_frame(tiny.unet, sample, shared, ehs, ids)
         b = unet_forward_per_frame(tiny.unet, sample, mixed, ehs, ids)
     assert (a[0, -1] - b[0, -1]).abs().max().item() > 1e-3  # the frame whose timestep changed
-    # and neither equals the stock forward at the other frames' timestep for every frame
-    assert (b - _stock(tiny.unet, sample, torch.tensor([0.5]), ehs, ids)).abs().max().item() > 1e-3
 
 
 def test_guidance_ramps_linearly_over_window_positions(tiny):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -114,6 +115,13 @@ def test_disabled_tracker_does_nothing(tmp_path):
         t.set_tags({"a": "b"})
     assert (t.run_id, t.experiment_id, t.ui_command(), t.tracking_uri) == (None, None, "", uri)
     assert not (tmp_path / "never").exists()
+
+
+def test_bad_store_is_a_config_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    for uri in ("nosuch://host/x", f"sqlite:///{tmp_path}/file/mlflow.db"):
+        with pytest.raises(ConfigError, match=f"^tracking.uri={re.escape(repr(uri))}: cannot start an MLflow run"):
+            Tracker(uri, "e", "r").__enter__()
 
 
 def test_resolve_tracking_uri(monkeypatch, tmp_path):

@@ -56,7 +56,7 @@ class RayConfig(Section):
     )
 
 
-Layout = Literal["auto", "hotshot", "frames", "videos"]
+Layout = Literal["auto", "hotshot", "frames", "videos", "opv2v", "sthv2", "shards"]
 
 
 class DataConfig(Section):
@@ -71,6 +71,16 @@ class DataConfig(Section):
     source_fps: float = Field(8.0, gt=0, description="Frame rate of frame-folder layouts.")
     clips_per_video: int = Field(1, ge=1, description="Clips drawn from each video per epoch.")
     default_prompt: str = Field("", description="Prompt for samples that have none.")
+    buckets: str | None = Field(
+        None,
+        description="Aspect-ratio buckets: a preset (hotshot-512, svd) or 'WxH,WxH,...'; each clip goes to the "
+        "nearest bucket instead of height x width. Unset: every clip is height x width.",
+    )
+    camera: int = Field(0, ge=0, le=3, description="OPV2V camera (0 front, 1 right-rear, 2 left-rear, 3 back).")
+    prompt_template: str = Field(
+        "a front camera driving video, {scenario}",
+        description="OPV2V prompt; {scenario}, {split}, {cav} are filled in per sample.",
+    )
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the job when more than this fraction of samples is skipped."
     )

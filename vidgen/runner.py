@@ -45,9 +45,10 @@ def init_ray(cfg: VidgenConfig) -> None:
     env = {k: os.environ[k] for k in ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
                                       "DS_ACCELERATOR", "VIDGEN_S3_ENDPOINT_URL") if k in os.environ}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address:  # cluster nodes bring their own credentials (instance roles, secrets): none are shipped
         ray.init(address=address, runtime_env={"env_vars": env})
         return
+    env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})  # local workers read S3 as we do
     # A local cluster: more logical CPUs than cores so data tasks can run beside the train workers.
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
@@ -84,7 +85,7 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
             if progress:
                 progress(r)
 
-    result = fit(cfg, stream.dataset, on_metrics=on_metrics)
+    result = fit(cfg, epochs_dataset(stream, cfg), on_metrics=on_metrics)
     report = stream.check()
     tracker.log_metrics({"data/skipped": report["skipped"], "data/samples": report["total"]})
     tracker.set_tags({"train.checkpoint": result.checkpoint_dir, "train.export": result.export_dir})
@@ -92,6 +93,21 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     return {"export_dir": result.export_dir, "checkpoint_dir": result.checkpoint_dir,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "steps": len(losses), "data_report": report}
+
+
+def epochs_dataset(stream, cfg: VidgenConfig):
+    """Enough epochs for `train.max_steps`, each with its own seeded random clips and crops.
+
+    A Ray Dataset replays the same rows every time it is iterated, so new clips per epoch need one
+    dataset per epoch; their union streams lazily, epoch after epoch.
+    """
+    t = cfg.train
+    clips_per_epoch = max(1, stream.num_samples * cfg.data.clips_per_video)
+    needed = t.max_steps * t.batch_size * t.num_workers
+    epochs = min(1000, -(-needed // clips_per_epoch) + 1)  # +1: skipped samples and uneven splits
+    first = stream.dataset
+    rest = [stream.for_epoch(e).dataset for e in range(1, epochs)]
+    return first.union(*rest) if rest else first
 
 
 def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = None,

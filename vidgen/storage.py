@@ -181,6 +181,7 @@ def _client_error(exc: BaseException) -> tuple[int | None, str]:
     return None, ""
 
 
+@functools.cache
 def _network_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     with contextlib.suppress(ImportError):
@@ -405,7 +406,8 @@ def atomic_local(uri: str, suffix: str = "") -> Iterator[str]:
     Write a file (or create a directory) at the yielded path. The path ends with `suffix` so that
     encoders can pick a format from it (`atomic_local(uri, ".mp4")`). On an exception nothing is
     written to `uri`, an existing object there stays as it was, and the temporary files are removed.
-    A remote directory is uploaded file by file: each file is atomic, the directory as a whole is not.
+    A local directory replaces the old one whole; a remote directory is uploaded file by file (each
+    file is atomic, the directory as a whole is not, and files already under `uri` stay).
     """
     name = posixpath.basename(uri.rstrip("/").replace(os.sep, "/"))
     if not name:

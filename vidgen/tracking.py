@@ -127,13 +127,17 @@ class Tracker:
             return self
         if self._run_id is not None:
             raise RuntimeError(f"Tracker for run {self._run_name!r} is already started: one run per Tracker")
-        from mlflow import MlflowClient  # ~1 s import, paid only by jobs that track
+        from mlflow import MlflowClient  # seconds to import: paid only by jobs that track
 
-        if db := _sqlite_file(self._uri):
-            os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)  # sqlite creates files, not dirs
-        self._client = MlflowClient(tracking_uri=self._uri)
-        self._experiment_id = self._ensure_experiment()
-        run = self._client.create_run(self._experiment_id, run_name=self._run_name)
+        try:
+            if db := _sqlite_file(self._uri):
+                os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)  # sqlite makes files, not dirs
+            self._client = MlflowClient(tracking_uri=self._uri)
+            self._experiment_id = self._ensure_experiment()
+            run = self._client.create_run(self._experiment_id, run_name=self._run_name)
+        except Exception as e:  # a wrong URI, a server that is down, a store we may not write
+            raise ConfigError(f"tracking.uri={self._uri!r}: cannot start an MLflow run in experiment "
+                              f"{self._experiment!r}: {e}") from e
         self._run_id = run.info.run_id
         log.info("MLflow run %s (%s) in experiment %r at %s", self._run_name, self._run_id, self._experiment,
                  self._uri)
@@ -207,7 +211,9 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        entries = [Param(_key(k), _param_value(v)) for k, v in params.items()]
+        # A dict: two keys that sanitize alike must not reach one batch twice (MLflow rejects duplicates).
+        flat = {_key(k): _param_value(v) for k, v in params.items()}
+        entries = [Param(k, v) for k, v in flat.items()]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self._run_id, params=chunk)
 
