@@ -92,9 +92,9 @@ def test_init_queue_frames_and_levels(plan):
     shape = (1, f, 2, 32, 32)
     base = torch.arange(1, f + 1, dtype=torch.float64).mul(100).view(1, f, 1, 1, 1).expand(shape).contiguous()
 
-    q = init_queue(base, levels, plan, generator=torch.Generator().manual_seed(0))
+    q = init_queue(base, levels, plan, generator=_gen(0))
     q_zero = init_queue(torch.zeros(shape, dtype=torch.float64), levels, plan,
-                        generator=torch.Generator().manual_seed(0))
+                        generator=_gen(0))
     assert q.shape == (1, plan.queue_length, 2, 32, 32) and q.dtype == torch.float64
     frames = [0] * plan.offset + [max(0, i - (nf - f)) for i in range(nf)]  # context slots hold frame 0
     wanted_level = [1] * plan.offset + [i + 1 for i in range(nf)]
@@ -113,7 +113,7 @@ def test_calls_per_iteration_and_sigmas_per_slot(plan):
     levels, n_out = _levels(plan), 3
     rec = Recorder()
     queue = init_queue(torch.zeros(1, plan.window, 1, 2, 2, dtype=torch.float64), levels, plan,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=_gen(0))
     heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=_gen(1)))
     assert len(heads) == n_out
     per_iter = 2 * plan.partitions if plan.lookahead else plan.partitions
@@ -132,7 +132,7 @@ def test_a_frame_moves_one_slot_and_one_level_per_iteration(plan):
     levels, n_out, nf = _levels(plan), 6, plan.steps
     rec = Recorder()
     queue = init_queue(torch.zeros(1, plan.window, 2, 2, 2, dtype=torch.float64), levels, plan,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=_gen(0))
     heads = list(fifo_iterate(rec, None, queue, levels, plan, n_out, generator=_gen(1)))
     per_iter = len(plan.windows())
     seen: dict[float, list[tuple[int, int, float]]] = {}  # identity -> [(iteration, slot, sigma)]
@@ -171,7 +171,7 @@ def test_exact_x0_oracle_makes_every_emitted_frame_exact(plan):
     video's F frames followed by the new frames, in order."""
     f, nf, n_out = plan.window, plan.steps, 7
     c, h, w = 2, 3, 3
-    g = torch.Generator().manual_seed(0)
+    g = _gen(0)
     base = torch.randn(1, f, c, h, w, generator=g, dtype=torch.float64)
     new = torch.randn(1, n_out + nf, c, h, w, generator=g, dtype=torch.float64)
     truth = [base[:, max(0, k - (nf - f))] if k < nf else new[:, k - nf] for k in range(n_out + 2 * nf)]
@@ -186,12 +186,12 @@ def test_exact_x0_oracle_makes_every_emitted_frame_exact(plan):
         return torch.stack(x0, dim=1)
 
     levels = _levels(plan)
-    queue = init_queue(base, levels, plan, generator=torch.Generator().manual_seed(1))
+    queue = init_queue(base, levels, plan, generator=_gen(1))
     heads = list(fifo_iterate(oracle, None, queue, levels, plan, n_out, generator=_gen(2)))
     assert len(heads) == n_out
     for k, head in enumerate(heads):
         frame = nf - f + k
-        torch.testing.assert_close(head, truth[frame][:, ...], rtol=0, atol=1e-9)
+        torch.testing.assert_close(head, truth[frame], rtol=0, atol=1e-9)
     for k in range(f):  # the first F frames are the base video
         torch.testing.assert_close(heads[k], base[:, k], rtol=0, atol=1e-9)
 
@@ -202,7 +202,7 @@ def test_exact_x0_oracle_makes_every_emitted_frame_exact(plan):
 @pytest.mark.parametrize("plan", [FifoPlan(4, 2, True), FifoPlan(4, 1, False)], ids=["LD-n2", "noLD-n1"])
 def test_fifo_sample_shape_cost_and_exactness(plan):
     scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER)
-    target = torch.randn(1, 1, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(1, 1, 4, 3, 5, generator=_gen(0))
     calls = []
 
     def const_oracle(x, sigma, cond):  # every frame's x0 is `target`
@@ -231,7 +231,7 @@ def test_fifo_sample_uses_the_scheduler_sigmas():
         seen.append(sigma[0].clone())
         return torch.zeros_like(x)
 
-    fifo_sample(rec, None, scheduler, (1, 4, 1, 2, 2), 2, plan, generator=torch.Generator().manual_seed(0))
+    fifo_sample(rec, None, scheduler, (1, 4, 1, 2, 2), 2, plan, generator=_gen(0))
     desc = sampling_sigmas(scheduler, plan.steps)  # nf + 1 values ending in 0
     for i in range(plan.steps):  # base video: one sigma for all frames, descending
         torch.testing.assert_close(seen[i], desc[i].expand(4))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from vidgen.errors import VidgenError
@@ -98,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not verbose:  # Ray Data logs every operator's progress at INFO when stdout is not a terminal
-        for name in ("ray.data", "mlflow", "ray.train"):
+    if not verbose:
+        # Ray Data configures its own loggers on import and, off a terminal, logs every operator's
+        # progress at INFO every 10 s; its level comes from this variable. Terminals keep the progress bars.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        for name in ("mlflow", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -59,6 +59,15 @@ def decode_image(data: bytes, name: str, draft_size: tuple[int, int] | None = No
         raise DataError(f"{name}: cannot decode image: {_reason(e)}") from e
 
 
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding pixels; DataError naming `name`."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception as e:
+        raise DataError(f"{name}: cannot decode image: {_reason(e)}") from e
+
+
 def to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL image -> uint8 [H, W, 3]: alpha composited on black, 16-bit scaled (not clipped)."""
     if "transparency" in img.info and img.mode in {"P", "L", "RGB"}:
@@ -82,6 +91,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(grey8[..., None], 3, axis=2))
     if mode not in _DIRECT_TO_RGB:
         raise ValueError(f"unsupported image mode {mode!r}")
+    if mode == "RGB":  # the common case: one copy out of PIL (convert() would add another)
+        return np.asarray(img)
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 

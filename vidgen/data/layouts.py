@@ -7,11 +7,15 @@ per-sample files are read later by the data workers, which also judge whether a 
 Layouts:
   hotshot  root/<sample>/<n>.jpg|png + prompt.txt (Hotshot-XL, Hotshot-XL-OPV2V scene folders);
            the prompt is required.
-  frames   root/<video>/<frames> at any depth (SVD_Xtend, Something-Something rawframes, Bridge);
-           prompt from prompt.txt beside the frames, else a prompts.csv / prompts.jsonl sidecar at
-           the root keyed by folder, else the default prompt.
+  frames   root/<video>/<frames> at any depth (SVD_Xtend, BDD100K frames); prompt from prompt.txt
+           beside the frames, else a prompts.csv / prompts.jsonl sidecar at the root keyed by
+           folder, else the default prompt.
   videos   video files anywhere under root; prompt from <stem>.txt beside the video, else the sidecar.
-New layouts (raw OPV2V cameras, packed shards) register a builder in LAYOUTS.
+  opv2v    the OpenCOOD tree {split}/{scenario}/{cav}/{timestamp}_camera{k}.png (vidgen.data.opv2v).
+  sthv2    Seer's trees: Something-Something v2 rawframes + annotations/*.json, Bridge rawframes,
+           Epic-Kitchens rgb_frames (+ narration CSV) (vidgen.data.seer).
+  shards   parquet shards written by `vidgen prepare pack`, one sample per clip (vidgen.data.shards).
+A layout is a builder `(Listing, LayoutOptions) -> [Sample]` registered in LAYOUTS.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from vidgen import storage
+from vidgen.data import opv2v, seer, shards
 from vidgen.data.decode import is_image_name, natural_key
+from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, LayoutOptions, Listing, Sample
 from vidgen.data.video import VIDEO_SUFFIXES
 from vidgen.errors import DataError
 
@@ -35,34 +40,6 @@ PROMPT_FILE = "prompt.txt"
 SIDECARS = ("prompts.jsonl", "prompts.csv")
 _KEY_FIELDS = ("name", "video", "folder", "path", "id", "file")
 _PROMPT_FIELDS = ("prompt", "caption", "text")
-
-
-@dataclass
-class Sample:
-    """One video: a folder of frames (frame_uris in play order) or a video file (frame_uris None).
-
-    prompt: known at discovery (sidecar); prompt_uri: a file the worker reads (wins over prompt).
-    meta: layout, name (path relative to the root), prompt_required.
-    """
-
-    uri: str
-    frame_uris: list[str] | None
-    prompt: str | None
-    prompt_uri: str | None
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class Listing:
-    """Every file under a root, grouped the way layouts need them."""
-
-    root: str
-    frame_dirs: dict[str, list[str]]  # folder URI -> its image URIs (unsorted)
-    videos: list[str]
-    files: set[str]
-
-    def rel(self, uri: str) -> str:
-        return _relative(uri, self.root)
 
 
 def scan(root: str) -> Listing:
@@ -84,8 +61,16 @@ def scan(root: str) -> Listing:
 
 
 def detect_layout(root: str, listing: Listing | None = None) -> str:
-    """Pick the layout from what the root holds (see the module docstring)."""
+    """Pick the layout from what the root holds (see the module docstring).
+
+    Dataset trees with a signature go first (parquet shards only; OPV2V's `<t>_camera<k>` names;
+    Seer's rawframes/ or rgb_frames/ trees); then videos vs frame folders by majority, and hotshot
+    when most frame folders carry prompt.txt.
+    """
     listing = listing or scan(root)
+    for name, detect in (("shards", shards.detect), ("opv2v", opv2v.detect), ("sthv2", seer.detect)):
+        if detect(listing):
+            return name
     n_dirs, n_videos = len(listing.frame_dirs), len(listing.videos)
     if n_dirs == 0 and n_videos == 0:
         raise DataError(f"{root}: no frame folders or video files found; {_EXPECTED}")
@@ -97,15 +82,20 @@ def detect_layout(root: str, listing: Listing | None = None) -> str:
     return "hotshot" if 2 * with_prompt >= n_dirs else "frames"
 
 
-def list_samples(root: str, layout: str = "auto") -> list[Sample]:
-    """All samples under `root`, sorted naturally by their path relative to the root."""
+def list_samples(root: str, layout: str = "auto", *, camera: int = 0,
+                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> list[Sample]:
+    """All samples under `root`, sorted naturally by their path relative to the root.
+
+    camera, prompt_template: see `LayoutOptions` (only the opv2v layout uses them).
+    """
     if layout != "auto" and layout not in LAYOUTS:
         raise DataError(f"{root}: unknown layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+    options = LayoutOptions(camera=camera, prompt_template=prompt_template)
     listing = scan(root)
     if layout == "auto":
         layout = detect_layout(root, listing)
         log.info("%s: detected layout %r", root, layout)
-    samples = LAYOUTS[layout](listing)
+    samples = LAYOUTS[layout](listing, options)
     if not samples:
         raise DataError(f"{root}: layout {layout!r} found no samples; expected {_EXPECTS.get(layout, layout)} "
                         f"(found {len(listing.frame_dirs)} frame folders, {len(listing.videos)} videos)")
@@ -128,15 +118,15 @@ def _frame_samples(listing: Listing, layout: str, required: bool) -> list[Sample
     return samples
 
 
-def _hotshot(listing: Listing) -> list[Sample]:
+def _hotshot(listing: Listing, options: LayoutOptions) -> list[Sample]:
     return _frame_samples(listing, "hotshot", required=True)
 
 
-def _frames(listing: Listing) -> list[Sample]:
+def _frames(listing: Listing, options: LayoutOptions) -> list[Sample]:
     return _frame_samples(listing, "frames", required=False)
 
 
-def _videos(listing: Listing) -> list[Sample]:
+def _videos(listing: Listing, options: LayoutOptions) -> list[Sample]:
     sidecar = read_sidecar(listing)
     samples = []
     for uri in listing.videos:
@@ -152,15 +142,21 @@ def _videos(listing: Listing) -> list[Sample]:
     return samples
 
 
-LAYOUTS: dict[str, Callable[[Listing], list[Sample]]] = {
+LAYOUTS: dict[str, Callable[[Listing, LayoutOptions], list[Sample]]] = {
     "hotshot": _hotshot,
     "frames": _frames,
     "videos": _videos,
+    "opv2v": opv2v.opv2v_samples,
+    "sthv2": seer.seer_samples,
+    "shards": shards.shard_samples,
 }
 _EXPECTS = {
     "hotshot": f"folders <root>/<sample>/ holding numbered .jpg/.png frames and {PROMPT_FILE}",
     "frames": "folders <root>/<video>/ holding numbered image frames",
     "videos": f"video files ({' '.join(VIDEO_SUFFIXES)}) under the root",
+    "opv2v": opv2v.EXPECTED,
+    "sthv2": seer.EXPECTED,
+    "shards": shards.EXPECTED,
 }
 _EXPECTED = "expected one of: " + "; ".join(f"{k}: {v}" for k, v in _EXPECTS.items())
 
@@ -237,15 +233,3 @@ def _lookup(sidecar: dict[str, str], name: str) -> str | None:
 def _norm(key: str) -> str:
     key = key.strip().strip("/")
     return key.removeprefix("./")
-
-
-def _relative(uri: str, root: str) -> str:
-    """`uri` relative to `root`, tolerating a listing that spells the root differently
-    (file:// prefix, trailing slash)."""
-    for prefix in (root.rstrip("/"), root.rstrip("/").removeprefix("file://")):
-        for candidate in (uri, uri.removeprefix("file://")):
-            if candidate.startswith(prefix + "/"):
-                return candidate[len(prefix) + 1:]
-            if candidate == prefix:
-                return ""
-    return uri.rpartition("/")[2]

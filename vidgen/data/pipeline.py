@@ -2,7 +2,9 @@
 
 Shapes: F frames per clip, H/W pixels. Each row is
   frames uint8 [F, H, W, 3], prompt str, fps float (after striding), clip_id str ("<uri>#<start>"),
-  source_uri str, start_frame int.
+  source_uri str, start_frame int, stride int (source frames from one clip frame to the next),
+  bucket str ("HxW": the clip's size, one of `buckets` when given).
+With `buckets`, H and W vary between rows: batch them with `vidgen.data.buckets.bucket_batches`.
 
 The driver only lists samples; `ray.data.from_items` of small JSON descriptors + `flat_map` does the
 reading, decoding, clip sampling and resizing in CPU tasks, streaming clip by clip. A bad sample
@@ -27,9 +29,12 @@ from typing import Any
 import numpy as np
 
 from vidgen import storage
+from vidgen.data.buckets import Bucket, bucket_name, nearest_bucket, parse_buckets
 from vidgen.data.clips import clip_span, clip_starts, frame_stride, resize_cover_crop, sample_rng
-from vidgen.data.decode import decode_image
-from vidgen.data.layouts import Sample, list_samples
+from vidgen.data.decode import decode_image, image_size
+from vidgen.data.layouts import list_samples
+from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample
+from vidgen.data.shards import read_shard_clip
 from vidgen.data.video import probe_video, read_video
 from vidgen.errors import ConfigError, DataError, StorageError
 
@@ -41,15 +46,20 @@ class ClipSpec:
     """Everything a data task needs besides the sample; pickled once into the Ray closure."""
 
     num_frames: int
-    height: int
+    height: int  # the output size when `buckets` is None
     width: int
     fps: float | None  # target fps; None keeps every source frame
-    source_fps: float  # frame-folder layouts only; videos carry their own
+    source_fps: float  # frame-folder layouts that do not know their rate; videos and OPV2V carry their own
     train: bool  # random starts and crops (seeded) vs fixed, evenly spread starts and centre crops
     seed: int
     epoch: int
     clips_per_video: int
     default_prompt: str
+    buckets: tuple[Bucket, ...] | None = None  # (height, width) sizes; each clip goes to the nearest
+
+    def target(self, src_h: int, src_w: int) -> Bucket:
+        """The (height, width) a clip of source size src_h x src_w is resized and cropped to."""
+        return nearest_bucket(src_h, src_w, self.buckets) if self.buckets else (self.height, self.width)
 
 
 class BadSample(Exception):
@@ -65,8 +75,9 @@ def read_clips(
     layout: str = "auto",
     *,
     num_frames: int,
-    height: int,
-    width: int,
+    height: int | None = None,
+    width: int | None = None,
+    buckets: str | list[Bucket] | None = None,
     fps: float | None = None,
     source_fps: float = 8.0,
     train: bool = True,
@@ -74,16 +85,25 @@ def read_clips(
     epoch: int = 0,
     clips_per_video: int = 1,
     default_prompt: str = "",
+    camera: int = 0,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
     max_bad_fraction: float = 0.05,
     report_dir: str | None = None,
     num_cpus: float = 0.25,
 ) -> ClipStream:
     """List the samples under `source` (on the driver) and describe the clip stream over them.
 
+    height, width: every clip's size; or buckets (a preset such as "hotshot-512" or "svd", or
+    'WxH,...', see vidgen.data.buckets), and each clip gets the size nearest its aspect ratio
+    (height/width are then ignored). camera, prompt_template: the opv2v layout's (LayoutOptions).
     epoch: training draws different (seeded) clips per epoch; use `stream.for_epoch(e)`.
     report_dir: where skipped samples are recorded; on a multi-node cluster give a shared URI
     (s3://...). Default: a fresh temporary directory on the driver's disk.
     """
+    bucket_list = parse_buckets(buckets)
+    if bucket_list is None and (height is None or width is None):
+        raise ConfigError("data.height and data.width: required unless data.buckets is set")
+    height, width = (height, width) if bucket_list is None else bucket_list[0]
     for key, value in (("num_frames", num_frames), ("height", height), ("width", width),
                        ("clips_per_video", clips_per_video)):
         if value < 1:
@@ -94,9 +114,10 @@ def read_clips(
         raise ConfigError(f"data.source_fps: must be > 0, got {source_fps}")
     if not 0 <= max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction: must be within [0, 1], got {max_bad_fraction}")
-    samples = list_samples(source, layout)
-    spec = ClipSpec(num_frames, height, width, fps, source_fps, train, seed, epoch, clips_per_video,
-                    default_prompt)
+    samples = list_samples(source, layout, camera=camera, prompt_template=prompt_template)
+    spec = ClipSpec(num_frames=num_frames, height=height, width=width, fps=fps, source_fps=source_fps,
+                    train=train, seed=seed, epoch=epoch, clips_per_video=clips_per_video,
+                    default_prompt=default_prompt, buckets=tuple(bucket_list) if bucket_list else None)
     report_dir = report_dir or tempfile.mkdtemp(prefix="vidgen-skipped-")
     storage.makedirs(report_dir)  # fail here, on the driver, if it cannot be written
     return ClipStream(source, samples, spec, report_dir, max_bad_fraction, num_cpus, uuid.uuid4().hex)
@@ -214,14 +235,18 @@ def _rows_or_record(sample: Sample, spec: ClipSpec, report_dir: str, token: str)
 
 def sample_clips(sample: Sample, spec: ClipSpec) -> list[dict]:
     """Rows for one sample; raises BadSample when it is unusable."""
-    prompt = _prompt(sample, spec)
     rng = sample_rng(spec.seed, spec.epoch, 0, sample.uri) if spec.train else None
+    if sample.meta.get("layout") == "shards":
+        return _shard_clips(sample, spec, rng)
+    prompt = resolve_prompt(sample, spec.default_prompt)
     if sample.frame_uris is not None:
         return _frame_folder_clips(sample, prompt, spec, rng)
     return _video_clips(sample, prompt, spec, rng)
 
 
-def _prompt(sample: Sample, spec: ClipSpec) -> str:
+def resolve_prompt(sample: Sample, default_prompt: str = "") -> str:
+    """The sample's prompt (reading its prompt file if it has one); BadSample when a required prompt is
+    missing, empty or not UTF-8."""
     required = bool(sample.meta.get("prompt_required"))
     if sample.prompt_uri is not None:
         data = _read(sample.prompt_uri)
@@ -233,79 +258,137 @@ def _prompt(sample: Sample, spec: ClipSpec) -> str:
             return text
         if required:
             raise BadSample("empty prompt", f"{sample.prompt_uri} is empty")
-    elif required:
-        raise BadSample("missing prompt", f"{sample.uri}: no prompt.txt beside the frames")
-    return sample.prompt or spec.default_prompt
+    elif required and not sample.prompt:
+        hint = sample.meta.get("missing_prompt", "no prompt.txt beside the frames")
+        raise BadSample("missing prompt", f"{sample.uri}: {hint}")
+    return sample.prompt or default_prompt
+
+
+def _too_few(uri: str, available: int, spec: ClipSpec, stride: int, what: str = "frames") -> BadSample:
+    return BadSample("too few frames", f"{uri}: {available} {what}, a clip needs "
+                     f"{clip_span(spec.num_frames, stride)} (num_frames={spec.num_frames}, stride={stride})")
 
 
 def _frame_folder_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> list[dict]:
     frame_uris = sample.frame_uris or []
-    stride = frame_stride(spec.source_fps, spec.fps)
+    source_fps = float(sample.meta.get("fps") or spec.source_fps)  # OPV2V knows its 10 Hz
+    stride = frame_stride(source_fps, spec.fps)
     starts = clip_starts(len(frame_uris), spec.num_frames, stride, spec.clips_per_video, rng)
     if not starts:
-        raise BadSample("too few frames", f"{sample.uri}: {len(frame_uris)} frames, a clip needs "
-                        f"{clip_span(spec.num_frames, stride)} (num_frames={spec.num_frames}, stride={stride})")
+        raise _too_few(sample.uri, len(frame_uris), spec, stride)
     # Read only the frames the clips use: scene folders can hold hundreds of frames.
     wanted = sorted({s + i * stride for s in starts for i in range(spec.num_frames)})
     blobs = {i: _read(frame_uris[i]) for i in wanted}
+    target = spec.target(*_header_size(blobs[wanted[0]], frame_uris[wanted[0]]))
     # JPEG draft decoding (when frames are >= 2x the target) needs one format per folder, or
     # drafted and full-size frames of the same source size would no longer stack.
     single_format = len({frame_uris[i].rpartition(".")[2].lower() for i in wanted}) == 1
-    frames = _decode_all(blobs, frame_uris, (spec.width, spec.height) if single_format else None)
-    sizes = {f.shape for f in frames.values()}
-    if len(sizes) > 1:
-        first = frames[wanted[0]].shape
-        odd = next(i for i in wanted if frames[i].shape != first)
-        raise BadSample("mixed frame sizes", f"{frame_uris[odd]} is {frames[odd].shape[1]}x"
-                        f"{frames[odd].shape[0]}, {frame_uris[wanted[0]]} is {first[1]}x{first[0]}")
+    frames = _decode_all(blobs, [frame_uris[i] for i in wanted], (target[1], target[0]) if single_format else None)
     rows = []
     for start in starts:
         clip = np.stack([frames[start + i * stride] for i in range(spec.num_frames)])
-        rows.append(_row(sample, start, prompt, spec.source_fps / stride,
-                         resize_cover_crop(clip, spec.height, spec.width, rng)))
+        rows.append(_row(sample.uri, start, prompt, source_fps / stride, stride,
+                         resize_cover_crop(clip, *target, rng)))
     return rows
 
 
-def _decode_all(blobs: dict[int, bytes], frame_uris: list[str], draft) -> dict[int, np.ndarray]:
+def _header_size(data: bytes, uri: str) -> tuple[int, int]:
     try:
-        return {i: decode_image(data, frame_uris[i], draft) for i, data in blobs.items()}
+        w, h = image_size(data, uri)
     except DataError as e:
         raise BadSample("corrupt image", str(e)) from e
+    return h, w
+
+
+def _decode_all(blobs: dict[int, bytes], names: list[str], draft) -> dict[int, np.ndarray]:
+    """Decode every blob (a dict keyed by frame index, names in the same order); BadSample on a corrupt
+    frame or frames of different sizes."""
+    try:
+        frames = {i: decode_image(data, name, draft) for (i, data), name in zip(blobs.items(), names)}
+    except DataError as e:
+        raise BadSample("corrupt image", str(e)) from e
+    first = next(iter(frames.values())).shape
+    for frame, name in zip(frames.values(), names):
+        if frame.shape != first:
+            raise BadSample("mixed frame sizes", f"{name} is {frame.shape[1]}x{frame.shape[0]}, "
+                            f"{names[0]} is {first[1]}x{first[0]}")
+    return frames
 
 
 def _video_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> list[dict]:
     # Remote videos are fetched once and probed/decoded from memory; local ones are opened in place.
     source: str | bytes = _read(sample.uri) if storage.is_remote(sample.uri) else sample.uri
     try:
-        num_available, source_fps, _, _ = probe_video(source)
+        num_available, source_fps, src_h, src_w = probe_video(source)
         stride = frame_stride(source_fps, spec.fps)
         starts = clip_starts(num_available, spec.num_frames, stride, spec.clips_per_video, rng)
         if not starts:
-            raise BadSample("too few frames", f"{sample.uri}: {num_available} frames, a clip needs "
-                            f"{clip_span(spec.num_frames, stride)} (num_frames={spec.num_frames}, "
-                            f"stride={stride})")
+            raise _too_few(sample.uri, num_available, spec, stride)
+        target = spec.target(src_h, src_w)
         rows = []
         for start in starts:
             clip, clip_fps = read_video(source, start, spec.num_frames, stride)
             if len(clip) < spec.num_frames:  # the header promised more frames than the stream has
                 raise BadSample("too few frames", f"{sample.uri}: only {len(clip)} frames decodable "
                                 f"from frame {start} at stride {stride}, clip needs {spec.num_frames}")
-            rows.append(_row(sample, start, prompt, clip_fps,
-                             resize_cover_crop(clip, spec.height, spec.width, rng)))
+            rows.append(_row(sample.uri, start, prompt, clip_fps, stride, resize_cover_crop(clip, *target, rng)))
         return rows
     except DataError as e:
         text = str(e) if str(e).startswith(sample.uri) else f"{sample.uri}: {e}"
         raise BadSample("unreadable video", text) from e
 
 
-def _row(sample: Sample, start: int, prompt: str, fps: float, frames_fhwc: np.ndarray) -> dict:
+def _shard_clips(sample: Sample, spec: ClipSpec, rng) -> list[dict]:
+    """Clips from one packed clip: re-windowed and resized only when the request differs from the pack."""
+    try:
+        record = read_shard_clip(sample.meta["shard"], int(sample.meta["row"]))
+    except StorageError as e:
+        raise BadSample("unreadable object", str(e)) from e
+    except Exception as e:  # ArrowInvalid and friends: a damaged shard
+        raise BadSample("corrupt shard", f"{sample.uri}: {e}"[:500]) from e
+    available = int(record["num_frames"])
+    stride = frame_stride(float(record["fps"]), spec.fps)
+    starts = clip_starts(available, spec.num_frames, stride, spec.clips_per_video, rng)
+    if not starts:
+        raise _too_few(sample.uri, available, spec, stride, what="frames in the packed clip")
+    target = spec.target(int(record["height"]), int(record["width"]))
+    wanted = sorted({s + i * stride for s in starts for i in range(spec.num_frames)})
+    if record["format"] == "mp4":
+        try:
+            video, _ = read_video(record["video"])
+        except DataError as e:
+            raise BadSample("corrupt shard", f"{sample.uri}: {e}") from e
+        frames = {i: video[i] for i in wanted if i < len(video)}
+        if len(frames) < len(wanted):
+            raise BadSample("too few frames", f"{sample.uri}: {len(video)} decodable frames, header said "
+                            f"{available}")
+    else:
+        names = [f"{sample.uri} frame {i}" for i in wanted]
+        frames = _decode_all({i: record["frames"][i] for i in wanted}, names, (target[1], target[0]))
+    rows = []
+    for start in starts:
+        clip = np.stack([frames[start + i * stride] for i in range(spec.num_frames)])
+        # Provenance survives packing: the clip's position in its original source, not in the shard.
+        packed_stride = int(record["stride"] or 1)
+        row = _row(record["source_uri"], int(record["start_frame"]) + start * packed_stride,
+                   record["prompt"] or spec.default_prompt, float(record["fps"]) / stride, packed_stride * stride,
+                   resize_cover_crop(clip, *target, rng))
+        if start == 0:
+            row["clip_id"] = record["clip_id"]
+        rows.append(row)
+    return rows
+
+
+def _row(source_uri: str, start: int, prompt: str, fps: float, stride: int, frames_fhwc: np.ndarray) -> dict:
     return {
         "frames": frames_fhwc,
         "prompt": prompt,
         "fps": float(fps),
-        "clip_id": f"{sample.uri}#{start}",
-        "source_uri": sample.uri,
+        "clip_id": f"{source_uri}#{start}",
+        "source_uri": source_uri,
         "start_frame": int(start),
+        "stride": int(stride),
+        "bucket": bucket_name(frames_fhwc.shape[1:3]),
     }
 
 

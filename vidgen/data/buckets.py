@@ -1,0 +1,126 @@
+"""Aspect-ratio buckets: every clip is resized to the bucket nearest its own aspect ratio, and batches
+hold one bucket each. Pure Python + numpy, no Ray.
+
+Shapes: B clips per batch, F frames, H/W pixels; frames are uint8 [F, H, W, 3] per clip.
+
+Bucket sizes are (height, width). Presets:
+  hotshot-512  Hotshot-XL's seven training sizes around 512x512 (shared/seeds/hotshot-xl.md,
+               "Supported Aspect Ratios"): 320x768, 384x672, 416x608, 512x512, 608x416, 672x384,
+               768x320. The README lists them as "W x H" with aspect ratio W/H (0.42 for 320 x 768);
+               the set is symmetric, so it reads the same either way.
+  svd          Stable Video Diffusion's 1024x576 (W x H): 576 high, 1024 wide.
+A user list is 'WxH,WxH,...' (width first, like the presets' sources and image tools).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from vidgen.errors import ConfigError
+
+Bucket = tuple[int, int]  # (height, width)
+
+PRESETS: dict[str, tuple[Bucket, ...]] = {
+    "hotshot-512": ((768, 320), (672, 384), (608, 416), (512, 512), (416, 608), (384, 672), (320, 768)),
+    "svd": ((576, 1024),),
+}
+
+
+def parse_buckets(spec: str | Sequence[Bucket] | None) -> list[Bucket] | None:
+    """A preset name or 'WxH,WxH,...' -> [(height, width), ...] sorted by aspect ratio (w/h); None -> None.
+
+    Sizes must be positive multiples of 8 (the VAE downsamples by 8). A sequence of (h, w) pairs
+    passes through the same checks.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if not text:
+            return None
+        if text in PRESETS:
+            return sorted(PRESETS[text], key=_aspect)
+        pairs = []
+        for part in text.split(","):
+            w, sep, h = part.strip().partition("x")
+            if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+                raise ConfigError(f"data.buckets: {part.strip()!r} in {spec!r} is not WxH; expected a preset "
+                                  f"({', '.join(PRESETS)}) or a list like '512x320,320x512'")
+            pairs.append((int(h), int(w)))
+    else:
+        pairs = [(int(h), int(w)) for h, w in spec]
+    for h, w in pairs:
+        if h < 8 or w < 8 or h % 8 or w % 8:
+            raise ConfigError(f"data.buckets: {w}x{h} (WxH) must be at least 8 and multiples of 8 "
+                              "(the VAE downsamples by 8)")
+    if not pairs:
+        raise ConfigError(f"data.buckets: {spec!r} names no bucket")
+    return sorted(dict.fromkeys(pairs), key=_aspect)
+
+
+def _aspect(bucket: Bucket) -> float:
+    return bucket[1] / bucket[0]
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is nearest the clip's in log space (so 2:1 and 1:2 are equally
+    far from 1:1); ties go to the first in `buckets` order."""
+    if height < 1 or width < 1:
+        raise ValueError(f"clip size must be positive, got {height}x{width}")
+    target = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - target))
+
+
+def bucket_name(bucket: Bucket) -> str:
+    """'HxW', the `bucket` column of every clip row."""
+    return f"{bucket[0]}x{bucket[1]}"
+
+
+def bucket_batches(rows: Iterable[dict], batch_size: int, drop_last: bool = True) -> Iterator[dict]:
+    """Group a stream of clip rows into batches that each hold one bucket (one frame size).
+
+    Each batch is a dict of columns: `frames` uint8 [B, F, H, W, 3] (stacked), numeric columns as
+    numpy arrays, everything else as lists. A batch is emitted as soon as its bucket has batch_size
+    rows, so at most (number of buckets) x (batch_size - 1) rows wait at any time: memory stays
+    bounded however long the stream. Rows without a `bucket` column are grouped by frame shape.
+    drop_last=False also emits the incomplete batches left at the end (largest first).
+
+    How the trainer uses it: each Ray Train worker iterates its shard row by row,
+        for batch in bucket_batches(shard.iter_rows(), cfg.train.batch_size):
+            loss = recipe.loss(batch) ...
+    instead of `shard.iter_batches(batch_size)`, which would mix sizes in one batch. Ranks may then
+    see different numbers of batches per epoch; with DeepSpeed every rank must step together, so
+    the loop runs a fixed number of steps (train.max_steps) over an endless stream of epochs, or
+    stops an epoch at the first rank that runs dry, rather than relying on the epoch's end.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pending: dict[str, list[dict]] = {}
+    for row in rows:
+        key = row.get("bucket") or "x".join(str(d) for d in np.shape(row["frames"])[1:3])
+        group = pending.setdefault(key, [])
+        group.append(row)
+        if len(group) == batch_size:
+            yield collate(group)
+            pending[key] = []
+    if not drop_last:
+        for group in sorted(pending.values(), key=len, reverse=True):
+            if group:
+                yield collate(group)
+
+
+def collate(rows: list[dict]) -> dict:
+    """Rows with equal frame shapes -> one batch of columns (see bucket_batches)."""
+    batch: dict = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if key == "frames":
+            batch[key] = np.stack(values)
+        elif all(isinstance(v, int | float | np.number) for v in values):
+            batch[key] = np.asarray(values)
+        else:
+            batch[key] = values
+    return batch
