@@ -16,6 +16,7 @@ from vidgen.errors import DataError
 CLIP = {"num_frames": 6, "height": 32, "width": 32, "fps": 4.0, "source_fps": 8.0, "clips_per_video": 2,
         "train": False}
 READ_BACK = {"num_frames": 6, "height": 32, "width": 32, "train": False, "clips_per_video": 1}
+PNG = {"clips_per_shard": 4, "frame_format": "png", "max_bad_fraction": 0.5, **CLIP}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,7 @@ def _assert_round_trip(source_rows: list[dict], shard_rows: list[dict], toleranc
 
 def test_pack_png_round_trip_is_exact_and_resume_skips_complete_shards(shapes: Path, tmp_path: Path):
     out = tmp_path / "packed"
-    manifest = pack(str(shapes), "hotshot", str(out), clips_per_shard=4, frame_format="png",
-                    max_bad_fraction=0.5, **CLIP)
+    manifest = pack(str(shapes), "hotshot", str(out), **PNG)
     # 5 samples, 2 per shard: shards of 4, 4 and 0 clips (sample_004 has an empty prompt).
     assert [(s["name"], s["clips"]) for s in manifest["shards"]] == [
         ("part-00000.parquet", 4), ("part-00001.parquet", 4), ("part-00002.parquet", 0)]
@@ -60,25 +60,24 @@ def test_pack_png_round_trip_is_exact_and_resume_skips_complete_shards(shapes: P
     # Resume: a complete rerun writes nothing; shards whose done record is missing (a killed run)
     # or that were deleted are rewritten, and only they.
     stat = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    again = pack(str(shapes), "hotshot", str(out), clips_per_shard=4, frame_format="png", max_bad_fraction=0.5,
-                 **CLIP)
+    again = pack(str(shapes), "hotshot", str(out), **PNG)
     assert (again["written"], again["existing"]) == (0, 3)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stat
     (out / "part-00001.done.json").unlink()
     (out / "part-00000.parquet").unlink()
     (out / "part-00000.done.json").unlink()
-    third = pack(str(shapes), "hotshot", str(out), clips_per_shard=4, frame_format="png", max_bad_fraction=0.5,
-                 **CLIP)
+    third = pack(str(shapes), "hotshot", str(out), **PNG)
     assert (third["written"], third["existing"]) == (2, 1)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert after["part-00002.parquet"] == stat["part-00002.parquet"]
     assert after["part-00001.parquet"] != stat["part-00001.parquet"]
-    _assert_round_trip(source_rows, list(read_clips_local(str(out), report_dir=str(tmp_path / "r3"), **READ_BACK)))
+    repacked = list(read_clips_local(str(out), report_dir=str(tmp_path / "r3"), **READ_BACK))
+    _assert_round_trip(source_rows, repacked)
 
     with pytest.raises(DataError, match=r"holds shards of a different pack \(differs in frame_format\)"):
-        pack(str(shapes), "hotshot", str(out), clips_per_shard=4, frame_format="jpeg", max_bad_fraction=0.5, **CLIP)
+        pack(str(shapes), "hotshot", str(out), **{**PNG, "frame_format": "jpeg"})
     with pytest.raises(DataError, match=r"1 of 5 samples skipped .* empty prompt \(1\)"):
-        pack(str(shapes), "hotshot", str(tmp_path / "strict"), clips_per_shard=4, max_bad_fraction=0.05, **CLIP)
+        pack(str(shapes), "hotshot", str(tmp_path / "strict"), **{**PNG, "max_bad_fraction": 0.05})
     assert (tmp_path / "strict" / "_manifest.json").exists()  # written before failing: nothing is lost
 
 
@@ -86,15 +85,15 @@ def test_shards_rewindow_resize_and_other_formats(shapes: Path, tmp_path: Path):
     # Lossy formats on 32x32 saturated shapes (JPEG's 4:2:0 chroma shows): small mean errors.
     for fmt, tolerance in (("jpeg", 4.0), ("mp4", 4.0)):
         out = tmp_path / fmt
-        pack(str(shapes), "hotshot", str(out), clips_per_shard=64, frame_format=fmt, max_bad_fraction=0.5, **CLIP)
+        pack(str(shapes), "hotshot", str(out), **{**PNG, "frame_format": fmt, "clips_per_shard": 64})
         source_rows = list(read_clips_local(str(shapes), "hotshot", report_dir=str(tmp_path / "r"), **CLIP))
         shard_rows = list(read_clips_local(str(out), report_dir=str(tmp_path / "r"), **READ_BACK))
         _assert_round_trip(source_rows, shard_rows, tolerance)
 
     # Reading fewer frames at a lower rate from the packed 4 fps clips: stride 2 within the clip,
     # which is stride 4 in the source, and provenance points at the source frames.
-    rows = list(read_clips_local(str(tmp_path / "jpeg"), num_frames=3, height=16, width=16, fps=2, train=False,
-                                 clips_per_video=2, report_dir=str(tmp_path / "r")))
+    rows = list(read_clips_local(str(tmp_path / "jpeg"), num_frames=3, height=16, width=16, fps=2,
+                                 train=False, clips_per_video=2, report_dir=str(tmp_path / "r")))
     assert len(rows) == 16 and rows[0]["frames"].shape == (3, 16, 16, 3)
     assert [(r["start_frame"], r["stride"], r["fps"]) for r in rows[:2]] == [(0, 4, 2.0), (2, 4, 2.0)]
     assert rows[1]["clip_id"] == f"{shapes / 'sample_000'}#2"
@@ -107,23 +106,21 @@ def test_shards_rewindow_resize_and_other_formats(shapes: Path, tmp_path: Path):
 def test_shards_on_object_storage(request, shapes: Path, tmp_path: Path):
     s3 = request.getfixturevalue("s3_server")
     out = storage.join(s3.bucket(), "packed")
-    manifest = pack(str(shapes), "hotshot", out, clips_per_shard=3, frame_format="png", max_bad_fraction=0.5,
-                    **CLIP)
+    manifest = pack(str(shapes), "hotshot", out, **{**PNG, "clips_per_shard": 3})
     assert manifest["clips"] == 8 and len(manifest["shards"]) == 5
     assert storage.exists(storage.join(out, "part-00000.parquet"))
     remote = list(read_clips_local(out, report_dir=str(tmp_path / "r"), **READ_BACK))
     source_rows = list(read_clips_local(str(shapes), "hotshot", report_dir=str(tmp_path / "r"), **CLIP))
     _assert_round_trip(source_rows, remote)
-    again = pack(str(shapes), "hotshot", out, clips_per_shard=3, frame_format="png", max_bad_fraction=0.5, **CLIP)
+    again = pack(str(shapes), "hotshot", out, **{**PNG, "clips_per_shard": 3})
     assert (again["written"], again["existing"]) == (0, 5)
 
 
 @pytest.mark.ray
 def test_parallel_pack_and_shards_through_ray_data(ray_session, shapes: Path, tmp_path: Path):
     out = tmp_path / "parallel"
-    manifest = pack(str(shapes), "hotshot", str(out), clips_per_shard=2, frame_format="png", parallel=True,
-                    max_bad_fraction=0.5, **CLIP)
-    assert (manifest["clips"], manifest["written"]) == (8, 5)
+    manifest = pack(str(shapes), "hotshot", str(out), parallel=True, **PNG)
+    assert (manifest["clips"], manifest["written"]) == (8, 3)
     stream = read_clips(str(out), report_dir=str(tmp_path / "r"), **READ_BACK)
     ray_rows = sorted(stream.dataset.take_all(), key=lambda r: r["clip_id"])
     source_rows = sorted(read_clips_local(str(shapes), "hotshot", report_dir=str(tmp_path / "r"), **CLIP),

@@ -118,19 +118,36 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     recipe: Literal["svd_full"] = Field("svd_full", description="What trains and with which objective.")
-    trainable: Literal["all", "temporal"] = Field(
-        "all", description="all: every UNet parameter; temporal: only temporal transformer blocks."
+    trainable: Literal["all", "temporal", "patterns"] = Field(
+        "all",
+        description="all: every UNet parameter; temporal: temporal transformer blocks only (SVD Xtend); "
+        "patterns: parameters whose names contain one of train.trainable_patterns.",
+    )
+    trainable_patterns: list[str] = Field(
+        default_factory=list, description="Substrings of parameter names to train when train.trainable=patterns."
     )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Empty: Ray's default."
+    )
+    accelerator_type: str | None = Field(None, description="Ray accelerator type to schedule on, e.g. A100.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states in CPU memory (stage >= 1).")
+    offload_params: bool = Field(False, description="ZeRO-Infinity: parameters in CPU memory (stage 3 only).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision (fp16 is refused on CPU)."
     )
-    batch_size: int = Field(1, ge=1, description="Clips per worker per step.")
+    batch_size: int = Field(1, ge=1, description="Clips per worker per micro-step.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    activation_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="After warm-up: constant, cosine decay to 0, or linear decay to 0."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_8bit: bool = Field(False, description="bitsandbytes 8-bit AdamW (GPU and bitsandbytes required).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 turns it off).")
     max_steps: int = Field(100, ge=1, description="Optimizer steps to train for.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (and one at the end).")
@@ -139,6 +156,19 @@ class TrainConfig(Section):
     storage_path: str | None = Field(
         None, description="Where Ray Train keeps checkpoints (shared storage on clusters). Unset: <workdir>/train."
     )
+    deepspeed_config: str | None = Field(
+        None, description="A DeepSpeed JSON file merged on top of the generated config (its keys win)."
+    )
+    ema: bool = Field(False, description="Keep an exponential moving average of the trained weights (ZeRO 0-2).")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step.")
+    validation_every: int = Field(0, ge=0, description="Steps between validation videos (0: none).")
+    validation_images: list[str] = Field(
+        default_factory=list,
+        description="Held-out first frames (URIs) for validation videos. Empty: first frames of the first "
+        "train.validation_count samples of data.source.",
+    )
+    validation_count: int = Field(2, ge=1, description="Validation videos when validation_images is empty.")
+    validation_steps: int = Field(8, ge=1, description="Sampler steps of a validation video.")
     # EDM objective of SVD (SVD Xtend's constants): sigma ~ LogNormal(p_mean, p_std).
     p_mean: float = Field(0.7, description="Mean of log sigma for training noise.")
     p_std: float = Field(1.6, gt=0, description="Std of log sigma for training noise.")
@@ -147,7 +177,21 @@ class TrainConfig(Section):
     conditioning_dropout: float = Field(
         0.1, ge=0, le=1 / 3, description="p of the InstructPix2Pix-style dropout of image and frame conditions."
     )
-    motion_bucket_id: int = Field(127, ge=0, le=255, description="SVD motion bucket conditioning.")
+    motion_bucket_id: int = Field(
+        127, ge=0, le=255, description="SVD motion bucket conditioning (a clip's own `motion_bucket_id` wins)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.trainable == "patterns" and not self.trainable_patterns:
+            raise ValueError("train.trainable_patterns: required when train.trainable=patterns")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("train.offload_params: needs train.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer: needs train.zero_stage >= 1")
+        if self.ema and self.zero_stage == 3:
+            raise ValueError("train.ema: not supported with train.zero_stage=3 (weights are sharded); use 0-2")
+        return self
 
 
 class FifoConfig(Section):

@@ -85,7 +85,13 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
             if progress:
                 progress(r)
 
-    result = fit(cfg, epochs_dataset(stream, cfg), on_metrics=on_metrics)
+    def on_artifacts(step: int, paths: list[str]) -> None:
+        for path in paths:
+            tracker.log_video(path, artifact_path=f"validation/step{step:08d}")
+
+    images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None
+    result = fit(cfg, epochs_dataset(stream, cfg), on_metrics=on_metrics, validation_images=images,
+                 on_artifacts=on_artifacts)
     report = stream.check()
     tracker.log_metrics({"data/skipped": report["skipped"], "data/samples": report["total"]})
     tracker.set_tags({"train.checkpoint": result.checkpoint_dir, "train.export": result.export_dir})
@@ -93,6 +99,28 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     return {"export_dir": result.export_dir, "checkpoint_dir": result.checkpoint_dir,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "steps": len(losses), "data_report": report}
+
+
+def validation_images(cfg: VidgenConfig, samples) -> list:
+    """Held-out first frames, resized and centre-cropped to the training size (uint8 [H, W, 3])."""
+    from vidgen.data.clips import resize_cover_crop
+    from vidgen.data.decode import decode_image
+
+    uris = list(cfg.train.validation_images)
+    if not uris:  # first frames of the first samples (frame layouts; videos give their first frame)
+        for s in samples[: cfg.train.validation_count]:
+            if s.frame_uris:
+                uris.append(s.frame_uris[0])
+    images = []
+    for uri in uris:
+        if uri.lower().endswith((".mp4", ".webm", ".mov", ".mkv", ".gif")):
+            from vidgen.data.video import read_video
+
+            frame = read_video(uri, 0, 1)[0][0]
+        else:
+            frame = decode_image(storage.read_bytes(uri), uri)
+        images.append(resize_cover_crop(frame[None], cfg.data.height, cfg.data.width, None)[0])
+    return images
 
 
 def epochs_dataset(stream, cfg: VidgenConfig):

@@ -9,6 +9,7 @@
     video     mp4 write (atomic), seeking clip reads, probing (PyAV)
     clips     pure clip sampling and resize/crop
     buckets   aspect-ratio buckets and bucket-homogeneous batches
+    worker    one sample -> its clip rows (read, decode, sample, resize); BadSample for bad input
     pipeline  read_clips -> ClipStream (Ray Data, one row per clip) + skip report
     inspect   counts, histograms and bad samples from listings and headers (vidgen data inspect)
     synth     a tiny moving-shapes dataset for tests and the demo

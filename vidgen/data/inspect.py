@@ -20,8 +20,8 @@ from vidgen import storage
 from vidgen.data.clips import clip_span, frame_stride
 from vidgen.data.layouts import detect_layout, list_samples
 from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample
-from vidgen.data.pipeline import BadSample, resolve_prompt
 from vidgen.data.video import probe_video
+from vidgen.data.worker import BadSample, resolve_prompt
 from vidgen.errors import DataError, StorageError
 
 _COUNT_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

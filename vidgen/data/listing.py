@@ -70,7 +70,8 @@ def check_template(template: str) -> None:
         raise ConfigError(f"data.prompt_template: {template!r} is not a valid template ({e})") from e
     unknown = sorted(n for n in names if n not in TEMPLATE_FIELDS)
     if unknown:
-        raise ConfigError(f"data.prompt_template: unknown field(s) {', '.join('{' + n + '}' for n in unknown)} "
+        fields = ", ".join("{" + n + "}" for n in unknown)
+        raise ConfigError(f"data.prompt_template: unknown field(s) {fields} "
                           f"in {template!r}; expected only {{scenario}}, {{split}}, {{cav}}")
 
 

@@ -85,7 +85,7 @@ def _read_prompt_map(listing: Listing) -> dict[str, str]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{uri}: not a UTF-8 JSON file ({e})") from e
     if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-        raise DataError(f"{uri}: expected a JSON object mapping scenario (or split/scenario) to a prompt string")
+        raise DataError(f"{uri}: expected a JSON object mapping scenario (or split/scenario) to a prompt")
     return {str(k).strip("/"): v.strip() for k, v in table.items() if v.strip()}
 
 
@@ -142,7 +142,8 @@ def prepare_opv2v(
     from vidgen.data.layouts import list_samples  # layouts imports this module
 
     if not 0 < min_seconds <= max_seconds:
-        raise ConfigError(f"prepare opv2v: need 0 < min_seconds <= max_seconds, got {min_seconds}, {max_seconds}")
+        raise ConfigError(f"prepare opv2v: need 0 < min_seconds <= max_seconds, got {min_seconds}, "
+                          f"{max_seconds}")
     if fps is not None and not fps > 0:
         raise ConfigError(f"prepare opv2v fps: must be > 0 or unset, got {fps}")
     if not 1 <= quality <= 100:
@@ -198,7 +199,8 @@ def _write_clip(clip_uri: str, frame_uris: list[str], prompt: str, quality: int)
     except (DataError, StorageError) as e:
         reason = "corrupt image" if isinstance(e, DataError) else "unreadable object"
         return {"uri": clip_uri, "reason": reason, "detail": str(e)}
-    files = [(f"{i}.jpg", data) for i, data in enumerate(encoded)] + [("prompt.txt", (prompt + "\n").encode())]
+    files = [(f"{i}.jpg", data) for i, data in enumerate(encoded)]
+    files.append(("prompt.txt", (prompt + "\n").encode()))
     if storage.local_path(clip_uri) is not None:
         with storage.atomic_local(clip_uri) as tmp:  # the whole folder appears at once
             _write_files(tmp, files)

@@ -22,8 +22,9 @@ from typing import Any
 
 from vidgen import storage
 from vidgen.data.listing import Sample
-from vidgen.data.pipeline import BadSample, ClipSpec, check_bad_fraction, read_clips, sample_clips
+from vidgen.data.pipeline import check_bad_fraction, read_clips
 from vidgen.data.shards import FORMATS, MANIFEST, ShardWriter, encode_clip
+from vidgen.data.worker import BadSample, ClipSpec, sample_clips
 from vidgen.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def pack(
     if clips_per_shard < 1:
         raise ConfigError(f"prepare pack clips_per_shard: must be >= 1, got {clips_per_shard}")
     if frame_format not in FORMATS:
-        raise ConfigError(f"prepare pack frame_format: expected one of {', '.join(FORMATS)}, got {frame_format!r}")
+        raise ConfigError(f"prepare pack frame_format: expected one of {', '.join(FORMATS)}, "
+                          f"got {frame_format!r}")
     if not 1 <= quality <= 100:
         raise ConfigError(f"prepare pack quality: expected 1-100, got {quality}")
     read_clips_kwargs.setdefault("train", False)
@@ -85,7 +87,7 @@ def pack(
     log.info("pack %s -> %s: %d shards, %d to write", source, out, len(groups), len(pending))
     args = [(out, k, groups[k], spec, frame_format, quality) for k in pending]
     if parallel and pending:
-        _run_ray(args, stream.num_cpus)
+        _run_ray(args)
     else:
         for a in args:
             _pack_shard(*a)
@@ -145,13 +147,13 @@ def _pack_shard(out: str, index: int, samples: list[Sample], spec: ClipSpec, fmt
     return writer.count
 
 
-def _run_ray(args: list[tuple], num_cpus: float) -> None:
+def _run_ray(args: list[tuple]) -> None:
     import ray
 
     if not ray.is_initialized():
         raise ConfigError("prepare pack --parallel: needs a running Ray (ray.init or RAY_ADDRESS)")
-    task = ray.remote(num_cpus=max(num_cpus, 0.25))(_pack_shard)
-    limit = max(2, int(ray.cluster_resources().get("CPU", 2) / max(num_cpus, 0.25)))
+    task = ray.remote(num_cpus=1)(_pack_shard)  # decode + resize + encode: one core each
+    limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     in_flight: list = []
     for a in args:
         if len(in_flight) >= limit:  # bounded: a million shards must not become a million queued tasks

@@ -43,7 +43,8 @@ def detect(listing: Listing) -> bool:
     rels = [listing.rel(d) for d in listing.frame_dirs]
     if any(r.startswith("rawframes/") or "rgb_frames" in r.split("/")[:-1] for r in rels):
         return True
-    return bool(_annotation_files(listing)) and any(listing.rel(v).startswith("videos/") for v in listing.videos)
+    has_videos = any(listing.rel(v).startswith("videos/") for v in listing.videos)
+    return has_videos and bool(_annotation_files(listing))
 
 
 def seer_samples(listing: Listing, options: LayoutOptions) -> list[Sample]:
@@ -134,7 +135,8 @@ def _bridge(listing: Listing) -> list[Sample]:
             continue
         task = rel.split("/")[1]
         samples.append(Sample(
-            uri=folder, frame_uris=_sorted_frames(frames), prompt=bridge_prompt(task) or None, prompt_uri=None,
+            uri=folder, frame_uris=_sorted_frames(frames), prompt=bridge_prompt(task) or None,
+            prompt_uri=None,
             meta={"layout": "sthv2", "dataset": "bridge", "name": rel, "prompt_required": True,
                   "missing_prompt": f"task folder name {task!r} gives no prompt"},
         ))
@@ -162,7 +164,8 @@ def _narrations(listing: Listing) -> list[dict]:
             continue
         for lineno, row in enumerate(reader, 2):
             try:
-                rows.append({"video_id": row["video_id"].strip(), "narration": (row["narration"] or "").strip(),
+                rows.append({"video_id": row["video_id"].strip(),
+                             "narration": (row["narration"] or "").strip(),
                              "start": int(row["start_frame"]), "stop": int(row["stop_frame"]),
                              "id": (row.get("narration_id") or "").strip()})
             except (TypeError, ValueError) as e:
@@ -179,7 +182,8 @@ def _epic(listing: Listing) -> list[Sample]:
     narrations = _narrations(listing)
     if not narrations:
         return [Sample(uri=folder, frame_uris=[u for _, u in numbered], prompt=None, prompt_uri=None,
-                       meta={"layout": "sthv2", "dataset": "epic-kitchens", "name": rel, "prompt_required": False})
+                       meta={"layout": "sthv2", "dataset": "epic-kitchens", "name": rel,
+                             "prompt_required": False})
                 for folder, rel, numbered in videos.values()]
     samples, missing = [], 0
     for row in narrations:

@@ -42,8 +42,8 @@ def schema():
     import pyarrow as pa
 
     return pa.schema([
-        ("clip_id", pa.string()), ("source_uri", pa.string()), ("prompt", pa.string()), ("bucket", pa.string()),
-        ("format", pa.string()), ("start_frame", pa.int64()), ("stride", pa.int64()), ("height", pa.int64()),
+        ("clip_id", pa.string()), ("source_uri", pa.string()), ("prompt", pa.string()),
+        ("bucket", pa.string()), ("format", pa.string()), ("start_frame", pa.int64()), ("stride", pa.int64()), ("height", pa.int64()),
         ("width", pa.int64()), ("num_frames", pa.int64()), ("fps", pa.float64()),
         ("frames", pa.list_(pa.binary())), ("video", pa.binary()),
     ])
@@ -111,7 +111,9 @@ class ShardWriter:
 
 
 def detect(listing: Listing) -> bool:
-    return not listing.frame_dirs and not listing.videos and any(u.endswith(SHARD_SUFFIX) for u in listing.files)
+    if listing.frame_dirs or listing.videos:
+        return False
+    return any(u.endswith(SHARD_SUFFIX) for u in listing.files)
 
 
 def shard_samples(listing: Listing, options: LayoutOptions) -> list[Sample]:

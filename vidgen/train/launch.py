@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -25,22 +26,43 @@ from vidgen.errors import ConfigError, JobError
 
 log = logging.getLogger(__name__)
 
-WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "RAY_DATA_USE_DATASOURCE_V2")
+WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "RAY_DATA_USE_DATASOURCE_V2",
+              "VIDGEN_FAULT_KILL")
 
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
-    """Rank 0 puts metric rows here; the driver drains them and logs (the driver owns MLflow)."""
+    """Rank 0 reports here; the driver drains and logs (the driver owns MLflow).
+
+    Rows become final when a checkpoint at or after their step is committed. A restarted attempt calls
+    `start_attempt(step)` first, which drops the failed attempt's uncommitted rows: those steps are
+    trained again, and each step reaches MLflow exactly once.
+    """
 
     def __init__(self):
-        self.rows: list[dict] = []
+        self.pending: list[dict] = []
+        self.artifacts: list[tuple[int, list[str]]] = []
+        self.committed = 0
 
     def put(self, rows: list[dict]) -> None:
-        self.rows.extend(rows)
+        self.pending.extend(rows)
 
-    def drain(self) -> list[dict]:
-        rows, self.rows = self.rows, []
-        return rows
+    def put_artifacts(self, step: int, paths: list[str]) -> None:
+        self.artifacts.append((step, paths))
+
+    def start_attempt(self, step: int) -> None:
+        self.pending = [r for r in self.pending if r["step"] <= step]
+        self.artifacts = [a for a in self.artifacts if a[0] <= step]
+
+    def commit(self, step: int) -> None:
+        self.committed = max(self.committed, step)
+
+    def drain(self) -> tuple[list[dict], list[tuple[int, list[str]]]]:
+        rows = [r for r in self.pending if r["step"] <= self.committed]
+        self.pending = [r for r in self.pending if r["step"] > self.committed]
+        arts = [a for a in self.artifacts if a[0] <= self.committed]
+        self.artifacts = [a for a in self.artifacts if a[0] > self.committed]
+        return rows, arts
 
 
 @dataclass
@@ -51,9 +73,34 @@ class TrainResult:
 
 
 def check(cfg: VidgenConfig) -> None:
+    """Refuse combinations that would only fail inside the workers, before any worker starts."""
     t = cfg.train
     if not t.use_gpu and t.precision == "fp16":
         raise ConfigError("train.precision=fp16: DeepSpeed has no fp16 on CPU; expected fp32 or bf16")
+    if t.adam_8bit:
+        if not t.use_gpu:
+            raise ConfigError("train.adam_8bit=true: 8-bit AdamW needs train.use_gpu=true")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.adam_8bit=true: the bitsandbytes package is not installed") from None
+    if t.validation_every and t.validation_steps < 1:
+        raise ConfigError("train.validation_steps: must be >= 1")
+
+
+def user_deepspeed_config(cfg: VidgenConfig) -> dict:
+    from vidgen import storage
+
+    path = cfg.train.deepspeed_config
+    if not path:
+        return {}
+    try:
+        data = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config={path}: not JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed_config={path}: expected a JSON object")
+    return data
 
 
 def storage_root(cfg: VidgenConfig) -> str:
@@ -62,20 +109,34 @@ def storage_root(cfg: VidgenConfig) -> str:
 
 
 def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
-        on_metrics: Callable[[list[dict]], None] | None = None) -> TrainResult:
+        on_metrics: Callable[[list[dict]], None] | None = None,
+        validation_images: list | None = None,
+        on_artifacts: Callable[[int, list[str]], None] | None = None) -> TrainResult:
+    """Train; `validation_images` (uint8 [H, W, 3] first frames) enable validation videos."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from vidgen import storage
+
     check(cfg)
-    sink = MetricsSink.remote()
     t = cfg.train
+    sink = MetricsSink.remote()
     loop_config = {"train": t.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.run.seed,
-                   "metrics_sink": sink}
+                   "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg)}
+    if t.validation_every and validation_images:
+        loop_config["validation"] = {
+            "images": validation_images, "fps": 7, "motion_bucket_id": t.motion_bucket_id,
+            "num_frames": cfg.model.num_frames,
+            "out_dir": storage.join(cfg.run.workdir, "validation", cfg.run.name),
+        }
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    scaling = ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                      resources_per_worker=t.resources_per_worker or None,
+                                      accelerator_type=t.accelerator_type)
     trainer = TorchTrainer(
         _train_func,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        scaling_config=scaling,
         datasets={"train": dataset.select_columns(["frames", "fps"])},
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -90,7 +151,7 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
 
     def pump() -> None:  # log metrics while the fit runs, not only at the end
         while not stop.wait(1.0):
-            _drain(sink, rows, on_metrics)
+            _drain(sink, rows, on_metrics, on_artifacts)
 
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()
@@ -101,15 +162,14 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
     finally:
         stop.set()
         pumper.join()
-        _drain(sink, rows, on_metrics)
+        _drain(sink, rows, on_metrics, on_artifacts)
         ray.kill(sink)
     if result.checkpoint is None:
         raise JobError(f"training run {cfg.run.name!r} finished without a checkpoint")
-    ckpt_dir = result.checkpoint.path
     export_dir = os.path.join(cfg.run.workdir, "export", "unet")
     export_unet(cfg, result.checkpoint, export_dir)
     rows.sort(key=lambda r: r["step"])
-    return TrainResult(checkpoint_dir=ckpt_dir, export_dir=export_dir, metrics=rows)
+    return TrainResult(checkpoint_dir=result.checkpoint.path, export_dir=export_dir, metrics=rows)
 
 
 def _train_func(config: dict) -> None:
@@ -118,15 +178,18 @@ def _train_func(config: dict) -> None:
     train_func(config)
 
 
-def _drain(sink, rows: list[dict], on_metrics) -> None:
+def _drain(sink, rows: list[dict], on_metrics, on_artifacts=None) -> None:
     try:
-        new = ray.get(sink.drain.remote(), timeout=30)
+        new, artifacts = ray.get(sink.drain.remote(), timeout=30)
     except Exception:  # the sink is gone or busy: nothing to log now
         return
     if new:
         rows.extend(new)
         if on_metrics:
             on_metrics(new)
+    for step, paths in artifacts:
+        if on_artifacts:
+            on_artifacts(step, paths)
 
 
 def _root_cause(e: BaseException) -> str:
@@ -152,11 +215,24 @@ def consolidated_state_dict(ckpt_dir: str) -> dict:
 
 def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str) -> None:
     """Consolidate the ranks' shards and write a diffusers UNet directory atomically."""
+
+    ema = None
+    with checkpoint.as_directory() as d, contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints
+        state = consolidated_state_dict(d)
+        if Path(d, "ema.pt").exists():
+            import torch
+
+            ema = torch.load(Path(d, "ema.pt"), map_location="cpu")
+    if ema is not None:  # the EMA weights, exported beside the raw ones
+        _export(cfg, {**state, **ema}, export_dir + "_ema")
+    _export(cfg, state, export_dir)
+    log.info("exported UNet to %s", export_dir)
+
+
+def _export(cfg: VidgenConfig, state: dict, export_dir: str) -> None:
     from vidgen import storage
     from vidgen.train.recipes import build_recipe
 
-    with checkpoint.as_directory() as d, contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints
-        state = consolidated_state_dict(d)
     recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
     with tempfile.TemporaryDirectory(prefix="vidgen-export-") as tmp:
         recipe.export(state, tmp)
@@ -169,4 +245,3 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str) -> None:
             if Path(export_dir).exists():
                 shutil.rmtree(export_dir)
             os.replace(staging, export_dir)
-    log.info("exported UNet to %s", export_dir)

@@ -1,40 +1,93 @@
 """The per-worker training function that Ray Train runs on every rank.
 
-setup: recipe, DeepSpeed engine (ZeRO from the config), resume from Ray's latest checkpoint.
-train: batches from this rank's shard of the Ray Dataset -> loss -> backward -> step.
+setup: recipe, DeepSpeed engine (ZeRO and precision from the config), resume from Ray's latest checkpoint.
+train: micro-batches from this rank's shard of the Ray Dataset -> loss -> backward -> step.
 save:  every rank writes its DeepSpeed shard, then all report it together as one Ray checkpoint.
 
-Metrics go to a `MetricsSink` actor owned by the driver, which logs them (workers never talk to MLflow).
+Metrics go to the driver's `MetricsSink`; they become final only when a checkpoint covering their step is
+committed, so a resumed run never logs a step twice (steps after the last checkpoint are redone).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
+import math
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
+FAULT_ENV = "VIDGEN_FAULT_KILL"  # "<rank>:<step>:<marker file>": test hook, kills that rank once
 
-def deepspeed_config(train: dict, world_size: int, on_cpu: bool) -> dict:
+
+def deepspeed_config(train: dict, world_size: int, on_cpu: bool, user: dict | None = None) -> dict:
     zero: dict = {"stage": train["zero_stage"]}
     if train["zero_stage"] == 3 and on_cpu:
         zero["stage3_max_reuse_distance"] = 0  # avoids a 13 s one-off prefetch scan per fit on CPU
-    return {
+    if train["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if train["offload_params"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
+    ga = train["gradient_accumulation"]
+    cfg = {
         "train_micro_batch_size_per_gpu": train["batch_size"],
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": train["batch_size"] * world_size,
+        "gradient_accumulation_steps": ga,
+        "train_batch_size": train["batch_size"] * ga * world_size,
         "gradient_clipping": train["max_grad_norm"],
         "zero_optimization": zero,
         "bf16": {"enabled": train["precision"] == "bf16"},
         "fp16": {"enabled": train["precision"] == "fp16"},
+        "zero_allow_untested_optimizer": True,  # client AdamW under offload
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    return deep_merge(cfg, user or {})
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def lr_lambda(schedule: str, warmup: int, max_steps: int):
+    """Multiplier of the base lr at optimizer step s: linear warm-up, then constant / cosine / linear decay."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, max_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return f
+
+
+def config_hash(model: dict, train: dict) -> str:
+    """What a checkpoint's weights depend on; bookkeeping (step counts, validation) may change on resume."""
+    keep = {k: v for k, v in train.items() if k not in RESUMABLE_KEYS}
+    blob = json.dumps({"model": {k: v for k, v in model.items() if k != "cache_dir"}, "train": keep},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_failures", "storage_path",
+                  "validation_every", "validation_images", "validation_count", "validation_steps",
+                  "num_workers", "resources_per_worker", "accelerator_type"}
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a rank's noise generator when (re)starting at `step`: distinct per rank, reproducible."""
+    return seed * 100_003 + rank * 1009 + step
 
 
 def _skip_cpu_shm_build() -> None:
@@ -42,6 +95,26 @@ def _skip_cpu_shm_build() -> None:
     mod = importlib.import_module("deepspeed.comm.torch")
     if hasattr(mod, "build_shm_op"):
         mod.build_shm_op = lambda: None
+
+
+def _optimizer(params, t):
+    if t.adam_8bit:
+        import bitsandbytes as bnb  # checked on the driver: GPU runs only
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    # A client optimizer: DeepSpeed builds no fused/CPU Adam extension for it.
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _maybe_inject_fault(rank: int, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    r, s, marker = spec.split(":", 2)
+    if int(r) == rank and int(s) == step and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+        log.warning("fault injection: killing rank %d at step %d", rank, step)
+        os._exit(1)
 
 
 def train_func(config: dict) -> None:
@@ -54,9 +127,9 @@ def train_func(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train_cfg, model_cfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
-    seed = config["seed"]
-    on_cpu = not train_cfg.use_gpu
+    t, model_cfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
+    seed, sink = config["seed"], config.get("metrics_sink")
+    on_cpu = not t.use_gpu
     device = torch.device("cpu") if on_cpu else torch.device("cuda", ctx.get_local_rank())
     if on_cpu:
         _skip_cpu_shm_build()
@@ -65,62 +138,97 @@ def train_func(config: dict) -> None:
         torch.cuda.set_device(device)
 
     # -- setup --------------------------------------------------------------------------------
-    recipe = build_recipe(train_cfg.recipe, model_cfg, train_cfg, seed).to(device)
+    recipe = build_recipe(t.recipe, model_cfg, t, seed).to(device)
+    if t.activation_checkpointing:
+        recipe.unet.enable_gradient_checkpointing()
     params = recipe.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)  # client optimizer: no fused-Adam build
-    warmup = train_cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    optimizer = _optimizer(params, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.max_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=recipe.unet, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config["train"], world, on_cpu),
+        config=deepspeed_config(config["train"], world, on_cpu, config.get("deepspeed_user")),
     )
+    names = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
+    ema = {n: p.detach().float().clone() for n, p in zip(names, params)} if t.ema and rank == 0 else None
 
-    step = 0
+    my_hash = config_hash(config["model"], config["train"])
+    step, batches_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=None)
-        step = int(client["step"])
-        log.info("rank %d resumed at step %d", rank, step)
+            if ema is not None and Path(d, "ema.pt").exists():
+                ema = torch.load(Path(d, "ema.pt"), map_location="cpu")
+        if client.get("config_hash") not in (None, my_hash):
+            raise RuntimeError(f"the checkpoint of run {ctx.get_experiment_name()!r} was written with another "
+                               "model/training config; start a new run.name to train with this one")
+        step, batches_seen = int(client["step"]), int(client["batches_seen"][rank])
+        log.info("rank %d resumed at step %d after %d batches", rank, step, batches_seen)
+    if sink is not None and rank == 0:
+        sink.start_attempt.remote(step)  # forget uncommitted metrics of a failed attempt
 
     def unet_fn(sample, timestep, ehs, ids):
         return engine(sample, timestep, encoder_hidden_states=ehs, added_time_ids=ids, return_dict=False)[0]
 
-    sink = config.get("metrics_sink")
     shard = ray.train.get_dataset_shard("train")
-    generator = torch.Generator().manual_seed(seed * 100_003 + rank * 1009 + step)  # distinct per rank
+    generator = torch.Generator().manual_seed(rank_seed(seed, rank, step))
+    samples_per_step = t.batch_size * t.gradient_accumulation * world
 
     # -- train --------------------------------------------------------------------------------
-    t_last = time.perf_counter()
-    epoch = 0
-    while step < train_cfg.max_steps:
-        seen = 0
-        for batch in shard.iter_batches(batch_size=train_cfg.batch_size, batch_format="numpy", drop_last=True):
-            seen += 1
-            tensors = {"frames": torch.from_numpy(batch["frames"]), "fps": torch.from_numpy(batch["fps"])}
-            loss, extra = recipe.loss(tensors, unet_fn, generator)
+    t_step, wait, losses, epoch_batches = time.perf_counter(), 0.0, [], 0
+    skip = batches_seen  # the dataset is one lazy pass over all epochs: skip what was consumed
+    while step < t.max_steps:
+        batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device=device)
+        it = iter(batches)
+        epoch_batches = 0
+        while step < t.max_steps:
+            t_wait = time.perf_counter()
+            batch = next(it, None)
+            wait += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            epoch_batches += 1
+            if skip:  # data position: the checkpointed run already trained on these clips
+                skip -= 1
+                continue
+            loss, extra = recipe.loss(batch, unet_fn, generator)
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             engine.step()
+            batches_seen += 1
+            losses.append(loss.detach())
+            if not boundary:
+                continue
             step += 1
-            mean_loss = loss.detach().clone()
+            _maybe_inject_fault(rank, step)
+            if ema is not None:
+                _ema_update(ema, names, params, t.ema_decay)
+            mean_loss = torch.stack(losses).mean()
             torch.distributed.all_reduce(mean_loss)
-            mean_loss = mean_loss.item() / world
+            losses = []
+            now = time.perf_counter()
+            dt = now - t_step
             if rank == 0 and sink is not None:
-                now = time.perf_counter()
-                sink.put.remote([{"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                                  "step_time_s": now - t_last, "epoch": epoch, **extra}])
-                t_last = now
-            done = step >= train_cfg.max_steps
-            if done or step % train_cfg.checkpoint_every == 0:
-                if train_cfg.zero_stage < 3:
+                norm = engine.get_global_grad_norm()
+                sink.put.remote([{"step": step, "loss": mean_loss.item() / world, "lr": scheduler.get_last_lr()[0],
+                                  "grad_norm": float(norm) if norm is not None else float("nan"),
+                                  "step_time_s": dt, "samples_per_s": samples_per_step / dt,
+                                  "data_wait_frac": min(1.0, wait / dt), **extra}])
+            t_step, wait = now, 0.0
+            if t.validation_every and step % t.validation_every == 0 and config.get("validation"):
+                _validate(recipe, engine, t, config, rank, step, sink)
+            if step >= t.max_steps or step % t.checkpoint_every == 0:
+                if t.zero_stage < 3:
                     check_ranks_agree(params, step)
-                _save(engine, step, mean_loss, Checkpoint, ray.train)
-            if done:
-                break
-        if seen == 0:
-            raise RuntimeError(f"rank {rank}: the training dataset shard yielded no batch of {train_cfg.batch_size}")
-        epoch += 1
+                _save(engine, step, batches_seen, my_hash, ema, rank, world, Checkpoint, ray.train, sink)
+        if epoch_batches == 0:
+            raise RuntimeError(f"rank {rank}: the training dataset shard yielded no batch of {t.batch_size} clips")
+
+
+def _ema_update(ema: dict, names: list[str], params: list, decay: float) -> None:
+    with torch.no_grad():
+        for n, p in zip(names, params):
+            ema[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
 
 
 def check_ranks_agree(params: list[torch.nn.Parameter], step: int) -> None:
@@ -135,7 +243,35 @@ def check_ranks_agree(params: list[torch.nn.Parameter], step: int) -> None:
                            "gradients are not being averaged across workers")
 
 
-def _save(engine, step: int, loss: float, Checkpoint, train_mod) -> None:
+def _save(engine, step: int, batches_seen: int, my_hash: str, ema, rank: int, world: int, Checkpoint,
+          train_mod, sink) -> None:
+    seen = torch.tensor([batches_seen if r == rank else 0 for r in range(world)])
+    torch.distributed.all_reduce(seen)  # every rank's data position, in every rank's client state
+    client = {"step": step, "config_hash": my_hash, "batches_seen": seen.tolist()}
     with tempfile.TemporaryDirectory(prefix="vidgen-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=f"step{step:08d}", client_state={"step": step})
-        train_mod.report({"step": step, "loss": loss}, checkpoint=Checkpoint.from_directory(tmp))
+        engine.save_checkpoint(tmp, tag=f"step{step:08d}", client_state=client)
+        if ema is not None:
+            torch.save(ema, Path(tmp, "ema.pt"))
+        train_mod.report({"step": step}, checkpoint=Checkpoint.from_directory(tmp))
+    if rank == 0 and sink is not None:
+        sink.commit.remote(step)
+
+
+def _validate(recipe, engine, t, config: dict, rank: int, step: int, sink) -> None:
+    """Videos from held-out first frames with the current weights; rank 0 writes, the driver logs."""
+    import contextlib
+
+    from vidgen.generate.validation import validation_videos
+
+    gather = contextlib.nullcontext()
+    if t.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    with gather:
+        if rank == 0:
+            recipe.unet.eval()
+            paths = validation_videos(recipe.model, config["validation"], step, t.validation_steps)
+            recipe.unet.train()
+            if sink is not None:
+                sink.put_artifacts.remote(step, paths)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from vidgen.config import ModelConfig, TrainConfig
+from vidgen.errors import ConfigError
 from vidgen.models import svd
 from vidgen.train.objectives import (
     conditioning_dropout_masks,
@@ -42,10 +43,14 @@ class SVDFullRecipe:
         self.model.vae.requires_grad_(False)
         self.model.image_encoder.requires_grad_(False)
         unet = self.model.unet
-        unet.requires_grad_(self.train_cfg.trainable == "all")
-        if self.train_cfg.trainable == "temporal":  # SVD Xtend's choice: temporal transformer blocks only
-            for name, p in unet.named_parameters():
-                p.requires_grad_("temporal_transformer_block" in name)
+        t = self.train_cfg
+        patterns = {"all": None, "temporal": ["temporal_transformer_block"],  # SVD Xtend's choice
+                    "patterns": t.trainable_patterns}[t.trainable]
+        for name, p in unet.named_parameters():
+            p.requires_grad_(patterns is None or any(pat in name for pat in patterns))
+        if not any(p.requires_grad for p in unet.parameters()):
+            raise ConfigError(f"train.trainable_patterns={t.trainable_patterns}: no UNet parameter name "
+                              "contains any of them")
         unet.train()
 
     @property
@@ -86,7 +91,9 @@ class SVDFullRecipe:
         unet_in = torch.cat([sc.c_in.view(b, 1, 1, 1, 1) * noisy,
                              cond_latent.unsqueeze(1).expand(-1, f, -1, -1, -1)], dim=2)
         fps = batch["fps"].to(device).float().round().clamp(min=1)
-        ids = m.added_time_ids(fps - 1, torch.full((b,), float(c.motion_bucket_id), device=device), cond_sigma)
+        motion = batch.get("motion_bucket_id")  # per-clip metadata wins over the config
+        motion = motion.to(device).float() if motion is not None else torch.full((b,), float(c.motion_bucket_id))
+        ids = m.added_time_ids(fps - 1, motion.to(device), cond_sigma)
         dtype = next(self.unet.parameters()).dtype
         out = unet_fn(unet_in.to(dtype), sc.c_noise.to(dtype), image_embeds.to(dtype), ids.to(dtype))
         denoised = edm_denoised(out.float(), noisy, sigma)

@@ -1,0 +1,235 @@
+"""Training core: parity with a plain PyTorch step, fault tolerance, validation, EMA, schedules."""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from vidgen.config import load_config
+from vidgen.errors import ConfigError
+from vidgen.train import loop
+from vidgen.train.launch import check, fit, user_deepspeed_config
+
+
+def constant_clips(n: int = 8, frames: int = 4, size: int = 64):
+    import ray
+
+    clip = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+    return ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(n)]), clip
+
+
+def config(tmp_path, *overrides: str):
+    return load_config(None, [f"run.workdir={tmp_path}", f"run.name=t-{uuid.uuid4().hex[:8]}",
+                              "model.num_frames=4", "train.num_workers=2", "train.lr=1e-3", *overrides])
+
+
+# ---- pure parts -------------------------------------------------------------------------------
+
+
+def test_deepspeed_config_from_vidgen_config():
+    t = load_config(None, ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true",
+                           "train.gradient_accumulation=4", "train.batch_size=2", "train.precision=bf16",
+                           "train.max_grad_norm=0.5"]).train.model_dump()
+    ds = loop.deepspeed_config(t, world_size=8, on_cpu=False, user={"zero_optimization": {"reduce_bucket_size": 7}})
+    assert ds["train_batch_size"] == 2 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 7
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    assert "stage3_max_reuse_distance" not in ds["zero_optimization"]  # the CPU-only tweak
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 1.0 - 1 / 8, 1.0 - 2 / 8]),
+    ("cosine", [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in (0, 1, 2)]),
+])
+def test_lr_schedules(schedule, expected):
+    f = loop.lr_lambda(schedule, warmup=2, max_steps=10)
+    assert [f(s) for s in range(5)] == pytest.approx(expected)
+    assert f(10) == pytest.approx(1.0 if schedule == "constant" else 0.0)
+
+
+def test_config_hash_ignores_bookkeeping_only():
+    a = load_config(None, []).to_dict()
+    b = load_config(None, ["train.max_steps=999", "train.checkpoint_every=3", "train.num_workers=8"]).to_dict()
+    c = load_config(None, ["train.lr=0.5"]).to_dict()
+    assert loop.config_hash(a["model"], a["train"]) == loop.config_hash(b["model"], b["train"])
+    assert loop.config_hash(a["model"], a["train"]) != loop.config_hash(c["model"], c["train"])
+
+
+def test_bad_training_configs_fail_before_any_worker(tmp_path):
+    with pytest.raises(ConfigError, match="train.adam_8bit=true: 8-bit AdamW needs train.use_gpu=true"):
+        check(config(tmp_path, "train.adam_8bit=true"))
+    with pytest.raises(ConfigError, match="train.offload_params: needs train.zero_stage=3"):
+        config(tmp_path, "train.offload_params=true")
+    with pytest.raises(ConfigError, match="train.ema: not supported with train.zero_stage=3"):
+        config(tmp_path, "train.ema=true", "train.zero_stage=3")
+    with pytest.raises(ConfigError, match="train.recipe=lora: expected one of svd_full"):
+        config(tmp_path, "train.recipe=lora")
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"train.deepspeed_config=.*ds.json: not JSON \(line 1"):
+        user_deepspeed_config(config(tmp_path, f"train.deepspeed_config={bad}"))
+
+
+def test_trainable_patterns(tmp_path):
+    from vidgen.train.recipes import build_recipe
+
+    cfg = config(tmp_path, "train.trainable=patterns", "train.trainable_patterns=[conv_in, time_embedding]")
+    recipe = build_recipe("svd_full", cfg.model, cfg.train, 0)
+    names = {n for n, p in recipe.unet.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("conv_in", "time_embedding")) for n in names)
+    with pytest.raises(ConfigError, match="no UNet parameter name contains"):
+        build_recipe("svd_full", cfg.model, cfg.train.model_copy(update={"trainable_patterns": ["nope"]}), 0)
+
+
+# ---- on the real stack -------------------------------------------------------------------------
+
+
+def plain_steps(cfg, clip: np.ndarray, steps: int) -> tuple[list[float], dict]:
+    """The same training without Ray or DeepSpeed: both ranks' micro-batches in one process."""
+    from vidgen.train.recipes import build_recipe
+
+    recipe = build_recipe("svd_full", cfg.model, cfg.train, cfg.run.seed)
+    unet = recipe.unet
+    params = recipe.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, eps=1e-8)
+    gens = [torch.Generator().manual_seed(loop.rank_seed(cfg.run.seed, r, 0)) for r in range(2)]
+    batch = {"frames": torch.from_numpy(clip[None]), "fps": torch.tensor([7.0], dtype=torch.float64)}
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        per_rank = [recipe.loss(batch, lambda x, t, e, i: unet(x, t, e, i).sample, g)[0] for g in gens]
+        mean = torch.stack(per_rank).mean()
+        mean.backward()  # = DeepSpeed's all-reduce average of the ranks' gradients
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        losses.append(mean.item())
+    return losses, {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def one_step_runs(ray_session, tmp_path_factory):
+    """One optimizer step under ZeRO-2 and under ZeRO-3 (each export copied aside), built lazily."""
+    import shutil
+
+    runs = {}
+
+    def get(stage: int):
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"zero{stage}")
+            ds, clip = constant_clips()
+            cfg = config(tmp, f"train.zero_stage={stage}", "train.max_steps=1", "train.checkpoint_every=1")
+            result = fit(cfg, ds)
+            kept = str(tmp / "export-step1")
+            shutil.copytree(result.export_dir, kept)
+            runs[stage] = (cfg, result, clip, kept)
+        return runs[stage]
+
+    return get
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("stage", [2, 3])
+def test_one_step_under_zero_equals_a_plain_pytorch_step(one_step_runs, stage):
+    from vidgen.models import svd
+
+    cfg, result, clip, export = one_step_runs(stage)
+    losses, plain = plain_steps(cfg, clip, 1)
+    assert [r["loss"] for r in result.metrics] == pytest.approx(losses, rel=1e-4)
+    trained = svd.load_unet(export).state_dict()
+    w0 = svd.tiny(num_frames=4).unet.state_dict()
+    d_ds = torch.cat([(trained[k] - w0[k]).flatten() for k in w0])
+    d_plain = torch.cat([(plain[k] - w0[k]).flatten() for k in w0])
+    rel = ((d_ds - d_plain).norm() / d_plain.norm()).item()
+    assert d_plain.norm() > 0 and rel < 0.02, f"ZeRO-{stage} update differs from the plain step's by {rel:.2%}"
+
+
+@pytest.mark.ray
+def test_rerun_with_the_same_name_resumes(one_step_runs):
+    cfg, _, _, _ = one_step_runs(2)
+    ds, _ = constant_clips()
+    result = fit(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 2})}), ds)
+    assert [r["step"] for r in result.metrics] == [2], "did not resume from the step-1 checkpoint"
+
+
+@pytest.mark.ray
+def test_changed_config_refuses_to_resume(one_step_runs):
+    from vidgen.errors import JobError
+
+    cfg, _, _, _ = one_step_runs(2)
+    ds, _ = constant_clips()
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3, "lr": 0.5,
+                                                                           "max_failures": 0})})
+    with pytest.raises(JobError, match="written with another model/training config"):
+        fit(changed, ds)
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_without_double_counting(ray_session, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(loop.FAULT_ENV, f"1:3:{marker}")  # rank 1 dies after optimizer step 3
+    ds, _ = constant_clips()
+    cfg = config(tmp_path, "train.zero_stage=2", "train.max_steps=5", "train.checkpoint_every=2",
+                 "train.max_failures=1")
+    logged: list[int] = []
+    result = fit(cfg, ds, on_metrics=lambda rows: logged.extend(r["step"] for r in rows))
+    assert marker.exists(), "the fault was not injected"
+    assert logged == [1, 2, 3, 4, 5], "each step reaches the tracker once, in order"
+    assert [r["step"] for r in result.metrics] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.ray
+def test_validation_ema_accumulation_and_schedule(ray_session, tmp_path):
+    from vidgen.data.video import read_video
+    from vidgen.models import svd
+
+    ds, clip = constant_clips()
+    cfg = config(tmp_path, "train.zero_stage=2", "train.max_steps=4", "train.checkpoint_every=2",
+                 "train.gradient_accumulation=2", "train.lr_schedule=cosine", "train.warmup_steps=1",
+                 "train.ema=true", "train.ema_decay=0.5", "train.validation_every=2", "train.validation_steps=2",
+                 "train.activation_checkpointing=true")
+    videos: dict[int, list[str]] = {}
+    result = fit(cfg, ds, validation_images=[clip[0]], on_artifacts=lambda s, p: videos.setdefault(s, p))
+    rows = result.metrics
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    f = loop.lr_lambda("cosine", 1, 4)
+    # the lr a step used is the scheduler's value after that step (DeepSpeed steps the scheduler)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f(s) for s in range(1, 5)])
+    for r in rows:
+        assert r["grad_norm"] > 0 and r["samples_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
+    assert sorted(videos) == [2, 4]
+    frames, _ = read_video(videos[4][0])
+    assert frames.shape == (4, 64, 64, 3)
+    raw, ema = svd.load_unet(result.export_dir), svd.load_unet(result.export_dir + "_ema")
+    diff = max((a - b).abs().max().item() for a, b in zip(raw.parameters(), ema.parameters()))
+    assert diff > 0, "EMA weights equal the raw weights"
+
+
+@pytest.mark.ray
+def test_exported_unet_generates_in_the_diffusers_pipeline(one_step_runs):
+    from diffusers import StableVideoDiffusionPipeline
+    from PIL import Image
+
+    from vidgen.models import svd
+
+    _, _, clip, export = one_step_runs(2)
+    m = svd.tiny(num_frames=4, cfg=svd.TinySVDConfig(clip_image_size=224, clip_patch_size=32))
+    pipe = StableVideoDiffusionPipeline(vae=m.vae, image_encoder=m.image_encoder, unet=svd.load_unet(export),
+                                        scheduler=m.scheduler, feature_extractor=m.feature_extractor)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(Image.fromarray(clip[0]), height=64, width=64, num_frames=4, num_inference_steps=2,
+                  output_type="np").frames[0]
+    assert frames.shape == (4, 64, 64, 3) and np.isfinite(frames).all()
+
+
+def test_fault_env_is_forwarded_to_workers():
+    from vidgen.train.launch import WORKER_ENV
+
+    assert loop.FAULT_ENV in WORKER_ENV and os.environ.get(loop.FAULT_ENV) is None

@@ -1,0 +1,220 @@
+"""Per-sample work, the same in Ray Data tasks and in-process: one sample -> its clip rows.
+
+Shapes: F frames per clip, H/W pixels; rows carry frames uint8 [F, H, W, 3] (see vidgen.data.pipeline
+for the row columns). Everything here raises `BadSample` (a short reason for counting, a detail
+naming the file) for input that cannot make a clip; the pipeline turns that into a skip record.
+Only the frames a clip uses are read and decoded, JPEGs at a reduced DCT scale when they are at
+least twice the target size, and every clip is resized in one uint8 call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from vidgen import storage
+from vidgen.data.buckets import Bucket, bucket_name, nearest_bucket
+from vidgen.data.clips import clip_span, clip_starts, frame_stride, resize_cover_crop, sample_rng
+from vidgen.data.decode import decode_image, image_size
+from vidgen.data.listing import Sample
+from vidgen.data.shards import read_shard_clip
+from vidgen.data.video import probe_video, read_video
+from vidgen.errors import DataError, StorageError
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """Everything a data task needs besides the sample; pickled once into the Ray closure."""
+
+    num_frames: int
+    height: int  # the output size when `buckets` is None
+    width: int
+    fps: float | None  # target fps; None keeps every source frame
+    source_fps: float  # frame-folder layouts that do not know their rate; videos and OPV2V carry their own
+    train: bool  # random starts and crops (seeded) vs fixed, evenly spread starts and centre crops
+    seed: int
+    epoch: int
+    clips_per_video: int
+    default_prompt: str
+    buckets: tuple[Bucket, ...] | None = None  # (height, width) sizes; each clip goes to the nearest
+
+    def target(self, src_h: int, src_w: int) -> Bucket:
+        """The (height, width) a clip of source size src_h x src_w is resized and cropped to."""
+        return nearest_bucket(src_h, src_w, self.buckets) if self.buckets else (self.height, self.width)
+
+
+class BadSample(Exception):
+    """A sample to skip: `reason` is a short category for counting, `detail` says what exactly."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def sample_clips(sample: Sample, spec: ClipSpec) -> list[dict]:
+    """Rows for one sample; raises BadSample when it is unusable."""
+    rng = sample_rng(spec.seed, spec.epoch, 0, sample.uri) if spec.train else None
+    if sample.meta.get("layout") == "shards":
+        return _shard_clips(sample, spec, rng)
+    prompt = resolve_prompt(sample, spec.default_prompt)
+    if sample.frame_uris is not None:
+        return _frame_folder_clips(sample, prompt, spec, rng)
+    return _video_clips(sample, prompt, spec, rng)
+
+
+def resolve_prompt(sample: Sample, default_prompt: str = "") -> str:
+    """The sample's prompt (reading its prompt file if it has one); BadSample when a required prompt is
+    missing, empty or not UTF-8."""
+    required = bool(sample.meta.get("prompt_required"))
+    if sample.prompt_uri is not None:
+        data = _read(sample.prompt_uri)
+        try:
+            text = data.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise BadSample("prompt not UTF-8", f"{sample.prompt_uri}: {e.reason} at byte {e.start}") from e
+        if text:
+            return text
+        if required:
+            raise BadSample("empty prompt", f"{sample.prompt_uri} is empty")
+    elif required and not sample.prompt:
+        hint = sample.meta.get("missing_prompt", "no prompt.txt beside the frames")
+        raise BadSample("missing prompt", f"{sample.uri}: {hint}")
+    return sample.prompt or default_prompt
+
+
+def _too_few(uri: str, available: int, spec: ClipSpec, stride: int, what: str = "frames") -> BadSample:
+    return BadSample("too few frames", f"{uri}: {available} {what}, a clip needs "
+                     f"{clip_span(spec.num_frames, stride)} (num_frames={spec.num_frames}, stride={stride})")
+
+
+def _frame_folder_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> list[dict]:
+    frame_uris = sample.frame_uris or []
+    source_fps = float(sample.meta.get("fps") or spec.source_fps)  # OPV2V knows its 10 Hz
+    stride = frame_stride(source_fps, spec.fps)
+    starts = clip_starts(len(frame_uris), spec.num_frames, stride, spec.clips_per_video, rng)
+    if not starts:
+        raise _too_few(sample.uri, len(frame_uris), spec, stride)
+    # Read only the frames the clips use: scene folders can hold hundreds of frames.
+    wanted = sorted({s + i * stride for s in starts for i in range(spec.num_frames)})
+    blobs = {i: _read(frame_uris[i]) for i in wanted}
+    target = spec.target(*_header_size(blobs[wanted[0]], frame_uris[wanted[0]]))
+    # JPEG draft decoding (when frames are >= 2x the target) needs one format per folder, or
+    # drafted and full-size frames of the same source size would no longer stack.
+    single_format = len({frame_uris[i].rpartition(".")[2].lower() for i in wanted}) == 1
+    draft = (target[1], target[0]) if single_format else None
+    frames = _decode_all(blobs, [frame_uris[i] for i in wanted], draft)
+    rows = []
+    for start in starts:
+        clip = np.stack([frames[start + i * stride] for i in range(spec.num_frames)])
+        rows.append(_row(sample.uri, start, prompt, source_fps / stride, stride,
+                         resize_cover_crop(clip, *target, rng)))
+    return rows
+
+
+def _header_size(data: bytes, uri: str) -> tuple[int, int]:
+    try:
+        w, h = image_size(data, uri)
+    except DataError as e:
+        raise BadSample("corrupt image", str(e)) from e
+    return h, w
+
+
+def _decode_all(blobs: dict[int, bytes], names: list[str], draft) -> dict[int, np.ndarray]:
+    """Decode every blob (a dict keyed by frame index, names in the same order); BadSample on a corrupt
+    frame or frames of different sizes."""
+    try:
+        frames = {i: decode_image(data, name, draft) for (i, data), name in zip(blobs.items(), names)}
+    except DataError as e:
+        raise BadSample("corrupt image", str(e)) from e
+    first = next(iter(frames.values())).shape
+    for frame, name in zip(frames.values(), names):
+        if frame.shape != first:
+            raise BadSample("mixed frame sizes", f"{name} is {frame.shape[1]}x{frame.shape[0]}, "
+                            f"{names[0]} is {first[1]}x{first[0]}")
+    return frames
+
+
+def _video_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> list[dict]:
+    # Remote videos are fetched once and probed/decoded from memory; local ones are opened in place.
+    source: str | bytes = _read(sample.uri) if storage.is_remote(sample.uri) else sample.uri
+    try:
+        num_available, source_fps, src_h, src_w = probe_video(source)
+        stride = frame_stride(source_fps, spec.fps)
+        starts = clip_starts(num_available, spec.num_frames, stride, spec.clips_per_video, rng)
+        if not starts:
+            raise _too_few(sample.uri, num_available, spec, stride)
+        target = spec.target(src_h, src_w)
+        rows = []
+        for start in starts:
+            clip, clip_fps = read_video(source, start, spec.num_frames, stride)
+            if len(clip) < spec.num_frames:  # the header promised more frames than the stream has
+                raise BadSample("too few frames", f"{sample.uri}: only {len(clip)} frames decodable "
+                                f"from frame {start} at stride {stride}, clip needs {spec.num_frames}")
+            frames = resize_cover_crop(clip, *target, rng)
+            rows.append(_row(sample.uri, start, prompt, clip_fps, stride, frames))
+        return rows
+    except DataError as e:
+        text = str(e) if str(e).startswith(sample.uri) else f"{sample.uri}: {e}"
+        raise BadSample("unreadable video", text) from e
+
+
+def _shard_clips(sample: Sample, spec: ClipSpec, rng) -> list[dict]:
+    """Clips from one packed clip: re-windowed and resized only when the request differs from the pack."""
+    try:
+        record = read_shard_clip(sample.meta["shard"], int(sample.meta["row"]))
+    except StorageError as e:
+        raise BadSample("unreadable object", str(e)) from e
+    except Exception as e:  # ArrowInvalid and friends: a damaged shard
+        raise BadSample("corrupt shard", f"{sample.uri}: {e}"[:500]) from e
+    available = int(record["num_frames"])
+    stride = frame_stride(float(record["fps"]), spec.fps)
+    starts = clip_starts(available, spec.num_frames, stride, spec.clips_per_video, rng)
+    if not starts:
+        raise _too_few(sample.uri, available, spec, stride, what="frames in the packed clip")
+    target = spec.target(int(record["height"]), int(record["width"]))
+    wanted = sorted({s + i * stride for s in starts for i in range(spec.num_frames)})
+    if record["format"] == "mp4":
+        try:
+            video, _ = read_video(record["video"])
+        except DataError as e:
+            raise BadSample("corrupt shard", f"{sample.uri}: {e}") from e
+        frames = {i: video[i] for i in wanted if i < len(video)}
+        if len(frames) < len(wanted):
+            raise BadSample("too few frames", f"{sample.uri}: {len(video)} decodable frames, header said "
+                            f"{available}")
+    else:
+        names = [f"{sample.uri} frame {i}" for i in wanted]
+        frames = _decode_all({i: record["frames"][i] for i in wanted}, names, (target[1], target[0]))
+    rows = []
+    for start in starts:
+        clip = np.stack([frames[start + i * stride] for i in range(spec.num_frames)])
+        # Provenance survives packing: the clip's position in its original source, not in the shard.
+        packed_stride = int(record["stride"] or 1)
+        row = _row(record["source_uri"], int(record["start_frame"]) + start * packed_stride,
+                   record["prompt"] or spec.default_prompt, float(record["fps"]) / stride,
+                   packed_stride * stride, resize_cover_crop(clip, *target, rng))
+        if start == 0:
+            row["clip_id"] = record["clip_id"]
+        rows.append(row)
+    return rows
+
+
+def _row(source_uri: str, start: int, prompt: str, fps: float, stride: int, frames_fhwc: np.ndarray) -> dict:
+    return {
+        "frames": frames_fhwc,
+        "prompt": prompt,
+        "fps": float(fps),
+        "clip_id": f"{source_uri}#{start}",
+        "source_uri": source_uri,
+        "start_frame": int(start),
+        "stride": int(stride),
+        "bucket": bucket_name(frames_fhwc.shape[1:3]),
+    }
+
+
+def _read(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except StorageError as e:
+        raise BadSample("unreadable object", str(e)) from e
