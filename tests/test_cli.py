@@ -101,3 +101,12 @@ def test_missing_weights_error_says_no_download(tmp_path, capsys):
     with pytest.raises(Exception) as e:
         svd.build("pretrained", path="stabilityai/stable-video-diffusion-img2vid-xt")
     assert "never downloads weights" in str(e.value) and "model.path" in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_config_validates_and_opens_with_its_command(path):
+    lines = path.read_text().splitlines()
+    head = [ln for ln in lines[:8] if ln.startswith("#")]
+    assert head and any("vidgen " in ln or "ray job submit" in ln for ln in head), \
+        f"{path.name} must open with a comment giving the exact command that runs it"
+    load_config(path)

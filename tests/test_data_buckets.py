@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vidgen.data import bucket_batches, nearest_bucket, parse_buckets, read_clips_local, write_video
+from vidgen.data import (
+    bucket_batches,
+    nearest_bucket,
+    parse_buckets,
+    read_clips,
+    read_clips_local,
+    write_video,
+)
 from vidgen.errors import ConfigError
 
 HOTSHOT = [(768, 320), (672, 384), (608, 416), (512, 512), (416, 608), (384, 672), (320, 768)]  # (h, w)
@@ -107,3 +114,20 @@ def test_bucket_batches_are_homogeneous_and_memory_bounded():
     assert all(len(set(b["bucket"])) == 1 for b in rest)
     with pytest.raises(ValueError):
         next(bucket_batches(iter(stream), batch_size=0))
+
+
+@pytest.mark.ray
+def test_mixed_buckets_stream_through_ray_data_into_homogeneous_batches(ray_session, tmp_path: Path):
+    sizes = [(90, 160), (160, 90), (96, 96)] * 3  # (h, w): wide, tall, square
+    for n, (h, w) in enumerate(sizes):
+        folder = tmp_path / "mixed" / f"v{n}"
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (w, h), (30 * i, 0, 0)).save(folder / f"{i}.png")
+    stream = read_clips(str(tmp_path / "mixed"), "frames", num_frames=4, buckets="64x32,32x32,32x64",
+                        train=False, report_dir=str(tmp_path / "r"))
+    batches = list(bucket_batches(stream.dataset.iter_rows(), batch_size=3))
+    assert sorted(b["bucket"][0] for b in batches) == ["32x32", "32x64", "64x32"]
+    for b in batches:
+        h, w = map(int, b["bucket"][0].split("x"))
+        assert b["frames"].shape == (3, 4, h, w, 3) and set(b["bucket"]) == {b["bucket"][0]}

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vidgen.data import detect_layout, list_samples, prepare_opv2v, read_clips, read_clips_local
+from vidgen import storage
+from vidgen.data import detect_layout, list_samples, prepare_opv2v, read_clips, read_clips_local, write_video
 from vidgen.data.opv2v import contiguous_runs, cut_clips
 from vidgen.errors import ConfigError, DataError
 
@@ -176,6 +177,15 @@ def test_sthv2_rawframes_with_annotations(tmp_path: Path):
                                        "detail": f"{root / 'rawframes' / '3'}: id '3' has no label in "
                                                  "annotations/*.json"}]
 
+    # Without rawframes/, the videos/ folder is read (Something-Something's webm as distributed).
+    vids = tmp_path / "sthv2_videos"
+    write_video(str(vids / "videos" / "5.mp4"), np.zeros((8, 16, 16, 3), np.uint8), fps=12)
+    (vids / "annotations").mkdir()
+    (vids / "annotations" / "train.json").write_text(json.dumps([{"id": "5", "label": "spinning"}]))
+    assert detect_layout(str(vids)) == "sthv2"
+    assert [(s.uri.endswith("5.mp4"), s.frame_uris, s.prompt) for s in list_samples(str(vids))] == [
+        (True, None, "spinning")]
+
     (root / "annotations" / "broken.json").write_text("[{")
     with pytest.raises(DataError, match=r"annotations/broken.json: not a UTF-8 JSON file"):
         list_samples(str(root), "sthv2")
@@ -211,3 +221,22 @@ def test_bridge_and_epic_kitchens_trees(tmp_path: Path):
     # Frame i (1-based) is red 10 * (i - 1), saved as JPEG: the "take cup" clip starts at frame 20.
     assert [r["prompt"] for r in rows] == ["open door", "take cup"]
     np.testing.assert_allclose(rows[1]["frames"][:, 8, 8, 0], [190, 200, 210], atol=3)  # JPEG
+
+
+def test_opv2v_and_sthv2_trees_on_object_storage(request, tmp_path: Path):
+    s3 = request.getfixturevalue("s3_server")
+    bucket = s3.bucket()
+    local_opv2v = _opv2v_tree(tmp_path / "opv2v", TIMESTAMPS[:6], cavs=("641",))
+    sthv2 = tmp_path / "sthv2"
+    _frames(sthv2 / "rawframes" / "7", [f"img_{i:05d}.jpg" for i in range(1, 7)])
+    (sthv2 / "annotations").mkdir()
+    (sthv2 / "annotations" / "validation.json").write_text(json.dumps([{"id": "7", "label": "waving"}]))
+    for local, name in ((local_opv2v, "opv2v"), (sthv2, "sthv2")):
+        storage.upload_dir(str(local), storage.join(bucket, name))
+        args = {"num_frames": 3, "height": 16, "width": 16, "train": False, "report_dir": str(tmp_path / "r")}
+        remote = list(read_clips_local(storage.join(bucket, name), **args))
+        here = list(read_clips_local(str(local), **args))
+        assert detect_layout(storage.join(bucket, name)) == name and len(remote) == len(here) == 1
+        assert remote[0]["clip_id"] == f"{bucket}/{name}/" + here[0]["clip_id"][len(str(local)) + 1:]
+        assert remote[0]["prompt"] == here[0]["prompt"]
+        np.testing.assert_array_equal(remote[0]["frames"], here[0]["frames"])

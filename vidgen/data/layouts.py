@@ -97,7 +97,8 @@ def list_samples(root: str, layout: str = "auto", *, camera: int = 0,
         log.info("%s: detected layout %r", root, layout)
     samples = LAYOUTS[layout](listing, options)
     if not samples:
-        raise DataError(f"{root}: layout {layout!r} found no samples; expected {_EXPECTS.get(layout, layout)} "
+        expected = _EXPECTS.get(layout, layout)
+        raise DataError(f"{root}: layout {layout!r} found no samples; expected {expected} "
                         f"(found {len(listing.frame_dirs)} frame folders, {len(listing.videos)} videos)")
     return sorted(samples, key=lambda s: natural_key(s.meta.get("name", s.uri)))
 

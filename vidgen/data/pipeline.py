@@ -7,7 +7,9 @@ Shapes: F frames per clip, H/W pixels. Each row is
 With `buckets`, H and W vary between rows: batch them with `vidgen.data.buckets.bucket_batches`.
 
 The driver only lists samples; `ray.data.from_items` of small JSON descriptors + `flat_map` does the
-reading, decoding, clip sampling and resizing in CPU tasks, streaming clip by clip. A bad sample
+reading, decoding, clip sampling and resizing in CPU tasks of a few samples each (vidgen.data.worker),
+streaming: a task's clips reach the consumer when it finishes, and memory holds a few blocks of a
+few clips whatever the dataset's size. A bad sample
 (corrupt frame, too short, missing prompt, ...) never fails the job: it yields no rows and leaves one
 small JSON record under `report_dir`, which `ClipStream.report()` sums up and `check_bad_fraction`
 turns into a DataError when too much was skipped. `iter_local()` runs the same code without Ray.

@@ -43,8 +43,8 @@ def schema():
 
     return pa.schema([
         ("clip_id", pa.string()), ("source_uri", pa.string()), ("prompt", pa.string()),
-        ("bucket", pa.string()), ("format", pa.string()), ("start_frame", pa.int64()), ("stride", pa.int64()), ("height", pa.int64()),
-        ("width", pa.int64()), ("num_frames", pa.int64()), ("fps", pa.float64()),
+        ("bucket", pa.string()), ("format", pa.string()), ("start_frame", pa.int64()), ("stride", pa.int64()),
+        ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()), ("fps", pa.float64()),
         ("frames", pa.list_(pa.binary())), ("video", pa.binary()),
     ])
 

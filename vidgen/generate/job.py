@@ -49,8 +49,10 @@ def load_prompts(uri: str) -> list[dict]:
 
 def output_name(row: dict, gen: GenerateConfig, model: ModelConfig) -> str:
     """`<id>-<hash>.mp4`: the hash covers every input that changes the pixels."""
+    ignored = {"prompts", "output", "num_actors", "use_gpu"}
+    ignored |= {"num_inference_steps"} if gen.sampler == "fifo" else {"fifo"}  # settings the sampler ignores
     key = json.dumps({"image": row["image"], "prompt": row["prompt"], "seed": row["seed"],
-                      "gen": gen.model_dump(exclude={"prompts", "output", "num_actors", "use_gpu"}),
+                      "gen": gen.model_dump(exclude=ignored),
                       "model": model.model_dump(exclude={"cache_dir"})}, sort_keys=True)
     return f"{row['id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.mp4"
 
@@ -81,14 +83,14 @@ class VideoGenerator:
             row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
             path = storage.join(self.out_dir, output_name(row, self.gen, self.model_cfg))
             t0, status, error = time.perf_counter(), "generated", ""
-            if storage.exists(path):
-                status = "skipped"
-            else:
-                try:
+            try:
+                if storage.exists(path):
+                    status = "skipped"
+                else:
                     self.generate(row, path)
-                except Exception as e:  # recorded per row: one bad image must not stop the batch
-                    status, error = "failed", f"{type(e).__name__}: {e}"
-                    log.warning("%s: generation failed: %s", row["image"], error)
+            except Exception as e:  # recorded per row: one bad image must not stop the batch
+                status, error = "failed", f"{type(e).__name__}: {e}"
+                log.warning("%s: generation failed: %s", row["image"], error)
             for k, v in (("id", row["id"]), ("path", path), ("status", status), ("error", error),
                          ("seconds", time.perf_counter() - t0), ("num_frames", self.gen.num_frames),
                          ("seed", int(row["seed"]))):
@@ -107,7 +109,7 @@ class VideoGenerator:
         g = self.gen
         image = decode_image(storage.read_bytes(row["image"]), row["image"])
         image = resize_cover_crop(image[None], g.height, g.width, None)[0]
-        image_bchw = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        image_bchw = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
         gen = torch.Generator().manual_seed(int(row["seed"]))
         cond = self.denoiser.condition(image_bchw, g.fps, g.motion_bucket_id, g.noise_aug_strength, gen)
         window = self.model_cfg.num_frames
@@ -136,7 +138,14 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
     storage.makedirs(out_dir)
     g = cfg.generate
     items = [{"image": r["image"], "prompt": r["prompt"], "seed": int(r["seed"]), "id": str(r["id"])} for r in rows]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Finished videos are skipped here, on the driver, so a rerun starts no actor just to skip.
+    done = [r for r in items if storage.exists(storage.join(out_dir, output_name(r, g, cfg.model)))]
+    todo = [r for r in items if r not in done]
+    skipped = [{"id": r["id"], "path": storage.join(out_dir, output_name(r, g, cfg.model)), "status": "skipped",
+                "seconds": 0.0, "num_frames": g.num_frames, "seed": r["seed"], "error": ""} for r in done]
+    if not todo:
+        return sorted(skipped, key=lambda r: r["id"])
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     results = ds.map_batches(
         VideoGenerator,
         fn_constructor_kwargs=dict(model_cfg=cfg.model.model_dump(), gen_cfg=g.model_dump(), out_dir=out_dir,
@@ -145,7 +154,7 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
         batch_size=1,
         num_gpus=1 if g.use_gpu else 0,
         num_cpus=1,
-    ).take_all()
+    ).take_all() + skipped
     failed = [r for r in results if r["status"] == "failed"]
     for r in failed:
         log.error("video %s failed: %s", r["id"], r["error"])
