@@ -110,3 +110,22 @@ def test_every_job_config_validates_and_opens_with_its_command(path):
     assert head and any("vidgen " in ln or "ray job submit" in ln for ln in head), \
         f"{path.name} must open with a comment giving the exact command that runs it"
     load_config(path)
+
+
+def test_data_inspect_and_prepare_pack_commands(tmp_path, capsys):
+    import json
+
+    src, out = tmp_path / "clips", tmp_path / "shards"
+    assert main(["prepare", "synth", str(src), "--videos", "3", "--frames", "6", "--height", "16",
+                 "--width", "16"]) == 0
+    (src / "sample_001" / "prompt.txt").write_text("")  # one bad sample: empty prompt
+    capsys.readouterr()
+    assert main(["data", "inspect", str(src), "--layout", "hotshot", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 3 and report["usable"] == 2
+    assert [b["uri"].rsplit("/", 1)[-1] for b in report["bad"]] == ["sample_001"]
+    assert main(["prepare", "pack", str(src), "--layout", "hotshot", "--out", str(out), "--num-frames", "4",
+                 "--height", "16", "--width", "16", "--clips-per-shard", "1", "--max-bad-fraction", "0.5"]) == 0
+    assert capsys.readouterr().out.startswith("2 clips in ")  # shards are planned per sample, before reading
+    assert main(["data", "inspect", str(out), "--layout", "shards", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["usable"] == 2

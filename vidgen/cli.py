@@ -6,6 +6,9 @@
     vidgen eval     --config C [key=value ...]   FVD / KVD of generated against real clips
     vidgen config show C [key=value ...]         print the resolved config
     vidgen prepare synth OUT                     write a synthetic clip dataset
+    vidgen prepare pack SOURCE --out URI         pack clips into parquet shards (resumable)
+    vidgen prepare opv2v ROOT --out URI          OPV2V front-camera clips in the hotshot layout
+    vidgen data inspect SOURCE [--layout L]      counts, histograms, bad samples
 
 Bad input ends with one line on stderr naming the key, file or URI and what was expected, and exit
 status 2; `--debug` shows the stack trace instead.
@@ -93,6 +96,59 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     synth.add_argument("--format", choices=("png", "jpg"), default="png", help="frame format (default: png)")
     _add_common(synth)
+
+    layouts = ("auto", "hotshot", "frames", "videos", "opv2v", "sthv2", "shards")
+    pack = psub.add_parser("pack", help="pack clips into parquet shards (the fast path for object storage)",
+                           description="Read SOURCE like training does and write its clips as parquet shards "
+                                       "under --out, atomically; a rerun skips the shards already written.")
+    pack.add_argument("source", metavar="SOURCE", help="dataset root (path or URI)")
+    pack.add_argument("--layout", choices=layouts, default="auto", help="layout of SOURCE (default: auto)")
+    pack.add_argument("--out", required=True, help="output root for the shards (path or URI)")
+    pack.add_argument("--num-frames", type=int, default=16, help="frames per clip (default: 16)")
+    pack.add_argument("--height", type=int, default=None, help="clip height in pixels (required unless --buckets)")
+    pack.add_argument("--width", type=int, default=None, help="clip width in pixels (required unless --buckets)")
+    pack.add_argument("--max-bad-fraction", type=float, default=0.05,
+                      help="fail when more than this fraction of samples is skipped (default: 0.05)")
+    pack.add_argument("--buckets", default=None, help="aspect buckets instead of a size: hotshot-512, svd or WxH,...")
+    pack.add_argument("--fps", type=float, default=None, help="target fps (default: every source frame)")
+    pack.add_argument("--source-fps", type=float, default=8.0, help="fps of frame folders (default: 8)")
+    pack.add_argument("--clips-per-video", type=int, default=1, help="clips per video (default: 1)")
+    pack.add_argument("--camera", type=int, default=0, help="OPV2V camera (default: 0, front)")
+    pack.add_argument("--clips-per-shard", type=int, default=64, help="clips per parquet shard (default: 64)")
+    pack.add_argument("--frame-format", choices=("jpeg", "png", "mp4"), default="jpeg",
+                      help="how frames are stored: jpeg (small), png (lossless), mp4 (smallest)")
+    pack.add_argument("--quality", type=int, default=95, help="JPEG quality (default: 95)")
+    pack.add_argument("--parallel", action="store_true", help="one Ray task per shard (starts a local Ray)")
+    _add_common(pack)
+
+    opv = psub.add_parser("opv2v", help="front-camera clips of 2-5 s from an OPV2V tree, in the hotshot layout",
+                          description="Cut each CAV's camera sequence of the OpenCOOD tree at ROOT into clips "
+                                      "and write them as <clip>/<n>.jpg + prompt.txt under --out, resumably.")
+    opv.add_argument("root", metavar="ROOT", help="OPV2V root holding train/ validate/ test/ (path or URI)")
+    opv.add_argument("--out", required=True, help="output root (path or URI)")
+    opv.add_argument("--camera", type=int, default=0, help="camera 0-3 (default: 0, front)")
+    opv.add_argument("--min-seconds", type=float, default=2.0, help="shortest clip in seconds (default: 2)")
+    opv.add_argument("--max-seconds", type=float, default=5.0, help="longest clip in seconds (default: 5)")
+    opv.add_argument("--fps", type=float, default=None, help="output fps, strided from 10 Hz (default: 10)")
+    opv.add_argument("--prompt-template", default=None,
+                     help="prompt with {scenario}, {split}, {cav} (default: a front camera driving video, ...)")
+    _add_common(opv)
+
+    p = sub.add_parser("data", help="look at datasets", description="Look at datasets without training.")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    ins = dsub.add_parser("inspect", help="counts, histograms and bad samples of a dataset, in seconds",
+                          description="List SOURCE, read headers only, and print sample counts, frame-count / "
+                                      "size / fps histograms and every sample the ingest would skip, with why.")
+    ins.add_argument("source", metavar="SOURCE", help="dataset root (path or URI)")
+    ins.add_argument("--layout", choices=layouts, default="auto", help="layout of SOURCE (default: auto)")
+    ins.add_argument("--num-frames", type=int, default=None, help="list samples too short for one clip as bad")
+    ins.add_argument("--fps", type=float, default=None, help="target fps used with --num-frames")
+    ins.add_argument("--source-fps", type=float, default=8.0, help="fps of frame folders (default: 8)")
+    ins.add_argument("--camera", type=int, default=0, help="OPV2V camera (default: 0)")
+    ins.add_argument("--first-header-only", action="store_true",
+                     help="read one frame header per folder (faster on object storage; blind to mixed sizes)")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_common(ins)
     return parser
 
 
@@ -127,6 +183,36 @@ def _run_job(args, name: str) -> dict:
     return out
 
 
+def _prepare(args) -> None:
+    if args.prepare_command == "synth":
+        from vidgen.data.synth import make_moving_shapes
+
+        uris = make_moving_shapes(args.out, args.videos, args.frames, args.height, args.width,
+                                  seed=args.seed, fmt=args.format)
+        print(f"wrote {len(uris)} clips under {args.out}")
+    elif args.prepare_command == "pack":
+        from vidgen.data.pack import pack
+
+        if args.parallel:
+            from vidgen.config import load_config
+            from vidgen.runner import init_ray
+
+            init_ray(load_config(None, []))
+        manifest = pack(args.source, args.layout, args.out, clips_per_shard=args.clips_per_shard,
+                        frame_format=args.frame_format, quality=args.quality, parallel=args.parallel,
+                        num_frames=args.num_frames, height=args.height, width=args.width, buckets=args.buckets,
+                        fps=args.fps, source_fps=args.source_fps, clips_per_video=args.clips_per_video,
+                        camera=args.camera, max_bad_fraction=args.max_bad_fraction)
+        print(f"{manifest.get('clips')} clips in {len(manifest.get('shards', []))} shards under {args.out}")
+    elif args.prepare_command == "opv2v":
+        from vidgen.data.opv2v import prepare_opv2v
+
+        kw = {"prompt_template": args.prompt_template} if args.prompt_template else {}
+        result = prepare_opv2v(args.root, args.out, camera=args.camera, min_seconds=args.min_seconds,
+                               max_seconds=args.max_seconds, fps=args.fps, **kw)
+        print(json.dumps(result, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,11 +224,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(load_config(args.config, args.overrides).to_yaml(), end="")
         elif args.command == "prepare":
-            from vidgen.data.synth import make_moving_shapes
+            _prepare(args)
+        elif args.command == "data":
+            from vidgen.data.inspect import format_report, inspect_source
 
-            uris = make_moving_shapes(args.out, args.videos, args.frames, args.height, args.width,
-                                      seed=args.seed, fmt=args.format)
-            print(f"wrote {len(uris)} clips under {args.out}")
+            report = inspect_source(args.source, args.layout, num_frames=args.num_frames, fps=args.fps,
+                                    source_fps=args.source_fps, camera=args.camera,
+                                    all_headers=not args.first_header_only)
+            print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
         elif args.command == "demo":
             from vidgen.demo import DemoSizes, run_demo
 

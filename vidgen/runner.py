@@ -72,8 +72,10 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     d = cfg.data
     if not d.source:
         raise JobError("data.source: required for training (a dataset root path or URI)")
-    stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, height=d.height, width=d.width,
+    sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
+    stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized,
                         fps=d.fps, source_fps=d.source_fps, train=True, seed=cfg.run.seed,
+                        camera=d.camera, prompt_template=d.prompt_template,
                         clips_per_video=d.clips_per_video, default_prompt=d.default_prompt,
                         max_bad_fraction=d.max_bad_fraction,
                         report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))

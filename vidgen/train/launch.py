@@ -84,8 +84,9 @@ def check(cfg: VidgenConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("train.adam_8bit=true: the bitsandbytes package is not installed") from None
-    if t.validation_every and t.validation_steps < 1:
-        raise ConfigError("train.validation_steps: must be >= 1")
+    if cfg.data.buckets and t.batch_size > 1:
+        raise ConfigError(f"data.buckets={cfg.data.buckets}: clips of different buckets cannot share a batch; "
+                          "use train.batch_size=1 with train.gradient_accumulation for larger batches")
 
 
 def user_deepspeed_config(cfg: VidgenConfig) -> dict:
