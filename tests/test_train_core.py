@@ -233,3 +233,15 @@ def test_fault_env_is_forwarded_to_workers():
     from vidgen.train.launch import WORKER_ENV
 
     assert loop.FAULT_ENV in WORKER_ENV and os.environ.get(loop.FAULT_ENV) is None
+
+
+def test_missing_data_fails_before_any_worker(tmp_path):
+    from vidgen.errors import DataError, JobError
+    from vidgen.runner import train_job
+    from vidgen.tracking import Tracker
+
+    tracker = Tracker("sqlite:///unused.db", "x", "x", enabled=False)
+    with pytest.raises(JobError, match="data.source: required"):
+        train_job(config(tmp_path), tracker)
+    with pytest.raises(DataError, match="nowhere"):
+        train_job(config(tmp_path, f"data.source={tmp_path / 'nowhere'}"), tracker)
