@@ -44,9 +44,13 @@ def init_ray(cfg: VidgenConfig) -> None:
         return
     env = {k: os.environ[k] for k in ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
                                       "DS_ACCELERATOR", "VIDGEN_S3_ENDPOINT_URL") if k in os.environ}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:  # cluster nodes bring their own credentials (instance roles, secrets): none are shipped
-        ray.init(address=address, runtime_env={"env_vars": env})
+    if os.environ.get("RAY_ADDRESS") and not cfg.ray.address:
+        # Inside `ray job submit`: the job's runtime env already reaches every worker, and Ray refuses a
+        # second one that sets the same keys.
+        ray.init()
+        return
+    if cfg.ray.address:  # cluster nodes bring their own credentials (instance roles, secrets): none are shipped
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
         return
     env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})  # local workers read S3 as we do
     # A local cluster: more logical CPUs than cores so data tasks can run beside the train workers.

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vidgen import storage
 from vidgen.data.clips import clip_span, frame_stride
-from vidgen.data.layouts import detect_layout, list_samples
+from vidgen.data.layouts import list_samples
 from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample
 from vidgen.data.video import probe_video
 from vidgen.data.worker import BadSample, resolve_prompt
@@ -50,8 +50,8 @@ def inspect_source(
     label ("16-31", "1280x720", "10") to a number of samples.
     """
     start = time.monotonic()
-    resolved = detect_layout(source) if layout == "auto" else layout
-    samples = list_samples(source, resolved, camera=camera, prompt_template=prompt_template)
+    samples = list_samples(source, layout, camera=camera, prompt_template=prompt_template)
+    resolved = samples[0].meta.get("layout", layout)  # list_samples never returns an empty list
     if resolved == "shards":
         infos = _shard_infos(samples)
     else:
