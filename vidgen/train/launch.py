@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import ray.train
 
 from vidgen.config import VidgenConfig
 from vidgen.errors import ConfigError, JobError
@@ -53,6 +54,7 @@ class MetricsSink:
     def start_attempt(self, step: int) -> None:
         self.pending = [r for r in self.pending if r["step"] <= step]
         self.artifacts = [a for a in self.artifacts if a[0] <= step]
+        self.committed = min(self.committed, step)
 
     def commit(self, step: int) -> None:
         self.committed = max(self.committed, step)
@@ -63,6 +65,18 @@ class MetricsSink:
         arts = [a for a in self.artifacts if a[0] <= self.committed]
         self.artifacts = [a for a in self.artifacts if a[0] > self.committed]
         return rows, arts
+
+
+class CommitOnCheckpoint(ray.train.UserCallback):
+    """Runs in Ray Train's controller: a reported checkpoint is registered (a restart will resume from it)
+    before this is called, so only then are the metrics up to its step final."""
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if checkpoint is not None and metrics and "step" in metrics[0]:
+            self.sink.commit.remote(int(metrics[0]["step"]))
 
 
 @dataclass
@@ -145,6 +159,7 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=[CommitOnCheckpoint(sink)],
         ),
     )
     rows: list[dict] = []

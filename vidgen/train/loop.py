@@ -4,8 +4,8 @@ setup: recipe, DeepSpeed engine (ZeRO and precision from the config), resume fro
 train: micro-batches from this rank's shard of the Ray Dataset -> loss -> backward -> step.
 save:  every rank writes its DeepSpeed shard, then all report it together as one Ray checkpoint.
 
-Metrics go to the driver's `MetricsSink`; they become final only when a checkpoint covering their step is
-committed, so a resumed run never logs a step twice (steps after the last checkpoint are redone).
+Metrics go to the driver's `MetricsSink`; they become final only once Ray has registered a checkpoint
+covering their step, so a resumed run never logs a step twice (steps after the last checkpoint are redone).
 """
 
 from __future__ import annotations
@@ -253,8 +253,7 @@ def _save(engine, step: int, batches_seen: int, my_hash: str, ema, rank: int, wo
         if ema is not None:
             torch.save(ema, Path(tmp, "ema.pt"))
         train_mod.report({"step": step}, checkpoint=Checkpoint.from_directory(tmp))
-    if rank == 0 and sink is not None:
-        sink.commit.remote(step)
+    # The driver's CommitOnCheckpoint callback marks the step committed once Ray has registered it.
 
 
 def _validate(recipe, engine, t, config: dict, rank: int, step: int, sink) -> None:
