@@ -1,7 +1,7 @@
 """Ingest benchmark: vidgen's clip reading against what a user would otherwise run, side by side.
 
     python benchmarks/ingest.py            # full: 96 folders x 14 frames (1x), 960 (10x), 2 repeats
-    python benchmarks/ingest.py --quick    # 12 folders (1x), 120 (10x), 1 repeat: about a minute
+    python benchmarks/ingest.py --quick    # 12 folders (1x), 120 (10x), 1 repeat: a few minutes
 
 Corpus: synthetic frame folders of 1280x720 JPEG frames (quality 90; smooth scenery, moving shapes
 and sensor noise, ~100-150 KB a frame, like real 720p video frames), read as 14-frame clips at
@@ -15,13 +15,14 @@ Loaders, each in its own process pinned (sched_setaffinity) to 1 or 2 cores:
   decode_floor   decoding the same frames at full size and nothing else (PIL `Image.load`), one
                  process per core: what any loader that fully decodes must pay.
   vidgen_ray     vidgen.data.read_clips(...).dataset iterated on the driver: Ray Data tasks
-                 (num_cpus=1 each) in a local Ray with num_cpus = cores.
+                 (num_cpus=--task-cpus each, default 1) in a local Ray with num_cpus = cores.
   vidgen_local   the same per-sample code without Ray (one process per core): vidgen's decode path
                  (JPEG draft decode at 1/2 scale, uint8 antialiased resize of the whole clip).
 Steady state only: clocks start when the first unit of output arrives (a clip; for Ray Data a block,
 i.e. one task's clips), which is not counted; worker processes are up with their imports before.
-Peak memory is sampled every 0.1 s over the loader's whole process tree (driver, Ray's raylet and
-GCS, workers): RSS summed (shared pages counted once per process) and PSS (shared pages split).
+Peak memory is sampled every 0.25 s (PSS every 1 s) over the loader's whole process tree (driver,
+Ray's raylet and GCS, workers): RSS summed (shared pages counted once per process) and PSS (shared
+pages split). CPU seconds are summed over the same tree, less the sampler's own.
 
 Output: one JSON line per figure (frames_per_s_per_core and frames_per_cpu_s per loader and core
 count, the ratios the ingest issue sets goals for on both bases, 2-core scaling, peak memory at 1x
@@ -106,15 +107,19 @@ def _folders(root: Path) -> list[Path]:
 class TreeMonitor:
     """Peak RSS and PSS (MiB) of this process and all its descendants, and the CPU seconds they use,
     sampled in a thread. CPU time is what makes per-core figures meaningful on a shared machine:
-    wall time there depends on what else runs, CPU seconds per frame much less."""
+    wall time there depends on what else runs, CPU seconds per frame much less. The sampler's own
+    CPU time (reading /proc for a dozen Ray processes is not free) is measured and left out, and
+    PSS (the costly part: it walks page tables) is read once a second."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.25, pss_every: int = 4):
         import psutil
 
-        self._psutil, self._interval = psutil, interval
+        self._psutil, self._interval, self._pss_every = psutil, interval, pss_every
         self.peak_rss = self.peak_pss = 0.0
         self._cpu: dict[int, float] = {}  # pid -> last seen user + system seconds
         self._mark: dict[int, float] = {}
+        self._own = self._own_at_mark = 0.0  # CPU seconds spent sampling
+        self._samples = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -132,26 +137,38 @@ class TreeMonitor:
         """Start counting CPU seconds from now."""
         self.sample()
         with self._lock:
-            self._mark = dict(self._cpu)
+            self._mark, self._own_at_mark = dict(self._cpu), self._own
 
     def cpu_since_mark(self) -> float:
         self.sample()
-        with self._lock:  # processes that exited count with their last sample (at most 0.1 s early)
-            return sum(t - self._mark.get(pid, 0.0) for pid, t in self._cpu.items())
+        with self._lock:  # processes that exited count with their last sample (at most one interval early)
+            used = sum(t - self._mark.get(pid, 0.0) for pid, t in self._cpu.items())
+            return used - (self._own - self._own_at_mark)
 
     def sample(self) -> None:
+        start = time.thread_time()
+        with_pss = self._samples % self._pss_every == 0
+        self._samples += 1
         me = self._psutil.Process()
         rss = pss = 0
         for p in [me, *me.children(recursive=True)]:
             try:
                 with p.oneshot():
-                    info, times = p.memory_full_info(), p.cpu_times()
+                    times = p.cpu_times()
+                    if with_pss:
+                        info = p.memory_full_info()
+                        rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+                    else:
+                        rss += p.memory_info().rss
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
                 continue
-            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
             with self._lock:
                 self._cpu[p.pid] = times.user + times.system
-        self.peak_rss, self.peak_pss = max(self.peak_rss, rss / 2**20), max(self.peak_pss, pss / 2**20)
+        self.peak_rss = max(self.peak_rss, rss / 2**20)
+        if with_pss:
+            self.peak_pss = max(self.peak_pss, pss / 2**20)
+        with self._lock:
+            self._own += time.thread_time() - start
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -226,7 +243,7 @@ def _timed(units, monitor: TreeMonitor) -> tuple[int, float, float]:
     return frames, seconds, monitor.cpu_since_mark()
 
 
-def run_loader(loader: str, corpus: Path, cores: int) -> dict:
+def run_loader(loader: str, corpus: Path, cores: int, task_cpus: float = 1.0) -> dict:
     folders = [str(p) for p in _folders(corpus)]
     with TreeMonitor() as mon:
         if loader == "pil_loader":
@@ -270,7 +287,7 @@ def run_loader(loader: str, corpus: Path, cores: int) -> dict:
                      _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"))
             ray.data.DataContext.get_current().enable_progress_bars = False
             stream = read_clips(str(corpus), "frames", num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH,
-                                train=False, num_cpus=1)
+                                train=False, num_cpus=task_cpus)
             # Start the workers and their imports first (Ray Data reuses idle workers), and Ray Data's
             # per-cluster actors (_StatsActor, the autoscaling coordinator: ~3 s of CPU to start), which
             # a training job pays once, not per epoch.
@@ -289,9 +306,10 @@ def run_loader(loader: str, corpus: Path, cores: int) -> dict:
 # ---- driver ----------------------------------------------------------------------------------------
 
 
-def measure(loader: str, corpus: Path, cores: int) -> dict:
+def measure(loader: str, corpus: Path, cores: int, task_cpus: float = 1.0) -> dict:
     """Run one loader in a fresh process pinned to `cores` CPUs; its JSON result."""
-    cmd = [sys.executable, __file__, "--_run", loader, "--_corpus", str(corpus), "--_cores", str(cores)]
+    cmd = [sys.executable, __file__, "--_run", loader, "--_corpus", str(corpus), "--_cores", str(cores),
+           "--task-cpus", str(task_cpus)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -311,11 +329,13 @@ def main() -> None:
     ap.add_argument("--folders", type=int, help="folders in the 1x corpus (default 96, quick 12)")
     ap.add_argument("--repeats", type=int, help="runs per figure, best kept (default 2, quick 1)")
     ap.add_argument("--loaders", default=",".join(LOADERS))
+    ap.add_argument("--task-cpus", type=float, default=1.0,
+                    help="num_cpus of each vidgen_ray data task (default 1: a task per core; vidgen: 0.25)")
     ap.add_argument("--_run"), ap.add_argument("--_corpus"), ap.add_argument("--_cores", type=int)
     args = ap.parse_args()
     if args._run:  # child: pin, run, print one JSON line
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args._cores])
-        print(json.dumps(run_loader(args._run, Path(args._corpus), args._cores)))
+        print(json.dumps(run_loader(args._run, Path(args._corpus), args._cores, args.task_cpus)))
         return
 
     folders = args.folders or (12 if args.quick else 96)
@@ -335,7 +355,7 @@ def main() -> None:
     for _ in range(repeats):  # interleaved, so a busy spell on a shared box hits every loader alike
         for cores in cores_list:
             for loader in loaders:
-                runs.setdefault((loader, cores), []).append(measure(loader, one, cores))
+                runs.setdefault((loader, cores), []).append(measure(loader, one, cores, args.task_cpus))
     # Two bases, best run of each: wall clock (frames/s per pinned core) and CPU time (frames per
     # CPU-second of the loader's whole process tree), which other load on the machine barely moves.
     wall = {k: max(rs, key=lambda r: r["fps"]) for k, rs in runs.items()}
@@ -368,7 +388,7 @@ def main() -> None:
     # Memory: the same loader on 1x and 10x the corpus, at the largest core count.
     cores = cores_list[-1]
     for vidgen in [name for name in ("vidgen_ray", "vidgen_local") if name in loaders]:
-        small, large = wall[(vidgen, cores)], measure(vidgen, ten, cores)
+        small, large = wall[(vidgen, cores)], measure(vidgen, ten, cores, args.task_cpus)
         for key in ("peak_rss_mb", "peak_pss_mb"):
             emit(figure=key, loader=vidgen, cores=cores, corpus_1x=small[key], corpus_10x=large[key],
                  ratio=round(large[key] / small[key], 3), goal=1.25, met=large[key] / small[key] <= 1.25,
