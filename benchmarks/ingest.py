@@ -291,8 +291,9 @@ def run_loader(loader: str, corpus: Path, cores: int, task_cpus: float = 1.0) ->
             # Start the workers and their imports first (Ray Data reuses idle workers), and Ray Data's
             # per-cluster actors (_StatsActor, the autoscaling coordinator: ~3 s of CPU to start), which
             # a training job pays once, not per epoch.
-            ray.get([ray.remote(num_cpus=1)(_warm).remote() for _ in range(cores)])
-            ray.data.range(2 * cores, override_num_blocks=cores).map(_warm, num_cpus=1).take_all()
+            workers = max(1, round(cores / task_cpus))  # as many as the data tasks will run at once
+            ray.get([ray.remote(num_cpus=task_cpus)(_warm).remote() for _ in range(workers)])
+            ray.data.range(2 * workers, override_num_blocks=workers).map(_warm, num_cpus=task_cpus).take_all()
             blocks = stream.dataset.iter_batches(batch_size=None, batch_format="numpy")
             frames, seconds, cpu = _timed((len(b["frames"]) * NUM_FRAMES for b in blocks), mon)
             ray.shutdown()
