@@ -11,7 +11,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.vidgen-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean browser
 
 setup: $(STAMP)
 
@@ -35,6 +35,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for tests/test_report.py (the nightly report opened as a browser sees it). CI runs this
+# before `make test`; it installs Debian's package only as root and only when it is missing. Elsewhere the
+# test skips, naming the binary, unless $$CI is set.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "chromium missing and not root (or no apt-get): install Debian's chromium to run the report test"; fi
 
 lint: setup
 	$(VENV)/bin/ruff check vidgen tests jobs benchmarks

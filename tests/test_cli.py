@@ -107,7 +107,7 @@ def test_missing_weights_error_says_no_download(tmp_path, capsys):
 def test_every_job_config_validates_and_opens_with_its_command(path):
     lines = path.read_text().splitlines()
     head = [ln for ln in lines[:8] if ln.startswith("#")]
-    assert head and any("vidgen " in ln or "ray job submit" in ln for ln in head), \
+    assert head and any(cmd in ln for ln in head for cmd in ("vidgen ", "ray job submit", "python jobs/")), \
         f"{path.name} must open with a comment giving the exact command that runs it"
     load_config(path)
 

@@ -93,7 +93,7 @@ def test_launcher_config_valid_for_ray():
 
 def test_no_literal_tokens_in_cluster_dir():
     """Secure by default: nothing under cluster/ carries a credential value, only references to Secrets."""
-    files = [p for p in (ROOT / "cluster").rglob("*") if p.is_file()]
+    files = [p for p in (ROOT / "cluster").rglob("*") if p.is_file()] + [ROOT / "jobs" / "runtime_env.yaml"]
     assert len(files) >= 9
     for path in files:
         text = path.read_text()
@@ -211,4 +211,4 @@ def test_dockerfile_pins_versions_as_build_args():
     assert "ARG RAY_VERSION" in text and "ARG VIDGEN_VERSION" in text
     assert "[gpu]" in text and "rayproject/ray:${RAY_VERSION}" in text
     readme = (ROOT / "cluster" / "README.md").read_text()
-    assert "--runtime-env cluster/runtime_env.yaml" in readme and "--submission-id" in readme
+    assert "--runtime-env jobs/runtime_env.yaml" in readme and "--submission-id" in readme

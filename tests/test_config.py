@@ -45,7 +45,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     ("train.num_workers=two", "train.num_workers=two: expected an integer"),
     ("train.use_gpu=maybe", "train.use_gpu=maybe: expected true or false"),
     ("data.height=60", "data.height=60: must be a multiple of 8 (the VAE downsamples by 8)"),
-    ("generate.sampler=ddim", "generate.sampler=ddim: expected one of base, fifo"),
+    ("generate.sampler=ddim", "generate.sampler=ddim: expected one of base, fifo, autoregressive"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as e:

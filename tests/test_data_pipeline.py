@@ -207,3 +207,20 @@ def test_hotshot_layout_on_s3(request, tmp_path: Path):
     for x, y in zip(remote, local, strict=True):
         assert x["prompt"] == y["prompt"]
         np.testing.assert_array_equal(x["frames"], y["frames"])
+
+
+def test_rows_record_sdxl_micro_conditioning_of_their_resize_and_crop(tmp_path: Path):
+    """orig (h, w) of the source and the crop's (top, left) in the scaled image, as SDXL/Hotshot condition on."""
+    from vidgen.data.clips import cover_crop_box
+
+    root = str(tmp_path / "shapes")
+    make_moving_shapes(root, num_videos=2, num_frames=8, height=40, width=72, seed=0)
+    args = {"num_frames": 4, "height": 32, "width": 32, "report_dir": str(tmp_path / "r")}
+    centred = list(read_clips_local(root, train=False, **args))
+    scaled_h, scaled_w, top, left = cover_crop_box(40, 72, 32, 32, None)  # 32 x 58: a horizontal crop
+    assert (scaled_h, left) == (32, 13)
+    for r in centred:
+        assert (r["orig_height"], r["orig_width"], r["crop_top"], r["crop_left"]) == (40, 72, top, left)
+    random = list(read_clips_local(root, train=True, seed=3, **args))
+    assert all(r["crop_top"] == 0 and 0 <= r["crop_left"] <= scaled_w - 32 for r in random)
+    assert len({r["crop_left"] for r in random}) > 1 or len(random) == 1

@@ -152,7 +152,7 @@ def test_a_frame_moves_one_slot_and_one_level_per_iteration(plan):
     for track in full:
         if len(track) < nf:  # still in the queue when sampling stopped
             assert track[-1][0] == plan.iterations(n_out) - 1
-        its, slots, sigmas = zip(*track)
+        its, slots, sigmas = zip(*track, strict=True)
         assert list(its) == list(range(its[0], its[0] + len(track)))
         assert list(slots) == [plan.queue_length - 1 - k for k in range(len(track))]
         assert list(sigmas) == [levels[nf - k].item() for k in range(len(track))]
@@ -236,3 +236,163 @@ def test_fifo_sample_uses_the_scheduler_sigmas():
     for i in range(plan.steps):  # base video: one sigma for all frames, descending
         torch.testing.assert_close(seen[i], desc[i].expand(4))
     torch.testing.assert_close(seen[plan.steps], desc.flip(0)[1:])  # then the queue: ascending per slot
+
+
+# ---------------------------------------------------------------------------------------------- FIFO+ options
+
+
+@pytest.mark.parametrize("plan", [FifoPlan(4, 2, True), FifoPlan(4, 3, False)], ids=["LD-n2", "noLD-n3"])
+def test_uniform_latents_change_only_which_base_frame_a_slot_holds(plan):
+    levels = _levels(plan)
+    base = torch.arange(1, plan.window + 1, dtype=torch.float64).mul(100).view(1, -1, 1, 1, 1).expand(
+        1, plan.window, 1, 2, 2).contiguous()
+    plain = init_queue(base, levels, plan, generator=_gen(0))
+    uni = init_queue(base, levels, plan, generator=_gen(0), uniform=True)
+    zero = init_queue(torch.zeros_like(base), levels, plan, generator=_gen(0))
+    frames = [0] * plan.offset + [i // plan.partitions for i in range(plan.steps)]  # FIFO+ `unilatent`
+    for slot, frame in enumerate(frames):
+        torch.testing.assert_close(uni[0, slot] - zero[0, slot], base[0, frame], rtol=0, atol=1e-9)
+    assert sorted(set(frames[plan.offset:])) == list(range(plan.window))  # every base frame used, evenly
+    # same noise, and the tail (the last F slots) of the original already holds frames 0..F-1 in both only
+    # when n = 1; otherwise the queues differ exactly where the frame differs
+    differs = [slot for slot in range(plan.queue_length) if not torch.equal(uni[0, slot], plain[0, slot])]
+    orig = [0] * plan.offset + [max(0, i - (plan.steps - plan.window)) for i in range(plan.steps)]
+    assert differs == [s for s in range(plan.queue_length) if frames[s] != orig[s]]
+    # the loop is unchanged: same calls at the same sigmas
+    rec_a, rec_b = Recorder(), Recorder()
+    list(fifo_iterate(rec_a, None, plain, levels, plan, 3, generator=_gen(1)))
+    list(fifo_iterate(rec_b, None, uni, levels, plan, 3, generator=_gen(1)))
+    assert len(rec_a.calls) == len(rec_b.calls)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(rec_a.calls, rec_b.calls, strict=True))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=ids)
+def test_seed_frame_reconditions_once_from_the_first_emitted_frame(plan):
+    """The fork's seeding: after the first frame leaves the queue every later call sees the new condition;
+    nothing before it changes, and without the flag the condition never changes (its always-true bug)."""
+    levels, n_out = _levels(plan), 4
+    per_iter, warmup = len(plan.windows()), plan.steps - plan.window
+
+    def run(reseed):
+        conds = []
+
+        def den(x, sigma, cond):
+            conds.append(cond)
+            return torch.full_like(x, 0.5)
+
+        queue = init_queue(torch.zeros(1, plan.window, 1, 2, 2, dtype=torch.float64), levels, plan, generator=_gen(0))
+        heads = list(fifo_iterate(den, "image", queue, levels, plan, n_out, generator=_gen(1), reseed=reseed))
+        return heads, conds
+
+    seen = []
+
+    def reseed(head, cond):
+        seen.append(head.clone())
+        return ("first-frame", cond)
+
+    heads_off, conds_off = run(None)
+    heads_on, conds_on = run(reseed)
+    assert set(conds_off) == {"image"}
+    assert len(seen) == 1 and torch.equal(seen[0], heads_on[0])  # called once, with the first output frame
+    switch = (warmup + 1) * per_iter  # the first call of the iteration after the first frame left
+    assert conds_on[:switch] == ["image"] * switch
+    assert conds_on[switch:] == [("first-frame", "image")] * (len(conds_on) - switch)
+    assert len(conds_on) == len(conds_off) and torch.equal(heads_on[0], heads_off[0])
+
+
+def _tiny_unet_inputs(seed=0):
+    from vidgen.models.svd import tiny
+
+    model = tiny(num_frames=4)
+    g = _gen(seed)
+    sample = torch.randn(1, 4, 8, 8, 8, generator=g)
+    t = torch.tensor([[0.1, 0.4, 0.7, 1.0]])
+    ehs = torch.randn(1, 1, 32, generator=g)
+    ids = torch.tensor([[6.0, 127.0, 0.02]])
+    return model, (sample, t, ehs, ids)
+
+
+def test_qcache_mixes_only_up_block_temporal_queries():
+    from vidgen.generate.denoisers import unet_forward_per_frame
+    from vidgen.generate.qcache import install_qcache
+
+    model, args = _tiny_unet_inputs()
+    unet = model.unet
+    acts: dict[str, torch.Tensor] = {}
+    names = ("down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1")
+    for name in names:
+        unet.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: acts.__setitem__(name, (o[0] if isinstance(o, tuple) else o).clone()))
+
+    def forward():
+        with torch.no_grad():
+            out = unet_forward_per_frame(unet, *args)
+        return out, dict(acts)
+
+    stock, stock_acts = forward()
+    assert install_qcache(unet, 0.0) == 3  # tiny UNet: one attention level, three up layers
+    zero, zero_acts = forward()
+    torch.testing.assert_close(zero, stock, rtol=1e-5, atol=1e-5)  # w = 0 is the stock forward
+    install_qcache(unet, 0.7)
+    mixed, mixed_acts = forward()
+    for name in ("down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0"):  # before the mixed layers
+        torch.testing.assert_close(mixed_acts[name], stock_acts[name], rtol=1e-5, atol=1e-5)
+    assert (mixed_acts["up_blocks.1"] - stock_acts["up_blocks.1"]).abs().max() > 1e-3
+    assert (mixed - stock).abs().max() > 1e-3
+
+
+def test_svd_recondition_weight_mixes_image_condition_only():
+    from vidgen.generate.denoisers import SVDDenoiser
+
+    model, _ = _tiny_unet_inputs()
+    den = SVDDenoiser(model, 1.0, 1.0)
+    image = torch.rand(1, 3, 64, 64, generator=_gen(1)) * 2 - 1
+    cond = den.condition(image, 7, 127, 0.02, _gen(2))
+    latent = torch.randn(1, 4, 8, 8, generator=_gen(3))
+    same = den.recondition(latent, cond, 0.0)
+    full = den.recondition(latent, cond, 1.0)
+    half = den.recondition(latent, cond, 0.5)
+    torch.testing.assert_close(same.image_embeds, cond.image_embeds)
+    torch.testing.assert_close(same.image_latent, cond.image_latent)
+    assert not torch.allclose(full.image_embeds, cond.image_embeds)
+    torch.testing.assert_close(half.image_latent, (cond.image_latent + full.image_latent) / 2)
+    assert torch.equal(full.added_time_ids, cond.added_time_ids)
+
+
+# ---------------------------------------------------------------------------------------------- autoregressive
+
+
+@pytest.mark.parametrize("overlap,num_frames", [(0, 10), (1, 10), (2, 9)])
+def test_autoregressive_clips_condition_on_the_last_frame_and_blend_overlaps(overlap, num_frames):
+    from vidgen.generate.samplers import autoregressive_clips, autoregressive_sample
+
+    scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER)
+    f = 4
+
+    def den(x, sigma, cond):  # exact oracle: clip k's frame j is cond + j (cond is a number)
+        return (cond + torch.arange(f, dtype=x.dtype)).view(1, f, 1, 1, 1).expand_as(x)
+
+    conds = []
+
+    def recondition(last, cond):
+        conds.append(cond)
+        return last.mean().item() * 10
+
+    out = autoregressive_sample(den, 1.0, scheduler, (1, f, 1, 2, 2), num_frames, 3, recondition, overlap,
+                                generator=_gen(0))
+    assert out.shape == (1, num_frames, 1, 2, 2)
+    clips = autoregressive_clips(f, num_frames, overlap)
+    assert len(conds) == clips - 1
+    # rebuild the expected video from the oracle
+    video = [1.0 + j for j in range(f)]
+    c = 1.0
+    for _ in range(clips - 1):
+        c = video[-1] * 10
+        clip = [c + j for j in range(f)]
+        for k in range(overlap):
+            w = (k + 1) / (overlap + 1)
+            video[len(video) - overlap + k] = (1 - w) * video[len(video) - overlap + k] + w * clip[k]
+        video += clip[overlap:]
+    torch.testing.assert_close(out[0, :, 0, 0, 0], torch.tensor(video[:num_frames]), rtol=1e-4, atol=2e-2)
+    with pytest.raises(ValueError, match="overlap=4"):
+        autoregressive_sample(den, 1.0, scheduler, (1, f, 1, 2, 2), 8, 2, recondition, overlap=4)

@@ -16,12 +16,12 @@ from PIL import Image
 
 from vidgen.config import GenerateConfig, ModelConfig, VidgenConfig
 from vidgen.data.video import read_video
-from vidgen.errors import ConfigError, DataError, StorageError
-from vidgen.generate.job import VideoGenerator, load_prompts, output_name, run_generation, summarize
+from vidgen.errors import ConfigError, DataError, JobError, StorageError
+from vidgen.generate.job import COLUMNS, VideoGenerator, load_prompts, output_name, run_generation, summarize
 
 WINDOW = 4
 GEN = dict(sampler="fifo", num_frames=6, fifo=dict(partitions=1), min_guidance_scale=1.0,
-           max_guidance_scale=1.0, height=64, width=64, fps=7)
+           max_guidance_scale=1.0, height=32, width=32, fps=7)
 MODEL = dict(flavor="tiny", num_frames=WINDOW)
 
 
@@ -38,7 +38,9 @@ def _jsonl(path: Path, lines: list[str]) -> str:
 
 def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
     """What Ray Data hands a map_batches UDF: one numpy column per key."""
-    return {k: np.array([r[k] for r in rows]) for k in ("image", "prompt", "seed", "id")}
+    rows = [{"sample_prompt": r["prompt"], "sample": 0, "name": output_name(r, GenerateConfig(**GEN),
+                                                                             ModelConfig(**MODEL)), **r} for r in rows]
+    return {k: np.array([r[k] for r in rows]) for k in COLUMNS}
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -51,7 +53,7 @@ def test_load_prompts_defaults(tmp_path):
         json.dumps({"image": "/data/x.y.jpg", "prompt": "a road", "seed": 42, "id": "mine"}),
         json.dumps({"image": "plain"}),
     ])
-    rows = load_prompts(uri)
+    rows = [{k: r[k] for k in ("image", "prompt", "seed", "id")} for r in load_prompts(uri)]
     assert rows == [
         {"image": "s3://bucket/frames/red car.png", "prompt": "", "seed": 0, "id": "red_car"},
         {"image": "/data/x.y.jpg", "prompt": "a road", "seed": 42, "id": "mine"},
@@ -124,13 +126,17 @@ def test_generator_writes_a_video_then_skips_it(fifo_generator, tmp_path):
     assert res["status"] == ["generated"] and res["error"] == [""]
     path = res["path"][0]
     assert os.path.basename(path) == output_name(row, GenerateConfig(**GEN), ModelConfig(**MODEL))
-    assert res["num_frames"] == [6] and res["seed"] == [5] and res["id"] == ["frame"]
+    assert res["num_frames"] == [6] and res["seed"] == [5] and res["id"] == ["frame"] and res["fps"] == [7]
+    assert res["sampler"] == ["fifo"] and json.loads(res["params"][0])["fifo"]["partitions"] == 1
     frames, fps = read_video(path)
-    assert frames.shape == (6, 64, 64, 3) and frames.dtype == np.uint8
+    assert frames.shape == (6, 32, 32, 3) and frames.dtype == np.uint8
     assert fps == pytest.approx(7.0)
     # FIFO cost: nf base steps + (N + nf - F) iterations x 2n lookahead windows, no CFG (guidance 1)
     nf = WINDOW * 1
     assert fifo_generator.denoiser.calls == nf + (6 + nf - WINDOW) * 2
+    root = Path(fifo_generator.root)
+    record = json.loads((root / "records" / (Path(path).stem + ".json")).read_text())
+    assert record["status"] == "generated" and record["seed"] == 5 and record["checkpoint"] == "tiny"
 
     before = (Path(path).read_bytes(), os.stat(path).st_mtime_ns)
     calls = fifo_generator.denoiser.calls
@@ -138,7 +144,26 @@ def test_generator_writes_a_video_then_skips_it(fifo_generator, tmp_path):
     assert again["status"] == ["skipped"] and again["path"] == [path]
     assert (Path(path).read_bytes(), os.stat(path).st_mtime_ns) == before
     assert fifo_generator.denoiser.calls == calls
-    assert [p for p in os.listdir(os.path.dirname(path))] == [os.path.basename(path)]  # no temp leftovers
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # no temp leftovers
+
+    # the base video cache is keyed by the seed (the original's was not): another seed, another entry;
+    # the same seed under another name (N = 6 -> video reused) costs only the diagonal part
+    cache = root / "cache" / "base"
+    assert len(os.listdir(cache)) == 1
+    import torch
+
+    from vidgen.generate.fifo import FifoPlan
+
+    other = {**_batch([row]), "seed": np.array([6])}
+    other = {k: v[0].item() for k, v in other.items()}
+    cond = fifo_generator.denoiser.condition(torch.zeros(1, 3, 32, 32), 7, 127, 0.02)
+    fifo_generator.base_video(other, cond, (1, WINDOW, 4, 4, 4), FifoPlan(WINDOW, 1), torch.Generator())
+    assert len(os.listdir(cache)) == 2
+    calls = fifo_generator.denoiser.calls
+    video = fifo_generator(_batch([{**row, "id": "renamed"}]))
+    assert video["status"] == ["generated"]
+    assert fifo_generator.denoiser.calls - calls == (6 + nf - WINDOW) * 2  # no base steps: cached
+    np.testing.assert_array_equal(read_video(video["path"][0])[0], frames)  # cached base: same pixels
 
 
 def test_generator_records_failures_per_row(tmp_path):
@@ -158,23 +183,191 @@ def test_generator_records_failures_per_row(tmp_path):
 # --------------------------------------------------------------------------------------- Ray job
 
 
+def _manifest(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.ray
-def test_run_generation_through_ray_then_rerun_skips(ray_session, tmp_path):
+def test_generate_job_logs_to_mlflow_then_rerun_skips(ray_session, tmp_path):
+    from mlflow import MlflowClient
+
+    from vidgen.runner import generate_job, tracker_for
+
     images = [_png(tmp_path / f"img{i}.png", 10 + i) for i in range(2)]
     prompts = _jsonl(tmp_path / "prompts.jsonl", [json.dumps({"image": p}) for p in images])
     cfg = VidgenConfig(run={"workdir": str(tmp_path / "work")}, model=MODEL,
-                       generate={**GEN, "prompts": prompts})
-
-    results = run_generation(cfg)
-    assert [r["id"] for r in results] == ["img0", "img1"]
-    assert [r["status"] for r in results] == ["generated", "generated"], [r["error"] for r in results]
-    out_dir = tmp_path / "work" / "generated"
-    assert sorted(os.listdir(out_dir)) == sorted(os.path.basename(r["path"]) for r in results)
-    for r in results:
-        frames, _ = read_video(r["path"])
-        assert frames.shape == (6, 64, 64, 3)
-    stamps = {r["path"]: os.stat(r["path"]).st_mtime_ns for r in results}
+                       generate={**GEN, "prompts": prompts, "extra_outputs": ["gif", "frames"]})
+    root = tmp_path / "work" / "generated"
+    with tracker_for(cfg) as tracker:
+        out = generate_job(cfg, tracker)
+        run_id, uri = tracker.run_id, tracker.tracking_uri
+    assert out["counts"] == {"generated": 2} and out["output_dir"] == str(root / "videos")
+    assert [m["status"] for m in _manifest(root)] == ["generated", "generated"]
+    assert [m["id"] for m in _manifest(root)] == ["img0", "img1"]
+    assert sorted(os.listdir(root / "videos")) == sorted(os.path.basename(p) for p in out["videos"])
+    for path in out["videos"]:
+        frames, _ = read_video(path)
+        assert frames.shape == (6, 32, 32, 3)
+        stem = Path(path).stem
+        assert (root / "gif" / f"{stem}.gif").stat().st_size > 0
+        assert sorted(os.listdir(root / "frames" / stem)) == [f"{i:04d}.png" for i in range(6)]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics["generate/videos_per_hour"] > 0 and run.data.metrics["generate/frames_per_s"] > 0
+    assert run.data.params["generate.fifo.unet_calls_per_frame"] == "2"  # 2n windows, n = 1, no CFG
+    arts = {a.path for d in ("grid", "generate", "videos") for a in client.list_artifacts(run_id, d)}
+    assert {"grid/grid.mp4", "generate/manifest.jsonl"} <= arts and len([a for a in arts if "videos/" in a]) == 2
+    stamps = {p: os.stat(p).st_mtime_ns for p in out["videos"]}
 
     rerun = run_generation(cfg)
     assert summarize(rerun) == {"skipped": 2}
     assert {r["path"]: os.stat(r["path"]).st_mtime_ns for r in rerun} == stamps
+    assert [(m["status"], m["seed"]) for m in _manifest(root)] == [("skipped", 0), ("skipped", 1)]
+
+
+EDGE_PROMPTS = [
+    "",
+    "frame.png;a red car; then a blue truck",  # `;` inside the prompt
+    "   ",
+    "frame.png;東京の夜景、ネオンが光る 🚗",  # unicode
+    "frame.png;" + ("a very long prompt " * 20)[:300],  # 300 characters
+    "absent.png;a frame that does not exist",  # missing image: counted failure
+    "frame.png;a red car; then a blue truck",  # duplicate: merged
+    "frame.png;../../escape/the root",  # must stay under videos/
+    "",
+]
+
+
+@pytest.mark.ray
+def test_i2v_edge_cases_three_windows_long_vbench_names(ray_session, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "frame.png", 3)
+    (src / "i2v.txt").write_text("\n".join(EDGE_PROMPTS), encoding="utf-8")
+    root = tmp_path / "out"
+    cfg = VidgenConfig(model=MODEL, generate={
+        **GEN, "num_frames": 3 * WINDOW, "fifo": {"partitions": 1, "lookahead": False},
+        "prompts": str(src / "i2v.txt"), "prompt_format": "i2v", "naming": "vbench",
+        "output": str(root), "max_failed_fraction": 0.25})
+    results = run_generation(cfg)
+    assert len(results) == 5  # 6 non-blank lines, one duplicate merged
+    by_status = summarize(results)
+    assert by_status == {"generated": 4, "failed": 1}, [r["error"] for r in results]
+    failed = next(r for r in results if r["status"] == "failed")
+    assert "absent.png" in failed["error"] and not os.path.exists(failed["path"])
+    videos = sorted(os.listdir(root / "videos"))
+    assert len(videos) == 4 and all(os.path.dirname(os.path.realpath(root / "videos" / v)) ==
+                                    os.path.realpath(root / "videos") for v in videos)
+    assert "a red car; then a blue truck-0.mp4" in videos and "東京の夜景、ネオンが光る 🚗-0.mp4" in videos
+    assert any(v.startswith("_._.._escape_the root~") for v in videos)
+    assert not (tmp_path / "escape").exists()
+    for v in videos:
+        frames, _ = read_video(str(root / "videos" / v))
+        assert frames.shape == (3 * WINDOW, 32, 32, 3)  # three times the model's window
+    rows = _manifest(root)
+    assert [r["status"] for r in rows] == [r["status"] for r in results]
+    assert rows[0]["prompt"] == "a red car; then a blue truck" and rows[0]["params"]["window"] == WINDOW
+
+    # too many failures: a clear error, and the manifest still records every row
+    strict = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"max_failed_fraction": 0.0})})
+    with pytest.raises(JobError, match=r"1 of 5 videos failed, more than generate.max_failed_fraction=0"):
+        run_generation(strict)
+    assert [r["status"] for r in _manifest(root)].count("skipped") == 4
+
+
+@pytest.mark.ray
+def test_actor_killed_mid_job_then_rerun_makes_exactly_the_missing_videos(ray_session, tmp_path, monkeypatch):
+    images = [_png(tmp_path / f"img{i}.png", 20 + i) for i in range(3)]
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [json.dumps({"image": p}) for p in images])
+    root = tmp_path / "out"
+    cfg = VidgenConfig(model=MODEL, generate={**GEN, "prompts": prompts, "output": str(root), "actor_restarts": 0})
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("VIDGEN_FAULT_KILL_GENERATE", str(marker))
+    monkeypatch.setenv("VIDGEN_FAULT_KILL_AFTER", "1")  # dies while writing its second video
+    with pytest.raises(JobError, match="rerun to do the rest"):
+        run_generation(cfg)
+    assert marker.exists()
+    entries = os.listdir(root / "videos")
+    first = [e for e in entries if not e.startswith(".vidgen-tmp-")]
+    assert len(first) == 1  # one finished; the killed write left nothing under a video name
+    leftovers = [e for e in entries if e.startswith(".vidgen-tmp-")]
+    assert len(leftovers) == 1  # the killed writer's temp folder (hidden from storage listings)
+    statuses = [m["status"] for m in _manifest(root)]
+    assert statuses.count("generated") == 1 and statuses.count("missing") == 2
+    stamp = os.stat(root / "videos" / first[0]).st_mtime_ns
+
+    rerun = run_generation(cfg)
+    assert summarize(rerun) == {"skipped": 1, "generated": 2}
+    assert [r["status"] for r in rerun if os.path.basename(r["path"]) == first[0]] == ["skipped"]
+    assert os.stat(root / "videos" / first[0]).st_mtime_ns == stamp
+    assert sorted(os.listdir(root / "videos")) == sorted(os.path.basename(r["path"]) for r in rerun)  # no temps
+    for r in rerun:
+        assert read_video(r["path"])[0].shape == (6, 32, 32, 3)
+
+
+def test_generator_applies_a_lora_with_its_scale(tmp_path):
+    import torch
+
+    from vidgen.config import LoraConfig
+    from vidgen.models.lora import inject_lora, lora_layers, save_lora
+    from vidgen.models.svd import tiny
+
+    unet = tiny(num_frames=WINDOW).unet
+    targets = inject_lora(unet, LoraConfig())
+    with torch.no_grad():  # B starts at zero (no change): make the update visible
+        for m in lora_layers(unet).values():
+            for p in m.lora_B.parameters():
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_lora(unet, LoraConfig(), targets, str(tmp_path / "lora"))
+    row = {"image": _png(tmp_path / "frame.png", 4), "prompt": "", "seed": 1, "id": "x"}
+    base_gen = {**GEN, "sampler": "base", "num_frames": WINDOW, "num_inference_steps": 2}
+    videos = []
+    for extra in ({}, {"lora": str(tmp_path / "lora")}, {"lora": str(tmp_path / "lora"), "lora_scale": 0.0}):
+        gen = VideoGenerator(MODEL, {**base_gen, **extra}, str(tmp_path / f"out{len(videos)}"))
+        res = gen(_batch([row]))
+        assert res["status"] == ["generated"], res["error"]
+        assert ("lora=" in res["checkpoint"][0]) == bool(extra)
+        videos.append(read_video(res["path"][0])[0].astype(int))
+    d_lora, d_zero = np.abs(videos[1] - videos[0]).mean(), np.abs(videos[2] - videos[0]).mean()
+    assert d_zero < 0.05 and d_lora > 10 * max(d_zero, 0.01), (d_lora, d_zero)  # scale 0: base model up to rounding
+
+
+@pytest.mark.ray
+def test_killed_actor_is_restarted_and_its_video_retried_by_default(ray_session, tmp_path, monkeypatch):
+    images = [_png(tmp_path / f"img{i}.png", 30 + i) for i in range(2)]
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [json.dumps({"image": p}) for p in images])
+    root = tmp_path / "out"
+    cfg = VidgenConfig(model=MODEL, generate={**GEN, "prompts": prompts, "output": str(root)})
+    assert cfg.generate.actor_restarts == -1
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("VIDGEN_FAULT_KILL_GENERATE", str(marker))
+    monkeypatch.setenv("VIDGEN_FAULT_KILL_AFTER", "0")  # dies while writing its first video
+    results = run_generation(cfg)
+    assert marker.exists()  # it did die once
+    assert summarize(results) == {"generated": 2}
+    assert sorted(e for e in os.listdir(root / "videos") if not e.startswith(".")) == sorted(
+        os.path.basename(r["path"]) for r in results)
+    assert [m["status"] for m in _manifest(root)] == ["generated", "generated"]
+
+
+def test_output_name_follows_the_options_each_sampler_uses():
+    row = {"image": "s3://b/a.png", "prompt": "", "seed": 1, "id": "a"}
+    model = ModelConfig(**MODEL)
+
+    def name(**gen):
+        return output_name(row, GenerateConfig(**{**GEN, **gen}), model)
+
+    fifo = name()
+    assert len({fifo, name(consistency={"seed_frame": True}), name(consistency={"qcache": True}),
+                name(fifo={"partitions": 1, "uniform_latents": True}), name(lora="/l", lora_scale=0.5),
+                name(lora="/l")}) == 6
+    assert name(num_inference_steps=3) == fifo  # FIFO takes its steps from n x window
+    assert name(autoregressive={"overlap": 2}) == fifo
+    base = dict(sampler="base", num_frames=WINDOW)
+    assert name(**base, consistency={"seed_frame": True}) == name(**base)  # FIFO-only option
+    assert name(**base, consistency={"qcache": True}) != name(**base)  # the UNet itself changes
+    assert name(**base, fifo={"partitions": 3}) == name(**base)
+    ar = dict(sampler="autoregressive", num_frames=10)
+    assert name(**ar, autoregressive={"overlap": 1}) != name(**ar)
+    assert name(samples_per_prompt=5, seeds=[1, 2, 3, 4, 5], naming="vbench", max_failed_fraction=0.5,
+                extra_outputs=["gif"], min_actors=1, gpus_per_actor=0.5, actor_restarts=0) == fifo

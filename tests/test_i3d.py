@@ -156,3 +156,23 @@ def test_wrong_weights_are_refused_with_the_path(tmp_path):
     with pytest.raises(ModelError, match="not a PyTorch state dict") as err:
         build_i3d("pretrained", str(garbage))
     assert str(garbage) in str(err.value)
+
+
+def test_bn_eps_is_selectable_and_weights_have_a_digest(tmp_path):
+    from vidgen.models.i3d import weights_digest
+
+    bns = [m for m in build_i3d("tiny", bn_eps=1e-5).modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert bns and all(m.eps == 1e-5 for m in bns)
+    path = tmp_path / "i3d_pretrained_400.pt"
+    torch.save(_full_state(seed=2), path)
+    model = build_i3d("pretrained", str(path), bn_eps=1e-5)
+    assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    digest = weights_digest("pretrained", str(path))
+    copy = tmp_path / "renamed.pt"
+    copy.write_bytes(path.read_bytes())
+    assert digest.startswith("sha256:") and weights_digest("pretrained", str(copy)) == digest
+    torch.save(_full_state(seed=3), copy)
+    assert weights_digest("pretrained", str(copy)) != digest
+    assert weights_digest("tiny", seed=1) != weights_digest("tiny", seed=2)
+    with pytest.raises(ModelError, match="eval.i3d_path"):
+        weights_digest("pretrained", str(tmp_path / "missing.pt"))

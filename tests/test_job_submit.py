@@ -104,7 +104,7 @@ def _wait_for_dashboard(address: str, token: str, head: subprocess.Popen, log: P
 
 def _submit(address: str, env: dict, submission_id: str, entrypoint: list[str]) -> subprocess.CompletedProcess:
     """The README's command: runtime env from the repo, a deterministic id, logs followed to the end."""
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml",
            "--submission-id", submission_id, "--entrypoint-num-cpus", "0.1", "--", *entrypoint]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -137,7 +137,7 @@ def test_submit_train_then_generate(ray_head, tmp_path):
         "python", "jobs/generate.py", "--config", "jobs/configs/demo.yaml", f"generate.prompts={prompts}",
         f"generate.unet={unet}", "generate.num_frames=8", f"run.workdir={work}"])
     assert client.get_job_status(gen_id) == JobStatus.SUCCEEDED, gen.stdout[-4000:] + gen.stderr[-4000:]
-    videos = sorted((work / "generated").glob("*.mp4"))
+    videos = sorted((work / "generated" / "videos").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 0
 
     # The id is deterministic, so a retry of the same submission is refused rather than run twice.

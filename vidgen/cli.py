@@ -4,6 +4,8 @@
     vidgen train    --config C [key=value ...]   fine-tune on a Ray cluster (local if none)
     vidgen generate --config C [key=value ...]   batch long-video generation
     vidgen eval     --config C [key=value ...]   FVD / KVD of generated against real clips
+    vidgen eval fvd --real SRC --fake SRC [--json] [--i3d-weights P] [key=value ...]
+    vidgen plan     --config C [key=value ...]   parameters, FLOPs, memory per GPU at full size (no weights)
     vidgen config show C [key=value ...]         print the resolved config
     vidgen prepare synth OUT                     write a synthetic clip dataset
     vidgen prepare pack SOURCE --out URI         pack clips into parquet shards (resumable)
@@ -17,6 +19,7 @@ status 2; `--debug` shows the stack trace instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -70,10 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
              "the same run.name is started again, and export the trained UNet to <run.workdir>/export/unet.")
     _add_job(sub, "generate", "generate videos for a prompt file on an actor pool",
              "Fan the rows of generate.prompts out to generate.num_actors actors; each writes "
-             "<id>-<hash>.mp4 under generate.output atomically. Finished videos are skipped on a rerun.")
-    _add_job(sub, "eval", "FVD / KVD of generated against real clips",
-             "Cut eval.real and eval.generated into eval.num_frames-frame clips, embed them with I3D and "
-             "log FVD and KVD to MLflow.")
+             "its video atomically under <generate.output>/videos/ (VBench sources: {prompt}-{i}.mp4; else "
+             "<id>-<hash>.mp4) and a row to manifest.jsonl. Finished videos are skipped on a rerun.")
+    _add_eval(sub)
+    p = _add_job(sub, "plan", "parameters, FLOPs and peak memory per GPU of a training config, before renting GPUs",
+                 "Build the config's model on the meta device (no weights read, no memory) and report total and "
+                 "trainable parameters, FLOPs per step (counted), peak memory per GPU for the config's ZeRO "
+                 "stage, offload, precision, checkpointing and batch (weights, gradients, optimizer states, "
+                 "activations), whether it fits A100-40GB, A100-80GB and H100-80GB, and the step time at --mfu.")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step times (default: 0.4)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
     p = sub.add_parser("config", help="inspect configs", description="Inspect configs.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -163,11 +172,66 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _add_eval(sub) -> None:
+    p = _add_job(sub, "eval", "FVD / KVD and model-free metrics of generated against real clips",
+                 "Cut the real and generated sets into eval.num_frames-frame clips (generated videos at "
+                 "eval.windows: early / middle / late), embed them with I3D (eval.preprocess: squash or "
+                 "center_crop), and log FVD, KVD, per-window values and per-video temporal flickering and "
+                 "motion magnitude to MLflow. The real set's features are cached under eval.cache_dir.\n\n"
+                 "  vidgen eval --config C [key=value ...]      sets from eval.real / eval.generated\n"
+                 "  vidgen eval fvd --real SRC --fake SRC [--json] [--i3d-weights P] [key=value ...]\n\n"
+                 "SRC is a dataset root in any data layout (--real-layout) or a generation output folder.")
+    p.usage = ("vidgen eval [fvd] [--config C] [--real SRC] [--fake SRC] [--real-layout L] [--fake-layout L] "
+               "[--i3d-weights P] [--json] [key=value ...]")
+    layouts = ("auto", "hotshot", "frames", "videos", "opv2v", "sthv2", "shards")
+    p.add_argument("--real", metavar="SRC", help="real clips: a dataset root or URI (default: eval.real, "
+                                                  "else data.source)")
+    p.add_argument("--fake", metavar="SRC", help="generated videos: a folder or URI (default: eval.generated, "
+                                                  "else generate.output)")
+    p.add_argument("--real-layout", choices=layouts, help="layout of --real (default: eval.real_layout, "
+                                                          "else data.layout)")
+    p.add_argument("--fake-layout", choices=("auto", "videos", "frames", "hotshot"),
+                   help="layout of --fake (default: eval.generated_layout, videos)")
+    p.add_argument("--i3d-weights", metavar="PATH", help="400-class I3D state dict (i3d_pretrained_400.pt); "
+                                                         "sets eval.i3d_flavor=pretrained")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout: fvd, kvd, "
+                                                       "n_real, n_fake, windows, metrics, params, warnings")
+
+
+def _eval_config(args, cfg) -> None:
+    """Apply the `vidgen eval` options to a loaded config (assignment is validated field by field)."""
+    if args.real:
+        cfg.eval.real = args.real
+    if args.fake:
+        cfg.eval.generated = args.fake
+    if args.real_layout:
+        cfg.eval.real_layout = args.real_layout
+    if args.fake_layout:
+        cfg.eval.generated_layout = args.fake_layout
+    if args.i3d_weights:
+        cfg.eval.i3d_path = args.i3d_weights  # path first: pretrained without a path is refused
+        cfg.eval.i3d_flavor = "pretrained"
+
+
+def _eval_text(out: dict) -> str:
+    lines = [f"FVD {out['fvd']:.4f}  KVD {out['kvd']:.6f}  (n_real={out['n_real']}, n_fake={out['n_fake']}, "
+             f"real cache: {out['real_cache']})"]
+    lines += [f"  {w}: FVD {v['fvd']:.4f}  KVD {v['kvd']:.6f}  (n_fake={v['n_fake']})"
+              for w, v in out["windows"].items()]
+    lines += [f"  {k}: {v:.4f}" for k, v in out["metrics"].items() if k.endswith("_mean")]
+    lines += [f"warning: {w}" for w in out["warnings"]]
+    if out.get("mlflow_run_id"):
+        lines.append(f"MLflow run {out['mlflow_run_id']}: {out.get('mlflow_ui', '')}")
+    return "\n".join(lines)
+
+
 def _run_job(args, name: str) -> dict:
     from vidgen.config import load_config
     from vidgen.runner import eval_job, generate_job, init_ray, tracker_for, train_job
 
     cfg = load_config(args.config, args.overrides)
+    if name == "eval":
+        _eval_config(args, cfg)
     if name == "train":
         from vidgen.train.launch import check
 
@@ -213,8 +277,20 @@ def _prepare(args) -> None:
         print(json.dumps(result, indent=2, default=str))
 
 
+def _split_eval_fvd(argv: list[str]) -> tuple[list[str], bool]:
+    """Drop the optional `fvd` word after `eval` (argparse cannot put a positional before options and
+    key=value positionals after them); say whether it was there."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            if arg == "eval" and argv[i + 1:i + 2] == ["fvd"]:
+                return argv[:i + 1] + argv[i + 2:], True
+            break
+    return argv, False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, eval_fvd = _split_eval_fvd(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     _setup_logging(getattr(args, "verbose", False))
@@ -236,8 +312,22 @@ def main(argv: list[str] | None = None) -> int:
             from vidgen.demo import DemoSizes, run_demo
 
             print(run_demo(args.workdir, args.overrides, DemoSizes(videos=args.videos)).text())
+        elif args.command == "plan":
+            from vidgen.plan import format_plan, plan_config
+
+            config, overrides = args.config, list(args.overrides)
+            if config is None and overrides and "=" not in overrides[0]:  # `vidgen plan CONFIG`, as the issue spells it
+                config = overrides.pop(0)
+            out = plan_config(config, overrides, mfu=args.mfu)
+            print(json.dumps(out) if args.json else format_plan(out))
+        elif args.command == "eval" and eval_fvd:
+            with contextlib.redirect_stdout(sys.stderr):  # --json: nothing but the object reaches stdout
+                out = _run_job(args, "eval")
+            print(json.dumps(out, default=str) if args.json else _eval_text(out))
         else:
-            print(json.dumps(_run_job(args, args.command), indent=2, default=str))
+            out = _run_job(args, args.command)
+            print(json.dumps(out, default=str) if getattr(args, "json", False) else json.dumps(out, indent=2,
+                                                                                                default=str))
     except VidgenError as e:
         if debug:
             raise

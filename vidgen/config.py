@@ -11,6 +11,7 @@ per problem, e.g. ``train.zero_stage=7: expected one of 0, 1, 2, 3``.
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -94,7 +95,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    family: Literal["svd"] = Field("svd", description="Model family.")
+    family: Literal["svd", "hotshot"] = Field(
+        "svd", description="Model family: svd (Stable Video Diffusion) or hotshot (SDXL + Hotshot-XL temporal layers)."
+    )
     flavor: Literal["tiny", "pretrained"] = Field(
         "tiny", description="tiny: random init from a small config (tests, demo); pretrained: load `path`."
     )
@@ -106,6 +109,22 @@ class ModelConfig(Section):
         "~/.cache/vidgen/models", description="Where remote model directories are copied once, keyed by URI."
     )
     num_frames: int = Field(8, ge=2, description="The model's frame window (frames per UNet call).")
+    # Hotshot-XL (family=hotshot)
+    temporal_layers: str | None = Field(
+        None, description="hotshot: a Hotshot-XL temporal-layer file (hsxl_temporal_layers.safetensors, Hotshot key "
+        "names) loaded over the model's own temporal layers; needed when model.path/unet is a plain SDXL UNet."
+    )
+    spatial_unet_base: str | None = Field(
+        None, description="hotshot: a local SDXL UNet2DConditionModel directory replacing the spatial layers "
+        "(Hotshot's --spatial_unet_base); the temporal layers are kept."
+    )
+    max_frames: int | None = Field(
+        None, ge=1, description="hotshot: length of the temporal positional table. Unset: the weights' own (24)."
+    )
+    spatial_norm: Literal["clip", "frame"] = Field(
+        "clip", description="hotshot: clip: resnet GroupNorm statistics span a clip's frames (Hotshot-XL's 3-D "
+        "resnets); frame: each frame alone (diffusers' UNetMotionModel / AnimateDiff)."
+    )
 
     @model_validator(mode="after")
     def _pretrained_needs_path(self) -> ModelConfig:
@@ -116,8 +135,67 @@ class ModelConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """PEFT LoRA on the UNet's Linear layers (recipe svd_lora)."""
+
+    rank: int = Field(4, ge=1, description="LoRA rank r: each targeted Linear(in, out) gains r * (in + out) weights.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Unset: alpha = rank (SVD Xtend)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input during training.")
+    init: Literal["gaussian", "default"] = Field(
+        "gaussian",
+        description="PEFT init_lora_weights: gaussian (A ~ N(0, 1/r), SVD Xtend's choice) or default (A Kaiming-"
+        "uniform); B starts at zero either way, so training starts from the base model.",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module name suffixes to wrap (PEFT matching: the full name equals one or ends with "
+        "'.<suffix>'); every match must be a Linear layer.",
+    )
+    scope: Literal["all", "spatial", "temporal"] = Field(
+        "all",
+        description="all: every match; spatial: outside temporal_transformer_blocks; temporal: inside them only.",
+    )
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Extra filter: wrap only matches whose full module name contains one of these substrings. "
+        "Empty: no further filter.",
+    )
+    export_merged: bool = Field(
+        False, description="Also export the base UNet with the LoRA merged in (<workdir>/export/unet, usable as "
+        "generate.unet) beside the LoRA itself (<workdir>/export/lora)."
+    )
+
+
+class DDPMConfig(Section):
+    """DDPM objective of recipe hotshot_temporal (Hotshot-XL's fine_tune.py, with its fixed bugs)."""
+
+    prediction_type: Literal["scheduler", "epsilon", "v_prediction"] = Field(
+        "scheduler", description="UNet target: scheduler (the model's scheduler config decides), epsilon or "
+        "v_prediction."
+    )
+    noise_offset: float = Field(0.0, ge=0, description="Offset-noise strength: one extra N(0,1) draw per video and "
+                                "channel, times this, added to the noise (Hotshot's seed run: 0.05).")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR loss weighting gamma (e.g. 5.0); unset: plain MSE. Any float (Hotshot's "
+        "--snr_gamma flag could only mean 1.0)."
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1, description="Probability of training a sample without its caption (zero text embeddings, "
+        "the unconditional input of classifier-free guidance)."
+    )
+    default_prompt: str = Field("", description="Caption of clips whose rows carry no `prompt`.")
+
+
 class TrainConfig(Section):
-    recipe: Literal["svd_full"] = Field("svd_full", description="What trains and with which objective.")
+    recipe: Literal["svd_full", "svd_lora", "hotshot_temporal"] = Field(
+        "svd_full", description="What trains and with which objective: svd_full (all or part of the UNet) or "
+        "svd_lora (LoRA adapters from train.lora on a frozen UNet)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (recipe svd_lora).")
+    ddpm: DDPMConfig = Field(default_factory=lambda: DDPMConfig(),
+                             description="DDPM objective settings (recipe hotshot_temporal).")
     trainable: Literal["all", "temporal", "patterns"] = Field(
         "all",
         description="all: every UNet parameter; temporal: temporal transformer blocks only (SVD Xtend); "
@@ -197,22 +275,96 @@ class TrainConfig(Section):
 class FifoConfig(Section):
     partitions: int = Field(2, ge=1, description="n: windows the queue is split into; steps = n * frames.")
     lookahead: bool = Field(True, description="Lookahead denoising: overlapping half-shifted windows.")
+    uniform_latents: bool = Field(
+        False,
+        description="Uniform latent extension (FIFO+ `unilatent`): queue slot i starts from base frame i // n "
+        "instead of frame 0 for the first (n - 1) * window slots.",
+    )
+    cache: bool = Field(
+        True,
+        description="Cache base videos under <output>/cache, keyed by model, prompt, image, seed, window, "
+        "partitions and size, so reruns and other lengths reuse them.",
+    )
+
+
+class ConsistencyConfig(Section):
+    seed_frame: bool = Field(
+        False,
+        description="Re-condition on the first generated frame once it leaves the queue (image-conditioned "
+        "models): the conditioning becomes (1 - w) * original + w * first frame.",
+    )
+    seed_frame_weight: float = Field(1.0, ge=0, le=1, description="w of generate.consistency.seed_frame.")
+    qcache: bool = Field(
+        False,
+        description="Weighted query cache: temporal self-attention of each up block uses "
+        "(1 - w) * q + w * q of its mirrored down block, within each UNet call.",
+    )
+    qcache_weight: float = Field(0.5, ge=0, le=1, description="w of generate.consistency.qcache.")
+
+
+class AutoregressiveConfig(Section):
+    overlap: int = Field(
+        0,
+        ge=0,
+        description="Frames each clip shares with the previous one, blended linearly in latent space "
+        "(0: clips are appended whole).",
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="Steps per clip. Unset: generate.num_inference_steps."
+    )
 
 
 class GenerateConfig(Section):
     prompts: str = Field(
-        "", description="Prompt file (JSONL rows with `image` and optional `prompt`, `seed`, `id`)."
+        "",
+        description="Prompt source: JSONL rows ({image, prompt, seed, id}), a text file (one prompt per line), "
+        "VBench_full_info.json, an i2v file (`image_path;prompt` lines) or a folder of OPV2V scene folders.",
     )
-    output: str = Field("", description="Where videos go. Unset: <workdir>/generated.")
+    prompt_format: Literal["auto", "jsonl", "text", "vbench", "i2v", "opv2v"] = Field(
+        "auto",
+        description="How to read generate.prompts. auto: .jsonl -> jsonl, .json -> vbench, a folder -> opv2v, "
+        "else text.",
+    )
+    augmented_prompts: str | None = Field(
+        None,
+        description="Augmented prompt file line-aligned with a text prompts file (VBench augmented_prompts): "
+        "videos are sampled with the augmented prompt and named by the original.",
+    )
+    dimensions: list[str] = Field(
+        default_factory=list, description="VBench dimensions to keep (VBench JSON only). Empty: all."
+    )
+    images: str | None = Field(
+        None, description="Conditioning image for text-only prompt sources (image-conditioned models such as SVD)."
+    )
+    samples_per_prompt: int = Field(1, ge=1, description="Videos per prompt (VBench: 5).")
+    seed: int = Field(0, description="Sample i of a prompt uses seed + i (JSONL rows: their own seed + i).")
+    seeds: list[int] = Field(
+        default_factory=list, description="Explicit seed of sample i (overrides generate.seed); length >= samples."
+    )
+    naming: Literal["auto", "hash", "vbench"] = Field(
+        "auto",
+        description="Video file names. vbench: `{prompt}-{i}.mp4` (filename-safe); hash: `{id}-{hash}.mp4`; "
+        "auto: vbench for VBench sources, else hash.",
+    )
+    extra_outputs: list[Literal["gif", "frames"]] = Field(
+        default_factory=list, description="Besides the mp4: a gif under <output>/gif, PNG frames under <output>/frames."
+    )
+    output: str = Field("", description="Job folder: videos/, manifest.jsonl, records/. Unset: <workdir>/generated.")
     unet: str | None = Field(
         None, description="Trained UNet directory (from `vidgen train`) used instead of the model's own."
     )
-    sampler: Literal["base", "fifo"] = Field("fifo", description="base: one window; fifo: diagonal denoising.")
+    lora: str | None = Field(None, description="LoRA weights applied to the UNet (vidgen.models.lora.load_lora).")
+    lora_scale: float = Field(1.0, description="Scale of generate.lora.")
+    sampler: Literal["base", "fifo", "autoregressive"] = Field(
+        "fifo", description="base: one window; fifo: diagonal denoising; autoregressive: clip after clip."
+    )
     num_frames: int = Field(16, ge=1, description="Frames per output video (longer than the window: use fifo).")
     num_inference_steps: int = Field(
         8, ge=1, description="Denoising steps of the base sampler (FIFO uses partitions * window)."
     )
     fifo: FifoConfig = Field(default_factory=FifoConfig)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    autoregressive: AutoregressiveConfig = Field(default_factory=AutoregressiveConfig)
     min_guidance_scale: float = Field(1.0, ge=1, description="Classifier-free guidance at the first frame.")
     max_guidance_scale: float = Field(3.0, ge=1, description="Classifier-free guidance at the last frame.")
     fps: int = Field(7, ge=1, description="fps conditioning and output frame rate.")
@@ -220,25 +372,155 @@ class GenerateConfig(Section):
     noise_aug_strength: float = Field(0.02, ge=0, description="Noise added to the conditioning image.")
     height: int = Field(64, ge=8, description="Output height (multiple of 8).")
     width: int = Field(64, ge=8, description="Output width (multiple of 8).")
-    num_actors: int = Field(1, ge=1, description="Generation actors (one GPU each on a GPU cluster).")
-    use_gpu: bool = Field(False, description="One GPU per actor.")
+    num_actors: int = Field(1, ge=1, description="Most generation actors (the pool's max size).")
+    min_actors: int | None = Field(None, ge=1, description="Fewest actors of the pool. Unset: num_actors.")
+    use_gpu: bool = Field(False, description="GPUs per actor from generate.gpus_per_actor.")
+    gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per actor when generate.use_gpu.")
+    actor_restarts: int = Field(
+        -1, ge=-1, description="Restarts of a dead actor, its batch retried (-1: unlimited; 0: the job fails)."
+    )
+    max_failed_fraction: float = Field(
+        0.05, ge=0, le=1, description="Stop with an error once more than this fraction of the videos failed."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerateConfig:
+        if self.seeds and len(self.seeds) < self.samples_per_prompt:
+            raise ValueError(f"generate.seeds: {len(self.seeds)} seeds for samples_per_prompt="
+                             f"{self.samples_per_prompt}; give at least one per sample")
+        if self.min_actors and self.min_actors > self.num_actors:
+            raise ValueError("generate.min_actors: must be <= generate.num_actors")
+        return self
 
 
 class EvalConfig(Section):
     real: str = Field("", description="Real clips (same layouts as `data`); unset: the data source.")
     generated: str = Field("", description="Directory of generated videos; unset: generate.output.")
+    real_layout: Layout | None = Field(None, description="Layout of eval.real; unset: data.layout.")
+    generated_layout: Literal["auto", "videos", "frames", "hotshot"] = Field(
+        "videos", description="Layout of eval.generated (a generation output folder holds videos)."
+    )
     num_frames: int = Field(16, ge=1, description="Frames per clip fed to I3D (both sets).")
-    resolution: int = Field(224, ge=32, description="I3D input size; frames are resized straight to it.")
+    fps: float | None = Field(
+        None, gt=0, description="Clip frame rate for both sets, strided from each source. Unset: every frame."
+    )
+    resolution: int = Field(224, ge=32, description="I3D input size R (224 for comparable numbers).")
+    preprocess: Literal["squash", "center_crop"] = Field(
+        "squash",
+        description="squash: bilinear straight to R x R (TF, StyleGAN-V, cd-fvd); center_crop: shorter side "
+        "to R, then the centre R x R (VideoGPT, Seer). Logged with the result.",
+    )
+    cov_norm: Literal["n-1", "n"] = Field(
+        "n-1", description="Covariance divisor: n-1 (TF-GAN, VideoGPT) or n (StyleGAN-V, cd-fvd). Logged."
+    )
+    windows: list[Literal["early", "middle", "late"]] = Field(
+        default_factory=lambda: ["early"],
+        min_length=1,
+        description="Where generated videos are cut into clips: early (first frames), middle, late (last "
+        "frames); FVD/KVD are reported per window and over all windows' clips together.",
+    )
+    clips_per_real_video: int = Field(1, ge=1, description="Evenly spread clips taken from each real video.")
     i3d_flavor: Literal["tiny", "pretrained"] = Field("tiny", description="tiny: random init (tests, demo).")
     i3d_path: str | None = Field(None, description="I3D weights (a 400-class InceptionI3d state dict).")
-    max_real: int = Field(2048, ge=2, description="At most this many real clips.")
+    i3d_bn_eps: float = Field(
+        1e-3, gt=0, description="I3D BatchNorm epsilon: 1e-3 (TF, pytorch-i3d) or 1e-5 (VideoGPT's port)."
+    )
+    max_real: int = Field(2048, ge=2, description="At most this many real clips (the first by clip id).")
+    min_clips: int = Field(400, ge=2, description="Warn when either set has fewer clips than this.")
     batch_size: int = Field(4, ge=1, description="Clips per I3D forward.")
+    num_actors: int = Field(1, ge=1, description="I3D feature actors (one GPU each when GPUs are used).")
+    use_gpu: bool | None = Field(None, description="One GPU per I3D actor. Unset: when the Ray cluster has GPUs.")
+    cache: bool = Field(True, description="Reuse the real set's features and statistics from eval.cache_dir.")
+    cache_dir: str = Field(
+        "",
+        description="Real-set feature cache (npz + json per key of source, sampling, preprocessing, weights "
+        "digest). Unset: <run.workdir>/eval-cache.",
+    )
 
     @model_validator(mode="after")
     def _pretrained_needs_path(self) -> EvalConfig:
         if self.i3d_flavor == "pretrained" and not self.i3d_path:
             raise ValueError("eval.i3d_path: required when eval.i3d_flavor=pretrained")
         return self
+
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe in paths, MLflow tags and Ray submission ids
+
+
+class NightlyConfig(Section):
+    """The nightly eval (vidgen/eval/nightly.py): generate -> FVD/KVD -> compare with the last good night."""
+
+    suite: str = Field(
+        "default",
+        description="Prompt-suite name (e.g. vbench-subject, opv2v-front); its prompts are generate.prompts and "
+        "its real reference set eval.real. Tags the MLflow run, names the output folder and the Ray "
+        "submission id nightly-<suite>-<date>.",
+    )
+    date: str | None = Field(
+        None, description="The night, YYYY-MM-DD. Unset: today's UTC date. A rerun with the same date resumes "
+        "that night's MLflow run and output folder instead of starting another.",
+    )
+    checkpoints: dict[str, str] = Field(
+        default_factory=dict,
+        description="Checkpoints to evaluate: label -> trained UNet directory ('' for the model's own UNet). "
+        "One MLflow run each, compared with the same label's last good night. Empty: one run labelled "
+        "'default' with generate.unet.",
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"fvd": 0.10, "kvd": 0.25},
+        description="Largest tolerated relative change for the worse per metric against the last good night "
+        "(0.1: 10% worse) before the night counts as regressed; metrics not listed are reported, not judged.",
+    )
+    higher_is_better: list[str] = Field(
+        default_factory=list,
+        description="Metrics for which larger is better; every other metric (FVD, KVD) is lower-is-better.",
+    )
+    output: str = Field(
+        "", description="Root of the nightly outputs: <output>/<suite>/<date>/<label>/ holds the videos and the "
+        "report. Unset: <workdir>/nightly.",
+    )
+    gallery: int = Field(8, ge=0, description="Sample videos shown in the report (copied beside it).")
+    history: int = Field(30, ge=2, description="Nights shown in the report's FVD trend plot.")
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _iso_date(cls, v: Any) -> str | None:
+        import datetime as dt
+        import re
+
+        if isinstance(v, dt.date):  # YAML reads an unquoted 2026-01-31 as a date
+            v = v.isoformat()
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"expected a date YYYY-MM-DD, got {v!r}")
+        if v is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) and _parses(dt.date.fromisoformat, v)):
+            raise ValueError(f"expected a date YYYY-MM-DD, got {v!r}")
+        return v
+
+    @field_validator("suite", "checkpoints")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        import re
+
+        bad = [k for k in ([v] if isinstance(v, str) else v) if not re.fullmatch(_NAME, k)]
+        if bad:
+            raise ValueError(f"{bad[0]!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if not x >= 0]
+        if bad:
+            raise ValueError(f"{bad[0]}={v[bad[0]]}: expected a relative threshold >= 0")
+        return v
+
+
+def _parses(fn, v: str) -> bool:
+    try:
+        fn(v)
+    except ValueError:
+        return False
+    return True
 
 
 class VidgenConfig(Section):
@@ -250,6 +532,7 @@ class VidgenConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -293,8 +576,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. train.lr=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a date-shaped value that is no date (2026-02-30)
         value = raw  # let the field's validator judge the raw string
+    if isinstance(value, datetime.date):
+        value = raw.strip()  # dates stay the text the user typed
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads `1e-4` as a string; a number was meant
     return key.split("."), value

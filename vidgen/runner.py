@@ -146,21 +146,60 @@ def epochs_dataset(stream, cfg: VidgenConfig):
 
 def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = None,
                  log_videos: int = 4) -> dict:
-    from vidgen.generate.job import output_dir, run_generation, summarize
+    """Batch generation; logs counts, videos/hour, frames/s, the manifest and a grid of sample videos."""
+    import time
 
-    results = run_generation(cfg, rows)
+    from vidgen.generate.fifo import FifoPlan
+    from vidgen.generate.job import output_dir, run_generation, summarize
+    from vidgen.generate.outputs import job_root, video_grid
+
+    g, window = cfg.generate, cfg.model.num_frames
+    params = {"generate.window": window}
+    if g.sampler == "fifo":
+        plan = FifoPlan(window, g.fifo.partitions, g.fifo.lookahead)
+        cfg_mult = 2 if max(g.min_guidance_scale, g.max_guidance_scale) > 1 else 1
+        params |= {"generate.fifo.steps": plan.steps, "generate.fifo.iterations": plan.iterations(g.num_frames),
+                   "generate.fifo.unet_calls_per_frame": len(plan.windows()) * cfg_mult}
+    tracker.log_params(params)
+    t0 = time.perf_counter()
+    try:
+        results = run_generation(cfg, rows)
+    finally:
+        root = job_root(cfg)
+        manifest = storage.join(root, "manifest.jsonl")
+        if storage.exists(manifest):
+            tracker.log_artifact(manifest, "generate")
+    seconds = time.perf_counter() - t0
     counts = summarize(results)
-    tracker.log_metrics({f"generate/{k}": v for k, v in counts.items()})
+    made = [r for r in results if r["status"] == "generated"]
+    frames = sum(int(r["num_frames"]) for r in made)
+    tracker.log_metrics({**{f"generate/{k}": v for k, v in counts.items()},
+                         "generate/videos_per_hour": len(made) / seconds * 3600 if made else 0.0,
+                         "generate/frames_per_s": frames / seconds if made else 0.0,
+                         "generate/seconds": seconds})
     done = [r for r in results if r["status"] != "failed"]
     for r in done[:log_videos]:
         tracker.log_video(r["path"])
-    if counts.get("failed"):
-        first = next(r for r in results if r["status"] == "failed")
-        raise JobError(f"{counts['failed']} of {len(results)} videos failed; first: {first['id']}: {first['error']}")
-    return {"output_dir": output_dir(cfg), "videos": [r["path"] for r in done], "counts": counts}
+    if done:  # the grid goes to MLflow only: a file beside the videos would count as one in evaluation
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vidgen-grid-") as tmp:
+            grid = video_grid([r["path"] for r in done[:4]], os.path.join(tmp, "grid.mp4"), g.fps)
+            if grid:
+                tracker.log_video(grid, artifact_path="grid")
+    return {"output_dir": output_dir(cfg), "videos": [r["path"] for r in done], "counts": counts,
+            "manifest": storage.join(job_root(cfg), "manifest.jsonl")}
 
 
-def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, generated: str | None = None) -> dict:
+def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, generated: str | None = None,
+             real_layout: str | None = None, generated_layout: str | None = None) -> dict:
+    """FVD / KVD (overall and per window) and model-free metrics, logged to the open run.
+
+    Logs the eval params (`fvd.*`), metrics `fvd`, `kvd`, `fvd/<window>`, `kvd/<window>`,
+    `eval/n_real`, `eval/n_fake`, `eval/<metric>_mean|_median`, and the per-video metrics as the
+    artifact `eval/per_video.json`. Returns `EvalResult.to_dict()` plus the first version's
+    `num_real` / `num_generated`.
+    """
     from vidgen.eval.job import run_eval
     from vidgen.generate.job import output_dir
 
@@ -168,8 +207,16 @@ def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, gener
     generated = generated or cfg.eval.generated or output_dir(cfg)
     if not real:
         raise JobError("eval.real: required (real clips to compare against; defaults to data.source)")
-    res = run_eval(cfg, real, generated)
+    res = run_eval(cfg, real, generated, real_layout, generated_layout)
     tracker.log_params(res.params)
-    tracker.log_metrics({"fvd": res.fvd, "kvd": res.kvd, "eval/num_real": res.num_real,
-                         "eval/num_generated": res.num_generated})
-    return {"fvd": res.fvd, "kvd": res.kvd, "num_real": res.num_real, "num_generated": res.num_generated}
+    metrics = {"fvd": res.fvd, "kvd": res.kvd, "eval/n_real": res.n_real, "eval/n_fake": res.n_fake}
+    for name, w in res.windows.items():
+        metrics |= {f"fvd/{name}": w["fvd"], f"kvd/{name}": w["kvd"]}
+    metrics |= {f"eval/{k}": v for k, v in res.metrics.items()}
+    tracker.log_metrics(metrics)
+    if res.warnings:
+        tracker.set_tags({"eval.warnings": " | ".join(res.warnings)[:5000]})
+    per_video = storage.join(cfg.run.workdir, "eval", cfg.run.name, "per_video.json")
+    storage.write_json(per_video, {"videos": res.per_video, "summary": res.metrics})
+    tracker.log_artifact(per_video, artifact_path="eval")
+    return res.to_dict() | {"num_real": res.n_real, "num_generated": res.n_fake}

@@ -82,19 +82,21 @@ def cover_crop_box(
 
 
 def resize_cover_crop(
-    frames_thwc: np.ndarray, height: int, width: int, rng: np.random.Generator | None = None
+    frames_thwc: np.ndarray, height: int, width: int, rng: np.random.Generator | None = None,
+    box: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Aspect-preserving resize-to-cover then crop, the same box for every frame.
 
     uint8 [T, H, W, 3] -> uint8 [T, height, width, 3]. The whole clip is resized in one call of
     torch's uint8 bilinear interpolation with antialiasing (torchvision's default resize; its
     vectorised uint8 kernel is 5-8x faster than PIL's per-frame resize, the largest cost of ingest
-    after decoding), then cropped. No float copy of the clip is ever made.
+    after decoding), then cropped. No float copy of the clip is ever made. `box`: a geometry from
+    `cover_crop_box` computed by the caller (who wants to record it); `rng` is then unused.
     """
     if frames_thwc.dtype != np.uint8 or frames_thwc.ndim != 4 or frames_thwc.shape[-1] != 3:
         raise ValueError(f"expected uint8 [T, H, W, 3], got {frames_thwc.dtype} {frames_thwc.shape}")
     t, src_h, src_w, _ = frames_thwc.shape
-    scaled_h, scaled_w, top, left = cover_crop_box(src_h, src_w, height, width, rng)
+    scaled_h, scaled_w, top, left = box or cover_crop_box(src_h, src_w, height, width, rng)
     if (scaled_h, scaled_w) == (src_h, src_w):  # no scaling: a plain crop, exact pixels
         return np.ascontiguousarray(frames_thwc[:, top:top + height, left:left + width])
     import torch  # imported on first use: listing and inspection never pay for it

@@ -5,6 +5,8 @@ never a whole shard). Columns:
   clip_id, source_uri, prompt, bucket, format: string   (format: jpeg | png | mp4)
   start_frame, stride, height, width, num_frames: int64    (stride: source frames per clip frame)
   fps: float64                                              (of the clip's frames)
+  orig_height, orig_width, crop_top, crop_left: int64      (SDXL micro-conditioning of the pack's resize/crop;
+                                                            absent in shards packed before they were recorded)
   frames: list<binary>   one encoded image per frame (jpeg/png; empty for mp4)
   video: binary          the clip as an mp4 (mp4 only)
 Each shard `part-NNNNN.parquet` is written whole and atomically; `part-NNNNN.done.json` beside it
@@ -34,8 +36,9 @@ SHARD_SUFFIX = ".parquet"
 MANIFEST = "_manifest.json"
 FORMATS = ("jpeg", "png", "mp4")
 EXPECTED = f"parquet shards (part-*{SHARD_SUFFIX}) written by `vidgen prepare pack`"
+GEOMETRY = ("orig_height", "orig_width", "crop_top", "crop_left")
 _COLUMNS = ("clip_id", "source_uri", "prompt", "bucket", "format", "start_frame", "stride", "height", "width",
-            "num_frames", "fps", "frames", "video")
+            "num_frames", "fps", "frames", "video", *GEOMETRY)
 
 
 def schema():
@@ -46,6 +49,7 @@ def schema():
         ("bucket", pa.string()), ("format", pa.string()), ("start_frame", pa.int64()), ("stride", pa.int64()),
         ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()), ("fps", pa.float64()),
         ("frames", pa.list_(pa.binary())), ("video", pa.binary()),
+        *[(k, pa.int64()) for k in GEOMETRY],
     ])
 
 
@@ -59,7 +63,7 @@ def encode_clip(row: dict, fmt: str, quality: int = 95) -> dict:
     record = {k: row[k] for k in ("clip_id", "source_uri", "prompt", "start_frame", "fps")}
     record.update(bucket=row.get("bucket", f"{h}x{w}"), format=fmt, stride=int(row.get("stride", 1)),
                   height=h, width=w,
-                  num_frames=f, frames=[], video=None)
+                  num_frames=f, frames=[], video=None, **{k: row.get(k) for k in GEOMETRY})
     if fmt == "mp4":
         record["video"] = _encode_mp4(frames, row["fps"])
     elif fmt in ("jpeg", "png"):

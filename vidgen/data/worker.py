@@ -15,7 +15,7 @@ import numpy as np
 
 from vidgen import storage
 from vidgen.data.buckets import Bucket, bucket_name, nearest_bucket
-from vidgen.data.clips import clip_span, clip_starts, frame_stride, resize_cover_crop, sample_rng
+from vidgen.data.clips import clip_span, clip_starts, cover_crop_box, frame_stride, resize_cover_crop, sample_rng
 from vidgen.data.decode import decode_image, image_size
 from vidgen.data.listing import Sample
 from vidgen.data.shards import read_shard_clip
@@ -98,7 +98,8 @@ def _frame_folder_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> lis
     # Read only the frames the clips use: scene folders can hold hundreds of frames.
     wanted = sorted({s + i * stride for s in starts for i in range(spec.num_frames)})
     blobs = {i: _read(frame_uris[i]) for i in wanted}
-    target = spec.target(*_header_size(blobs[wanted[0]], frame_uris[wanted[0]]))
+    src_hw = _header_size(blobs[wanted[0]], frame_uris[wanted[0]])
+    target = spec.target(*src_hw)
     # JPEG draft decoding (when frames are >= 2x the target) needs one format per folder, or
     # drafted and full-size frames of the same source size would no longer stack.
     single_format = len({frame_uris[i].rpartition(".")[2].lower() for i in wanted}) == 1
@@ -107,8 +108,7 @@ def _frame_folder_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> lis
     rows = []
     for start in starts:
         clip = np.stack([frames[start + i * stride] for i in range(spec.num_frames)])
-        rows.append(_row(sample.uri, start, prompt, source_fps / stride, stride,
-                         resize_cover_crop(clip, *target, rng)))
+        rows.append(_row(sample.uri, start, prompt, source_fps / stride, stride, *_fit(clip, target, rng, src_hw)))
     return rows
 
 
@@ -151,8 +151,8 @@ def _video_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> list[dict]
             if len(clip) < spec.num_frames:  # the header promised more frames than the stream has
                 raise BadSample("too few frames", f"{sample.uri}: only {len(clip)} frames decodable "
                                 f"from frame {start} at stride {stride}, clip needs {spec.num_frames}")
-            frames = resize_cover_crop(clip, *target, rng)
-            rows.append(_row(sample.uri, start, prompt, clip_fps, stride, frames))
+            rows.append(_row(sample.uri, start, prompt, clip_fps, stride,
+                             *_fit(clip, target, rng, (src_h, src_w))))
         return rows
     except DataError as e:
         text = str(e) if str(e).startswith(sample.uri) else f"{sample.uri}: {e}"
@@ -193,14 +193,36 @@ def _shard_clips(sample: Sample, spec: ClipSpec, rng) -> list[dict]:
         packed_stride = int(record["stride"] or 1)
         row = _row(record["source_uri"], int(record["start_frame"]) + start * packed_stride,
                    record["prompt"] or spec.default_prompt, float(record["fps"]) / stride,
-                   packed_stride * stride, resize_cover_crop(clip, *target, rng))
+                   packed_stride * stride, *_refit(clip, target, rng, record))
         if start == 0:
             row["clip_id"] = record["clip_id"]
         rows.append(row)
     return rows
 
 
-def _row(source_uri: str, start: int, prompt: str, fps: float, stride: int, frames_fhwc: np.ndarray) -> dict:
+def _fit(clip: np.ndarray, target: tuple[int, int], rng, orig_hw: tuple[int, int]) -> tuple[np.ndarray, dict]:
+    """Resize-to-cover + crop, and the SDXL micro-conditioning of it: the source size (h, w) and the crop's
+    top-left in the scaled image (top, left), in that order (Hotshot's trainer mixed (w, h) in)."""
+    box = cover_crop_box(clip.shape[1], clip.shape[2], *target, rng)
+    geometry = {"orig_height": int(orig_hw[0]), "orig_width": int(orig_hw[1]),
+                "crop_top": int(box[2]), "crop_left": int(box[3])}
+    return resize_cover_crop(clip, *target, box=box), geometry
+
+
+def _refit(clip: np.ndarray, target: tuple[int, int], rng, record: dict) -> tuple[np.ndarray, dict]:
+    """A packed clip at the requested size: its pack-time geometry kept when no further resize happens; after
+    a re-resize the original size is kept and the crop is the new one (in the packed clip's scale)."""
+    frames, geometry = _fit(clip, target, rng, clip.shape[1:3])
+    packed = {k: record.get(k) for k in ("orig_height", "orig_width", "crop_top", "crop_left")}
+    if packed["orig_height"] is None:  # packed before geometry was recorded: the packed size stands in
+        return frames, geometry
+    if tuple(target) == tuple(clip.shape[1:3]):
+        return frames, packed
+    return frames, {**geometry, "orig_height": packed["orig_height"], "orig_width": packed["orig_width"]}
+
+
+def _row(source_uri: str, start: int, prompt: str, fps: float, stride: int, frames_fhwc: np.ndarray,
+         geometry: dict) -> dict:
     return {
         "frames": frames_fhwc,
         "prompt": prompt,
@@ -210,6 +232,7 @@ def _row(source_uri: str, start: int, prompt: str, fps: float, stride: int, fram
         "start_frame": int(start),
         "stride": int(stride),
         "bucket": bucket_name(frames_fhwc.shape[1:3]),
+        **geometry,
     }
 
 

@@ -1,8 +1,12 @@
-"""I3D features of video clips, for FVD / KVD: preprocessing, a batch function and a Ray Data UDF.
+"""I3D features of video clips, for FVD / KVD: clip reading, preprocessing, a batch function, a Ray Data UDF.
 
-Preprocessing follows the TF reference and cd-fvd: every frame is resized straight to R x R
-(bilinear, no crop, so non-square frames are squashed) and scaled to [-1, 1]. VideoGPT / Seer
-instead resize the short side and center-crop; numbers from the two policies are not comparable.
+Clips are read at their native size (no data.height/width resize): the only resize is the I3D
+preprocessing below, so the two policies mean what the references mean by them.
+  squash       every frame resized straight to R x R, bilinear, no crop (TF reference, StyleGAN-V,
+               cd-fvd); non-square frames are squashed. The default.
+  center_crop  the shorter side resized to R (the longer to ceil(side * R / short)), then the
+               centre R x R cropped (VideoGPT, Seer, JunyaoHu).
+Both then scale to [-1, 1] (x / 127.5 - 1). Numbers from the two policies are not comparable.
 
 Shapes: B clips, T frames, H/W pixels, R the I3D input resolution (224 for comparable FVDs).
   frames_bthwc  [B, T, H, W, 3] uint8
@@ -12,33 +16,65 @@ Shapes: B clips, T frames, H/W pixels, R the I3D input resolution (224 for compa
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidgen import storage
+from vidgen.data.clips import clip_starts, frame_stride
+from vidgen.data.decode import decode_image
+from vidgen.data.listing import Sample
+from vidgen.data.worker import BadSample, ClipSpec
 from vidgen.errors import DataError
+from vidgen.eval.metrics import video_metrics
 from vidgen.models.i3d import build_i3d
 
+Preprocess = Literal["squash", "center_crop"]
+WINDOWS = ("early", "middle", "late")
 
-def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 clips [B, T, H, W, 3] -> float32 [B, 3, T, R, R] in [-1, 1]."""
+
+def _resize_bthwc(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] -> float32 [B*T, 3, h, w] in 0..255, bilinear without antialiasing."""
+    b, t, h, w, _ = frames.shape
+    x = frames.reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()
+    if (h, w) != size:
+        # Same call as cd-fvd / TATS / VideoGPT (no antialiasing), so results match theirs for the same inputs.
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x
+
+
+def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int, mode: Preprocess = "squash") -> torch.Tensor:
+    """uint8 clips [B, T, H, W, 3] -> float32 [B, 3, T, R, R] in [-1, 1] (see the module docstring)."""
     frames = torch.as_tensor(frames_bthwc)
     if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise DataError(
             f"frames: expected uint8 clips of shape [B, T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}"
         )
     b, t, h, w, _ = frames.shape
-    x = frames.reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()  # [B*T, 3, H, W]
-    if (h, w) != (resolution, resolution):
-        # Same call as cd-fvd / TATS (no antialiasing), so results match theirs for the same inputs.
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    r = resolution
+    if mode == "squash":
+        x = _resize_bthwc(frames, (r, r))
+    elif mode == "center_crop":
+        scale = r / min(h, w)
+        size = (r, math.ceil(w * scale)) if h < w else (math.ceil(h * scale), r)
+        x = _resize_bthwc(frames, size)
+        top, left = (size[0] - r) // 2, (size[1] - r) // 2
+        x = x[:, :, top:top + r, left:left + r]
+    else:
+        raise DataError(f"eval.preprocess: expected 'squash' or 'center_crop', got {mode!r}")
     x = x / 127.5 - 1.0
-    return x.reshape(b, t, 3, resolution, resolution).permute(0, 2, 1, 3, 4).contiguous()
+    return x.reshape(b, t, 3, r, r).permute(0, 2, 1, 3, 4).contiguous()
 
 
 def _clips(frames: np.ndarray | torch.Tensor | list) -> list[np.ndarray | torch.Tensor]:
-    """Split a batch into groups of equal-shaped clips: one array, or one per clip when ragged."""
+    """One array per clip when the batch is ragged (a list or an object array), else the batch itself."""
     if isinstance(frames, np.ndarray) and frames.dtype == object:
         frames = list(frames)  # Ray Data hands variable-shaped tensor columns over as object arrays
     if isinstance(frames, list):
@@ -52,28 +88,45 @@ def extract_features(
     frames_bthwc: np.ndarray | torch.Tensor | list,
     resolution: int = 224,
     batch_size: int = 16,
+    mode: Preprocess = "squash",
 ) -> np.ndarray:
     """I3D logits [B, 400] float32 of uint8 clips [B, T, H, W, 3], `batch_size` clips per forward pass.
 
-    Clips of different shapes (a list or an object array) are run one at a time.
+    Ragged batches (a list or an object array of clips of different sizes) are preprocessed clip by
+    clip to [3, T, R, R] and then batched by frame count, so sizes never force batch-size-1 passes.
     """
     device = next(model.parameters()).device
-    out = []
-    for group in _clips(frames_bthwc):
-        for start in range(0, len(group), batch_size):
-            x = preprocess(group[start : start + batch_size], resolution).to(device)
-            out.append(model(x).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, getattr(model, "feature_dim", 400)), np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+
+    def on_device(x) -> torch.Tensor:  # uint8 crosses to the GPU (4x less than float); resizing runs there
+        return torch.as_tensor(x).to(device, non_blocking=True)
+
+    groups = _clips(frames_bthwc)
+    if len(groups) == 1:
+        batch = groups[0]
+        out = [model(preprocess(on_device(batch[s:s + batch_size]), resolution, mode)).float().cpu()
+               for s in range(0, len(batch), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "feature_dim", 400)), np.float32)
+    xs = [preprocess(on_device(clip), resolution, mode)[0] for clip in groups]
+    result: list[torch.Tensor | None] = [None] * len(xs)
+    by_len: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        by_len.setdefault(x.shape[1], []).append(i)
+    for idx in by_len.values():
+        for s in range(0, len(idx), batch_size):
+            part = idx[s:s + batch_size]
+            logits = model(torch.stack([xs[i] for i in part])).float().cpu()
+            for i, row in zip(part, logits):
+                result[i] = row
+    return torch.stack(result).numpy()  # type: ignore[arg-type]
 
 
 class I3DFeatures:
-    """Ray Data `map_batches` UDF: {'frames': uint8 [B, T, H, W, 3], 'clip_id'?} -> {'features', 'clip_id'?}.
+    """Ray Data `map_batches` UDF: {'frames': uint8 [B, T, H, W, 3], 'clip_id'?, ...} -> 400-d rows.
 
-    Use with an actor pool so the model loads once per actor, e.g.
-    `ds.map_batches(I3DFeatures, fn_constructor_kwargs={...}, batch_size=16, num_gpus=1,
-    compute=ray.data.ActorPoolStrategy(size=k))`.
+    Returns {'features' [B, 400] float32, 'shape' ("TxHxW" of each input clip), 'clip_id'?} plus the
+    `passthrough` columns unchanged (never the frames). Use with an actor pool so the model loads
+    once per actor: `ds.map_batches(I3DFeatures, fn_constructor_kwargs={...}, batch_size=16,
+    num_gpus=1, compute=ray.data.ActorPoolStrategy(size=k))`. device None: CUDA when visible.
     """
 
     def __init__(
@@ -82,16 +135,112 @@ class I3DFeatures:
         path: str | None = None,
         resolution: int = 224,
         seed: int = 0,
-        device: str = "cpu",
+        device: str | None = None,
         batch_size: int = 16,
+        preprocess: Preprocess = "squash",
+        bn_eps: float | None = None,
+        passthrough: tuple[str, ...] = (),
     ) -> None:
-        self.model = build_i3d(flavor, path, seed).to(device)
-        self.resolution, self.batch_size = resolution, batch_size
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_i3d(flavor, path, seed, bn_eps=bn_eps).to(device)
+        self.resolution, self.batch_size, self.mode = resolution, batch_size, preprocess
+        self.passthrough = tuple(passthrough)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "frames" not in batch:
             raise DataError(f"I3D features: the batch has no 'frames' column (columns: {sorted(batch)})")
-        out = {"features": extract_features(self.model, batch["frames"], self.resolution, self.batch_size)}
-        if "clip_id" in batch:
-            out["clip_id"] = np.asarray(batch["clip_id"])
+        frames = batch["frames"]
+        out = {"features": extract_features(self.model, frames, self.resolution, self.batch_size, self.mode),
+               "shape": np.array(["x".join(map(str, np.shape(c)[:3])) for c in _rows(frames)])}
+        for key in ("clip_id", *self.passthrough):
+            if key in batch:
+                out[key] = np.asarray(batch[key])
         return out
+
+
+def _rows(frames) -> list:
+    return list(frames) if isinstance(frames, list | np.ndarray | torch.Tensor) else [frames]
+
+
+# ---- clip reading for evaluation (runs in Ray Data tasks or in-process) -----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeSpec(ClipSpec):
+    """A ClipSpec that keeps every clip at its source size (no resize, no crop): I3D preprocessing
+    is the only resize in evaluation."""
+
+    def target(self, src_h: int, src_w: int) -> tuple[int, int]:
+        return src_h, src_w
+
+
+def native_spec(num_frames: int, fps: float | None, source_fps: float, clips_per_video: int,
+                seed: int) -> NativeSpec:
+    return NativeSpec(num_frames=num_frames, height=0, width=0, fps=fps, source_fps=source_fps, train=False,
+                      seed=seed, epoch=0, clips_per_video=clips_per_video, default_prompt="-")
+
+
+def window_starts(num_available: int, num_frames: int, stride: int, windows: tuple[str, ...]) -> dict[int, list[str]]:
+    """{start frame: [window names]} for the requested windows of one video; {} when it is too short.
+
+    early starts at frame 0, late ends at the last frame, middle starts halfway between them
+    (`clip_starts`' evenly spread starts for 3 clips). Windows that land on the same start (a video
+    only a little longer than a clip) share one clip.
+    """
+    k = 3 if "middle" in windows else 2 if "late" in windows else 1
+    starts = clip_starts(num_available, num_frames, stride, k, None)
+    if not starts:
+        return {}
+    at = {"early": starts[0], "late": starts[-1], "middle": starts[1] if len(starts) == 3 else starts[0]}
+    out: dict[int, list[str]] = {}
+    for name in windows:
+        out.setdefault(at[name], []).append(name)
+    return out
+
+
+def read_all_frames(sample: Sample) -> tuple[np.ndarray, float | None]:
+    """Every frame of a sample, uint8 [T, H, W, 3], and its fps (None for frame folders that do not say)."""
+    if sample.frame_uris is not None:
+        frames = [decode_image(storage.read_bytes(u), u) for u in sample.frame_uris]
+        if len({f.shape for f in frames}) > 1:
+            raise BadSample("mixed frame sizes", f"{sample.uri}: frames of different sizes")
+        fps = sample.meta.get("fps")
+        return np.stack(frames), (float(fps) if fps else None)
+    from vidgen.data.video import read_video
+
+    source: str | bytes = storage.read_bytes(sample.uri) if storage.is_remote(sample.uri) else sample.uri
+    return read_video(source)
+
+
+def generated_rows(item: dict, windows: tuple[str, ...], num_frames: int, fps: float | None, source_fps: float,
+                   report_dir: str, token: str) -> list[dict]:
+    """One generated video -> a row per distinct window clip, each with the video's model-free metrics.
+
+    The whole video is decoded once: the metrics need every frame, the windows are cut from it.
+    A video that cannot make a clip yields no rows and leaves a skip record (the format
+    `vidgen.data.pipeline.ClipStream.report` reads).
+    """
+    sample = Sample(**json.loads(item["sample"]))
+    try:
+        try:
+            frames, src_fps = read_all_frames(sample)
+        except DataError as e:
+            raise BadSample("unreadable video", str(e)) from e
+        stride = frame_stride(src_fps or source_fps, fps)
+        starts = window_starts(len(frames), num_frames, stride, windows)
+        if not starts:
+            raise BadSample("too few frames", f"{sample.uri}: {len(frames)} frames, a clip needs "
+                            f"{(num_frames - 1) * stride + 1} (eval.num_frames={num_frames}, stride={stride})")
+        metrics = video_metrics(frames, sample.uri)
+        return [{"frames": np.ascontiguousarray(frames[s:s + (num_frames - 1) * stride + 1:stride]),
+                 "clip_id": f"{sample.uri}#{s}", "video": sample.uri, "windows": ",".join(names),
+                 "num_video_frames": len(frames), **metrics}
+                for s, names in sorted(starts.items())]
+    except BadSample as e:
+        reason, detail = e.reason, e.detail
+    except Exception as e:  # a bug or an unforeseen input: skipped and reported, never fatal to the job
+        reason, detail = f"unexpected {type(e).__name__}", f"{sample.uri}: {e}"[:500]
+    record = {"uri": sample.uri, "reason": reason, "detail": detail, "token": token}
+    name = hashlib.blake2b(sample.uri.encode("utf-8"), digest_size=10).hexdigest() + ".json"
+    storage.write_json(storage.join(report_dir, name), record)
+    return []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Literal
 
 import numpy as np
 import scipy.linalg
@@ -41,29 +42,103 @@ def _same_dim(a: np.ndarray, b: np.ndarray, what: str) -> None:
         )
 
 
+CovNorm = Literal["n-1", "n"]
+
+
+def _divisor(n: int, cov_norm: CovNorm) -> int:
+    if cov_norm not in ("n-1", "n"):
+        raise DataError(f"eval.cov_norm: expected 'n-1' or 'n', got {cov_norm!r}")
+    return n - 1 if cov_norm == "n-1" else n
+
+
+class FeatureStats:
+    """Running mean and covariance of feature rows, fed batch by batch, in float64.
+
+    Keeps n, the mean and M2 = sum (x - mean)(x - mean)^T, merged per batch with Chan et al.'s
+    pairwise update (the same numbers as one pass over all rows, up to rounding, without the
+    cancellation of a raw sum of squares when the mean is large next to the spread, as logits are).
+    `cov('n-1')` divides M2 by N - 1 (TF-GAN, VideoGPT), `cov('n')` by N (StyleGAN-V, cd-fvd).
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(dim, np.float64)
+        self.m2 = np.zeros((dim, dim), np.float64)
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def update(self, features: np.ndarray) -> FeatureStats:
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise DataError(f"FeatureStats.update: expected features [N, {self.dim}], got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise DataError(f"features contain NaN or inf ({int((~np.isfinite(x)).sum())} values)")
+        if len(x):
+            batch_mean = x.mean(axis=0)
+            centered = x - batch_mean
+            self._merge(len(x), batch_mean, centered.T @ centered)
+        return self
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        if other.dim != self.dim:
+            raise DataError(f"FeatureStats.merge: dimensions differ ({self.dim} vs {other.dim})")
+        if other.n:
+            self._merge(other.n, other.mean, other.m2)
+        return self
+
+    def _merge(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        n_a, n = self.n, self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self.n = n
+
+    def cov(self, cov_norm: CovNorm = "n-1") -> np.ndarray:
+        if self.n < 2:
+            raise DataError(f"need at least 2 clips to estimate a covariance, got {self.n}")
+        return self.m2 / _divisor(self.n, cov_norm)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"n": np.array(self.n), "mean": self.mean, "m2": self.m2}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> FeatureStats:
+        stats = cls(int(np.asarray(arrays["mean"]).shape[0]))
+        stats.n, stats.mean, stats.m2 = int(arrays["n"]), np.asarray(arrays["mean"], np.float64), \
+            np.asarray(arrays["m2"], np.float64)
+        return stats
+
+    @classmethod
+    def of(cls, features: np.ndarray, name: str = "features") -> FeatureStats:
+        x = _as_features(features, name)
+        return cls(x.shape[1]).update(x)
+
+
+def warn_if_few(n: int, d: int, name: str) -> str | None:
+    """The rank-deficiency warning (logged and returned) when a set has fewer clips than feature dims."""
+    if n >= d:
+        return None
+    text = (f"{name}: {n} clips for {d}-d features: the covariance is rank-deficient, so the FVD is biased "
+            "upward (the standard protocol uses 2048 clips per set)")
+    log.warning(text)
+    return text
+
+
 def feature_stats(
-    features: np.ndarray, unbiased: bool = True, name: str = "features"
+    features: np.ndarray, unbiased: bool = True, name: str = "features", cov_norm: CovNorm | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and covariance [D, D] of features [N, D], in float64.
 
-    unbiased=True divides by N - 1 (TF-GAN's `frechet_classifier_distance`, VideoGPT, TATS, Seer);
-    unbiased=False divides by N (StyleGAN-V's `FeatureStats.get_mean_cov`, also used by cd-fvd).
-    The two give FVDs about 2.6% apart at N = 24 and 0.05% apart at N = 2048.
+    cov_norm 'n-1' (or unbiased=True) divides by N - 1 (TF-GAN's `frechet_classifier_distance`,
+    VideoGPT, TATS, Seer); 'n' (unbiased=False) divides by N (StyleGAN-V's
+    `FeatureStats.get_mean_cov`, also used by cd-fvd). The two give FVDs about 2.6% apart at N = 24
+    and 0.05% apart at N = 2048. cov_norm, when given, wins over unbiased.
     """
-    x = _as_features(features, name)
-    n, d = x.shape
-    if n < d:
-        log.warning(
-            "%s: %d clips for %d-d features: the covariance is rank-deficient, so the FVD is biased "
-            "upward (the standard protocol uses 2048 clips per set)",
-            name,
-            n,
-            d,
-        )
-    mu = x.mean(axis=0)
-    centered = x - mu
-    sigma = centered.T @ centered / (n - 1 if unbiased else n)
-    return mu, sigma
+    stats = FeatureStats.of(features, name)
+    warn_if_few(stats.n, stats.dim, name)
+    return stats.mean, stats.cov(cov_norm or ("n-1" if unbiased else "n"))
 
 
 def frechet_distance(
@@ -118,14 +193,22 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
     return root
 
 
-def fvd(real_feats: np.ndarray, gen_feats: np.ndarray, unbiased: bool = True) -> float:
+def fvd(real_feats: np.ndarray, gen_feats: np.ndarray, unbiased: bool = True,
+        cov_norm: CovNorm | None = None) -> float:
     """FVD between two feature sets [N_real, D] and [N_gen, D] (set sizes may differ)."""
     real = _as_features(real_feats, "real features")
     gen = _as_features(gen_feats, "generated features")
     _same_dim(real, gen, "fvd")
-    return frechet_distance(
-        *feature_stats(real, unbiased, "real features"), *feature_stats(gen, unbiased, "generated features")
-    )
+    return frechet_distance(*feature_stats(real, unbiased, "real features", cov_norm),
+                            *feature_stats(gen, unbiased, "generated features", cov_norm))
+
+
+def fvd_from_stats(real: FeatureStats, gen: FeatureStats, cov_norm: CovNorm = "n-1") -> float:
+    """FVD between two accumulated statistics (see FeatureStats)."""
+    if real.dim != gen.dim:
+        raise DataError(f"fvd: the two feature sets differ in dimension ({real.dim} vs {gen.dim}); "
+                        "both must come from the same feature network")
+    return frechet_distance(real.mean, real.cov(cov_norm), gen.mean, gen.cov(cov_norm))
 
 
 def polynomial_kernel(a: np.ndarray, b: np.ndarray, degree: int, gamma: float, coef0: float) -> np.ndarray:

@@ -1,67 +1,334 @@
-"""FVD / KVD of generated against real clips: clips read by Ray Data, I3D features in an actor pool,
-statistics reduced on the driver.
+"""FVD / KVD and model-free metrics of generated against real clips, on Ray Data.
 
-Both sets are cut into clips of `eval.num_frames` frames the same way (deterministic starts, centre
-crops), because FVD is only comparable between sets sampled alike (generation.md 3.5).
+  real:      list samples -> clips at native size (vidgen.data workers) -> I3D actor pool -> 400-d rows
+             cached per (source, sampling, preprocessing, weights digest) under eval.cache_dir
+  generated: list videos -> decode each once: windows (early / middle / late) + per-video metrics
+             -> I3D actor pool -> 400-d rows
+  driver:    float64 streaming statistics -> Frechet distance, KVD -> EvalResult
+
+Both sets are cut into clips of `eval.num_frames` frames at `eval.fps` (deterministic starts), then
+preprocessed alike (`eval.preprocess`), because FVD is only comparable between sets sampled alike
+(generation.md 3.5). Everything the numbers depend on is in `EvalResult.params`, logged beside them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
-from dataclasses import dataclass
+import math
+import os
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 
+from vidgen import storage
 from vidgen.config import VidgenConfig
-from vidgen.data.pipeline import read_clips
+from vidgen.data.layouts import list_samples
 from vidgen.errors import DataError
-from vidgen.eval.fvd import fvd, kvd
+from vidgen.eval.fvd import FeatureStats, fvd_from_stats, kvd
+from vidgen.eval.metrics import aggregate
 
 log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+METRIC_KEYS = ("temporal_flickering_mae", "temporal_flickering_score", "motion_magnitude")
 
 
 @dataclass
 class EvalResult:
+    """The outcome of one evaluation (what `run_eval` returns and the nightly job records).
+
+    fvd, kvd    over every generated clip (all windows together) against the real clips
+    n_real      real clips used; n_fake: distinct generated clips used
+    windows     {window: {"fvd", "kvd", "n_fake"}} per eval.windows entry (early / middle / late)
+    metrics     model-free metrics over generated videos: `<metric>_mean` / `<metric>_median` for
+                temporal_flickering_mae (VBench MAE, 0..255), temporal_flickering_score (VBench,
+                (255 - mae) / 255) and motion_magnitude (normal-flow px/frame); see vidgen.eval.metrics
+    per_video   [{"video", "num_frames", <metric>: value}] one per generated video that was scored;
+                the metrics use every decoded frame of the video (not only the windows)
+    params      what the numbers depend on ("fvd.preprocess", "fvd.cov_norm", "fvd.i3d_weights", ...)
+    warnings    human-readable warnings (few clips, clip shapes differ between the sets)
+    real_cache  "hit" (real features loaded from eval.cache_dir, no I3D pass), "miss" or "off"
+    skipped     {"real": n, "generated": n} samples that gave no clip (reasons in the data reports)
+    """
+
     fvd: float
     kvd: float
-    num_real: int
-    num_generated: int
-    params: dict  # what the numbers depend on; logged to MLflow beside them
+    n_real: int
+    n_fake: int
+    windows: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_video: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    real_cache: str = "off"
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_real(self) -> int:  # the names of the first version, used by the demo
+        return self.n_real
+
+    @property
+    def num_generated(self) -> int:
+        return self.n_fake
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def clip_features(source: str, layout: str, cfg: VidgenConfig, limit: int | None = None) -> np.ndarray:
+@dataclass
+class FeatureSet:
+    features: np.ndarray  # [N, 400] float32, sorted by clip_id
+    clip_ids: list[str]
+    stats: FeatureStats
+    shapes: list[str]  # "TxHxW" of each clip, same order
+    extra: dict[str, list] = field(default_factory=dict)  # passthrough columns, same order as clip_ids
+
+    def head(self, n: int) -> FeatureSet:
+        """The first n clips, with statistics of exactly those."""
+        return FeatureSet(self.features[:n], self.clip_ids[:n], FeatureStats.of(self.features[:n]),
+                          self.shapes[:n], {k: v[:n] for k, v in self.extra.items()})
+
+
+# ---- I3D stage ------------------------------------------------------------------------------------
+
+
+def _use_gpu(cfg: VidgenConfig) -> bool:
+    if cfg.eval.use_gpu is not None:
+        return cfg.eval.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def weights_id(cfg: VidgenConfig) -> str:
+    from vidgen.models.i3d import weights_digest
+
+    return weights_digest(cfg.eval.i3d_flavor, cfg.eval.i3d_path, cfg.run.seed)
+
+
+def featurize(ds, cfg: VidgenConfig, passthrough: tuple[str, ...] = ()) -> FeatureSet:
+    """Run the I3D actor stage over a dataset of {'frames', 'clip_id', ...} rows and collect 400-d rows,
+    accumulating float64 statistics batch by batch as they arrive."""
     import ray
 
     from vidgen.eval.features import I3DFeatures
 
-    e, d = cfg.eval, cfg.data
-    stream = read_clips(source, layout, num_frames=e.num_frames, height=d.height, width=d.width,
-                        fps=None, source_fps=d.source_fps, train=False, seed=cfg.run.seed,
-                        default_prompt="-", max_bad_fraction=d.max_bad_fraction)
-    ds = stream.dataset.select_columns(["frames", "clip_id"])
-    if limit:
-        ds = ds.limit(limit)
-    feats = ds.map_batches(
+    e = cfg.eval
+    gpu = _use_gpu(cfg)
+    out = ds.map_batches(
         I3DFeatures,
-        fn_constructor_kwargs=dict(flavor=e.i3d_flavor, path=e.i3d_path, resolution=e.resolution,
-                                   seed=cfg.run.seed, batch_size=e.batch_size),
-        compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs=dict(flavor=e.i3d_flavor, path=e.i3d_path, resolution=e.resolution, seed=cfg.run.seed,
+                                   device="cuda" if gpu else "cpu", batch_size=e.batch_size,
+                                   preprocess=e.preprocess, bn_eps=e.i3d_bn_eps, passthrough=passthrough),
+        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         batch_size=e.batch_size,
-        num_cpus=1,
-    ).take_all()
-    stream.check()
-    if len(feats) < 2:
-        raise DataError(f"{source}: {len(feats)} clip(s) of {e.num_frames} frames; FVD needs at least 2 "
-                        f"(videos shorter than eval.num_frames are skipped)")
-    feats.sort(key=lambda r: r["clip_id"])  # order-independent result, reproducible arrays
-    return np.stack([r["features"] for r in feats]).astype(np.float64)
+        num_gpus=1 if gpu else 0,
+        num_cpus=1 if not gpu else 0.5,
+    )
+    stats: FeatureStats | None = None
+    feats, ids, shapes = [], [], []
+    extra: dict[str, list] = {k: [] for k in passthrough}
+    for batch in out.iter_batches(batch_size=256, batch_format="numpy"):
+        f = np.asarray(batch["features"], np.float32)
+        stats = (stats or FeatureStats(f.shape[1])).update(f)
+        feats.append(f)
+        ids.extend(str(c) for c in batch["clip_id"])
+        shapes.extend(str(s) for s in batch["shape"])
+        for k in passthrough:
+            extra[k].extend(v.item() if hasattr(v, "item") else v for v in batch[k])
+    if not feats:
+        return FeatureSet(np.zeros((0, 400), np.float32), [], FeatureStats(400), [], extra)
+    features = np.concatenate(feats)
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # reproducible arrays whatever the arrival order
+    return FeatureSet(features[order], [ids[i] for i in order], stats, [shapes[i] for i in order],
+                      {k: [v[i] for i in order] for k, v in extra.items()})
 
 
-def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | None = None) -> EvalResult:
-    real_feats = clip_features(real, real_layout or cfg.data.layout, cfg, limit=cfg.eval.max_real)
-    gen_feats = clip_features(generated, "videos", cfg)
-    params = {"eval.impl": "i3d-400-logits/unbiased-cov/scipy-sqrtm", "eval.resize": "squash-bilinear",
-              "eval.i3d_flavor": cfg.eval.i3d_flavor, "eval.resolution": cfg.eval.resolution,
-              "eval.clip_frames": cfg.eval.num_frames}
-    return EvalResult(fvd=fvd(real_feats, gen_feats), kvd=kvd(real_feats, gen_feats),
-                      num_real=len(real_feats), num_generated=len(gen_feats), params=params)
+# ---- real set (cached) ----------------------------------------------------------------------------
+
+
+def cache_key(cfg: VidgenConfig, source: str, layout: str, sample_uris: list[str]) -> dict[str, Any]:
+    """Everything the real features depend on; its digest names the cache file."""
+    e, d = cfg.eval, cfg.data
+    listing = hashlib.sha256("\n".join(sample_uris).encode("utf-8")).hexdigest()
+    return {"version": CACHE_VERSION, "source": source, "layout": layout, "samples": listing,
+            "num_samples": len(sample_uris), "num_frames": e.num_frames, "fps": e.fps, "source_fps": d.source_fps,
+            "clips_per_video": e.clips_per_real_video, "max_real": e.max_real, "camera": d.camera,
+            "preprocess": e.preprocess, "resolution": e.resolution, "weights": weights_id(cfg),
+            "bn_eps": e.i3d_bn_eps}
+
+
+def cache_uri(cfg: VidgenConfig, key: dict[str, Any]) -> str:
+    root = cfg.eval.cache_dir or storage.join(cfg.run.workdir, "eval-cache")
+    root = os.path.expanduser(root) if not storage.is_remote(root) else root
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:24]
+    return storage.join(root, f"real-{digest}.npz")
+
+
+def save_cache(uri: str, key: dict[str, Any], fs: FeatureSet, skipped: int = 0) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, features=fs.features, clip_ids=np.array(fs.clip_ids, dtype=str),
+             shapes=np.array(fs.shapes, dtype=str), meta=np.array(json.dumps({"key": key, "skipped": skipped})),
+             **fs.stats.to_arrays())
+    storage.write_bytes(uri, buf.getvalue())  # atomic: a killed run never leaves a half-written cache
+
+
+def load_cache(uri: str, key: dict[str, Any]) -> tuple[FeatureSet, int] | None:
+    """(features, skipped samples) saved under `uri` for exactly `key`; None when absent or unusable."""
+    if not storage.exists(uri):
+        return None
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta["key"] != key:
+                raise ValueError("key mismatch")
+            fs = FeatureSet(z["features"], [str(c) for c in z["clip_ids"]], FeatureStats.from_arrays(z),
+                            [str(c) for c in z["shapes"]])
+            return fs, int(meta.get("skipped", 0))
+    except Exception as err:  # a damaged or foreign file: recompute (and overwrite it) rather than fail
+        log.warning("%s: unusable real-feature cache (%s); recomputing", uri, err)
+        return None
+
+
+def real_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureSet, str, int]:
+    """(features, "hit" | "miss" | "off", skipped samples) of the real set."""
+    from vidgen.data.pipeline import ClipStream
+    from vidgen.eval.features import native_spec
+
+    e, d = cfg.eval, cfg.data
+    samples = list_samples(source, layout, camera=d.camera, prompt_template=d.prompt_template)
+    needed = math.ceil(e.max_real / e.clips_per_real_video)
+    samples = samples[: needed + max(8, needed // 20)]  # a margin for skipped samples; rows are cut below
+    key = cache_key(cfg, source, layout, [s.uri for s in samples])
+    uri = cache_uri(cfg, key)
+    if e.cache and (cached := load_cache(uri, key)) is not None:
+        log.info("real features of %s: cache hit %s (%d clips)", source, uri, len(cached[0].clip_ids))
+        return cached[0], "hit", cached[1]
+    spec = native_spec(e.num_frames, e.fps, d.source_fps, e.clips_per_real_video, cfg.run.seed)
+    report_dir = storage.join(cfg.run.workdir, "eval-report", cfg.run.name, "real")
+    storage.makedirs(report_dir)
+    stream = ClipStream(source, samples, spec, report_dir, d.max_bad_fraction, 0.25, uuid.uuid4().hex)
+    fs = featurize(stream.dataset.select_columns(["frames", "clip_id"]), cfg)
+    report = stream.check()
+    if len(fs.clip_ids) > e.max_real:  # the first max_real by clip id, whatever order they arrived in
+        fs = fs.head(e.max_real)
+    _need_two(fs, source, e.num_frames)
+    if e.cache:
+        save_cache(uri, key, fs, report["skipped"])
+    return fs, ("miss" if e.cache else "off"), report["skipped"]
+
+
+def _need_two(fs: FeatureSet, source: str, num_frames: int) -> None:
+    if len(fs.clip_ids) < 2:
+        raise DataError(f"{source}: {len(fs.clip_ids)} clip(s) of {num_frames} frames; FVD needs at least 2 "
+                        "(videos shorter than eval.num_frames are skipped)")
+
+
+# ---- generated set --------------------------------------------------------------------------------
+
+
+def generated_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureSet, list[dict], int]:
+    """(features with 'windows' / 'video' columns, per-video metrics, skipped videos) of the generated set."""
+    import ray
+
+    from vidgen.data.pipeline import check_bad_fraction
+    from vidgen.eval.features import generated_rows
+
+    e, d = cfg.eval, cfg.data
+    samples = list_samples(source, layout)
+    report_dir = storage.join(cfg.run.workdir, "eval-report", cfg.run.name, "generated")
+    storage.makedirs(report_dir)
+    token = uuid.uuid4().hex
+    items = [{"sample": json.dumps(asdict(s))} for s in samples]
+    fn = partial(generated_rows, windows=tuple(e.windows), num_frames=e.num_frames, fps=e.fps,
+                 source_fps=d.source_fps, report_dir=report_dir, token=token)
+    ds = ray.data.from_items(items, override_num_blocks=min(4096, len(items))).flat_map(fn, num_cpus=0.25)
+    passthrough = ("video", "windows", "num_video_frames", *METRIC_KEYS)
+    fs = featurize(ds, cfg, passthrough)
+    _need_two(fs, source, e.num_frames)
+    per_video: dict[str, dict] = {}
+    for i, video in enumerate(fs.extra["video"]):
+        per_video.setdefault(video, {"video": video, "num_frames": int(fs.extra["num_video_frames"][i]),
+                                     **{k: float(fs.extra[k][i]) for k in METRIC_KEYS}})
+    bad = _skip_records(report_dir, token)
+    check_bad_fraction({"total": len(samples), "skipped": len(bad), "reasons": Counter(r["reason"] for r in bad),
+                        "bad": bad, "report_dir": report_dir}, d.max_bad_fraction)
+    return fs, sorted(per_video.values(), key=lambda r: r["video"]), len(bad)
+
+
+def _skip_records(report_dir: str, token: str) -> list[dict]:
+    out = []
+    for uri in storage.walk_files(report_dir, suffixes=(".json",)):
+        record = json.loads(storage.read_text(uri))
+        if record.get("token") == token:
+            out.append(record)
+    return sorted(out, key=lambda r: r["uri"])
+
+
+# ---- the evaluation -------------------------------------------------------------------------------
+
+
+def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | None = None,
+             generated_layout: str | None = None) -> EvalResult:
+    """FVD, KVD (overall and per window) and model-free metrics of `generated` against `real`.
+
+    real: any data layout (real_layout, else eval.real_layout, else data.layout); generated: a
+    generation output folder (generated_layout, else eval.generated_layout: videos). Ray must be up.
+    """
+    e = cfg.eval
+    real_layout = real_layout or e.real_layout or cfg.data.layout
+    generated_layout = generated_layout or e.generated_layout
+    real_fs, cache_state, real_skipped = real_features(cfg, real, real_layout)
+    gen_fs, per_video, gen_skipped = generated_features(cfg, generated, generated_layout)
+
+    result = EvalResult(fvd=fvd_from_stats(real_fs.stats, gen_fs.stats, e.cov_norm),
+                        kvd=kvd(real_fs.features, gen_fs.features), n_real=len(real_fs.clip_ids),
+                        n_fake=len(gen_fs.clip_ids), real_cache=cache_state,
+                        skipped={"real": real_skipped, "generated": gen_skipped})
+    for name in e.windows:
+        idx = [i for i, w in enumerate(gen_fs.extra["windows"]) if name in str(w).split(",")]
+        if len(idx) < 2:
+            result.warnings.append(f"window {name}: {len(idx)} clip(s), no FVD for it (need at least 2)")
+            continue
+        part = gen_fs.features[idx]
+        result.windows[name] = {"fvd": fvd_from_stats(real_fs.stats, FeatureStats.of(part), e.cov_norm),
+                                "kvd": kvd(real_fs.features, part), "n_fake": len(idx)}
+    result.per_video = per_video
+    result.metrics = aggregate(per_video)
+    result.warnings += set_warnings(real_fs, gen_fs, e.min_clips, e.preprocess, e.resolution)
+    for text in result.warnings:
+        log.warning("eval: %s", text)
+    result.params = {
+        "fvd.impl": "i3d-400-logits/scipy-sqrtm-real/kvd-poly3-unbiased", "fvd.preprocess": e.preprocess,
+        "fvd.cov_norm": e.cov_norm, "fvd.resolution": e.resolution, "fvd.num_frames": e.num_frames,
+        "fvd.fps": e.fps if e.fps else "native", "fvd.windows": ",".join(e.windows),
+        "fvd.clips_per_real_video": e.clips_per_real_video, "fvd.i3d_flavor": e.i3d_flavor,
+        "fvd.i3d_weights": weights_id(cfg), "fvd.i3d_bn_eps": e.i3d_bn_eps, "fvd.real": real,
+        "fvd.real_layout": real_layout, "fvd.generated": generated, "fvd.generated_layout": generated_layout,
+        "fvd.real_cache": cache_state,
+    }
+    return result
+
+
+def set_warnings(real: FeatureSet, gen: FeatureSet, min_clips: int, preprocess: str, resolution: int) -> list[str]:
+    out = []
+    for name, fs in (("real", real), ("generated", gen)):
+        n = len(fs.clip_ids)
+        if n < min_clips:
+            out.append(f"{name} set: {n} clips, fewer than eval.min_clips={min_clips}: the 400x400 covariance "
+                       "is poorly estimated and FVD is biased upward (the standard protocol uses 2048)")
+    if set(real.shapes) != set(gen.shapes):
+        def show(shapes: list[str]) -> str:
+            return ", ".join(f"{k} ({v})" for k, v in sorted(Counter(shapes).items()))
+
+        out.append(f"clip shapes (TxHxW) differ between the sets: real {show(real.shapes)}; generated "
+                   f"{show(gen.shapes)}; both are resized to {resolution}x{resolution} (eval.preprocess="
+                   f"{preprocess}), but FVD is only comparable between sets sampled alike")
+    return out

@@ -83,6 +83,21 @@ class SVDDenoiser:
                                torch.full((b,), float(noise_aug_strength)))
         return SVDCondition(image_embeds, image_latent, ids.to(image_bchw.device))
 
+    @torch.no_grad()
+    def recondition(self, latent_bchw: torch.Tensor, cond: SVDCondition, weight: float = 1.0) -> SVDCondition:
+        """Condition on a generated frame (scaled latent [B, C, h, w]), mixed with `cond` by `weight`.
+
+        Used by the seed-frame option and the autoregressive sampler. The decoded frame is encoded without
+        noise augmentation noise (deterministic); the micro-conditioning ids stay as they were.
+        """
+        m = self.model
+        image = m.decode_video(latent_bchw.unsqueeze(1), chunk=1)[:, 0].clamp(-1, 1)
+        embeds = m.encode_image(image).to(cond.image_embeds.dtype)
+        latent = m.encode_condition_frame(image).to(cond.image_latent.dtype)
+        w = float(weight)
+        return SVDCondition((1 - w) * cond.image_embeds + w * embeds, (1 - w) * cond.image_latent + w * latent,
+                            cond.added_time_ids)
+
     @property
     def guided(self) -> bool:
         return self.max_guidance > 1.0 or self.min_guidance > 1.0

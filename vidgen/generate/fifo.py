@@ -12,6 +12,10 @@ window's second half is written back, and F/2 context slots stand before the hea
 Queue initialisation follows the original: a base video of F frames x0 is sampled normally, then slot i
 holds base frame max(0, i - (nf - F)) noised to its level, so the first nf - F outputs are warm-up frames
 and are dropped. Iterations per video: N + nf - F for N output frames.
+
+Consistency options of the FIFO+ fork (generation.md 2.3-2.6), each changing one thing only:
+`uniform` spreads the base frames evenly over the queue (slot i holds frame i // n); `reseed` replaces the
+conditioning once, with what it returns for the first emitted frame (every later call sees the new one).
 """
 
 from __future__ import annotations
@@ -67,20 +71,31 @@ def slot_levels(plan: FifoPlan) -> torch.Tensor:
     return torch.cat([torch.ones(plan.offset, dtype=torch.long), real])
 
 
-def init_queue(base_x0_bfchw: torch.Tensor, levels: torch.Tensor, plan: FifoPlan,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, Q, C, h, w]: base frames noised to each slot's level (original FIFO `prepare_latents`)."""
+def slot_frames(plan: FifoPlan, uniform: bool = False) -> list[int]:
+    """Base frame each queue slot starts from: the original's, or FIFO+'s uniform spread (i // n)."""
     f, nf = plan.window, plan.steps
-    frame_of_slot = torch.tensor([0] * plan.offset + [max(0, i - (nf - f)) for i in range(nf)])
-    x0 = base_x0_bfchw[:, frame_of_slot]
+    real = [i // plan.partitions for i in range(nf)] if uniform else [max(0, i - (nf - f)) for i in range(nf)]
+    return [0] * plan.offset + real
+
+
+def init_queue(base_x0_bfchw: torch.Tensor, levels: torch.Tensor, plan: FifoPlan,
+               generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor:
+    """[B, Q, C, h, w]: base frames noised to each slot's level (original FIFO `prepare_latents`)."""
+    x0 = base_x0_bfchw[:, torch.tensor(slot_frames(plan, uniform))]
     sigma = levels[slot_levels(plan)].to(x0)
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
     return x0 + sigma.view(1, -1, 1, 1, 1) * noise
 
 
 def fifo_iterate(denoise: Denoiser, cond: object, queue: torch.Tensor, levels: torch.Tensor, plan: FifoPlan,
-                 num_frames: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Yields clean head latents [B, C, h, w], one per iteration, warm-up frames already dropped."""
+                 num_frames: int, generator: torch.Generator | None = None,
+                 reseed: Callable[[torch.Tensor, object], object] | None = None) -> Iterator[torch.Tensor]:
+    """Yields clean head latents [B, C, h, w], one per iteration, warm-up frames already dropped.
+
+    `reseed(head, cond) -> cond`, if given, is called once with the first emitted frame; its result
+    conditions every later denoiser call (the fork's seeding from the first generated frame, made an
+    explicit option instead of its always-true `or 't2v_seed_ar'` test).
+    """
     slot_lvl = slot_levels(plan)
     sigma_now = levels[slot_lvl].to(queue)  # [Q]
     sigma_next = levels[(slot_lvl - 1).clamp(min=0)].to(queue)
@@ -98,6 +113,8 @@ def fifo_iterate(denoise: Denoiser, cond: object, queue: torch.Tensor, levels: t
             queue[:, write_from:end] = x_next[:, k:]
         head = queue[:, plan.offset].clone()
         if it >= warmup:
+            if reseed is not None and it == warmup:
+                cond = reseed(head, cond)
             yield head
         tail = torch.randn(head.shape, generator=generator, device="cpu").to(queue) * levels[-1].to(queue)
         queue = torch.cat([queue[:, 1:], tail.unsqueeze(1)], dim=1)

@@ -1,17 +1,22 @@
-"""Batch generation: prompt rows fanned out over a Ray Data actor pool, one pipeline per actor.
+"""Batch generation: (prompt, sample) rows fanned out over a Ray Data actor pool, one pipeline per actor.
 
-A prompt file is JSONL, one row per video: {"image": URI of the conditioning frame, "prompt": text
-(recorded; SVD is image-conditioned), "seed": int, "id": name}. Every output is named by a hash of
-everything that determines it (image, prompt, seed, sampler settings, weights), written atomically,
-and skipped when it already exists, so a rerun after a crash only does the missing work.
+The driver reads the prompt source (vidgen.data.prompts), expands samples and seeds, names every video
+(vidgen.generate.outputs), drops rows whose video exists, and streams the rest through `map_batches` into
+`VideoGenerator` actors. Each actor writes its video atomically plus a record (its manifest row); the driver
+counts failures as rows come back, stops with a JobError once they pass generate.max_failed_fraction, and
+rewrites manifest.jsonl at the end, also when the job fails. A rerun therefore does exactly the missing work.
+
+Fault injection for tests: VIDGEN_FAULT_KILL_GENERATE=<marker file> kills the first actor that finishes
+VIDGEN_FAULT_KILL_AFTER (default 1) videos and reaches the next one's write, once (the marker remembers).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import re
+import os
 import time
 from typing import Any
 
@@ -19,146 +24,274 @@ import numpy as np
 
 from vidgen import storage
 from vidgen.config import GenerateConfig, ModelConfig, VidgenConfig
-from vidgen.errors import ConfigError, DataError
+from vidgen.data.prompts import expand_samples, load_rows, read_jsonl
+from vidgen.errors import ConfigError, DataError, JobError
+from vidgen.generate.outputs import (
+    checkpoint_of,
+    clean_stale_temps,
+    job_root,
+    naming_of,
+    output_dir,
+    output_name,
+    read_record,
+    record_uri,
+    sampler_params,
+    to_uint8,
+    write_extras,
+    write_manifest,
+)
+from vidgen.generate.pipelines import IMAGE_CONDITIONED, build_pipeline, check_family
 
 log = logging.getLogger(__name__)
 
+__all__ = ["VideoGenerator", "load_prompts", "output_dir", "output_name", "prepare_rows", "run_generation",
+           "summarize"]
+COLUMNS = ("id", "name", "image", "prompt", "sample_prompt", "sample", "seed")
+
 
 def load_prompts(uri: str) -> list[dict]:
-    """Rows of a JSONL prompt file; each needs `image`. Defaults: seed = line number, id from the image."""
+    """Rows of a JSONL prompt file (the original vidgen format); see vidgen.data.prompts.read_jsonl."""
     if not uri:
         raise ConfigError("generate.prompts: required (a JSONL file with one {\"image\": ...} row per video)")
-    rows = []
-    for n, line in enumerate(storage.read_text(uri).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{uri}:{n}: not a JSON object ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
-            raise DataError(f"{uri}:{n}: expected an object with an \"image\" URI, got {line.strip()[:80]}")
-        row.setdefault("prompt", "")
-        row.setdefault("seed", n - 1)
-        row.setdefault("id", re.sub(r"[^A-Za-z0-9_.-]+", "_", row["image"].rsplit("/", 1)[-1].rsplit(".", 1)[0]))
-        rows.append(row)
+    rows = read_jsonl(uri)
     if not rows:
         raise DataError(f"{uri}: no prompt rows")
     return rows
 
 
-def output_name(row: dict, gen: GenerateConfig, model: ModelConfig) -> str:
-    """`<id>-<hash>.mp4`: the hash covers every input that changes the pixels."""
-    ignored = {"prompts", "output", "num_actors", "use_gpu"}
-    ignored |= {"num_inference_steps"} if gen.sampler == "fifo" else {"fifo"}  # settings the sampler ignores
-    key = json.dumps({"image": row["image"], "prompt": row["prompt"], "seed": row["seed"],
-                      "gen": gen.model_dump(exclude=ignored),
-                      "model": model.model_dump(exclude={"cache_dir"})}, sort_keys=True)
-    return f"{row['id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.mp4"
+def prepare_rows(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[dict]:
+    """Prompt rows (given, or read from generate.prompts) -> one row per video with seed and file name."""
+    g = cfg.generate
+    check_family(cfg.model, g)
+    if rows is None:
+        rows = load_rows(g.prompts, g.prompt_format, g.augmented_prompts, g.dimensions, g.images)
+    else:  # callers (demo, nightly eval) pass {image, prompt, seed?, id?}
+        rows = [{"id": str(r.get("id") or f"row{i}"), "prompt": r.get("prompt", ""),
+                 "sample_prompt": r.get("sample_prompt", r.get("prompt", "")), "image": r.get("image", ""),
+                 "seed": r.get("seed"), "vbench": bool(r.get("vbench"))} for i, r in enumerate(rows)]
+    missing = [r for r in rows if not r["image"]] if cfg.model.family in IMAGE_CONDITIONED else []
+    if missing:
+        raise ConfigError(f"generate.images: SVD is image-conditioned, and {len(missing)} prompts have no image "
+                          f"(first: {missing[0]['prompt'][:60]!r}); set generate.images or use an i2v source")
+    videos = expand_samples(rows, g.samples_per_prompt, g.seed, g.seeds)
+    naming = naming_of(g, rows)
+    for v in videos:
+        v["name"] = output_name(v, g, cfg.model, naming)
+    unique = {v["name"]: v for v in reversed(videos)}  # same name = same video: keep the first
+    return [v for v in videos if unique.get(v["name"]) is v]
 
 
-def output_dir(cfg: VidgenConfig) -> str:
-    return cfg.generate.output or storage.join(cfg.run.workdir, "generated")
+def _fault_from_env() -> str | None:
+    """`marker:after` from the driver's environment (actors do not inherit it), or None."""
+    marker = os.environ.get("VIDGEN_FAULT_KILL_GENERATE")
+    return f"{marker}:{int(os.environ.get('VIDGEN_FAULT_KILL_AFTER', '1'))}" if marker else None
+
+
+def _fault_point(fault: str | None, done: int) -> None:
+    if not fault:
+        return
+    marker, _, after_s = fault.rpartition(":")
+    after = int(after_s)
+    if marker and done >= after and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(1)  # a crash mid-write: the temp file exists, the video does not
 
 
 class VideoGenerator:
-    """Ray Data UDF: builds the model once per actor, then generates one video per row."""
+    """Ray Data UDF: builds the pipeline once per actor, then generates one video per row."""
 
-    def __init__(self, model_cfg: dict, gen_cfg: dict, out_dir: str, device: str = "cpu"):
+    def __init__(self, model_cfg: dict, gen_cfg: dict, root: str, device: str = "cpu", fault: str | None = None):
         import torch
 
-        from vidgen.generate.denoisers import SVDDenoiser
-        from vidgen.models import svd
-
         self.model_cfg, self.gen = ModelConfig(**model_cfg), GenerateConfig(**gen_cfg)
-        self.out_dir, self.device = out_dir, torch.device(device)
-        m = self.model_cfg
-        self.model = svd.build(m.flavor, path=m.path, cache_dir=m.cache_dir, num_frames=m.num_frames,
-                               unet_path=self.gen.unet).to(self.device)
-        self.denoiser = SVDDenoiser(self.model, self.gen.min_guidance_scale, self.gen.max_guidance_scale)
+        self.root, self.device, self.fault = root, torch.device(device), fault
+        self.videos_dir = storage.join(root, "videos")
+        m, g = self.model_cfg, self.gen
+        self.pipe = build_pipeline(m, g)
+        self.model, self.denoiser = self.pipe.model, self.pipe.denoiser
+        self.model.to(self.device)
+        self.params = json.dumps(sampler_params(g, m.num_frames), sort_keys=True)
+        self.checkpoint = checkpoint_of(m, g)
+        self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("id", "path", "status", "seconds", "num_frames", "seed", "error")}
-        for i in range(len(batch["image"])):
+        out: dict[str, list] = {}
+        for i in range(len(batch["name"])):
             row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-            path = storage.join(self.out_dir, output_name(row, self.gen, self.model_cfg))
+            path = storage.join(self.videos_dir, row["name"])
             t0, status, error = time.perf_counter(), "generated", ""
             try:
                 if storage.exists(path):
                     status = "skipped"
                 else:
                     self.generate(row, path)
-            except Exception as e:  # recorded per row: one bad image must not stop the batch
+                    self.done += 1
+            except Exception as e:  # recorded per row: one bad image must not stop the job
                 status, error = "failed", f"{type(e).__name__}: {e}"
-                log.warning("%s: generation failed: %s", row["image"], error)
-            for k, v in (("id", row["id"]), ("path", path), ("status", status), ("error", error),
-                         ("seconds", time.perf_counter() - t0), ("num_frames", self.gen.num_frames),
-                         ("seed", int(row["seed"]))):
-                out[k].append(v)
+                log.warning("%s: generation failed: %s", row["name"], error)
+            result = {**{k: row[k] for k in COLUMNS}, "path": path, "status": status, "error": error,
+                      "seconds": time.perf_counter() - t0, "num_frames": self.gen.num_frames, "fps": self.gen.fps,
+                      "sampler": self.gen.sampler, "params": self.params, "checkpoint": self.checkpoint}
+            if status != "skipped":
+                record = {**result, "params": json.loads(self.params)}
+                storage.write_json(record_uri(self.root, row["name"]), record, indent=None)
+            for k, v in result.items():
+                out.setdefault(k, []).append(v)
         return out
 
-    def generate(self, row: dict, path: str) -> None:
+    # -- one video ---------------------------------------------------------------------------------------------
+
+    def _image(self, uri: str):
         import torch
 
         from vidgen.data.clips import resize_cover_crop
         from vidgen.data.decode import decode_image
-        from vidgen.data.video import write_video
-        from vidgen.generate.fifo import FifoPlan
-        from vidgen.generate.samplers import base_sample, fifo_sample
 
         g = self.gen
-        image = decode_image(storage.read_bytes(row["image"]), row["image"])
+        image = decode_image(storage.read_bytes(uri), uri)
         image = resize_cover_crop(image[None], g.height, g.width, None)[0]
-        image_bchw = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
-        gen = torch.Generator().manual_seed(int(row["seed"]))
-        cond = self.denoiser.condition(image_bchw, g.fps, g.motion_bucket_id, g.noise_aug_strength, gen)
-        window = self.model_cfg.num_frames
-        s = self.model.vae_scale_factor
-        shape = (1, window, 4, g.height // s, g.width // s)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+
+    def generate(self, row: dict, path: str) -> None:
+        import torch
+
+        from vidgen.data.video import write_video
+
+        g, window = self.gen, self.model_cfg.num_frames
+        seed = int(row["seed"])
+        gen = torch.Generator().manual_seed(seed)
+        cond = self.pipe.condition(row, g, self._image, gen)
+        shape = self.pipe.latent_shape(g, window)
+        latents = self.sample(row, cond, shape, gen)
+        with torch.no_grad():
+            video = to_uint8(self.model.decode_video(latents, chunk=window)[0])
+        stem = row["name"].removesuffix(".mp4")
+        with storage.atomic_local(path, ".mp4") as tmp:
+            write_video(tmp, video, fps=g.fps)
+            _fault_point(self.fault, self.done)
+        write_extras(self.root, stem, video, g.fps, g.extra_outputs)
+
+    def sample(self, row: dict, cond, shape: tuple[int, ...], gen):
+        import torch
+
+        from vidgen.generate.fifo import FifoPlan
+        from vidgen.generate.samplers import autoregressive_sample, base_sample, fifo_sample
+
+        g, window = self.gen, self.model_cfg.num_frames
+        sched = self.pipe.scheduler
         if g.sampler == "fifo":
             plan = FifoPlan(window, g.fifo.partitions, g.fifo.lookahead)
-            latents = fifo_sample(self.denoiser, cond, self.model.scheduler, shape, g.num_frames, plan, gen)
-        else:
-            if g.num_frames != window:
-                raise ConfigError(f"generate.num_frames={g.num_frames}: the base sampler makes exactly "
-                                  f"model.num_frames={window} frames; use generate.sampler=fifo for longer")
-            latents = base_sample(self.denoiser, cond, self.model.scheduler, shape, g.num_inference_steps, gen)
-        with torch.no_grad():
-            frames = self.model.decode_video(latents, chunk=window)[0]  # [N, 3, H, W] in [-1, 1]
-        video = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        write_video(path, video, fps=g.fps)
+            base = self.base_video(row, cond, shape, plan, gen)
+            queue_gen = torch.Generator().manual_seed(int(row["seed"]) + 0x9E3779B9)  # independent of the cache
+            c = g.consistency
+            reseed = (lambda head, cd: self.denoiser.recondition(head, cd, c.seed_frame_weight)) \
+                if c.seed_frame else None
+            return fifo_sample(self.denoiser, cond, sched, shape, g.num_frames, plan, queue_gen, base=base,
+                               uniform=g.fifo.uniform_latents, reseed=reseed)
+        if g.sampler == "autoregressive":
+            a = g.autoregressive
+            if a.overlap >= window:
+                raise ConfigError(f"generate.autoregressive.overlap={a.overlap}: must be < model.num_frames={window}")
+            return autoregressive_sample(self.denoiser, cond, sched, shape, g.num_frames,
+                                         a.num_inference_steps or g.num_inference_steps,
+                                         lambda last, cd: self.denoiser.recondition(last, cd), a.overlap, gen)
+        if g.num_frames != window:
+            raise ConfigError(f"generate.num_frames={g.num_frames}: the base sampler makes exactly "
+                              f"model.num_frames={window} frames; use generate.sampler=fifo for longer")
+        return base_sample(self.denoiser, cond, sched, shape, g.num_inference_steps, gen)
+
+    def base_video(self, row: dict, cond, shape: tuple[int, ...], plan, gen):
+        """FIFO's base video, cached by model, prompt, image, seed, f, n and every setting it depends on.
+
+        (The original keyed it by prompt[:100] and steps only, so samples with other seeds shared one.)
+        EDM Euler here is deterministic, so there is no eta to key on.
+        """
+        import torch
+
+        from vidgen.generate.samplers import base_sample
+
+        g = self.gen
+        key_src = {"model": self.model_cfg.model_dump(exclude={"cache_dir"}), "checkpoint": self.checkpoint,
+                   "image": row["image"], "prompt": row["sample_prompt"], "seed": int(row["seed"]),
+                   "f": plan.window, "n": plan.partitions, "shape": list(shape), "eta": 0.0,
+                   "cond": [g.fps, g.motion_bucket_id, g.noise_aug_strength, g.min_guidance_scale,
+                            g.max_guidance_scale],
+                   "qcache": [g.consistency.qcache, g.consistency.qcache_weight]}
+        key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
+        uri = storage.join(self.root, "cache", "base", f"{key}.pt")
+        if g.fifo.cache and storage.exists(uri):
+            return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location=self.device)
+        base = base_sample(self.denoiser, cond, self.pipe.scheduler, shape, plan.steps, generator=gen)
+        if g.fifo.cache:
+            buf = io.BytesIO()
+            torch.save(base.cpu(), buf)
+            storage.write_bytes(uri, buf.getvalue())
+        return base
 
 
 def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[dict]:
-    """Generate every prompt row; returns one result row per video (status generated/skipped/failed)."""
+    """Generate every (prompt, sample) video; returns one manifest row per video (generated/skipped/failed)."""
     import ray
 
-    rows = rows if rows is not None else load_prompts(cfg.generate.prompts)
-    out_dir = output_dir(cfg)
-    storage.makedirs(out_dir)
-    g = cfg.generate
-    items = [{"image": r["image"], "prompt": r["prompt"], "seed": int(r["seed"]), "id": str(r["id"])} for r in rows]
-    # Finished videos are skipped here, on the driver, so a rerun starts no actor just to skip.
-    done = [r for r in items if storage.exists(storage.join(out_dir, output_name(r, g, cfg.model)))]
-    todo = [r for r in items if r not in done]
-    skipped = [{"id": r["id"], "path": storage.join(out_dir, output_name(r, g, cfg.model)), "status": "skipped",
-                "seconds": 0.0, "num_frames": g.num_frames, "seed": r["seed"], "error": ""} for r in done]
-    if not todo:
-        return sorted(skipped, key=lambda r: r["id"])
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    results = ds.map_batches(
-        VideoGenerator,
-        fn_constructor_kwargs=dict(model_cfg=cfg.model.model_dump(), gen_cfg=g.model_dump(), out_dir=out_dir,
-                                   device="cuda" if g.use_gpu else "cpu"),
-        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
-        batch_size=1,
-        num_gpus=1 if g.use_gpu else 0,
-        num_cpus=1,
-    ).take_all() + skipped
-    failed = [r for r in results if r["status"] == "failed"]
-    for r in failed:
-        log.error("video %s failed: %s", r["id"], r["error"])
-    return sorted(results, key=lambda r: r["id"])
+    g, root, videos_dir = cfg.generate, job_root(cfg), output_dir(cfg)
+    videos = prepare_rows(cfg, rows)
+    storage.makedirs(videos_dir)
+    clean_stale_temps(videos_dir)
+    # Finished videos are skipped here, on the driver, with one listing: a rerun starts no actor just to skip.
+    existing = {u.rsplit("/", 1)[-1] for u in storage.listdir(videos_dir)}
+    todo = [v for v in videos if v["name"] not in existing]
+    results: dict[str, dict] = {}
+    for v in videos:
+        if v["name"] in existing:
+            rec = read_record(root, v["name"]) or {k: v[k] for k in ("id", "name", "image", "prompt", "seed")}
+            results[v["name"]] = {**rec, "path": storage.join(videos_dir, v["name"]), "status": "skipped",
+                                  "error": ""}
+    failed, limit = 0, g.max_failed_fraction * len(videos)
+    try:
+        if todo:
+            items = [{k: (v[k] if v[k] is not None else "") for k in COLUMNS} for v in todo]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            remote_args = {}  # Ray Data's default: restart dead actors and retry their batches forever
+            if g.actor_restarts != -1:
+                remote_args = {"max_restarts": g.actor_restarts, "max_task_retries": -1 if g.actor_restarts else 0}
+            stream = ds.map_batches(
+                VideoGenerator,
+                fn_constructor_kwargs=dict(model_cfg=cfg.model.model_dump(), gen_cfg=g.model_dump(), root=root,
+                                           device="cuda" if g.use_gpu else "cpu",
+                                           fault=_fault_from_env()),
+                compute=ray.data.ActorPoolStrategy(min_size=g.min_actors or g.num_actors, max_size=g.num_actors),
+                batch_size=1, num_gpus=g.gpus_per_actor if g.use_gpu else 0, num_cpus=1, **remote_args,
+            )
+            for r in stream.iter_rows():
+                r = {k: (val.item() if hasattr(val, "item") else val) for k, val in dict(r).items()}
+                r["params"] = json.loads(r["params"]) if isinstance(r.get("params"), str) else r.get("params")
+                results[r["name"]] = r
+                if r["status"] == "failed":
+                    failed += 1
+                    log.error("video %s failed: %s", r["name"], r["error"])
+                    if failed > limit:
+                        raise JobError(f"generation: {failed} of {len(videos)} videos failed, more than "
+                                       f"generate.max_failed_fraction={g.max_failed_fraction:g}; latest: "
+                                       f"{r['name']}: {r['error']}")
+    except JobError:
+        raise
+    except Exception as e:  # a dead actor without restarts, a Ray error: the manifest still gets written
+        raise JobError(f"generation stopped after {len(results)} of {len(videos)} videos: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0][:300]}; rerun to do the rest") from e
+    finally:
+        write_manifest(root, _manifest_rows(root, videos, results))
+    return [results[v["name"]] for v in videos]
+
+
+def _manifest_rows(root: str, videos: list[dict], results: dict[str, dict]) -> list[dict]:
+    rows = []
+    for v in videos:
+        r = results.get(v["name"]) or read_record(root, v["name"])
+        if r is None:
+            r = {**{k: v[k] for k in COLUMNS}, "status": "missing", "error": "not generated (job stopped)"}
+        rows.append(r)
+    return rows
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, int]:

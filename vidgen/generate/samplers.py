@@ -1,4 +1,4 @@
-"""Samplers over the per-frame denoiser interface: `base` (one window) and `fifo` (any length).
+"""Samplers over the per-frame denoiser interface: `base` (one window), `fifo` and `autoregressive` (any length).
 
 Shapes: B batch, F frames, C latent channels, h/w latent size.
 
@@ -60,18 +60,53 @@ def base_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_step
 
 
 def fifo_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_frames: int, plan: FifoPlan,
-                generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+                generator: torch.Generator | None = None, progress=None, base: torch.Tensor | None = None,
+                uniform: bool = False, reseed=None) -> torch.Tensor:
     """`num_frames` latent frames [B, N, C, h, w] by diagonal denoising over a window of F frames.
 
-    The base video uses the same nf-step sigma table as the queue, as the original does.
+    The base video uses the same nf-step sigma table as the queue, as the original does. Pass `base`
+    (e.g. from a cache) to skip sampling it; `generator` then only draws the queue noise.
+    `uniform` and `reseed` are the FIFO+ options (see `vidgen.generate.fifo`).
     """
     sigmas = sampling_sigmas(scheduler, plan.steps)  # descending, nf + 1
-    base = base_sample(denoise, cond, scheduler, shape_bfchw, plan.steps, generator=generator)
+    if base is None:
+        base = base_sample(denoise, cond, scheduler, shape_bfchw, plan.steps, generator=generator)
     levels = sigmas.flip(0)  # ascending: L[0] = 0 ... L[nf] = sigma_max
-    queue = init_queue(base, levels, plan, generator=generator)
+    queue = init_queue(base, levels, plan, generator=generator, uniform=uniform)
     frames = []
-    for head in fifo_iterate(denoise, cond, queue, levels, plan, num_frames, generator=generator):
+    for head in fifo_iterate(denoise, cond, queue, levels, plan, num_frames, generator=generator, reseed=reseed):
         frames.append(head)
         if progress:
             progress()
     return torch.stack(frames, dim=1)
+
+
+def autoregressive_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_frames: int, num_steps: int,
+                          recondition: Callable[[torch.Tensor, object], object], overlap: int = 0,
+                          generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+    """Clip after clip of F frames, each conditioned on `recondition(last frame so far, cond)`.
+
+    The first `overlap` frames of a new clip cover the same time as the last `overlap` frames so far and
+    are blended with them, the new clip's weight rising linearly (k / (overlap + 1)); the rest is appended,
+    so each clip after the first adds F - overlap frames. Returns [B, N, C, h, w].
+    (SVD reproduces its conditioning image as frame 0, so overlap >= 1 avoids a repeated frame.)
+    """
+    f = shape_bfchw[1]
+    if not 0 <= overlap < f:
+        raise ValueError(f"autoregressive overlap={overlap}: expected 0 <= overlap < window={f}")
+    video = base_sample(denoise, cond, scheduler, shape_bfchw, num_steps, generator=generator, progress=progress)
+    while video.shape[1] < num_frames:
+        cond = recondition(video[:, -1], cond)
+        clip = base_sample(denoise, cond, scheduler, shape_bfchw, num_steps, generator=generator, progress=progress)
+        if overlap:
+            w = (torch.arange(1, overlap + 1, dtype=clip.dtype) / (overlap + 1)).view(1, -1, 1, 1, 1)
+            blended = (1 - w) * video[:, -overlap:] + w * clip[:, :overlap]
+            video = torch.cat([video[:, :-overlap], blended, clip[:, overlap:]], dim=1)
+        else:
+            video = torch.cat([video, clip], dim=1)
+    return video[:, :num_frames]
+
+
+def autoregressive_clips(window: int, num_frames: int, overlap: int) -> int:
+    """Clips `autoregressive_sample` runs for `num_frames` frames."""
+    return 1 + max(0, -(-(num_frames - window) // (window - overlap)))

@@ -17,6 +17,8 @@ Shapes: B batch, C channels, T frames, H/W pixels.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import io
 import logging
@@ -228,25 +230,42 @@ def init_weights(model: I3D) -> None:
 TINY = I3DConfig(width=1 / 8)
 
 
-def build_i3d(flavor: Literal["tiny", "pretrained"], path: str | None = None, seed: int = 0) -> I3D:
+def build_i3d(flavor: Literal["tiny", "pretrained"], path: str | None = None, seed: int = 0,
+              bn_eps: float | None = None) -> I3D:
     """An I3D in eval mode.
 
     tiny: random init from `TINY` (width 1/8), seeded, for tests and CPU demos.
     pretrained: full width with the weights in `path` (local path or fsspec URI), loaded strictly.
+    bn_eps: BatchNorm epsilon (None: 1e-3, TF/Sonnet and piergiaj/pytorch-i3d; 1e-5 as VideoGPT's port).
     """
+    eps = {} if bn_eps is None else {"bn_eps": bn_eps}
     if flavor == "tiny":
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
             torch.manual_seed(seed)
-            model = I3D(TINY)
+            model = I3D(dataclasses.replace(TINY, **eps))
             init_weights(model)
         return model.eval()
     if flavor != "pretrained":
         raise ConfigError(f"eval.i3d_flavor: expected 'tiny' or 'pretrained', got {flavor!r}")
     if not path:
         raise ModelError(f"I3D flavor 'pretrained' needs eval.i3d_path (got {path!r}). {WEIGHTS_HELP}")
-    model = I3D(I3DConfig())
+    model = I3D(I3DConfig(**eps))
     load_checkpoint(model, path)
     return model.eval()
+
+
+def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
+    """What identifies the weights a `build_i3d` call uses: sha256 of the checkpoint file's bytes for
+    `pretrained` (a renamed or moved copy of the same file keeps its digest), the seed for `tiny`."""
+    if flavor == "tiny":
+        return f"tiny-width{TINY.width:g}-seed{seed}"
+    if not path:
+        raise ModelError(f"I3D flavor 'pretrained' needs eval.i3d_path (got {path!r}). {WEIGHTS_HELP}")
+    try:
+        data = _read_bytes(path)
+    except Exception as e:
+        raise ModelError(f"cannot read I3D weights at {path!r} (eval.i3d_path): {e}. {WEIGHTS_HELP}") from e
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _read_bytes(path: str) -> bytes:

@@ -296,3 +296,48 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
             raise ModelError("model.path: required for model.flavor=pretrained (a diffusers SVD directory)")
         return pretrained(path, cache_dir, unet_path=unet_path)
     raise ModelError(f"model.flavor={flavor}: expected one of tiny, pretrained")
+
+
+# ---------------------------------------------------------------------------------------------
+# full-size configs (no weights): what `vidgen plan` builds on the meta device when model.path has none
+
+
+def full_size_configs(num_frames: int = 25) -> dict[str, dict]:
+    """The configs of stabilityai/stable-video-diffusion-img2vid (num_frames=14) and -img2vid-xt (25).
+
+    UNet: diffusers' `UNetSpatioTemporalConditionModel` defaults, which are SVD's (training.md 4.1), ~1.52B
+    parameters. VAE: the SD 4-block KL encoder with SVD's temporal decoder, ~98M. Image encoder: OpenCLIP
+    ViT-H/14 vision tower with a 1024-wide projection, ~632M. The two releases differ only in num_frames.
+    """
+    return {
+        "unet": dict(
+            sample_size=96, in_channels=8, out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
+            up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=768, layers_per_block=2, cross_attention_dim=1024,
+            transformer_layers_per_block=1, num_attention_heads=(5, 10, 20, 20), num_frames=num_frames,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=768,
+            scaling_factor=0.18215, force_upcast=True,
+        ),
+        "image_encoder": dict(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32,
+            patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
+        ),
+    }
+
+
+def from_configs(configs: dict[str, dict]) -> SVD:
+    """UNet, VAE and image encoder built from config dicts (e.g. `full_size_configs()` or the config.json files
+    of a diffusers directory), randomly initialised on the current default device; no scheduler or feature
+    extractor. Build under `torch.device("meta")` to get shapes without memory."""
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNetSpatioTemporalConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKLTemporalDecoder.from_config(configs["vae"])
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))
+    return SVD(unet, vae, image_encoder, feature_extractor=None, scheduler=None)

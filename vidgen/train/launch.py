@@ -28,7 +28,7 @@ from vidgen.errors import ConfigError, JobError
 log = logging.getLogger(__name__)
 
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "RAY_DATA_USE_DATASOURCE_V2",
-              "VIDGEN_FAULT_KILL")
+              "VIDGEN_FAULT_KILL", "VIDGEN_DUMP_STATE")
 
 
 @ray.remote(num_cpus=0)
@@ -82,8 +82,9 @@ class CommitOnCheckpoint(ray.train.UserCallback):
 @dataclass
 class TrainResult:
     checkpoint_dir: str  # the last Ray checkpoint (DeepSpeed shards of every rank)
-    export_dir: str  # the trained UNet, diffusers format
+    export_dir: str  # the trained UNet, diffusers format (svd_lora: the LoRA directory, see models/lora.py)
     metrics: list[dict] = field(default_factory=list)  # every row rank 0 reported, in step order
+    merged_dir: str | None = None  # svd_lora with train.lora.export_merged: base UNet + LoRA, diffusers format
 
 
 def check(cfg: VidgenConfig) -> None:
@@ -116,6 +117,19 @@ def user_deepspeed_config(cfg: VidgenConfig) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"train.deepspeed_config={path}: expected a JSON object")
     return data
+
+
+# What each recipe reads from a clip row; optional columns are passed when the dataset has them.
+RECIPE_COLUMNS = {"hotshot_temporal": ["prompt", "orig_height", "orig_width", "crop_top", "crop_left"]}
+
+
+def train_columns(cfg: VidgenConfig, dataset: ray.data.Dataset) -> list[str]:
+    wanted = RECIPE_COLUMNS.get(cfg.train.recipe, [])
+    if not wanted:
+        return ["frames", "fps"]
+    schema = dataset.schema()  # reads one block at most
+    have = set(schema.names) if schema is not None else set()
+    return ["frames", "fps", *[c for c in wanted if c in have]]
 
 
 def storage_root(cfg: VidgenConfig) -> str:
@@ -152,7 +166,7 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
         _train_func,
         train_loop_config=loop_config,
         scaling_config=scaling,
-        datasets={"train": dataset.select_columns(["frames", "fps"])},
+        datasets={"train": dataset.select_columns(train_columns(cfg, dataset))},
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage_root(cfg),
@@ -182,10 +196,13 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
         ray.kill(sink)
     if result.checkpoint is None:
         raise JobError(f"training run {cfg.run.name!r} finished without a checkpoint")
-    export_dir = os.path.join(cfg.run.workdir, "export", "unet")
-    export_unet(cfg, result.checkpoint, export_dir)
+    lora = t.recipe == "svd_lora"
+    export_dir = os.path.join(cfg.run.workdir, "export", "lora" if lora else "unet")
+    merged_dir = os.path.join(cfg.run.workdir, "export", "unet") if lora and t.lora.export_merged else None
+    export_unet(cfg, result.checkpoint, export_dir, merged_dir)
     rows.sort(key=lambda r: r["step"])
-    return TrainResult(checkpoint_dir=result.checkpoint.path, export_dir=export_dir, metrics=rows)
+    return TrainResult(checkpoint_dir=result.checkpoint.path, export_dir=export_dir, metrics=rows,
+                       merged_dir=merged_dir)
 
 
 def _train_func(config: dict) -> None:
@@ -229,8 +246,9 @@ def consolidated_state_dict(ckpt_dir: str) -> dict:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str) -> None:
-    """Consolidate the ranks' shards and write a diffusers UNet directory atomically."""
+def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str | None = None) -> None:
+    """Consolidate the ranks' shards and write the recipe's export (a diffusers UNet directory, or a LoRA
+    directory) atomically; `merged_dir`: also the base UNet with the LoRA merged in."""
 
     ema = None
     with checkpoint.as_directory() as d, contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints
@@ -242,16 +260,19 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str) -> None:
     if ema is not None:  # the EMA weights, exported beside the raw ones
         _export(cfg, {**state, **ema}, export_dir + "_ema")
     _export(cfg, state, export_dir)
-    log.info("exported UNet to %s", export_dir)
+    log.info("exported %s to %s", "LoRA" if cfg.train.recipe == "svd_lora" else "UNet", export_dir)
+    if merged_dir:
+        _export(cfg, state, merged_dir, merged=True)
+        log.info("exported the merged UNet to %s", merged_dir)
 
 
-def _export(cfg: VidgenConfig, state: dict, export_dir: str) -> None:
+def _export(cfg: VidgenConfig, state: dict, export_dir: str, merged: bool = False) -> None:
     from vidgen import storage
     from vidgen.train.recipes import build_recipe
 
     recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
     with tempfile.TemporaryDirectory(prefix="vidgen-export-") as tmp:
-        recipe.export(state, tmp)
+        (recipe.export_merged if merged else recipe.export)(state, tmp)
         if storage.is_remote(export_dir):
             storage.upload_dir(tmp, export_dir)
         else:

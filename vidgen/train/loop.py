@@ -25,6 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "VIDGEN_FAULT_KILL"  # "<rank>:<step>:<marker file>": test hook, kills that rank once
+DUMP_ENV = "VIDGEN_DUMP_STATE"  # "<file>": test hook, rank 0 saves the final UNet state dict there
 
 
 def deepspeed_config(train: dict, world_size: int, on_cpu: bool, user: dict | None = None) -> dict:
@@ -75,6 +76,10 @@ def lr_lambda(schedule: str, warmup: int, max_steps: int):
 def config_hash(model: dict, train: dict) -> str:
     """What a checkpoint's weights depend on; bookkeeping (step counts, validation) may change on resume."""
     keep = {k: v for k, v in train.items() if k not in RESUMABLE_KEYS}
+    if keep.get("recipe") == "svd_lora":  # what is exported besides the LoRA does not change the weights
+        keep["lora"] = {k: v for k, v in keep["lora"].items() if k != "export_merged"}
+    else:  # other recipes ignore the LoRA section (and keep the hashes of runs started before it existed)
+        keep.pop("lora", None)
     blob = json.dumps({"model": {k: v for k, v in model.items() if k != "cache_dir"}, "train": keep},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -104,6 +109,22 @@ def _optimizer(params, t):
         return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
     # A client optimizer: DeepSpeed builds no fused/CPU Adam extension for it.
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _maybe_dump_state(engine, zero_stage: int, rank: int) -> None:
+    """Test hook: rank 0 writes the whole trained UNet (frozen tensors too) as the workers hold it."""
+    path = os.environ.get(DUMP_ENV)
+    if not path:
+        return
+    import contextlib
+
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else None
+    with gather or contextlib.nullcontext():
+        if rank == 0:
+            torch.save({k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}, path)
 
 
 def _maybe_inject_fault(rank: int, step: int) -> None:
@@ -146,17 +167,19 @@ def train_func(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.max_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=recipe.unet, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config["train"], world, on_cpu, config.get("deepspeed_user")),
+        config=deepspeed_config(config["train"], world, on_cpu, deep_merge(
+            getattr(recipe, "deepspeed_overrides", dict)(), config.get("deepspeed_user") or {})),
     )
+    trainable_only = getattr(recipe, "checkpoint_trainable_only", False)  # LoRA: the base is not saved
     names = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
-    ema = {n: p.detach().float().clone() for n, p in zip(names, params)} if t.ema and rank == 0 else None
+    ema = {n: p.detach().float().clone() for n, p in zip(names, params, strict=True)} if t.ema and rank == 0 else None
 
     my_hash = config_hash(config["model"], config["train"])
     step, batches_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=None)
+            _, client = engine.load_checkpoint(d, tag=None, load_module_strict=not trainable_only)
             if ema is not None and Path(d, "ema.pt").exists():
                 ema = torch.load(Path(d, "ema.pt"), map_location="cpu")
         if client.get("config_hash") not in (None, my_hash):
@@ -167,8 +190,8 @@ def train_func(config: dict) -> None:
     if sink is not None and rank == 0:
         sink.start_attempt.remote(step)  # forget uncommitted metrics of a failed attempt
 
-    def unet_fn(sample, timestep, ehs, ids):
-        return engine(sample, timestep, encoder_hidden_states=ehs, added_time_ids=ids, return_dict=False)[0]
+    def unet_fn(*args, **kwargs):  # the recipe passes its model's own forward arguments
+        return engine(*args, return_dict=False, **kwargs)[0]
 
     shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator().manual_seed(rank_seed(seed, rank, step))
@@ -178,7 +201,7 @@ def train_func(config: dict) -> None:
     t_step, wait, losses, epoch_batches = time.perf_counter(), 0.0, [], 0
     skip = batches_seen  # the dataset is one lazy pass over all epochs: skip what was consumed
     while step < t.max_steps:
-        batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device=device)
+        batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, collate_fn=_collate(device))
         it = iter(batches)
         epoch_batches = 0
         while step < t.max_steps:
@@ -220,14 +243,26 @@ def train_func(config: dict) -> None:
             if step >= t.max_steps or step % t.checkpoint_every == 0:
                 if t.zero_stage < 3:
                     check_ranks_agree(params, step)
-                _save(engine, step, batches_seen, my_hash, ema, rank, world, Checkpoint, ray.train, sink)
+                _save(engine, step, batches_seen, my_hash, ema, rank, world, Checkpoint, ray.train, sink,
+                      trainable_only)
         if epoch_batches == 0:
             raise RuntimeError(f"rank {rank}: the training dataset shard yielded no batch of {t.batch_size} clips")
+    _maybe_dump_state(engine, t.zero_stage, rank)
+
+
+def _collate(device: torch.device):
+    """Numeric columns become tensors on the device; text columns (prompts) stay lists of str."""
+
+    def collate(batch: dict) -> dict:
+        return {k: [str(x) for x in v] if v.dtype.kind in "OUS" else torch.as_tensor(v, device=device)
+                for k, v in batch.items()}
+
+    return collate
 
 
 def _ema_update(ema: dict, names: list[str], params: list, decay: float) -> None:
     with torch.no_grad():
-        for n, p in zip(names, params):
+        for n, p in zip(names, params, strict=True):
             ema[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
 
 
@@ -244,12 +279,13 @@ def check_ranks_agree(params: list[torch.nn.Parameter], step: int) -> None:
 
 
 def _save(engine, step: int, batches_seen: int, my_hash: str, ema, rank: int, world: int, Checkpoint,
-          train_mod, sink) -> None:
+          train_mod, sink, trainable_only: bool = False) -> None:
     seen = torch.tensor([batches_seen if r == rank else 0 for r in range(world)])
     torch.distributed.all_reduce(seen)  # every rank's data position, in every rank's client state
     client = {"step": step, "config_hash": my_hash, "batches_seen": seen.tolist()}
     with tempfile.TemporaryDirectory(prefix="vidgen-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=f"step{step:08d}", client_state=client)
+        engine.save_checkpoint(tmp, tag=f"step{step:08d}", client_state=client,
+                               exclude_frozen_parameters=trainable_only)
         if ema is not None:
             torch.save(ema, Path(tmp, "ema.pt"))
         train_mod.report({"step": step}, checkpoint=Checkpoint.from_directory(tmp))

@@ -74,3 +74,65 @@ def conditioning_dropout_masks(batch: int, p: float, generator: torch.Generator 
     keep_embedding = (r >= 2 * p).float()
     keep_latent = ((r < p) | (r >= 3 * p)).float()
     return keep_embedding, keep_latent
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM (Hotshot-XL / SDXL): discrete timesteps t in [0, T), alphas_cumprod a_t from the scheduler config.
+#     noisy = sqrt(a_t) x0 + sqrt(1 - a_t) n         eps target: n     v target: sqrt(a_t) n - sqrt(1 - a_t) x0
+#     snr_t = a_t / (1 - a_t)                         min-SNR weight (Hang et al. 2023): min(snr, gamma) / snr for
+#                                                     eps, min(snr, gamma) / (snr + 1) for v (diffusers' scripts)
+
+
+def compute_snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio a_t / (1 - a_t) at integer `timesteps` (any shape)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps.long()].double()
+    return (a / (1 - a)).float()
+
+
+def offset_noise(shape_bfchw: tuple[int, ...], offset: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """N(0, 1) noise plus `offset` * one N(0, 1) draw per video and channel (shared by frames and pixels),
+    as Hotshot's `randn(B, C, 1, 1, 1)` in its (B, C, F, H, W) layout; zero offset draws nothing extra."""
+    noise = torch.randn(shape_bfchw, generator=generator, device=device)
+    if offset:
+        b, _, c = shape_bfchw[:3]
+        noise = noise + offset * torch.randn((b, 1, c, 1, 1), generator=generator, device=device)
+    return noise
+
+
+def ddpm_noisy(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+               timesteps_b: torch.Tensor) -> torch.Tensor:
+    """The forward process at per-sample timesteps [B] (DDPMScheduler.add_noise, any x0 rank)."""
+    a = append_dims(alphas_cumprod.to(x0.device)[timesteps_b.long()].to(x0.dtype), x0.ndim)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def ddpm_target(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps_b: torch.Tensor,
+                prediction_type: str) -> torch.Tensor:
+    """What the UNet regresses: the noise (epsilon) or the velocity (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = append_dims(alphas_cumprod.to(x0.device)[timesteps_b.long()].to(x0.dtype), x0.ndim)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"prediction_type={prediction_type!r}: expected epsilon or v_prediction")
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weight; `gamma` None gives 1 (plain MSE). gamma is any float (Hotshot fixed it at 1.0)."""
+    if gamma is None:
+        return torch.ones_like(snr)
+    clipped = torch.minimum(snr, torch.full_like(snr, float(gamma)))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
+    """mean_b(weight_b * mean_{rest}((pred - target)^2)): per-sample MSE, weighted, batch mean."""
+    per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+    return (weight_b.to(per_sample.device) * per_sample).mean()
+
+
+def caption_keep_mask(batch: int, p: float, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """1 keeps a sample's caption, 0 drops it (zero text embeddings: SDXL's unconditional input); P(drop) = p."""
+    return (torch.rand(batch, generator=generator, device=device) >= p).float()

@@ -109,7 +109,74 @@ class SVDFullRecipe:
         self.unet.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-RECIPES = {"svd_full": SVDFullRecipe}
+@dataclass
+class SVDLoraRecipe(SVDFullRecipe):
+    """LoRA (train.lora) on a frozen SVD UNet with the same EDM objective as `SVDFullRecipe`.
+
+    Precision: the adapters stay fp32 and are the only tensors in the optimizer and the checkpoints. With
+    train.precision=bf16 on GPU the frozen base is cast to bf16 here and DeepSpeed runs in fp32 mode (PEFT
+    runs the adapter branch in its own fp32 dtype); on CPU the base stays fp32. fp16 is left to DeepSpeed's
+    fp16 mode for its loss scaling: it casts the whole UNet, keeping fp32 master copies of the adapters.
+    """
+
+    # The loop saves/loads only trainable tensors: the frozen base is rebuilt from the model config.
+    checkpoint_trainable_only = True
+
+    def __post_init__(self):
+        from vidgen.models.lora import inject_lora
+
+        self.model = svd.build(self.model_cfg.flavor, path=self.model_cfg.path, cache_dir=self.model_cfg.cache_dir,
+                               seed=self.seed, num_frames=self.model_cfg.num_frames)
+        self.model.vae.requires_grad_(False)
+        self.model.image_encoder.requires_grad_(False)
+        self.targets = inject_lora(self.model.unet, self.train_cfg.lora)  # freezes everything else
+        self.base_dtype = torch.float32
+        self.model.unet.train()
+
+    def to(self, device: torch.device) -> SVDLoraRecipe:
+        super().to(device)
+        if device.type == "cuda" and self.train_cfg.precision == "bf16":
+            self.base_dtype = torch.bfloat16
+            for p in self.unet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+        return self
+
+    def deepspeed_overrides(self) -> dict:
+        """bf16 is done by the base cast above; DeepSpeed's bf16 mode would cast the adapters too."""
+        return {"bf16": {"enabled": False}}
+
+    def lora_state(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter tensors of a (consolidated) checkpoint, keyed `<module>.lora_A.weight`."""
+        from vidgen.models.lora import ADAPTER
+
+        lora = {k.replace(f".{ADAPTER}.", "."): v.float() for k, v in state_dict.items() if ".lora_" in k}
+        expected = {k.replace(f".{ADAPTER}.", ".") for k, _ in self.unet.named_parameters() if ".lora_" in k}
+        if set(lora) != expected:
+            missing, extra = sorted(expected - set(lora)), sorted(set(lora) - expected)
+            raise RuntimeError(f"checkpoint LoRA tensors do not fit train.lora: missing={missing[:3]} "
+                               f"unexpected={extra[:3]}")
+        return lora
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        """Write the adapters (PEFT and diffusers layouts, see `vidgen.models.lora`) to `out_dir`."""
+        from vidgen.models import lora
+
+        cfg = lora.config_from_targets(self.train_cfg.lora, self.targets)
+        lora.write_lora_dir(self.lora_state(state_dict), cfg, str(out_dir))
+
+    def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        """Write the base UNet with the adapters merged in, as a diffusers UNet directory."""
+        from vidgen.models import lora
+
+        state = {k: v.to(torch.float32) for k, v in self.lora_state(state_dict).items()}
+        lora.set_peft_state(self.unet, state)
+        lora.merge_lora(self.unet).save_pretrained(str(out_dir), safe_serialization=True)
+
+
+RECIPES = {"svd_full": SVDFullRecipe, "svd_lora": SVDLoraRecipe,
+           # imported on use: it pulls in diffusers' motion UNet, which the SVD recipes never need
+           "hotshot_temporal": lambda *a: __import__("vidgen.train.hotshot", fromlist=["_"]).HotshotTemporalRecipe(*a)}
 
 
 def build_recipe(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int):

@@ -1,0 +1,199 @@
+"""Hotshot-XL text-to-video: the per-frame denoiser, DDIM, SDXL LoRAs and a per-frame SDXL ControlNet.
+
+Shapes: B batch, F frames, C latent channels, h/w latents, H/W pixels, S text tokens.
+
+    denoise(latents[B, F, C, h, w], sigma[B, F], cond) -> x0 estimate [B, F, C, h, w]
+
+The project's samplers work in sigma space (x = x0 + sigma * n). A DDPM model sees x_vp = x / sqrt(1 + sigma^2) at
+the timestep whose sigma = sqrt((1 - a_t) / a_t) is `sigma`; the x0 estimate is x - sigma * eps (epsilon models) or
+x_vp / sqrt(1 + sigma^2) - sigma * v / sqrt(1 + sigma^2) (v models). An Euler step over the sigmas of DDIM's timesteps
+is then exactly DDIM with eta = 0 (the tests compare with diffusers' DDIMScheduler), and the same denoiser serves the
+FIFO sampler, where every frame has its own sigma and hence its own timestep.
+
+Classifier-free guidance uses zero text embeddings as the unconditional input (SDXL's force_zeros_for_empty_prompt,
+and what caption dropout trains). video_length 1 runs the spatial layers only, as Hotshot's pipeline does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vidgen.errors import ConfigError
+from vidgen.models.hotshot import Hotshot
+from vidgen.models.sdxl import time_ids_for
+from vidgen.train.objectives import append_dims
+
+# Hotshot-XL's training sizes at 512 (README "Supported Aspect Ratios"), as (height, width)
+ASPECTS_512 = ((768, 320), (672, 384), (608, 416), (512, 512), (416, 608), (384, 672), (320, 768))
+
+
+def check_size(height: int, width: int, model: Hotshot, allow_any: bool = False) -> None:
+    f = model.vae_scale_factor
+    if height % f or width % f:
+        raise ConfigError(f"generate.height/width={height}x{width}: expected multiples of {f}")
+    if not allow_any and (height, width) not in ASPECTS_512:
+        sizes = ", ".join(f"{w}x{h}" for h, w in ASPECTS_512)
+        raise ConfigError(f"generate size {width}x{height}: Hotshot-XL was trained at {sizes} (WxH)")
+
+
+class DDIMSigmas:
+    """A scheduler stand-in for vidgen.generate.samplers: DDIM's timesteps as a descending sigma table + 0."""
+
+    def __init__(self, config):
+        from diffusers import DDIMScheduler
+
+        self.ddim = DDIMScheduler.from_config(config)
+        self.config = self.ddim.config  # timestep_spacing "leading": init noise scale sqrt(sigma_max^2 + 1)
+        self.sigmas = None
+
+    def set_timesteps(self, num_steps: int, device="cpu") -> None:
+        self.ddim.set_timesteps(num_steps, device="cpu")
+        ac = self.ddim.alphas_cumprod.double()
+        a = ac[self.ddim.timesteps.long()]
+        final = float(self.ddim.final_alpha_cumprod)
+        tail = torch.tensor([((1 - final) / final) ** 0.5], dtype=torch.float64)
+        self.sigmas = torch.cat([((1 - a) / a).sqrt(), tail]).float()
+
+
+def sigma_to_t(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Continuous timestep of each sigma: interpolation in log-sigma over the training table (k-diffusion's rule);
+    a table sigma gives its own integer timestep."""
+    log_table = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt().log()  # ascending in t
+    s = sigma.double().clamp(min=log_table.exp()[0]).log().flatten()
+    hi = torch.searchsorted(log_table, s).clamp(1, len(log_table) - 1)
+    lo = hi - 1
+    w = ((s - log_table[lo]) / (log_table[hi] - log_table[lo])).clamp(0, 1)
+    return (lo + w).reshape(sigma.shape).float()
+
+
+@dataclass
+class HotshotCondition:
+    prompt_embeds: torch.Tensor  # [B, S, D]
+    pooled: torch.Tensor  # [B, P]
+    time_ids: torch.Tensor  # [B, 6]
+    control: torch.Tensor | None = None  # [B, F, 3, H, W] in [0, 1], one control image per frame
+
+
+class HotshotDenoiser:
+    def __init__(self, model: Hotshot, guidance_scale: float = 1.0, controlnet=None,
+                 controlnet_scale: float = 1.0):
+        self.model = model
+        self.guidance_scale = guidance_scale
+        self.controlnet = controlnet
+        self.controlnet_scale = controlnet_scale
+        self.alphas_cumprod = model.scheduler.alphas_cumprod.float()
+        self.calls = 0
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str], height: int, width: int, original_size: tuple[int, int] | None = None,
+                  crop_top_left: tuple[int, int] = (0, 0),
+                  control_frames: np.ndarray | None = None) -> HotshotCondition:
+        """Text embeddings and (h, w)-ordered micro-conditioning; control frames uint8 [B, F, H, W, 3]."""
+        embeds, pooled = self.model.text.encode(prompts)
+        ids = time_ids_for(len(prompts), (height, width), original_size, crop_top_left).to(embeds.device)
+        control = None
+        if control_frames is not None:
+            if self.controlnet is None:
+                raise ConfigError("control frames given but no ControlNet loaded")
+            control = torch.as_tensor(np.asarray(control_frames)).permute(0, 1, 4, 2, 3).float() / 255.0
+        return HotshotCondition(embeds, pooled, ids, control)
+
+    @torch.no_grad()
+    def __call__(self, latents_bfchw: torch.Tensor, sigma_bf: torch.Tensor, cond: HotshotCondition) -> torch.Tensor:
+        unet = self.model.unet
+        b, f = latents_bfchw.shape[:2]
+        c_in = append_dims((sigma_bf**2 + 1).rsqrt(), latents_bfchw.ndim)
+        x_vp = (c_in * latents_bfchw).to(unet.dtype)
+        t = sigma_to_t(sigma_bf, self.alphas_cumprod).to(latents_bfchw.device)
+        embeds, pooled, ids, control = cond.prompt_embeds, cond.pooled, cond.time_ids, cond.control
+        guided = self.guidance_scale != 1.0
+        if guided:  # unconditional half first: zero text embeddings
+            x_vp, t = torch.cat([x_vp, x_vp]), torch.cat([t, t])
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+            ids = torch.cat([ids, ids])
+            control = torch.cat([control, control]) if control is not None else None
+        added = {"text_embeds": pooled.to(unet.dtype), "time_ids": ids.to(unet.dtype)}
+        extra = self._control(x_vp, t, embeds, added, control) if control is not None else {}
+        out = unet(x_vp.permute(0, 2, 1, 3, 4), t, embeds.to(unet.dtype), added_cond_kwargs=added,
+                   return_dict=False, **extra)[0].permute(0, 2, 1, 3, 4).float()
+        self.calls += 1
+        if guided:
+            uncond, text = out.chunk(2)
+            out = uncond + self.guidance_scale * (text - uncond)
+        sigma = append_dims(sigma_bf, out.ndim)
+        if self.model.prediction_type == "v_prediction":
+            return c_in**2 * latents_bfchw - sigma * c_in * out
+        return latents_bfchw - sigma * out
+
+    def _control(self, x_vp, t, embeds, added, control) -> dict:
+        """ControlNet residuals, frame by frame (an SDXL ControlNet is a 2-D model), added to the UNet's skips."""
+        n, f = x_vp.shape[:2]
+        per_frame = {k: v.repeat_interleave(f, 0) for k, v in added.items()}
+        down, mid = self.controlnet(x_vp.flatten(0, 1), t.flatten(), embeds.repeat_interleave(f, 0),
+                                    controlnet_cond=control.flatten(0, 1).to(x_vp.dtype),
+                                    conditioning_scale=self.controlnet_scale, added_cond_kwargs=per_frame,
+                                    return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+@torch.no_grad()
+def text_to_video(model: Hotshot, prompts: list[str], num_frames: int = 8, height: int = 512, width: int = 512,
+                  num_steps: int = 30, guidance_scale: float = 7.5, seed: int = 0, controlnet=None,
+                  control_frames: np.ndarray | None = None, controlnet_scale: float = 1.0,
+                  original_size: tuple[int, int] | None = None, allow_any_size: bool = False) -> np.ndarray:
+    """Frames uint8 [B, F, H, W, 3] by DDIM; num_frames=1 gives an image with the temporal layers off."""
+    from vidgen.generate.samplers import base_sample
+
+    check_size(height, width, model, allow_any_size)
+    limit = model.unet.config.motion_max_seq_length
+    if num_frames > limit:
+        raise ConfigError(f"num_frames={num_frames}: the temporal positional table holds {limit}; use the fifo "
+                          "sampler for longer videos")
+    denoiser = HotshotDenoiser(model, guidance_scale, controlnet, controlnet_scale)
+    cond = denoiser.condition(prompts, height, width, original_size, control_frames=control_frames)
+    f = model.vae_scale_factor
+    shape = (len(prompts), num_frames, model.unet.config.in_channels, height // f, width // f)
+    latents = base_sample(denoiser, cond, DDIMSigmas(model.scheduler.config), shape, num_steps,
+                          generator=torch.Generator().manual_seed(seed))
+    frames = model.decode_video(latents)
+    return ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# personalisation and control
+
+
+def load_sdxl_lora(model: Hotshot, state: dict[str, torch.Tensor], adapter_name: str = "default",
+                   scale: float = 1.0) -> None:
+    """An SDXL UNet LoRA (PEFT/diffusers keys, optionally prefixed `unet.`) on the Hotshot UNet: the spatial layers
+    keep the SDXL UNet's module names, so the LoRA lands where it was trained."""
+    model.unet.load_lora_adapter(state, prefix="unet" if any(k.startswith("unet.") for k in state) else None,
+                                 adapter_name=adapter_name)
+    model.unet.set_adapters([adapter_name], weights=[scale])
+
+
+def controlnet_from_spatial(model: Hotshot, conditioning_channels: int = 3):
+    """A fresh SDXL ControlNet initialised from the Hotshot UNet's spatial layers (diffusers' from_unet)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from vidgen.models.hotshot_weights import spatial_state_dict
+
+    unet2d = UNet2DConditionModel.from_config(model.unet.config_2d)
+    unet2d.load_state_dict(spatial_state_dict(model.unet))
+    return ControlNetModel.from_unet(unet2d, conditioning_channels=conditioning_channels).eval()
+
+
+def control_frames_from(frames_thwc: np.ndarray, num_frames: int, height: int, width: int,
+                        extractor=None) -> np.ndarray:
+    """Control maps [F, H, W, 3] uint8: `num_frames` equally spaced frames (Hotshot's keyframes) of a decoded
+    video or frame folder, cover-resized and centre-cropped, passed through `extractor` (a frame -> map callable,
+    e.g. a depth or edge model); no extractor means the frames already are control maps."""
+    from vidgen.data.clips import resize_cover_crop
+
+    idx = np.linspace(0, len(frames_thwc) - 1, num_frames).round().astype(int)
+    picked = resize_cover_crop(np.asarray(frames_thwc)[idx], height, width)
+    return np.stack([extractor(fr) if extractor else fr for fr in picked]).astype(np.uint8)

@@ -1,0 +1,216 @@
+"""Hotshot-XL weights <-> vidgen's HotshotUNet: the temporal-layer file, a full `unet/` directory, spatial swaps.
+
+Hotshot names a temporal layer `{down,up}_blocks.i.temporal_attentions.j.*`; diffusers names the same module
+`{down,up}_blocks.i.motion_modules.j.*`. Inside it (training.md 2.4, checked numerically by the tests):
+
+    Hotshot                                                      diffusers (UNetMotionModel)
+    transformer_blocks.0.attention_blocks.{0,1}.*               transformer_blocks.0.attn{1,2}.*
+    transformer_blocks.0.norms.{0,1}.*                          transformer_blocks.0.norm{1,2}.*
+    transformer_blocks.0.ff_norm.*                              transformer_blocks.0.norm3.*
+    transformer_blocks.0.attention_blocks.{0,1}.pos_encoder     transformer_blocks.0.pos_embed.pe   (one table;
+        .positional_encoding  [1, 24, C] (two equal copies)                                          checked equal)
+    norm, proj_in, proj_out, transformer_blocks.0.ff.*          the same
+
+Spatial keys are diffusers' UNet2DConditionModel keys in both (Hotshot's 3-D blocks keep the 2-D names), so a full
+Hotshot `unet/` directory is: config.json (a UNet2DConditionModel config with 3-D block names and
+`_class_name: UNet3DConditionModel`) + one state dict holding both. Every conversion is strict: a missing or
+unexpected key is a ModelError that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vidgen.errors import ModelError
+
+TEMPORAL_FILE = "hsxl_temporal_layers.safetensors"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+_INNER = ((".attn1.", ".attention_blocks.0."), (".attn2.", ".attention_blocks.1."), (".norm1.", ".norms.0."),
+          (".norm2.", ".norms.1."), (".norm3.", ".ff_norm."))
+_PE = "transformer_blocks.0.pos_embed.pe"
+_BLOCKS_2D_TO_3D = {"DownBlock2D": "DownBlock3D", "CrossAttnDownBlock2D": "CrossAttnDownBlock3D",
+                    "UpBlock2D": "UpBlock3D", "CrossAttnUpBlock2D": "CrossAttnUpBlock3D",
+                    "UNetMidBlock2DCrossAttn": "UNetMidBlock3DCrossAttn"}
+
+
+def _keys_error(what: str, missing, unexpected) -> ModelError:
+    def show(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    parts = ([f"missing keys {show(missing)}"] if missing else []) + (
+        [f"unexpected keys {show(unexpected)}"] if unexpected else [])
+    return ModelError(f"{what}: {'; '.join(parts)}")
+
+
+def hotshot_name(key: str) -> list[str]:
+    """Hotshot key(s) of one diffusers temporal key (the positional table has two Hotshot copies)."""
+    prefix, rest = key.split(".motion_modules.", 1)
+    idx, sub = rest.split(".", 1)
+    head = f"{prefix}.temporal_attentions.{idx}."
+    if sub == _PE:
+        return [head + f"transformer_blocks.0.attention_blocks.{k}.pos_encoder.positional_encoding" for k in (0, 1)]
+    sub = "." + sub
+    for a, b in _INNER:
+        sub = sub.replace(a, b)
+    return [head + sub[1:]]
+
+
+def is_temporal(key: str) -> bool:
+    return ".motion_modules." in key or ".temporal_attentions." in key
+
+
+# -- temporal layers ------------------------------------------------------------------------------
+
+
+def temporal_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The temporal layers under Hotshot's names (what `hsxl_temporal_layers.safetensors` holds)."""
+    out = {}
+    for k, v in unet.state_dict().items():
+        if ".motion_modules." in k:
+            for name in hotshot_name(k):
+                out[name] = v.detach().clone().contiguous()
+    return out
+
+
+def load_temporal(unet, state: dict[str, torch.Tensor], what: str = "temporal layers") -> None:
+    """Load Hotshot-named temporal weights into `unet`; any key mismatch or non-matching table is a ModelError."""
+    own = {k: v for k, v in unet.state_dict().items() if ".motion_modules." in k}
+    wanted = {h: k for k in own for h in hotshot_name(k)}
+    given = {k: v for k, v in state.items() if is_temporal(k)}
+    missing, unexpected = set(wanted) - set(given), set(given) - set(wanted)
+    if missing or unexpected:
+        raise _keys_error(what, missing, unexpected)
+    out: dict[str, torch.Tensor] = {}
+    for h, v in given.items():
+        k = wanted[h]
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ModelError(f"{what}: {h} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
+                             "(model.max_frames must equal the file's positional-table length)" if k.endswith(_PE)
+                             else f"{what}: {h} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        if k in out and not torch.equal(out[k], v):
+            raise ModelError(f"{what}: the two positional tables of {h.rsplit('.attention_blocks', 1)[0]} differ")
+        out[k] = v
+    unet.load_state_dict(out, strict=False)
+
+
+def load_spatial(unet, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load an SDXL UNet2DConditionModel state dict (temporal keys, if any, are ignored) strictly."""
+    spatial = {k: v for k, v in state.items() if not is_temporal(k)}
+    own = [k for k in unet.state_dict() if ".motion_modules." not in k]
+    missing, unexpected = set(own) - set(spatial), set(spatial) - set(own)
+    if missing or unexpected:
+        raise _keys_error(what, missing, unexpected)
+    try:
+        unet.load_state_dict(spatial, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ModelError(f"{what}: {str(e).splitlines()[-1].strip()}") from None
+
+
+def spatial_state_dict(unet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in unet.state_dict().items() if ".motion_modules." not in k}
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _write(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)  # atomic: a killed writer leaves no partial weights file
+
+
+def read_temporal_file(unet, path: str | Path) -> None:
+    load_temporal(unet, _read(Path(path)), str(path))
+
+
+def write_temporal_file(unet, path: str | Path) -> None:
+    _write(temporal_state_dict(unet), Path(path))
+
+
+def hotshot_config(unet) -> dict:
+    """Hotshot's UNet3DConditionModel config for `unet`: its 2-D config with 3-D block names."""
+    cfg = dict(unet.config_2d)
+    cfg["_class_name"] = "UNet3DConditionModel"
+    cfg["down_block_types"] = [_BLOCKS_2D_TO_3D[t] for t in cfg["down_block_types"]]
+    cfg["up_block_types"] = [_BLOCKS_2D_TO_3D[t] for t in cfg["up_block_types"]]
+    cfg["mid_block_type"] = _BLOCKS_2D_TO_3D[cfg.get("mid_block_type") or "UNetMidBlock2DCrossAttn"]
+    return cfg
+
+
+def config_2d_from_hotshot(cfg: dict, where: str) -> dict:
+    inverse = {v: k for k, v in _BLOCKS_2D_TO_3D.items()}
+    out = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    try:
+        for key in ("down_block_types", "up_block_types"):
+            out[key] = [inverse[t] for t in cfg[key]]
+        out["mid_block_type"] = inverse[cfg.get("mid_block_type") or "UNetMidBlock3DCrossAttn"]
+    except KeyError as e:
+        raise ModelError(f"{where}: block type {e.args[0]} is not a Hotshot-XL UNet block "
+                         f"(expected one of {', '.join(sorted(inverse))})") from None
+    return out
+
+
+def save_hotshot_unet_dir(unet, out_dir: str | Path) -> None:
+    """A full Hotshot-XL `unet/` directory: config.json + one safetensors with spatial and temporal weights."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write({**spatial_state_dict(unet), **temporal_state_dict(unet)}, out / WEIGHTS_FILE)
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(hotshot_config(unet), indent=2, sort_keys=True))
+    tmp.replace(out / "config.json")
+
+
+def load_hotshot_unet_dir(path: str | Path, spatial_unet_base: str | Path | None = None,
+                          temporal_layers: str | Path | None = None, max_frames: int | None = None,
+                          spatial_norm: str = "clip"):
+    """A HotshotUNet from a Hotshot `unet/` directory, or from any SDXL UNet directory (`spatial_unet_base`, a
+    diffusers UNet2DConditionModel dir) plus the temporal layers of `path` or of a `temporal_layers` file."""
+    from vidgen.models.hotshot import HOTSHOT_MAX_FRAMES, HotshotUNet
+
+    root = Path(path) if path else None
+    state: dict[str, torch.Tensor] = {}
+    if root is not None:
+        if not (root / "config.json").is_file():
+            raise ModelError(f"{root}: not a Hotshot-XL unet directory (expected config.json and {WEIGHTS_FILE})")
+        cfg_2d = config_2d_from_hotshot(json.loads((root / "config.json").read_text()), str(root / "config.json"))
+        weights = root / WEIGHTS_FILE
+        state = _read(weights if weights.is_file() else root / "diffusion_pytorch_model.bin")
+    spatial_what = str(root)
+    if spatial_unet_base is not None:  # Hotshot's --spatial_unet_base: only the temporal keys of `path` are kept
+        base = Path(spatial_unet_base)
+        if not (base / "config.json").is_file():
+            raise ModelError(f"{base}: not a diffusers UNet directory (expected config.json)")
+        cfg_2d = {k: v for k, v in json.loads((base / "config.json").read_text()).items() if not k.startswith("_")}
+        bw = base / WEIGHTS_FILE
+        state = {**_read(bw if bw.is_file() else base / "diffusion_pytorch_model.bin"),
+                 **{k: v for k, v in state.items() if is_temporal(k)}}
+        spatial_what = str(base)
+    if root is None and spatial_unet_base is None:
+        raise ModelError("a Hotshot UNet needs a unet directory or a spatial_unet_base")
+    if temporal_layers is not None:
+        state = {k: v for k, v in state.items() if not is_temporal(k)}
+        state.update(_read(Path(temporal_layers)))
+    pe = next((v for k, v in state.items() if k.endswith("pos_encoder.positional_encoding")), None)
+    frames = max_frames or (pe.shape[1] if pe is not None else HOTSHOT_MAX_FRAMES)
+    unet = HotshotUNet.from_config_2d(cfg_2d, max_frames=frames, spatial_norm=spatial_norm)
+    unet.config_2d = cfg_2d
+    load_spatial(unet, state, spatial_what)
+    if any(is_temporal(k) for k in state):
+        load_temporal(unet, state, str(temporal_layers or root))
+    return unet.eval()

@@ -1,0 +1,140 @@
+"""Recipe `hotshot_temporal`: train Hotshot-XL's temporal layers on a frozen SDXL with the DDPM objective.
+
+Shapes: B batch, F frames, C latent channels, H/W pixels, h/w latents, S text tokens.
+
+What fine_tune.py does, minus its bugs (training.md 2.3): uniform integer timesteps, epsilon or v target from the
+scheduler config (or train.ddpm.prediction_type), offset noise per video and channel, min-SNR weighting with a float
+gamma, caption dropout (zero text embeddings, what the sampler's unconditional branch uses), and SDXL
+micro-conditioning in (h, w) / (top, left) order, the same order the sampler uses.
+
+A batch is {frames uint8 [B, F, H, W, 3], fps [B]} plus, when the dataset carries them, `prompt` (strings),
+`orig_height`/`orig_width` (the clip's size before resize/crop) and `crop_top`/`crop_left`; missing ones default to
+train.ddpm.default_prompt, the target size and (0, 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vidgen.config import ModelConfig, TrainConfig
+from vidgen.errors import ConfigError, ModelError
+from vidgen.models import hotshot
+from vidgen.models.hotshot_weights import TEMPORAL_FILE, load_temporal, save_hotshot_unet_dir, write_temporal_file
+from vidgen.models.sdxl import add_time_ids
+from vidgen.train.objectives import (
+    caption_keep_mask,
+    compute_snr,
+    ddpm_noisy,
+    ddpm_target,
+    min_snr_weight,
+    offset_noise,
+    weighted_mse,
+)
+
+
+def build_model(model_cfg: ModelConfig, seed: int, prediction_type: str | None = None) -> hotshot.Hotshot:
+    m = model_cfg
+    if m.family != "hotshot":
+        raise ConfigError(f"model.family={m.family}: recipe hotshot_temporal needs model.family=hotshot")
+    return hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, temporal_layers=m.temporal_layers,
+                         spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames, spatial_norm=m.spatial_norm,
+                         prediction_type=prediction_type)
+
+
+@dataclass
+class HotshotTemporalRecipe:
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    seed: int = 0
+    checkpoint_trainable_only = True  # checkpoints hold the temporal layers; the frozen SDXL is rebuilt on resume
+
+    def __post_init__(self):
+        d = self.train_cfg.ddpm
+        self.model = build_model(self.model_cfg, self.seed,
+                                 None if d.prediction_type == "scheduler" else d.prediction_type)
+        frames, limit = self.model_cfg.num_frames, self.model.unet.config.motion_max_seq_length
+        if frames > limit:
+            raise ConfigError(f"model.num_frames={frames}: the temporal positional table holds {limit} frames; "
+                              f"use at most {limit} (or model.max_frames for fresh temporal layers)")
+        self.model.vae.requires_grad_(False)
+        self.model.text.text_encoder.requires_grad_(False)
+        self.model.text.text_encoder_2.requires_grad_(False)
+        unet = self.model.unet
+        unet.requires_grad_(False)
+        for p in unet.temporal_parameters():  # Hotshot trains the temporal layers only
+            p.requires_grad_(True)
+        ac = self.model.scheduler.alphas_cumprod
+        self.alphas_cumprod = ac.float()
+        unet.train()
+
+    @property
+    def unet(self) -> hotshot.HotshotUNet:
+        return self.model.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def to(self, device: torch.device) -> HotshotTemporalRecipe:
+        self.model.vae.to(device)
+        self.model.text.to(device)
+        return self
+
+    def conditioning(self, batch: dict, b: int, hw: tuple[int, int], device, generator):
+        """(prompt_embeds [B, S, D], pooled [B, P], time_ids [B, 6]) with caption dropout applied."""
+        d = self.train_cfg.ddpm
+        prompts = batch.get("prompt")
+        prompts = [str(p) for p in prompts] if prompts is not None else [d.default_prompt] * b
+        embeds, pooled = self.model.text.encode(prompts)
+        keep = caption_keep_mask(b, d.caption_dropout, generator).to(device)
+        embeds, pooled = embeds * keep.view(b, 1, 1), pooled * keep.view(b, 1)
+
+        def pair(a: str, c: str, default: tuple[int, int]) -> torch.Tensor:
+            if a in batch and c in batch:
+                return torch.stack([torch.as_tensor(batch[a]), torch.as_tensor(batch[c])], 1).float().to(device)
+            return torch.tensor([default] * b, dtype=torch.float32, device=device)
+
+        ids = add_time_ids(pair("orig_height", "orig_width", hw), pair("crop_top", "crop_left", (0, 0)),
+                           torch.tensor([hw] * b, dtype=torch.float32, device=device))
+        return embeds, pooled, ids
+
+    def loss(self, batch: dict, unet_fn, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        d, m = self.train_cfg.ddpm, self.model
+        device = next(m.vae.parameters()).device
+        frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, F, 3, H, W]
+        b, _, _, h, w = frames.shape
+        latents = m.encode_video(frames, generator=generator)  # [B, F, C, h, w]
+        embeds, pooled, ids = self.conditioning(batch, b, (h, w), device, generator)
+        t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=generator).to(device)  # uniform
+        noise = offset_noise(tuple(latents.shape), d.noise_offset, generator).to(device)
+        noisy = ddpm_noisy(latents, noise, self.alphas_cumprod, t)
+        target = ddpm_target(latents, noise, self.alphas_cumprod, t, m.prediction_type)
+        dtype = next(self.unet.parameters()).dtype
+        pred = unet_fn(noisy.permute(0, 2, 1, 3, 4).to(dtype), t, encoder_hidden_states=embeds.to(dtype),
+                       added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)})
+        snr = compute_snr(self.alphas_cumprod, t)
+        weight = min_snr_weight(snr, d.snr_gamma, m.prediction_type)
+        loss = weighted_mse(pred.permute(0, 2, 1, 3, 4), target, weight)
+        return loss, {"timestep_mean": t.float().mean().item()}
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        """A full Hotshot-XL `unet/` directory (Hotshot names) plus `hsxl_temporal_layers.safetensors` beside it."""
+        own = self.unet.state_dict()
+        temporal = {k: v for k, v in state_dict.items() if ".motion_modules." in k}
+        missing = sorted(k for k in own if ".motion_modules." in k and k not in temporal and not k.endswith(".pe"))
+        unexpected = sorted(k for k in state_dict if k not in own)
+        if missing or unexpected:
+            raise ModelError(f"exported state dict does not fit the Hotshot UNet: missing={missing[:5]} "
+                             f"unexpected={unexpected[:5]}")
+        self.unet.load_state_dict(temporal, strict=False)  # the spatial layers are frozen: the base model's
+        save_hotshot_unet_dir(self.unet, out_dir)
+        write_temporal_file(self.unet, Path(out_dir) / TEMPORAL_FILE)
+
+
+def load_exported_temporal(model: hotshot.Hotshot, export_dir: str | Path) -> None:
+    """Load the temporal layers `export` wrote into another model (any SDXL spatial base)."""
+    from safetensors.torch import load_file
+
+    load_temporal(model.unet, load_file(str(Path(export_dir) / TEMPORAL_FILE)), str(export_dir))
