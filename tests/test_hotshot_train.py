@@ -27,6 +27,7 @@ def clips(n: int = 4, frames: int = 3, size: int = 32):
 def test_killed_worker_resumes_and_exports_hotshot_weights(ray_session, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from vidgen.data.video import read_video
     from vidgen.models import hotshot
     from vidgen.models import hotshot_weights as hw
 
@@ -37,11 +38,17 @@ def test_killed_worker_resumes_and_exports_hotshot_weights(ray_session, tmp_path
                              "train.num_workers=2", "train.zero_stage=2", "train.lr=1e-3", "train.max_steps=3",
                              "train.checkpoint_every=1", "train.max_failures=1", "train.ddpm.snr_gamma=5.0",
                              "train.ddpm.noise_offset=0.05", "train.ddpm.caption_dropout=0.1",
-                             "train.activation_checkpointing=true"])
+                             "train.activation_checkpointing=true", "train.validation_every=3",
+                             "train.validation_steps=2", "data.height=32", "data.width=32", "data.fps=8"])
     logged: list[int] = []
-    result = fit(cfg, clips(), on_metrics=lambda rows: logged.extend(r["step"] for r in rows))
+    videos: list[str] = []
+    result = fit(cfg, clips(), on_metrics=lambda rows: logged.extend(r["step"] for r in rows),
+                 validation_images=["a red car"], on_artifacts=lambda step, paths: videos.extend(paths))
     assert marker.exists(), "the fault was not injected"
     assert logged == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in result.metrics)
+    # validation: a text-to-video clip of the prompt with the weights being trained, logged by the driver
+    assert len(videos) == 1 and videos[0].endswith("step00000003/00.mp4")
+    assert read_video(videos[0])[0].shape == (3, 32, 32, 3)
 
     # the export is a Hotshot-XL unet/ directory plus the temporal-layer file; only temporal weights moved
     trained = hw.load_hotshot_unet_dir(result.export_dir)

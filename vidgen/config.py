@@ -245,6 +245,11 @@ class TrainConfig(Section):
         description="Held-out first frames (URIs) for validation videos. Empty: first frames of the first "
         "train.validation_count samples of data.source.",
     )
+    validation_prompts: list[str] = Field(
+        default_factory=list,
+        description="Text-to-video families (hotshot): prompts of the validation videos. Empty: the prompts of the "
+        "first train.validation_count samples of data.source.",
+    )
     validation_count: int = Field(2, ge=1, description="Validation videos when validation_images is empty.")
     validation_steps: int = Field(8, ge=1, description="Sampler steps of a validation video.")
     # EDM objective of SVD (SVD Xtend's constants): sigma ~ LogNormal(p_mean, p_std).

@@ -108,9 +108,16 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
 
 
 def validation_images(cfg: VidgenConfig, samples) -> list:
-    """Held-out first frames, resized and centre-cropped to the training size (uint8 [H, W, 3])."""
+    """Held-out first frames, resized and centre-cropped to the training size (uint8 [H, W, 3]); for
+    text-to-video families (hotshot) the validation prompts instead."""
     from vidgen.data.clips import resize_cover_crop
     from vidgen.data.decode import decode_image
+
+    if cfg.model.family == "hotshot":
+        from vidgen.data.worker import resolve_prompt
+
+        return list(cfg.train.validation_prompts) or [
+            resolve_prompt(s, cfg.data.default_prompt) or "a video" for s in samples[: cfg.train.validation_count]]
 
     uris = list(cfg.train.validation_images)
     if not uris:  # first frames of the first samples (frame layouts; videos give their first frame)

@@ -154,8 +154,8 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
                    "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg)}
     if t.validation_every and validation_images:
         loop_config["validation"] = {
-            "images": validation_images, "fps": 7, "motion_bucket_id": t.motion_bucket_id,
-            "num_frames": cfg.model.num_frames,
+            "images": validation_images, "fps": round(cfg.data.fps or 7), "motion_bucket_id": t.motion_bucket_id,
+            "num_frames": cfg.model.num_frames, "height": cfg.data.height, "width": cfg.data.width,
             "out_dir": storage.join(cfg.run.workdir, "validation", cfg.run.name),
         }
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
