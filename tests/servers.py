@@ -209,9 +209,20 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def mlflow_server() -> Iterator[str]:
     """URL of a real `mlflow server` (sqlite store, proxied artifacts) for the whole session."""
-    server = _mlflow()
+    for attempt in range(3):
+        server = _mlflow()
+        try:
+            server.wait_ready(timeout=180)
+            break
+        except pytest.fail.Exception:
+            # The port picked at collection can be taken (Ray starts many listeners) before mlflow binds it:
+            # a server that exited early gets a fresh port; one that hangs, or a third failure, fails the tests.
+            if server.proc is None or server.proc.poll() is None or attempt == 2:
+                server.stop()
+                raise
+            server.stop()
+            _SERVERS.pop("mlflow", None)
     try:
-        server.wait_ready(timeout=180)
         yield server.url
     finally:
         server.stop()

@@ -117,7 +117,8 @@ def test_cli_json_end_to_end_then_cache_hit(ray_session, sets, capfd):
     cfg = load_config(None, _overrides(root))
     again = run_eval(cfg, str(sets["real"]), str(sets["fake"]))
     assert again.real_cache == "hit" and again.params["fvd.real_cache"] == "hit"
-    assert again.fvd == pytest.approx(out["fvd"], rel=1e-9) and again.kvd == pytest.approx(out["kvd"], rel=1e-9)
+    # (the generated side is recomputed: thread scheduling moves its float32 features in the last bits)
+    assert again.fvd == pytest.approx(out["fvd"], rel=1e-6) and again.kvd == pytest.approx(out["kvd"], rel=1e-6)
     assert len(list((root / "cache").glob("real-*.npz"))) == 1
 
     # ... while features of the new pixels would have moved them.
