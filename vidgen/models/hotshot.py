@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, UNetMotionModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
+from vidgen.models.vae import LatentVideoModel
+
 HOTSHOT_HEADS = 8
 HOTSHOT_MAX_FRAMES = 24  # the positional-encoding table of the published weights
 
@@ -228,19 +230,11 @@ def tiny_unet(seed: int = 0, cfg: TinyUNetConfig = TinyUNetConfig(), max_frames:
 
 
 @dataclass
-class Hotshot:
+class Hotshot(LatentVideoModel):
     unet: HotshotUNet
     vae: torch.nn.Module  # AutoencoderKL
     text: object  # vidgen.models.sdxl.SDXLText
     scheduler: object  # DDPMScheduler (training); samplers derive DDIM from its config
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
 
     @property
     def prediction_type(self) -> str:
@@ -251,14 +245,6 @@ class Hotshot:
             m.to(device=device, dtype=dtype)
         self.text.to(device, dtype)
         return self
-
-    @torch.no_grad()
-    def encode_video(self, frames_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents [B, F, C, h, w] of frames in [-1, 1] (a posterior sample, as fine_tune.py does)."""
-        b, f = frames_bfchw.shape[:2]
-        dist = self.vae.encode(frames_bfchw.flatten(0, 1).to(self.vae.dtype)).latent_dist
-        # contiguous: the VAE can hand back channels-last latents, whose conv backward crashes torch 2.13 on CPU
-        return (dist.sample(generator=generator) * self.scaling_factor).unflatten(0, (b, f)).contiguous()
 
     @torch.no_grad()
     def decode_video(self, latents_bfchw: torch.Tensor, chunk: int = 8) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vidgen.errors import ModelError
+from vidgen.models.vae import LatentVideoModel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor", "scheduler")
 
 
 @dataclass
-class SVD:
+class SVD(LatentVideoModel):
     """The five parts of an SVD pipeline, plus the helpers that training and sampling share."""
 
     unet: torch.nn.Module  # UNetSpatioTemporalConditionModel
@@ -35,14 +36,6 @@ class SVD:
     image_encoder: torch.nn.Module  # CLIPVisionModelWithProjection
     feature_extractor: object  # CLIPImageProcessor (mean/std only)
     scheduler: object  # EulerDiscreteScheduler (sigma schedule only)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SVD:
         for m in (self.unet, self.vae, self.image_encoder):
@@ -68,13 +61,6 @@ class SVD:
     def encode_condition_frame(self, image_bchw: torch.Tensor) -> torch.Tensor:
         """Unscaled VAE latent (the distribution's mode) of the conditioning frame, as the pipeline does."""
         return self.vae.encode(image_bchw.to(self.vae.dtype)).latent_dist.mode()
-
-    def encode_video(self, frames_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents [B, F, C, h, w] of frames in [-1, 1] (a sample of the posterior, as training uses)."""
-        b, f = frames_bfchw.shape[:2]
-        dist = self.vae.encode(frames_bfchw.flatten(0, 1).to(self.vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator) * self.scaling_factor
-        return latents.unflatten(0, (b, f))
 
     def decode_video(self, latents_bfchw: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Frames in [-1, 1], [B, F, 3, H, W], decoded `chunk` frames at a time by the temporal decoder."""

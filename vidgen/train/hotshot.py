@@ -33,6 +33,7 @@ from vidgen.train.objectives import (
     offset_noise,
     weighted_mse,
 )
+from vidgen.train.recipes import UNetRecipe
 
 
 def build_model(model_cfg: ModelConfig, seed: int, prediction_type: str | None = None) -> hotshot.Hotshot:
@@ -45,7 +46,7 @@ def build_model(model_cfg: ModelConfig, seed: int, prediction_type: str | None =
 
 
 @dataclass
-class HotshotTemporalRecipe:
+class HotshotTemporalRecipe(UNetRecipe):
     model_cfg: ModelConfig
     train_cfg: TrainConfig
     seed: int = 0
@@ -69,13 +70,6 @@ class HotshotTemporalRecipe:
         ac = self.model.scheduler.alphas_cumprod
         self.alphas_cumprod = ac.float()
         unet.train()
-
-    @property
-    def unet(self) -> hotshot.HotshotUNet:
-        return self.model.unet
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
 
     def to(self, device: torch.device) -> HotshotTemporalRecipe:
         self.model.vae.to(device)

@@ -26,8 +26,21 @@ from vidgen.train.objectives import (
 )
 
 
+class UNetRecipe:
+    """What every recipe shares: `self.model` holds a `unet`, and the trainable parameters are its unfrozen ones."""
+
+    model: object
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+
 @dataclass
-class SVDFullRecipe:
+class SVDFullRecipe(UNetRecipe):
     """Full (or temporal-only) fine-tuning of the SVD UNet with SVD Xtend's EDM objective, minus its bugs:
     per-sample conditioning noise in `added_time_ids`, fps from the data (sent as fps - 1, as the pipeline
     samples), the conditioning frame's VAE mode, and gradient clipping that actually happens (DeepSpeed).
@@ -52,13 +65,6 @@ class SVDFullRecipe:
             raise ConfigError(f"train.trainable_patterns={t.trainable_patterns}: no UNet parameter name "
                               "contains any of them")
         unet.train()
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self.model.unet
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
 
     def to(self, device: torch.device) -> SVDFullRecipe:
         self.model.vae.to(device)

@@ -1,0 +1,30 @@
+"""What every model family with a diffusers image autoencoder (`vae`) shares.
+
+Shapes: B batch, F frames, C latent channels, H/W pixels, h/w latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentVideoModel:
+    """Mixin for the model dataclasses (SVD, Hotshot): VAE geometry and per-frame video encoding."""
+
+    vae: torch.nn.Module
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode_video(self, frames_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents [B, F, C, h, w] of frames in [-1, 1]: a sample of the posterior, as training uses."""
+        b, f = frames_bfchw.shape[:2]
+        dist = self.vae.encode(frames_bfchw.flatten(0, 1).to(self.vae.dtype)).latent_dist
+        # contiguous: the VAE can hand back channels-last latents, whose conv backward crashes torch 2.13 on CPU
+        return (dist.sample(generator=generator) * self.scaling_factor).unflatten(0, (b, f)).contiguous()
