@@ -85,6 +85,11 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the job when more than this fraction of samples is skipped."
     )
+    latents: str | None = Field(
+        None, description="A latent cache written by `vidgen prepare latents` (local path or URI): training reads "
+        "the encoded latents and conditioning from it instead of decoding and encoding clips. Its key must match "
+        "this config (refused otherwise, naming the differing field).",
+    )
 
     @field_validator("height", "width")
     @classmethod
@@ -124,6 +129,11 @@ class ModelConfig(Section):
     spatial_norm: Literal["clip", "frame"] = Field(
         "clip", description="hotshot: clip: resnet GroupNorm statistics span a clip's frames (Hotshot-XL's 3-D "
         "resnets); frame: each frame alone (diffusers' UNetMotionModel / AnimateDiff)."
+    )
+    attention: Literal["sdpa", "xformers", "eager"] = Field(
+        "sdpa", description="Attention kernel of every attention layer: sdpa (PyTorch scaled_dot_product_attention, "
+        "fused kernels on GPU), xformers (memory-efficient attention; needs xformers and a CUDA GPU), eager (plain "
+        "matmul + softmax; the reference for numerics)."
     )
 
     @model_validator(mode="after")
@@ -528,6 +538,23 @@ def _parses(fn, v: str) -> bool:
     return True
 
 
+class LatentsConfig(Section):
+    """`vidgen prepare latents`: encode clips once with the recipe's frozen encoders into a cache of shards."""
+
+    output: str | None = Field(
+        None, description="Where the cache is written (local path or URI). Unset: <run.workdir>/latents."
+    )
+    shard_size: int = Field(64, ge=1, description="Clips per shard; a killed job redoes at most the unfinished ones.")
+    batch_size: int = Field(4, ge=1, description="Clips per encoder forward.")
+    actors: int = Field(1, ge=1, description="Encoder actors (one GPU each on a GPU cluster).")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per encoder actor. Unset: 1 when the cluster has GPUs, else 0."
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Encoder compute dtype; the cache stores fp32 (a dtype change changes the cache key)."
+    )
+
+
 class VidgenConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -538,6 +565,7 @@ class VidgenConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

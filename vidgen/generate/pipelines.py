@@ -54,7 +54,8 @@ def build_pipeline(m: ModelConfig, g: GenerateConfig) -> Pipeline:
     from vidgen.generate.denoisers import SVDDenoiser
     from vidgen.models import svd
 
-    model = svd.build(m.flavor, path=m.path, cache_dir=m.cache_dir, num_frames=m.num_frames, unet_path=g.unet)
+    model = svd.build(m.flavor, path=m.path, cache_dir=m.cache_dir, num_frames=m.num_frames, unet_path=g.unet,
+                      attention=m.attention)
     if g.lora:
         from vidgen.models.lora import load_lora  # only when asked: another module, optional
 
@@ -76,7 +77,7 @@ def _hotshot(m: ModelConfig, g: GenerateConfig) -> Pipeline:
                                                                                 "hsxl_temporal_layers.safetensors")
     model = hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, temporal_layers=temporal,
                           spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames,
-                          spatial_norm=m.spatial_norm)
+                          spatial_norm=m.spatial_norm, attention=m.attention)
     check_size(g.height, g.width, model, allow_any=m.flavor == "tiny")
     if g.lora:  # an SDXL LoRA: the spatial layers keep SDXL's module names
         import safetensors.torch

@@ -310,22 +310,24 @@ TEMPORAL_NAME = "hsxl_temporal_layers.safetensors"
 
 def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vidgen/models", seed: int = 0,
           temporal_layers: str | None = None, spatial_unet_base: str | None = None, max_frames: int | None = None,
-          spatial_norm: str = "clip", prediction_type: str | None = None) -> Hotshot:
+          spatial_norm: str = "clip", prediction_type: str | None = None, attention: str = "sdpa") -> Hotshot:
     """The entry point configs use (model.family=hotshot)."""
     from vidgen.errors import ModelError
+    from vidgen.models.attention import apply, check_backend
     from vidgen.models.hotshot_weights import read_temporal_file
 
+    check_backend(attention)  # before loading gigabytes of weights
     if flavor == "tiny":
         model = tiny(seed, max_frames or HOTSHOT_MAX_FRAMES, spatial_norm, prediction_type or "epsilon")
         if temporal_layers:
             read_temporal_file(model.unet, temporal_layers)
-        return model
-    if flavor == "pretrained":
+    elif flavor == "pretrained":
         if not path:
             raise ModelError("model.path: required for model.flavor=pretrained (a Hotshot-XL or SDXL directory)")
         model = pretrained(path, cache_dir, temporal_layers, spatial_unet_base, max_frames, spatial_norm)
         if prediction_type:
             model.scheduler = model.scheduler.__class__.from_config(model.scheduler.config,
                                                                     prediction_type=prediction_type)
-        return model
-    raise ModelError(f"model.flavor={flavor}: expected one of tiny, pretrained")
+    else:
+        raise ModelError(f"model.flavor={flavor}: expected one of tiny, pretrained")
+    return apply(model, attention)

@@ -270,18 +270,22 @@ def load_unet(path: str, cache_dir: str = "~/.cache/vidgen/models") -> torch.nn.
 
 
 def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vidgen/models",
-          seed: int = 0, num_frames: int = 8, unet_path: str | None = None) -> SVD:
-    """The entry point configs use: `model.flavor`, `model.path`, `model.cache_dir`."""
+          seed: int = 0, num_frames: int = 8, unet_path: str | None = None, attention: str = "sdpa") -> SVD:
+    """The entry point configs use: `model.flavor`, `model.path`, `model.cache_dir`, `model.attention`."""
+    from vidgen.models.attention import apply, check_backend
+
+    check_backend(attention)  # before loading gigabytes of weights
     if flavor == "tiny":
         model = tiny(seed=seed, num_frames=num_frames)
         if unet_path:
             model.unet = load_unet(unet_path, cache_dir)
-        return model
-    if flavor == "pretrained":
+    elif flavor == "pretrained":
         if not path:
             raise ModelError("model.path: required for model.flavor=pretrained (a diffusers SVD directory)")
-        return pretrained(path, cache_dir, unet_path=unet_path)
-    raise ModelError(f"model.flavor={flavor}: expected one of tiny, pretrained")
+        model = pretrained(path, cache_dir, unet_path=unet_path)
+    else:
+        raise ModelError(f"model.flavor={flavor}: expected one of tiny, pretrained")
+    return apply(model, attention)
 
 
 # ---------------------------------------------------------------------------------------------

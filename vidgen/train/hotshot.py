@@ -42,7 +42,7 @@ def build_model(model_cfg: ModelConfig, seed: int, prediction_type: str | None =
         raise ConfigError(f"model.family={m.family}: recipe hotshot_temporal needs model.family=hotshot")
     return hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, temporal_layers=m.temporal_layers,
                          spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames, spatial_norm=m.spatial_norm,
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, attention=m.attention)
 
 
 @dataclass

@@ -90,6 +90,9 @@ class TrainResult:
 def check(cfg: VidgenConfig) -> None:
     """Refuse combinations that would only fail inside the workers, before any worker starts."""
     t = cfg.train
+    if cfg.model.attention == "xformers" and not t.use_gpu:
+        raise ConfigError("model.attention=xformers: needs train.use_gpu=true (a CUDA GPU per worker); "
+                          "use model.attention=sdpa")
     if not t.use_gpu and t.precision == "fp16":
         raise ConfigError("train.precision=fp16: DeepSpeed has no fp16 on CPU; expected fp32 or bf16")
     if t.adam_8bit:

@@ -26,6 +26,11 @@ from vidgen.train.objectives import (
 )
 
 
+def build_svd(m: ModelConfig, seed: int) -> svd.SVD:
+    return svd.build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, num_frames=m.num_frames,
+                     attention=m.attention)
+
+
 class UNetRecipe:
     """What every recipe shares: `self.model` holds a `unet`, and the trainable parameters are its unfrozen ones."""
 
@@ -51,8 +56,7 @@ class SVDFullRecipe(UNetRecipe):
     seed: int = 0
 
     def __post_init__(self):
-        self.model = svd.build(self.model_cfg.flavor, path=self.model_cfg.path, cache_dir=self.model_cfg.cache_dir,
-                               seed=self.seed, num_frames=self.model_cfg.num_frames)
+        self.model = build_svd(self.model_cfg, self.seed)
         self.model.vae.requires_grad_(False)
         self.model.image_encoder.requires_grad_(False)
         unet = self.model.unet
@@ -131,8 +135,7 @@ class SVDLoraRecipe(SVDFullRecipe):
     def __post_init__(self):
         from vidgen.models.lora import inject_lora
 
-        self.model = svd.build(self.model_cfg.flavor, path=self.model_cfg.path, cache_dir=self.model_cfg.cache_dir,
-                               seed=self.seed, num_frames=self.model_cfg.num_frames)
+        self.model = build_svd(self.model_cfg, self.seed)
         self.model.vae.requires_grad_(False)
         self.model.image_encoder.requires_grad_(False)
         self.targets = inject_lora(self.model.unet, self.train_cfg.lora)  # freezes everything else

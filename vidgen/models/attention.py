@@ -1,0 +1,85 @@
+"""The attention kernel of a model family (`model.attention`): sdpa, xformers or eager.
+
+Every diffusers `Attention` layer computes through a processor object; switching the backend swaps the processor
+of every layer of the family's diffusers models (UNet, VAE; spatial, temporal and cross attention alike):
+
+- sdpa: `AttnProcessor2_0`, torch's `scaled_dot_product_attention` (fused flash / memory-efficient kernels on
+  GPU, a math kernel on CPU). The default, and what diffusers picks itself.
+- xformers: diffusers' own switch, `enable_xformers_memory_efficient_attention()`; needs the xformers package
+  and a CUDA GPU, refused in one line otherwise.
+- eager: `AttnProcessor`, explicit matmul + softmax: slow and memory-hungry, the numeric reference.
+
+The transformers encoders (CLIP image, CLIP/OpenCLIP text) take `sdpa` or `eager` through their own
+`set_attn_implementation`; with xformers they keep sdpa (transformers has no xformers path). Layers that carry
+a processor of their own (vidgen's query cache in generation) are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vidgen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "xformers", "eager")
+
+
+def check_backend(backend: str) -> None:
+    """Refuse a backend this machine cannot run, in one line, before any model is touched."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"model.attention={backend}: expected one of {', '.join(BACKENDS)}")
+    if backend != "xformers":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("model.attention=xformers: needs a CUDA GPU (torch.cuda.is_available() is False); "
+                          "use model.attention=sdpa")
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.attention=xformers: the xformers package is not installed "
+                          "(pip install xformers matching your torch); or use model.attention=sdpa") from None
+
+
+def _is_plain(processor: object) -> bool:
+    """A stock diffusers processor, safe to replace (not a LoRA/IP-adapter/custom one)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    return type(processor) in (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
+
+
+def set_attention(module: torch.nn.Module, backend: str) -> int:
+    """Put every stock attention processor under `module` on `backend`; returns the number of layers switched."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    check_backend(backend)
+    layers = [m for m in module.modules() if isinstance(m, Attention) and _is_plain(m.processor)]
+    if backend == "xformers":  # pragma: no cover - CUDA only: diffusers' own switch, over the whole model
+        module.enable_xformers_memory_efficient_attention()
+        return len(layers)
+    for m in layers:
+        m.set_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+    return len(layers)
+
+
+def _set_encoder(encoder: torch.nn.Module, backend: str) -> None:
+    setter = getattr(encoder, "set_attn_implementation", None)
+    if setter is not None:
+        setter("eager" if backend == "eager" else "sdpa")
+
+
+def apply(model: object, backend: str) -> object:
+    """Switch a model family object (svd.SVD, hotshot.Hotshot) to `backend`; returns it."""
+    check_backend(backend)
+    n = sum(set_attention(getattr(model, part), backend) for part in ("unet", "vae") if hasattr(model, part))
+    for part in ("image_encoder",):
+        if hasattr(model, part):
+            _set_encoder(getattr(model, part), backend)
+    text = getattr(model, "text", None)  # hotshot: sdxl.SDXLText holds both text encoders
+    for part in ("text_encoder", "text_encoder_2"):
+        if text is not None and hasattr(text, part):
+            _set_encoder(getattr(text, part), backend)
+    log.debug("attention: %d diffusers layers on %s", n, backend)
+    return model
