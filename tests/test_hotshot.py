@@ -324,10 +324,11 @@ def test_sdxl_conditioning_order_and_caption_dropout():
     assert recipe.model.prediction_type == "v_prediction"
     batch = {"prompt": ["a", "b"], "orig_height": torch.tensor([720, 1080]), "orig_width": torch.tensor([1280, 1920]),
              "crop_top": torch.tensor([5, 0]), "crop_left": torch.tensor([7, 0])}
-    embeds, pooled, ids = recipe.conditioning(batch, 2, (32, 64), "cpu", torch.Generator().manual_seed(0))
+    enc = dict(zip(("prompt_embeds", "pooled_embeds"), recipe.model.text.encode(["a", "b"]), strict=True))
+    embeds, pooled, ids = recipe.conditioning(batch, enc, (32, 64), "cpu", torch.Generator().manual_seed(0))
     assert ids.tolist() == [[720, 1280, 5, 7, 32, 64], [1080, 1920, 0, 0, 32, 64]]  # (h, w), (top, left), (h, w)
     assert embeds.abs().max() == 0 and pooled.abs().max() == 0  # dropped captions: zero embeddings
-    kept = _recipe().conditioning({"prompt": ["a", "b"]}, 2, (32, 64), "cpu", torch.Generator().manual_seed(0))
+    kept = _recipe().conditioning({"prompt": ["a", "b"]}, enc, (32, 64), "cpu", torch.Generator().manual_seed(0))
     assert kept[2].tolist() == [[32, 64, 0, 0, 32, 64]] * 2 and kept[0].abs().max() > 0
     text = recipe.model.text
     e, p = text.encode(["a car"])

@@ -10,6 +10,7 @@
     vidgen prepare synth OUT                     write a synthetic clip dataset
     vidgen prepare pack SOURCE --out URI         pack clips into parquet shards (resumable)
     vidgen prepare opv2v ROOT --out URI          OPV2V front-camera clips in the hotshot layout
+    vidgen prepare latents --config C [k=v ...]  encode clips once into a latent cache (data.latents)
     vidgen data inspect SOURCE [--layout L]      counts, histograms, bad samples
 
 Bad input ends with one line on stderr naming the key, file or URI and what was expected, and exit
@@ -129,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--quality", type=int, default=95, help="JPEG quality (default: 95)")
     pack.add_argument("--parallel", action="store_true", help="one Ray task per shard (starts a local Ray)")
     _add_common(pack)
+
+    lat = psub.add_parser("latents", help="encode clips once into a latent cache that training reads",
+                          description="Read data.source like training does (centre crops, evenly spread clips), "
+                                      "encode every clip with the recipe's frozen encoders (VAE posterior, CLIP "
+                                      "image or SDXL text embeddings) in a Ray Data actor pool, and write parquet "
+                                      "shards under latents.output (default <run.workdir>/latents), atomically; a "
+                                      "rerun writes only the unfinished shards. Train on it with "
+                                      "data.latents=URI and the same config.")
+    lat.add_argument("--config", metavar="CONFIG", help=CONFIG_HELP)
+    lat.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    lat.add_argument("--local", action="store_true", help="encode in this process instead of Ray actors")
+    _add_common(lat)
 
     opv = psub.add_parser("opv2v", help="front-camera clips of 2-5 s from an OPV2V tree, in the hotshot layout",
                           description="Cut each CAV's camera sequence of the OpenCOOD tree at ROOT into clips "
@@ -268,6 +281,21 @@ def _prepare(args) -> None:
                         fps=args.fps, source_fps=args.source_fps, clips_per_video=args.clips_per_video,
                         camera=args.camera, max_bad_fraction=args.max_bad_fraction)
         print(f"{manifest.get('clips')} clips in {len(manifest.get('shards', []))} shards under {args.out}")
+    elif args.prepare_command == "latents":
+        from vidgen.config import load_config
+        from vidgen.data.latents import cache_uri, prepare_latents
+        from vidgen.runner import init_ray
+
+        cfg = load_config(args.config, args.overrides)
+        if not args.local:
+            init_ray(cfg)
+
+        def progress(n: int, total: int, shard: int) -> None:
+            print(f"\rshards {n}/{total} (last: {shard})", end="", file=sys.stderr, flush=True)
+
+        m = prepare_latents(cfg, use_ray=not args.local, progress=progress)
+        print(f"\n{m['clips']} clips in {len(m['shards'])} shards under {cache_uri(cfg)}: {m['written']} written, "
+              f"{m['existing']} already there, {m['report']['skipped']} samples skipped, {m['seconds']} s")
     elif args.prepare_command == "opv2v":
         from vidgen.data.opv2v import prepare_opv2v
 

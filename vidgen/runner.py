@@ -70,12 +70,14 @@ def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
 def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
     from vidgen.data.pipeline import read_clips
-    from vidgen.train.launch import check, fit
+    from vidgen.train.launch import check
 
     check(cfg)
     d = cfg.data
+    if d.latents:
+        return _train_from_cache(cfg, tracker, progress)
     if not d.source:
-        raise JobError("data.source: required for training (a dataset root path or URI)")
+        raise JobError("data.source: required for training (a dataset root path or URI, or data.latents)")
     sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
     stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized,
                         fps=d.fps, source_fps=d.source_fps, train=True, seed=cfg.run.seed,
@@ -84,6 +86,14 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
                         max_bad_fraction=d.max_bad_fraction,
                         report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))
     log.info("training on %d samples from %s", stream.num_samples, d.source)
+
+    images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None
+    result = _fit(cfg, tracker, progress, epochs_dataset(stream, cfg), images)
+    return _train_summary(cfg, tracker, result, stream.check())
+
+
+def _fit(cfg: VidgenConfig, tracker: Tracker, progress, dataset, images):
+    from vidgen.train.launch import fit
 
     def on_metrics(rows: list[dict]) -> None:
         for r in rows:
@@ -95,10 +105,30 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
         for path in paths:
             tracker.log_video(path, artifact_path=f"validation/step{step:08d}")
 
-    images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None
-    result = fit(cfg, epochs_dataset(stream, cfg), on_metrics=on_metrics, validation_images=images,
-                 on_artifacts=on_artifacts)
-    report = stream.check()
+    return fit(cfg, dataset, on_metrics=on_metrics, validation_images=images, on_artifacts=on_artifacts)
+
+
+def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
+    """Training on a latent cache (`vidgen prepare latents`): no decoding, no frozen-encoder forward."""
+    from vidgen.data import latents
+
+    manifest = latents.open_cache(cfg)  # refuses a cache of another config, in one line
+    t = cfg.train
+    needed = t.max_steps * t.batch_size * t.gradient_accumulation * t.num_workers
+    epochs = min(1000, -(-needed // max(1, manifest["clips"])) + 1)
+    log.info("training on %d cached clips from %s", manifest["clips"], cfg.data.latents)
+    images = None
+    if t.validation_every:  # held-out inputs: the configured ones, else the cache's first clips
+        rows = [r for r, _ in zip(latents.read_rows(cfg.data.latents, manifest), range(t.validation_count))]
+        if cfg.model.family == "hotshot":
+            images = list(t.validation_prompts) or [r["prompt"] or "a video" for r in rows]
+        else:
+            images = validation_images(cfg, []) if t.validation_images else [r["first_frame"] for r in rows]
+    result = _fit(cfg, tracker, progress, latents.training_dataset(cfg, manifest, epochs), images)
+    return _train_summary(cfg, tracker, result, manifest["report"])
+
+
+def _train_summary(cfg: VidgenConfig, tracker: Tracker, result, report: dict) -> dict:
     tracker.log_metrics({"data/skipped": report["skipped"], "data/samples": report["total"]})
     tracker.set_tags({"train.checkpoint": result.checkpoint_dir, "train.export": result.export_dir})
     losses = [r["loss"] for r in result.metrics]

@@ -22,9 +22,23 @@ class LatentVideoModel:
         return float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
-    def encode_video(self, frames_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents [B, F, C, h, w] of frames in [-1, 1]: a sample of the posterior, as training uses."""
+    def video_posterior(self, frames_bfchw: torch.Tensor) -> torch.Tensor:
+        """fp32 parameters [B, F, 2C, h, w] (mean, then logvar) of the VAE posterior of frames in [-1, 1].
+
+        Deterministic: this is what the latent cache stores; `sample_latents` draws from it."""
         b, f = frames_bfchw.shape[:2]
         dist = self.vae.encode(frames_bfchw.flatten(0, 1).to(self.vae.dtype)).latent_dist
+        return dist.parameters.float().unflatten(0, (b, f))
+
+    def sample_latents(self, posterior_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents [B, F, C, h, w]: one draw of the posterior (as training uses), from `generator`."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        b, f = posterior_bfchw.shape[:2]
+        dist = DiagonalGaussianDistribution(posterior_bfchw.flatten(0, 1))
         # contiguous: the VAE can hand back channels-last latents, whose conv backward crashes torch 2.13 on CPU
         return (dist.sample(generator=generator) * self.scaling_factor).unflatten(0, (b, f)).contiguous()
+
+    def encode_video(self, frames_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents [B, F, C, h, w] of frames in [-1, 1]: a sample of the posterior."""
+        return self.sample_latents(self.video_posterior(frames_bfchw), generator)

@@ -76,12 +76,28 @@ class HotshotTemporalRecipe(UNetRecipe):
         self.model.text.to(device)
         return self
 
-    def conditioning(self, batch: dict, b: int, hw: tuple[int, int], device, generator):
+    # What the frozen encoders make of a clip, deterministic: `vidgen prepare latents` caches it.
+    ENCODED = ("latent_params", "prompt_embeds", "pooled_embeds")
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{latent_params fp32 [B, F, 2C, h, w] (VAE posterior), prompt_embeds [B, S, D] and pooled_embeds [B, P]
+        (the two SDXL text encoders; prompts missing from the batch are train.ddpm.default_prompt)}."""
+        m = self.model
+        device = next(m.vae.parameters()).device
+        frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, F, 3, H, W]
+        b = frames.shape[0]
+        prompts = batch.get("prompt")
+        prompts = [str(p) for p in prompts] if prompts is not None else [self.train_cfg.ddpm.default_prompt] * b
+        embeds, pooled = m.text.encode(prompts)
+        return {"latent_params": m.video_posterior(frames), "prompt_embeds": embeds.float(),
+                "pooled_embeds": pooled.float()}
+
+    def conditioning(self, batch: dict, enc: dict, hw: tuple[int, int], device, generator):
         """(prompt_embeds [B, S, D], pooled [B, P], time_ids [B, 6]) with caption dropout applied."""
         d = self.train_cfg.ddpm
-        prompts = batch.get("prompt")
-        prompts = [str(p) for p in prompts] if prompts is not None else [d.default_prompt] * b
-        embeds, pooled = self.model.text.encode(prompts)
+        embeds, pooled = enc["prompt_embeds"].to(device), enc["pooled_embeds"].to(device)
+        b = embeds.shape[0]
         keep = caption_keep_mask(b, d.caption_dropout, generator).to(device)
         embeds, pooled = embeds * keep.view(b, 1, 1), pooled * keep.view(b, 1)
 
@@ -95,12 +111,14 @@ class HotshotTemporalRecipe(UNetRecipe):
         return embeds, pooled, ids
 
     def loss(self, batch: dict, unet_fn, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """DDPM loss for a batch of clips (see the module docstring) or of their cached encodings (ENCODED)."""
         d, m = self.train_cfg.ddpm, self.model
         device = next(m.vae.parameters()).device
-        frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, F, 3, H, W]
-        b, _, _, h, w = frames.shape
-        latents = m.encode_video(frames, generator=generator)  # [B, F, C, h, w]
-        embeds, pooled, ids = self.conditioning(batch, b, (h, w), device, generator)
+        enc = batch if "latent_params" in batch else self.encode(batch)
+        latents = m.sample_latents(enc["latent_params"].to(device), generator)  # [B, F, C, h, w]
+        b, _, _, h, w = latents.shape
+        hw = (h * m.vae_scale_factor, w * m.vae_scale_factor)  # pixels
+        embeds, pooled, ids = self.conditioning(batch, enc, hw, device, generator)
         t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=generator).to(device)  # uniform
         noise = offset_noise(tuple(latents.shape), d.noise_offset, generator).to(device)
         noisy = ddpm_noisy(latents, noise, self.alphas_cumprod, t)

@@ -127,12 +127,17 @@ RECIPE_COLUMNS = {"hotshot_temporal": ["prompt", "orig_height", "orig_width", "c
 
 
 def train_columns(cfg: VidgenConfig, dataset: ray.data.Dataset) -> list[str]:
+    """Clips: frames + fps (+ the recipe's optional columns). A latent cache (data.latents): the recipe's
+    ENCODED tensors in place of frames."""
+    from vidgen.train.recipes import recipe_class
+
+    inputs = list(recipe_class(cfg.train.recipe).ENCODED) if cfg.data.latents else ["frames"]
     wanted = RECIPE_COLUMNS.get(cfg.train.recipe, [])
     if not wanted:
-        return ["frames", "fps"]
+        return [*inputs, "fps"]
     schema = dataset.schema()  # reads one block at most
     have = set(schema.names) if schema is not None else set()
-    return ["frames", "fps", *[c for c in wanted if c in have]]
+    return [*inputs, "fps", *[c for c in wanted if c in have]]
 
 
 def storage_root(cfg: VidgenConfig) -> str:

@@ -75,20 +75,36 @@ class SVDFullRecipe(UNetRecipe):
         self.model.image_encoder.to(device)
         return self
 
-    def loss(self, batch: dict[str, torch.Tensor], unet_fn, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """EDM loss for a batch {frames uint8 [B, F, H, W, 3], fps [B]}."""
-        c = self.train_cfg
+    # What the frozen encoders make of a clip, deterministic: `vidgen prepare latents` caches it.
+    ENCODED = ("latent_params", "image_embeds", "first_frame", "cond_latent")
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{latent_params fp32 [B, F, 2C, h, w] (VAE posterior), image_embeds [B, 1, D] (CLIP, clean first frame),
+        first_frame uint8 [B, H, W, 3], cond_latent [B, C, h, w] (VAE mode of the clean first frame)}."""
         m = self.model
         device = next(m.vae.parameters()).device
         frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, F, 3, H, W]
-        b = frames.shape[0]
+        first = frames[:, 0]
+        return {"latent_params": m.video_posterior(frames), "image_embeds": m.encode_image(first).float(),
+                "first_frame": batch["frames"][:, 0], "cond_latent": m.encode_condition_frame(first).float()}
+
+    def loss(self, batch: dict, unet_fn, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """EDM loss for a batch of clips {frames uint8 [B, F, H, W, 3], fps [B]} or of their cached encodings
+        {ENCODED..., fps [B]}; both give the same loss for the same clips and generator."""
+        c = self.train_cfg
+        m = self.model
+        device = next(m.vae.parameters()).device
+        enc = batch if "latent_params" in batch else self.encode(batch)
+        b = enc["latent_params"].shape[0]
         with torch.no_grad():
-            latents = m.encode_video(frames, generator=generator)  # [B, F, C, h, w], scaled
-            first = frames[:, 0]
+            latents = m.sample_latents(enc["latent_params"].to(device), generator)  # [B, F, C, h, w], scaled
+            first = enc["first_frame"].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
             cond_sigma = rand_log_normal((b,), c.cond_aug_mean, c.cond_aug_std, generator).to(device)
             noisy_first = first + cond_sigma.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator).to(device)
+            # SVD Xtend's augmentation is in pixel space, so this one frame is encoded here, cache or not
             cond_latent = m.encode_condition_frame(noisy_first)  # [B, C, h, w], unscaled
-            image_embeds = m.encode_image(first)  # [B, 1, D], from the clean frame as at sampling
+            image_embeds = enc["image_embeds"].to(device)  # [B, 1, D], from the clean frame as at sampling
         keep_emb, keep_lat = conditioning_dropout_masks(b, c.conditioning_dropout, generator)
         image_embeds = image_embeds * keep_emb.to(device).view(b, 1, 1)
         cond_latent = cond_latent * keep_lat.to(device).view(b, 1, 1, 1)
@@ -183,10 +199,17 @@ class SVDLoraRecipe(SVDFullRecipe):
         lora.merge_lora(self.unet).save_pretrained(str(out_dir), safe_serialization=True)
 
 
-RECIPES = {"svd_full": SVDFullRecipe, "svd_lora": SVDLoraRecipe,
-           # imported on use: it pulls in diffusers' motion UNet, which the SVD recipes never need
-           "hotshot_temporal": lambda *a: __import__("vidgen.train.hotshot", fromlist=["_"]).HotshotTemporalRecipe(*a)}
+# hotshot_temporal (vidgen.train.hotshot) is imported on use: it pulls in diffusers' motion UNet
+RECIPES = {"svd_full": SVDFullRecipe, "svd_lora": SVDLoraRecipe, "hotshot_temporal": None}
+
+
+def recipe_class(name: str) -> type:
+    if name == "hotshot_temporal":
+        from vidgen.train.hotshot import HotshotTemporalRecipe
+
+        return HotshotTemporalRecipe
+    return RECIPES[name]
 
 
 def build_recipe(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int):
-    return RECIPES[name](model_cfg, train_cfg, seed)
+    return recipe_class(name)(model_cfg, train_cfg, seed)

@@ -1,0 +1,318 @@
+"""`vidgen prepare latents`: encode every clip once with the recipe's frozen encoders; training reads the cache.
+
+Shapes: B batch, F frames, C latent channels, H/W pixels, h/w latents, S text tokens, D/P embedding widths.
+
+What a clip becomes is the recipe's `encode(batch)` (deterministic: VAE posterior parameters, not a sample, so
+the training generator draws the same latents from the cache as on the fly):
+  svd_*:    latent_params fp32 [F, 2C, h, w], image_embeds fp32 [1, D], first_frame uint8 [H, W, 3],
+            cond_latent fp32 [C, h, w] (clean first frame; the loss re-encodes the noise-augmented frame)
+  hotshot:  latent_params fp32 [F, 2C, h, w], prompt_embeds fp32 [S, D], pooled_embeds fp32 [P]
+plus the clip's fps, prompt, clip_id and SDXL geometry (orig_height, orig_width, crop_top, crop_left).
+
+Layout under the cache root: `part-NNNNN.parquet` (one row per clip; each tensor as raw little-endian bytes in
+a binary column with its shape in `<name>_shape`), `part-NNNNN.done.json` (written after the atomic shard write:
+the resume marker), `_latents.json` (the key) and `_manifest.json` (shards and clip counts, written last).
+Shard k holds the clips of samples [k * m, (k + 1) * m) (the listing is sorted), as `vidgen prepare pack` does,
+so a rerun redoes exactly the shards without a done marker. Clips are read with train=False: evenly spread
+starts and centre crops, so the cache is reproducible (training from it sees the same clips every epoch).
+
+The key holds every config field that changes what is stored, and the sha256 of the encoders' weights (tensor
+bytes, hashed once per actor); a training run or a rerun with a differing field is refused in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+
+import numpy as np
+
+from vidgen import storage
+from vidgen.config import VidgenConfig
+from vidgen.data.listing import Sample
+from vidgen.data.pack import shard_name
+from vidgen.data.pipeline import check_bad_fraction, read_clips
+from vidgen.data.worker import BadSample, ClipSpec, sample_clips
+from vidgen.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+KEY_FILE, MANIFEST = "_latents.json", "_manifest.json"
+FORMAT = 1
+META = ("clip_id", "prompt", "fps", "orig_height", "orig_width", "crop_top", "crop_left")
+FAULT_ENV = "VIDGEN_FAULT_KILL_LATENTS"  # "<n>": test hook, the process dies mid-shard after n shards
+
+
+def cache_uri(cfg: VidgenConfig) -> str:
+    return cfg.latents.output or storage.join(cfg.run.workdir, "latents")
+
+
+def config_key(cfg: VidgenConfig) -> dict:
+    """The config fields a cache depends on, by their dotted names (the refusal message names them)."""
+    d, m = cfg.data, cfg.model
+    return {"format": FORMAT, "model.family": m.family, "model.flavor": m.flavor, "model.path": m.path,
+            "model.num_frames": m.num_frames, "data.source": d.source, "data.layout": d.layout,
+            "data.height": None if d.buckets else d.height, "data.width": None if d.buckets else d.width,
+            "data.buckets": d.buckets, "data.fps": d.fps, "data.source_fps": d.source_fps,
+            "data.clips_per_video": d.clips_per_video, "data.camera": d.camera,
+            "data.prompt_template": d.prompt_template, "data.default_prompt": d.default_prompt,
+            "train.ddpm.default_prompt": cfg.train.ddpm.default_prompt if m.family == "hotshot" else None,
+            "latents.dtype": cfg.latents.dtype, "run.seed": cfg.run.seed if m.flavor == "tiny" else None}
+
+
+def encoder_modules(recipe) -> list:
+    model = recipe.model
+    if hasattr(model, "image_encoder"):
+        return [model.vae, model.image_encoder]
+    return [model.vae, model.text.text_encoder, model.text.text_encoder_2]
+
+
+def weights_hash(modules) -> str:
+    """sha256 over the encoders' tensors (names, shapes, dtypes, bytes): ~1 GB/s, seconds for SVD or SDXL."""
+    import torch
+
+    h = hashlib.sha256()
+    for module in modules:
+        for name, t in module.state_dict().items():
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def differing(expected: dict, found: dict) -> list[str]:
+    return [k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
+
+
+def refuse(uri: str, expected: dict, found: dict, what: str) -> None:
+    """One line naming the first differing field (and how many more), or nothing when the keys agree."""
+    diff = differing(expected, found)
+    if not diff:
+        return
+    k = diff[0]
+    more = f" (and {len(diff) - 1} more: {', '.join(diff[1:4])})" if len(diff) > 1 else ""
+    raise ConfigError(f"data.latents={uri}: the cache was written with {k}={found.get(k)!r}, {what} has "
+                      f"{k}={expected.get(k)!r}{more}; run `vidgen prepare latents` with this config")
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+
+def _to_row(clip: dict, encoded: dict[str, np.ndarray], i: int) -> dict:
+    row = {k: clip[k] for k in META if k in clip}
+    for name, batch in encoded.items():
+        a = np.ascontiguousarray(batch[i])
+        row[name], row[f"{name}_shape"] = a.tobytes(), list(a.shape)
+    return row
+
+
+def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: ClipSpec, batch_size: int,
+                 die_midway: bool = False) -> dict:
+    """Decode, encode and write shard `index` atomically, then its done marker; returns the marker."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    clips, bad = [], []
+    for sample in samples:
+        try:
+            clips.extend(sample_clips(sample, spec))
+        except BadSample as e:
+            bad.append({"uri": sample.uri, "reason": e.reason, "detail": e.detail})
+        except Exception as e:  # an unforeseen input: recorded, never fatal (as in read_clips)
+            log.warning("unexpected error on %s", sample.uri, exc_info=True)
+            bad.append({"uri": sample.uri, "reason": f"unexpected {type(e).__name__}",
+                        "detail": f"{sample.uri}: {e}"[:500]})
+    rows = []
+    for start in range(0, len(clips), batch_size):
+        group = clips[start:start + batch_size]
+        sizes = {c["frames"].shape for c in group}
+        for shape in sorted(sizes):  # buckets: one encoder call per frame size
+            part = [c for c in group if c["frames"].shape == shape]
+            batch = {"frames": torch.from_numpy(np.stack([c["frames"] for c in part]))}
+            if "prompt" in part[0]:
+                batch["prompt"] = [c["prompt"] for c in part]
+            encoded = {k: v.cpu().numpy() for k, v in recipe.encode(batch).items()}
+            rows.extend(_to_row(c, encoded, i) for i, c in enumerate(part))
+        if die_midway:  # the test hook: work done, nothing written
+            log.warning("fault injection: dying in the middle of shard %d", index)
+            os._exit(1)
+    with storage.atomic_local(storage.join(out, shard_name(index)), ".parquet") as path:
+        pq.write_table(pa.Table.from_pylist(rows), path) if rows else open(path, "wb").close()
+    done = {"clips": len(rows), "bad": bad}
+    storage.write_json(storage.join(out, shard_name(index).replace(".parquet", ".done.json")), done)
+    return done
+
+
+def load_encoders(cfg: VidgenConfig):
+    """(the recipe, the sha256 of its encoders' weights), encoders on this process's GPU if any, in latents.dtype."""
+    import torch
+
+    from vidgen.train.recipes import build_recipe
+
+    recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
+    digest = weights_hash(encoder_modules(recipe))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.latents.dtype]  # fp32: as built
+    for m in encoder_modules(recipe):
+        m.to(device=device, dtype=dtype)
+    return recipe, digest
+
+
+class ShardEncoder:
+    """A Ray Data actor: builds the recipe's frozen encoders once (on its GPU when it has one), then writes
+    every shard it is handed."""
+
+    def __init__(self, cfg_dict: dict, out: str, spec: ClipSpec, key_hash: str):
+        self.cfg = VidgenConfig(**cfg_dict)
+        self.recipe, found = load_encoders(self.cfg)
+        if found != key_hash:
+            raise DataError(f"{out}: the encoders on this worker differ from the driver's (weights hash): "
+                            "is model.path the same on every node?")
+        self.out, self.spec = out, spec
+        kill = os.environ.get(FAULT_ENV)
+        self.kill_after = int(kill) if kill else None
+        self.written = 0
+
+    def __call__(self, batch: dict) -> dict:
+        marks = []
+        for index, samples_json in zip(batch["index"], batch["samples"], strict=True):
+            samples = [Sample(**s) for s in json.loads(samples_json)]
+            die = self.kill_after is not None and self.written >= self.kill_after
+            done = encode_shard(self.recipe, self.out, int(index), samples, self.spec,
+                                self.cfg.latents.batch_size, die)
+            self.written += 1
+            marks.append(json.dumps(done))
+        return {"index": batch["index"], "done": marks}
+
+
+def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> dict:
+    """Write (or complete) the cache of `cfg` at `cache_uri(cfg)`; returns its manifest.
+
+    use_ray: encode in a Ray Data actor pool (latents.actors actors, latents.gpus_per_actor GPUs each; Ray
+    must be running). False: in this process (small datasets, tests)."""
+    import dataclasses
+
+    t0 = time.perf_counter()
+    d, lat = cfg.data, cfg.latents
+    if not d.source:
+        raise ConfigError("data.source: required for prepare latents (the clips to encode)")
+    out = cache_uri(cfg)
+    sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
+    stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized, fps=d.fps,
+                        source_fps=d.source_fps, train=False, seed=cfg.run.seed, camera=d.camera,
+                        prompt_template=d.prompt_template, clips_per_video=d.clips_per_video,
+                        default_prompt=d.default_prompt, max_bad_fraction=d.max_bad_fraction)
+    recipe, digest = load_encoders(cfg)
+    key = {**config_key(cfg), "encoders": digest,
+           "samples": hashlib.sha256("\n".join(s.uri for s in stream.samples).encode()).hexdigest()}
+    key_uri = storage.join(out, KEY_FILE)
+    if storage.exists(key_uri):
+        refuse(out, key, json.loads(storage.read_text(key_uri)), "this config")
+    else:
+        storage.makedirs(out)
+        storage.write_json(key_uri, key)
+
+    per_shard = max(1, lat.shard_size // max(1, d.clips_per_video))
+    groups = [stream.samples[i:i + per_shard] for i in range(0, len(stream.samples), per_shard)]
+    done_uri = [storage.join(out, shard_name(k).replace(".parquet", ".done.json")) for k in range(len(groups))]
+    pending = [k for k in range(len(groups)) if not storage.exists(done_uri[k])]
+    log.info("prepare latents %s -> %s: %d shards, %d to write", d.source, out, len(groups), len(pending))
+    if pending and use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            raise ConfigError("prepare latents: needs a running Ray (ray.init or RAY_ADDRESS)")
+        gpus = lat.gpus_per_actor if lat.gpus_per_actor is not None else (
+            1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+        items = [{"index": k, "samples": json.dumps([dataclasses.asdict(s) for s in groups[k]])} for k in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(ShardEncoder, batch_size=1, concurrency=lat.actors, num_gpus=gpus, num_cpus=1,
+                            fn_constructor_args=(cfg.model_dump(mode="json"), out, stream.spec, key["encoders"]))
+        for n, row in enumerate(ds.iter_rows(), 1):
+            if progress:
+                progress(n, len(pending), int(row["index"]))
+    elif pending:
+        kill = os.environ.get(FAULT_ENV)
+        for n, k in enumerate(pending):
+            encode_shard(recipe, out, k, groups[k], stream.spec, lat.batch_size,
+                         kill is not None and n >= int(kill))
+            if progress:
+                progress(n + 1, len(pending), k)
+
+    done = [json.loads(storage.read_text(u)) for u in done_uri]
+    bad = sorted((b for x in done for b in x["bad"]), key=lambda b: b["uri"])
+    report = {"total": len(stream.samples), "skipped": len(bad),
+              "reasons": dict(Counter(b["reason"] for b in bad).most_common()), "bad": bad}
+    manifest = {"shards": [{"name": shard_name(k), "clips": x["clips"]} for k, x in enumerate(done)],
+                "clips": sum(x["clips"] for x in done), "written": len(pending),
+                "existing": len(groups) - len(pending), "report": report, "key": key,
+                "seconds": round(time.perf_counter() - t0, 2)}
+    storage.write_json(storage.join(out, MANIFEST), manifest)
+    check_bad_fraction(report, d.max_bad_fraction)
+    return manifest
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+
+
+def open_cache(cfg: VidgenConfig) -> dict:
+    """The manifest of the cache at data.latents, after checking its key against `cfg` (one-line refusal)."""
+    uri = cfg.data.latents
+    for name in (KEY_FILE, MANIFEST):
+        if not storage.exists(storage.join(uri, name)):
+            raise ConfigError(f"data.latents={uri}: no {name} there; write the cache with "
+                              "`vidgen prepare latents` (an unfinished one lacks _manifest.json: rerun it)")
+    manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+    found = {k: v for k, v in manifest["key"].items() if k not in ("encoders", "samples")}
+    expected = config_key(cfg)
+    expected.pop("data.source"), found.pop("data.source", None)  # the cache stands in for the source
+    refuse(uri, expected, found, "this config")
+    return manifest
+
+
+def decode_row(row: dict) -> dict:
+    """A cache row -> numpy arrays (and the metadata as is)."""
+    out = {}
+    for k, v in row.items():
+        if k.endswith("_shape"):
+            continue
+        if f"{k}_shape" in row:
+            dtype = np.uint8 if k == "first_frame" else np.float32
+            out[k] = np.frombuffer(v, dtype=dtype).reshape(row[f"{k}_shape"])
+        else:
+            out[k] = v
+    return out
+
+
+def read_rows(uri: str, manifest: dict):
+    """Every cached row, decoded, in shard order, without Ray (tests, validation inputs)."""
+    import pyarrow.parquet as pq
+
+    for shard in manifest["shards"]:
+        if not shard["clips"]:
+            continue
+        with storage.open(storage.join(uri, shard["name"])) as f:
+            for row in pq.read_table(f).to_pylist():
+                yield decode_row(row)
+
+
+def training_dataset(cfg: VidgenConfig, manifest: dict, epochs: int):
+    """A Ray Dataset streaming the cache `epochs` times, each epoch's blocks in their own seeded order."""
+    import ray.data
+
+    uri = cfg.data.latents
+    files = [storage.join(uri, s["name"]) for s in manifest["shards"] if s["clips"]]
+    if not files:
+        raise DataError(f"data.latents={uri}: the cache holds no clips")
+    if storage.is_remote(uri):
+        located = [storage.filesystem(f) for f in files]
+        base = ray.data.read_parquet([p for _, p in located], filesystem=located[0][0])
+    else:
+        base = ray.data.read_parquet([storage.local_path(f) for f in files])
+    base = base.map(decode_row)
+    sets = [base.randomize_block_order(seed=cfg.run.seed + e) for e in range(epochs)]
+    return sets[0].union(*sets[1:]) if len(sets) > 1 else sets[0]
