@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vidgen import cli, plan
 from vidgen.config import load_config
+from vidgen.errors import ConfigError
 from vidgen.models import lora, svd
 from vidgen.train.recipes import build_recipe
 
@@ -219,3 +220,34 @@ def test_zero2_model_states_match_deepspeeds_own_estimator(offload):
     assert sum(gpu.values()) - gpu["buckets"] == ds_gpu  # DeepSpeed leaves its reduce bucket out
     assert gpu["buckets"] == 2 * plan.REDUCE_BUCKET
     assert sum(host.values()) == (16 * n_params // n_gpus if offload else 0)  # m, v, master, fp32 grads
+
+
+def test_feed_plan_cores_and_cache_size_against_a_real_cache(tmp_path):
+    import math
+
+    import numpy as np
+
+    from vidgen import feed
+    from vidgen.data import latents
+    from vidgen.data.synth import make_moving_shapes
+
+    make_moving_shapes(str(tmp_path / "clips"), 3, 6, 48, 64)
+    cfg = tiny_cfg(f"run.workdir={tmp_path}", f"data.source={tmp_path / 'clips'}", "data.height=32",
+                   "data.width=32", "model.num_frames=4")
+    manifest = latents.prepare_latents(cfg, use_ray=False)
+    row = next(latents.read_rows(latents.cache_uri(cfg), manifest))
+    stored = sum(v.nbytes for v in row.values() if isinstance(v, np.ndarray))
+    assert stored == feed.cache_bytes_per_clip(cfg, clip_embed=row["image_embeds"].shape[-1])
+
+    p = feed.feed_plan(cfg, {"A": 0.5, "B": 0.05}, probe=True)
+    assert p["dataset_clips"] == 3 and p["cache_bytes"] == 3 * feed.cache_bytes_per_clip(cfg)
+    n, r = p["frames_per_step_per_gpu"], p["decode_fps_per_core"]
+    assert n == 2 * 4 and r > 0 and p["decode_rate_source"].startswith("probe of")
+    for row, step in zip(p["per_gpu"], (0.5, 0.05), strict=True):
+        cores = row["clip_cores_per_gpu"]
+        assert cores == math.ceil(10 * n * 0.98 / (r * step)) / 10
+        assert 1 - cores * r * step / n <= 0.02  # the wait model: the GPU waits at most 2% of the step
+    assert p["per_gpu"][1]["clip_cores_per_gpu"] >= p["per_gpu"][0]["clip_cores_per_gpu"]  # faster GPU: more CPUs
+    assert "CPU cores per GPU" in "\n".join(feed.format_feed(p))
+    with pytest.raises(ConfigError, match="--decode-fps-per-core=-1"):
+        feed.feed_plan(cfg, {"A": 0.5}, decode_fps=-1)

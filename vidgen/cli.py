@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "activations), whether it fits A100-40GB, A100-80GB and H100-80GB, and the step time at --mfu.")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step times (default: 0.4)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--decode-fps-per-core", type=float, default=None, metavar="F",
+                   help="frames/s one CPU core decodes and resizes (benchmarks/ingest.py measures it): gives the "
+                        "CPU cores per GPU that keep data-wait under 2%% when training from clips")
+    p.add_argument("--probe", action="store_true",
+                   help="measure that decode rate on a few clips of data.source instead")
+    p.add_argument("--dataset-clips", type=int, default=None, metavar="N",
+                   help="clips in the dataset, for the latent cache's size (default: counted in data.source)")
 
     p = sub.add_parser("config", help="inspect configs", description="Inspect configs.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -346,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             config, overrides = args.config, list(args.overrides)
             if config is None and overrides and "=" not in overrides[0]:  # `vidgen plan CONFIG`, as the issue spells it
                 config = overrides.pop(0)
-            out = plan_config(config, overrides, mfu=args.mfu)
+            out = plan_config(config, overrides, mfu=args.mfu, decode_fps=args.decode_fps_per_core,
+                              probe=args.probe, dataset_clips=args.dataset_clips)
             print(json.dumps(out) if args.json else format_plan(out))
         elif args.command == "eval" and eval_fvd:
             with contextlib.redirect_stdout(sys.stderr):  # --json: nothing but the object reaches stdout

@@ -307,8 +307,11 @@ def _cast_like_training(recipe, precision: str) -> bool:
     return ds_mixed
 
 
-def plan(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
-    """The plan of `cfg` as a JSON-ready dict (see `format_plan` for the table)."""
+def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
+    """The plan of `cfg` as a JSON-ready dict (see `format_plan` for the table). `feed_args` go to
+    `vidgen.feed.feed_plan` (decode_fps, probe, dataset_clips): the CPU cores that keep the GPUs fed."""
+    from vidgen.feed import feed_plan
+
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu={mfu}: expected a fraction in (0, 1]")
     started = time.perf_counter()
@@ -341,10 +344,10 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
     gpu["cuda_overhead"] = CUDA_OVERHEAD
     peak = tensor_bytes + CUDA_OVERHEAD
 
-    gpus = []
+    gpus, step_times = [], {}
     for g in GPUS:
         tflops = g.bf16_tflops if t.precision != "fp32" else g.tf32_tflops
-        step_s = per_step / (mfu * tflops * 1e12)
+        step_s = step_times[g.name] = per_step / (mfu * tflops * 1e12)
         gpus.append({"gpu": g.name, "memory_gib": round(g.memory_bytes / GIB, 1), "fits": peak <= g.memory_bytes,
                      "headroom_gib": round((g.memory_bytes - peak) / GIB, 2), "peak_tflops": tflops,
                      "step_time_s": round(step_s, 3),
@@ -364,7 +367,9 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
         "memory": {"per_gpu_bytes": gpu, "tensor_bytes": tensor_bytes, "peak_bytes": peak, "peak_phase": phase,
                    "encoder_pass_peak_bytes": step["encoder_peak"], "host_bytes_per_worker": host,
                    "method": METHOD},
-        "mfu": mfu, "gpus": gpus, "elapsed_s": round(time.perf_counter() - started, 2),
+        "mfu": mfu, "gpus": gpus,
+        "feed": feed_plan(cfg, step_times, **feed_args),
+        "elapsed_s": round(time.perf_counter() - started, 2),
     }
 
 
@@ -373,6 +378,8 @@ def _gib(x: float) -> str:
 
 
 def format_plan(p: dict) -> str:
+    from vidgen.feed import format_feed
+
     s, tr, fl, mem = p["shape"], p["training"], p["flops"], p["memory"]
     lines = [f"vidgen plan: recipe {p['recipe']}, model from {p['model_source']}",
              f"  shape per GPU: batch {s['batch_per_gpu']} x {s['frames']} frames x {s['height']}x{s['width']} "
@@ -404,11 +411,12 @@ def format_plan(p: dict) -> str:
     for g in p["gpus"]:
         lines.append(f"  {g['gpu']:<10} {g['memory_gib']:5.0f} GiB  {'yes' if g['fits'] else 'NO ':<4} "
                      f"{g['headroom_gib']:8.2f} GiB  {g['step_time_s']:10.2f} s  {g['samples_per_s']:12.2f}")
+    lines += format_feed(p["feed"])
     lines.append(f"(planned in {p['elapsed_s']} s, no weights read)")
     return "\n".join(lines)
 
 
-def plan_config(path: str | None, overrides: list[str], mfu: float = 0.4) -> dict:
+def plan_config(path: str | None, overrides: list[str], mfu: float = 0.4, **feed_args) -> dict:
     from vidgen.config import load_config
 
-    return plan(load_config(path, overrides), mfu=mfu)
+    return plan(load_config(path, overrides), mfu=mfu, **feed_args)
