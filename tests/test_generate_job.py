@@ -275,36 +275,6 @@ def test_i2v_edge_cases_three_windows_long_vbench_names(ray_session, tmp_path):
     assert [r["status"] for r in _manifest(root)].count("skipped") == 4
 
 
-@pytest.mark.ray
-def test_actor_killed_mid_job_then_rerun_makes_exactly_the_missing_videos(ray_session, tmp_path, monkeypatch):
-    images = [_png(tmp_path / f"img{i}.png", 20 + i) for i in range(3)]
-    prompts = _jsonl(tmp_path / "prompts.jsonl", [json.dumps({"image": p}) for p in images])
-    root = tmp_path / "out"
-    cfg = VidgenConfig(model=MODEL, generate={**GEN, "prompts": prompts, "output": str(root), "actor_restarts": 0})
-    marker = tmp_path / "killed"
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_GENERATE", str(marker))
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_AFTER", "1")  # dies while writing its second video
-    with pytest.raises(JobError, match="rerun to do the rest"):
-        run_generation(cfg)
-    assert marker.exists()
-    entries = os.listdir(root / "videos")
-    first = [e for e in entries if not e.startswith(".vidgen-tmp-")]
-    assert len(first) == 1  # one finished; the killed write left nothing under a video name
-    leftovers = [e for e in entries if e.startswith(".vidgen-tmp-")]
-    assert len(leftovers) == 1  # the killed writer's temp folder (hidden from storage listings)
-    statuses = [m["status"] for m in _manifest(root)]
-    assert statuses.count("generated") == 1 and statuses.count("missing") == 2
-    stamp = os.stat(root / "videos" / first[0]).st_mtime_ns
-
-    rerun = run_generation(cfg)
-    assert summarize(rerun) == {"skipped": 1, "generated": 2}
-    assert [r["status"] for r in rerun if os.path.basename(r["path"]) == first[0]] == ["skipped"]
-    assert os.stat(root / "videos" / first[0]).st_mtime_ns == stamp
-    assert sorted(os.listdir(root / "videos")) == sorted(os.path.basename(r["path"]) for r in rerun)  # no temps
-    for r in rerun:
-        assert read_video(r["path"])[0].shape == (6, 32, 32, 3)
-
-
 def test_generator_applies_a_lora_with_its_scale(tmp_path):
     import torch
 
@@ -330,24 +300,6 @@ def test_generator_applies_a_lora_with_its_scale(tmp_path):
         videos.append(read_video(res["path"][0])[0].astype(int))
     d_lora, d_zero = np.abs(videos[1] - videos[0]).mean(), np.abs(videos[2] - videos[0]).mean()
     assert d_zero < 0.05 and d_lora > 10 * max(d_zero, 0.01), (d_lora, d_zero)  # scale 0: base model up to rounding
-
-
-@pytest.mark.ray
-def test_killed_actor_is_restarted_and_its_video_retried_by_default(ray_session, tmp_path, monkeypatch):
-    images = [_png(tmp_path / f"img{i}.png", 30 + i) for i in range(2)]
-    prompts = _jsonl(tmp_path / "prompts.jsonl", [json.dumps({"image": p}) for p in images])
-    root = tmp_path / "out"
-    cfg = VidgenConfig(model=MODEL, generate={**GEN, "prompts": prompts, "output": str(root)})
-    assert cfg.generate.actor_restarts == -1
-    marker = tmp_path / "killed"
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_GENERATE", str(marker))
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_AFTER", "0")  # dies while writing its first video
-    results = run_generation(cfg)
-    assert marker.exists()  # it did die once
-    assert summarize(results) == {"generated": 2}
-    assert sorted(e for e in os.listdir(root / "videos") if not e.startswith(".")) == sorted(
-        os.path.basename(r["path"]) for r in results)
-    assert [m["status"] for m in _manifest(root)] == ["generated", "generated"]
 
 
 def test_output_name_follows_the_options_each_sampler_uses():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.client
 import json
 import logging
 import os
@@ -13,13 +12,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
+from faults.s3proxy import FlakyProxy
 from servers import free_port
 
 from vidgen import storage
@@ -265,84 +262,6 @@ def test_cached_local_dir_copies_once(s3_server, tmp_path):
 
 
 # -------------------------------------------------------------------------------------- retries
-
-
-class FlakyProxy:
-    """A threaded HTTP proxy on loopback in front of the moto server that fails requests on demand."""
-
-    def __init__(self, upstream: str):
-        self.upstream = urlsplit(upstream)
-        self.failures: list[tuple[int, str]] = []
-        self.requests: list[tuple[str, int]] = []  # (method, status answered)
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def fail_next(self, n: int, status: int = 503, code: str = "SlowDown") -> None:
-        with self.lock:
-            self.failures = [(status, code)] * n
-            self.requests.clear()
-
-    def statuses(self) -> list[int]:
-        return [s for _, s in self.requests]
-
-
-def _handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
-    hop = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date", "expect"}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # answers botocore's `Expect: 100-continue` before it sends a body
-
-        def log_message(self, *args):
-            pass
-
-        def _body(self) -> bytes:
-            if self.headers.get("Content-Length"):
-                return self.rfile.read(int(self.headers["Content-Length"]))
-            body = b""
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                while n := int(self.rfile.readline().split(b";")[0], 16):
-                    body += self.rfile.read(n)
-                    self.rfile.readline()
-                self.rfile.readline()
-            return body
-
-        def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes, length: str | None = None):
-            self.send_response(status)
-            for k, v in headers:
-                self.send_header(k, v)
-            self.send_header("Content-Length", length or str(len(body)))
-            self.send_header("Connection", "close")  # one request per connection: no stale keep-alives
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def do_any(self):
-            body = self._body()
-            with proxy.lock:
-                failure = proxy.failures.pop(0) if proxy.failures else None
-            if failure:
-                status, code = failure
-                xml = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message>"
-                headers, data, length = [("Content-Type", "application/xml")], (xml + "</Error>").encode(), None
-            else:
-                conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=30)
-                conn.request(self.command, self.path, body=body,
-                             headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
-                resp = conn.getresponse()
-                status, data = resp.status, resp.read()
-                conn.close()
-                headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in hop]
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-            with proxy.lock:  # before replying: the client's next request may overtake this thread
-                proxy.requests.append((self.command, status))
-            self._reply(status, headers, data, length)
-
-        upstream_host, upstream_port = proxy.upstream.hostname, proxy.upstream.port
-        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_any
-
-    return Handler
 
 
 @pytest.fixture

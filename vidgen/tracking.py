@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +44,14 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_KEY_LENGTH = 250
 UI_PORT = 5000
+# Outages: a call that fails for a reason other than bad input is kept in order and retried, at most every
+# RETRY_S while the server is down, and at exit for up to FLUSH_S (VIDGEN_TRACKING_FLUSH_S). MLflow's own HTTP
+# retries (minutes by default) are shortened so that a down server never stalls the job that logs.
+RETRY_S = 5.0
+FLUSH_S = float(os.environ.get("VIDGEN_TRACKING_FLUSH_S", "120"))
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+BAD_INPUT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+                   "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
 def resolve_tracking_uri(uri: str | None, workdir: str) -> str:
@@ -119,6 +128,11 @@ class Tracker:
         self._client: Any = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
+        self._pending: list[tuple[str, Any]] = []  # (what, call) not yet accepted by the store, in order
+        self._next_try = 0.0
+        self._down_since: float | None = None
+        self._spool: str | None = None  # copies of remote artifacts waiting to be logged
+        self._lock = threading.RLock()  # the driver logs from its main thread and fit's metric pump
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -127,6 +141,8 @@ class Tracker:
             return self
         if self._run_id is not None:
             raise RuntimeError(f"Tracker for run {self._run_name!r} is already started: one run per Tracker")
+        for k, v in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
         from mlflow import MlflowClient  # seconds to import: paid only by jobs that track
 
         try:
@@ -149,12 +165,18 @@ class Tracker:
             return
         status = ("FINISHED" if exc_type is None else
                   "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        self.flush(FLUSH_S)
+        if self._pending:  # the job's own work is done and kept; only these records are missing
+            log.error("MLflow at %s: %d logging calls could not be delivered in %.0f s (%s ...)", self._uri,
+                      len(self._pending), FLUSH_S, ", ".join(w for w, _ in self._pending[:3]))
         try:
             self._client.set_terminated(self._run_id, status=status)
-        except Exception:
-            if exc_type is None:
-                raise
-            log.exception("could not mark MLflow run %s %s", self._run_id, status)  # keep the real error
+        except Exception as e:  # never fail a finished job over its tracking record; keep the real error
+            log.error("could not mark MLflow run %s %s: %s", self._run_id, status, str(e).splitlines()[0])
+        if self._spool:
+            import shutil
+
+            shutil.rmtree(self._spool, ignore_errors=True)
 
     def _ensure_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -196,6 +218,55 @@ class Tracker:
             raise RuntimeError("Tracker is not started: use it as `with Tracker(...) as t:`")
         return True
 
+    # -- delivery: in order, buffered through outages ------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Logging calls waiting for the store (non-zero only during an outage)."""
+        return len(self._pending)
+
+    def _send(self, what: str, call) -> None:
+        with self._lock:
+            self._pending.append((what, call))
+            if time.monotonic() >= self._next_try:
+                self._deliver()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._deliver_locked()
+
+    def _deliver_locked(self) -> None:
+        while self._pending:
+            what, call = self._pending[0]
+            try:
+                call()
+            except Exception as e:
+                if _is_bad_input(e):  # retrying cannot help: this call is the bug, say so
+                    self._pending.pop(0)
+                    raise
+                self._next_try = time.monotonic() + RETRY_S
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning("MLflow at %s unreachable (%s); buffering logging calls and retrying every "
+                                "%.0f s", self._uri, _first_line(e), RETRY_S)
+                return
+            self._pending.pop(0)
+        if self._down_since is not None:
+            log.warning("MLflow at %s is back after %.0f s; buffered calls delivered", self._uri,
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def flush(self, timeout: float = FLUSH_S) -> bool:
+        """Deliver what is buffered, retrying for up to `timeout` seconds; True when nothing is left."""
+        deadline = time.monotonic() + timeout
+        while self._pending:
+            self._deliver()
+            if not self._pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(RETRY_S, max(0.0, deadline - time.monotonic())))
+            self._next_try = 0.0
+        return not self._pending
+
     # -- logging --------------------------------------------------------------------------------------
 
     def log_config(self, cfg: Mapping[str, Any]) -> None:
@@ -203,7 +274,8 @@ class Tracker:
         if not self._active():
             return
         plain = _plain(cfg)
-        self._client.log_text(self._run_id, yaml.safe_dump(plain, sort_keys=False), "config.yaml")
+        text = yaml.safe_dump(plain, sort_keys=False)
+        self._send("config.yaml", lambda: self._client.log_text(self._run_id, text, "config.yaml"))
         self.log_params(_flatten(plain))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -215,7 +287,7 @@ class Tracker:
         flat = {_key(k): _param_value(v) for k, v in params.items()}
         entries = [Param(k, v) for k, v in flat.items()]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, params=chunk)
+            self._send("params", lambda c=chunk: self._client.log_batch(self._run_id, params=c))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self._active():
@@ -225,7 +297,7 @@ class Tracker:
         now = int(time.time() * 1000)
         entries = [Metric(_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self._run_id, metrics=chunk)
+            self._send(f"metrics@{step}", lambda c=chunk: self._client.log_batch(self._run_id, metrics=c))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self._active():
@@ -234,7 +306,7 @@ class Tracker:
 
         entries = [RunTag(_key(k), str(v)) for k, v in tags.items()]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, tags=chunk)
+            self._send("tags", lambda c=chunk: self._client.log_batch(self._run_id, tags=c))
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         """Log a file or directory; `path` may be a remote URI (workers return those), copied first."""
@@ -244,18 +316,17 @@ class Tracker:
         if local is not None:
             if not os.path.exists(local):
                 raise StorageError(f"{path}: not found")
-            if os.path.isdir(local):
-                self._client.log_artifacts(self._run_id, local, artifact_path)
-            else:
-                self._client.log_artifact(self._run_id, local, artifact_path)
+            upload = self._client.log_artifacts if os.path.isdir(local) else self._client.log_artifact
+            self._send(f"artifact {path}", lambda: upload(self._run_id, local, artifact_path))
             return
-        with tempfile.TemporaryDirectory(prefix="vidgen-artifact-") as tmp:
-            name = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
-            if storage.isdir(path):
-                storage.download_dir(path, name)
-            else:
-                storage.write_bytes(name, storage.read_bytes(path))
-            self.log_artifact(name, artifact_path)
+        self._spool = self._spool or tempfile.mkdtemp(prefix="vidgen-artifact-")  # kept until a retry is done
+        tmp = tempfile.mkdtemp(dir=self._spool)
+        name = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+        if storage.isdir(path):
+            storage.download_dir(path, name)
+        else:
+            storage.write_bytes(name, storage.read_bytes(path))
+        self.log_artifact(name, artifact_path)
 
     def log_video(self, path: str, artifact_path: str = "videos") -> None:
         self.log_artifact(path, artifact_path)
@@ -272,3 +343,13 @@ class Tracker:
                 return base
             return f"{base}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
         return f"mlflow ui --backend-store-uri {shlex.quote(self._uri)} --port {UI_PORT}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _is_bad_input(e: BaseException) -> bool:
+    """An MLflow rejection of the call itself (bad key/value, duplicate param): not an outage."""
+    return getattr(e, "error_code", None) in BAD_INPUT_CODES
