@@ -1,4 +1,6 @@
-"""Recipe hotshot_temporal on the real stack: ZeRO-2 on 2 CPU Ray workers, a killed worker, resume, export."""
+"""Recipe hotshot_temporal on the real stack: ZeRO-2 on 2 CPU Ray workers, validation, export.
+
+Killed workers and resumes of trainable-only checkpoints are proven in tests/faults and tests/test_lora.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import pytest
 import torch
 
 from vidgen.config import load_config
-from vidgen.train import loop
 from vidgen.train.launch import fit
 
 
@@ -24,19 +25,17 @@ def clips(n: int = 4, frames: int = 3, size: int = 32):
 
 
 @pytest.mark.ray
-def test_killed_worker_resumes_and_exports_hotshot_weights(ray_session, tmp_path, monkeypatch):
+def test_trains_and_exports_hotshot_weights(ray_session, tmp_path):
     from safetensors.torch import load_file
 
     from vidgen.data.video import read_video
     from vidgen.models import hotshot
     from vidgen.models import hotshot_weights as hw
 
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(loop.FAULT_ENV, f"1:2:{marker}")  # rank 1 dies after optimizer step 2
     cfg = load_config(None, [f"run.workdir={tmp_path}", f"run.name=hs-{uuid.uuid4().hex[:8]}",
                              "model.family=hotshot", "model.num_frames=3", "train.recipe=hotshot_temporal",
                              "train.num_workers=2", "train.zero_stage=2", "train.lr=1e-3", "train.max_steps=3",
-                             "train.checkpoint_every=1", "train.max_failures=1", "train.ddpm.snr_gamma=5.0",
+                             "train.checkpoint_every=3", "train.ddpm.snr_gamma=5.0",
                              "train.ddpm.noise_offset=0.05", "train.ddpm.caption_dropout=0.1",
                              "train.activation_checkpointing=true", "train.validation_every=3",
                              "train.validation_steps=2", "data.height=32", "data.width=32", "data.fps=8"])
@@ -44,7 +43,6 @@ def test_killed_worker_resumes_and_exports_hotshot_weights(ray_session, tmp_path
     videos: list[str] = []
     result = fit(cfg, clips(), on_metrics=lambda rows: logged.extend(r["step"] for r in rows),
                  validation_images=["a red car"], on_artifacts=lambda step, paths: videos.extend(paths))
-    assert marker.exists(), "the fault was not injected"
     assert logged == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in result.metrics)
     # validation: a text-to-video clip of the prompt with the weights being trained, logged by the driver
     assert len(videos) == 1 and videos[0].endswith("step00000003/00.mp4")

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import tempfile
 import threading
 import time
@@ -174,8 +175,6 @@ class Tracker:
         except Exception as e:  # never fail a finished job over its tracking record; keep the real error
             log.error("could not mark MLflow run %s %s: %s", self._run_id, status, str(e).splitlines()[0])
         if self._spool:
-            import shutil
-
             shutil.rmtree(self._spool, ignore_errors=True)
 
     def _ensure_experiment(self) -> str:
@@ -317,16 +316,26 @@ class Tracker:
             if not os.path.exists(local):
                 raise StorageError(f"{path}: not found")
             upload = self._client.log_artifacts if os.path.isdir(local) else self._client.log_artifact
-            self._send(f"artifact {path}", lambda: upload(self._run_id, local, artifact_path))
+            with self._lock:
+                self._send(f"artifact {path}", lambda: upload(self._run_id, local, artifact_path))
+                if self._pending and not local.startswith(self._spool or "\0"):
+                    # Buffered: the caller may delete its file as soon as we return (a temporary grid video).
+                    what, _ = self._pending[-1]
+                    copy = self._spool_path(path)
+                    (shutil.copytree if os.path.isdir(local) else shutil.copy2)(local, copy)
+                    self._pending[-1] = (what, lambda: upload(self._run_id, copy, artifact_path))
             return
-        self._spool = self._spool or tempfile.mkdtemp(prefix="vidgen-artifact-")  # kept until a retry is done
-        tmp = tempfile.mkdtemp(dir=self._spool)
-        name = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+        name = self._spool_path(path)
         if storage.isdir(path):
             storage.download_dir(path, name)
         else:
             storage.write_bytes(name, storage.read_bytes(path))
         self.log_artifact(name, artifact_path)
+
+    def _spool_path(self, path: str) -> str:
+        """A fresh path with `path`'s base name in this run's spool folder (removed at exit)."""
+        self._spool = self._spool or tempfile.mkdtemp(prefix="vidgen-artifact-")
+        return os.path.join(tempfile.mkdtemp(dir=self._spool), path.rstrip("/").rsplit("/", 1)[-1])
 
     def log_video(self, path: str, artifact_path: str = "videos") -> None:
         self.log_artifact(path, artifact_path)
