@@ -264,7 +264,7 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str 
         if Path(d, "ema.pt").exists():
             import torch
 
-            ema = torch.load(Path(d, "ema.pt"), map_location="cpu")
+            ema = torch.load(Path(d, "ema.pt"), map_location="cpu", weights_only=True)
     if ema is not None:  # the EMA weights, exported beside the raw ones
         _export(cfg, {**state, **ema}, export_dir + "_ema")
     _export(cfg, state, export_dir)

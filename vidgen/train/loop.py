@@ -181,7 +181,7 @@ def train_func(config: dict) -> None:
         with ckpt.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=None, load_module_strict=not trainable_only)
             if ema is not None and Path(d, "ema.pt").exists():
-                ema = torch.load(Path(d, "ema.pt"), map_location="cpu")
+                ema = torch.load(Path(d, "ema.pt"), map_location="cpu", weights_only=True)
         if client.get("config_hash") not in (None, my_hash):
             raise RuntimeError(f"the checkpoint of run {ctx.get_experiment_name()!r} was written with another "
                                "model/training config; start a new run.name to train with this one")
