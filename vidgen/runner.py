@@ -69,7 +69,7 @@ def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
 
 def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
-    from vidgen.data.pipeline import read_clips
+    from vidgen.data.pipeline import read_config_clips
     from vidgen.train.launch import check
 
     check(cfg)
@@ -78,13 +78,8 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
         return _train_from_cache(cfg, tracker, progress)
     if not d.source:
         raise JobError("data.source: required for training (a dataset root path or URI, or data.latents)")
-    sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
-    stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized,
-                        fps=d.fps, source_fps=d.source_fps, train=True, seed=cfg.run.seed,
-                        camera=d.camera, prompt_template=d.prompt_template,
-                        clips_per_video=d.clips_per_video, default_prompt=d.default_prompt,
-                        max_bad_fraction=d.max_bad_fraction,
-                        report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))
+    stream = read_config_clips(cfg, train=True,
+                               report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))
     log.info("training on %d samples from %s", stream.num_samples, d.source)
 
     images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None

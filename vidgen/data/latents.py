@@ -34,8 +34,8 @@ import numpy as np
 from vidgen import storage
 from vidgen.config import VidgenConfig
 from vidgen.data.listing import Sample
-from vidgen.data.pack import shard_name
-from vidgen.data.pipeline import check_bad_fraction, read_clips
+from vidgen.data.pack import done_uri, shard_name
+from vidgen.data.pipeline import check_bad_fraction, read_config_clips
 from vidgen.data.worker import BadSample, ClipSpec, sample_clips
 from vidgen.errors import ConfigError, DataError
 
@@ -143,7 +143,7 @@ def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: Clip
     with storage.atomic_local(storage.join(out, shard_name(index)), ".parquet") as path:
         pq.write_table(pa.Table.from_pylist(rows), path) if rows else open(path, "wb").close()
     done = {"clips": len(rows), "bad": bad}
-    storage.write_json(storage.join(out, shard_name(index).replace(".parquet", ".done.json")), done)
+    storage.write_json(done_uri(out, index), done)
     return done
 
 
@@ -201,11 +201,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
     if not d.source:
         raise ConfigError("data.source: required for prepare latents (the clips to encode)")
     out = cache_uri(cfg)
-    sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
-    stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized, fps=d.fps,
-                        source_fps=d.source_fps, train=False, seed=cfg.run.seed, camera=d.camera,
-                        prompt_template=d.prompt_template, clips_per_video=d.clips_per_video,
-                        default_prompt=d.default_prompt, max_bad_fraction=d.max_bad_fraction)
+    stream = read_config_clips(cfg, train=False)
     recipe, digest = load_encoders(cfg)
     key = {**config_key(cfg), "encoders": digest,
            "samples": hashlib.sha256("\n".join(s.uri for s in stream.samples).encode()).hexdigest()}
@@ -218,8 +214,8 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
 
     per_shard = max(1, lat.shard_size // max(1, d.clips_per_video))
     groups = [stream.samples[i:i + per_shard] for i in range(0, len(stream.samples), per_shard)]
-    done_uri = [storage.join(out, shard_name(k).replace(".parquet", ".done.json")) for k in range(len(groups))]
-    pending = [k for k in range(len(groups)) if not storage.exists(done_uri[k])]
+    markers = [done_uri(out, k) for k in range(len(groups))]
+    pending = [k for k in range(len(groups)) if not storage.exists(markers[k])]
     log.info("prepare latents %s -> %s: %d shards, %d to write", d.source, out, len(groups), len(pending))
     if pending and use_ray:
         import ray
@@ -243,7 +239,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
             if progress:
                 progress(n + 1, len(pending), k)
 
-    done = [json.loads(storage.read_text(u)) for u in done_uri]
+    done = [json.loads(storage.read_text(u)) for u in markers]
     bad = sorted((b for x in done for b in x["bad"]), key=lambda b: b["uri"])
     report = {"total": len(stream.samples), "skipped": len(bad),
               "reasons": dict(Counter(b["reason"] for b in bad).most_common()), "bad": bad}

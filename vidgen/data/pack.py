@@ -83,7 +83,7 @@ def pack(
             "num_samples": len(samples), "num_shards": len(groups)}
     info = json.loads(json.dumps(info))  # as it reads back from _pack.json (tuples become lists)
     _claim(out, info)
-    pending = [k for k in range(len(groups)) if not storage.exists(_done_uri(out, k))]
+    pending = [k for k in range(len(groups)) if not storage.exists(done_uri(out, k))]
     log.info("pack %s -> %s: %d shards, %d to write", source, out, len(groups), len(pending))
     args = [(out, k, groups[k], spec, frame_format, quality) for k in pending]
     if parallel and pending:
@@ -92,7 +92,7 @@ def pack(
         for a in args:
             _pack_shard(*a)
 
-    done = [json.loads(storage.read_text(_done_uri(out, k))) for k in range(len(groups))]
+    done = [json.loads(storage.read_text(done_uri(out, k))) for k in range(len(groups))]
     bad = sorted((b for d in done for b in d["bad"]), key=lambda b: b["uri"])
     report = {"total": len(samples), "skipped": len(bad),
               "reasons": dict(Counter(b["reason"] for b in bad).most_common()), "bad": bad}
@@ -104,7 +104,8 @@ def pack(
     return manifest
 
 
-def _done_uri(out: str, index: int) -> str:
+def done_uri(out: str, index: int) -> str:
+    """The marker that says shard `index` under `out` is complete (pack and the latent cache)."""
     return storage.join(out, shard_name(index).replace(".parquet", ".done.json"))
 
 
@@ -143,7 +144,7 @@ def _pack_shard(out: str, index: int, samples: list[Sample], spec: ClipSpec, fmt
                     writer.write(encode_clip(row, fmt, quality))
         finally:
             writer.close()
-    storage.write_json(_done_uri(out, index), {"clips": writer.count, "bad": bad})
+    storage.write_json(done_uri(out, index), {"clips": writer.count, "bad": bad})
     return writer.count
 
 

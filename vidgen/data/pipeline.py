@@ -26,7 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vidgen import storage
 from vidgen.data.buckets import Bucket, parse_buckets
@@ -34,6 +34,9 @@ from vidgen.data.layouts import list_samples
 from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample
 from vidgen.data.worker import BadSample, ClipSpec, resolve_prompt, sample_clips
 from vidgen.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from vidgen.config import VidgenConfig
 
 __all__ = ["BadSample", "ClipSpec", "ClipStream", "check_bad_fraction", "read_clips", "read_clips_local",
            "resolve_prompt", "sample_clips"]
@@ -97,6 +100,17 @@ def read_clips(
     storage.makedirs(report_dir)  # fail here, on the driver, if it cannot be written
     return ClipStream(source, samples, spec, report_dir, max_bad_fraction, num_cpus, uuid.uuid4().hex,
                       samples_per_task)
+
+
+def read_config_clips(cfg: VidgenConfig, *, train: bool, **kwargs: Any) -> ClipStream:
+    """`read_clips` over `cfg.data` and `cfg.model.num_frames`: how training and the latent cache read clips.
+    kwargs: read_clips' own options (report_dir, ...)."""
+    d = cfg.data
+    sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
+    return read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized, fps=d.fps,
+                      source_fps=d.source_fps, train=train, seed=cfg.run.seed, camera=d.camera,
+                      prompt_template=d.prompt_template, clips_per_video=d.clips_per_video,
+                      default_prompt=d.default_prompt, max_bad_fraction=d.max_bad_fraction, **kwargs)
 
 
 def read_clips_local(source: str, layout: str = "auto", **kwargs: Any) -> Iterator[dict]:
