@@ -1,4 +1,5 @@
-"""Training core: parity with a plain PyTorch step, fault tolerance, validation, EMA, schedules."""
+"""Training core: parity with a plain PyTorch step, resume, validation, EMA, schedules (killed workers:
+tests/faults/test_train_faults.py)."""
 
 from __future__ import annotations
 
@@ -152,14 +153,6 @@ def test_one_step_under_zero_equals_a_plain_pytorch_step(one_step_runs, stage):
 
 
 @pytest.mark.ray
-def test_rerun_with_the_same_name_resumes(one_step_runs):
-    cfg, _, _, _ = one_step_runs(2)
-    ds, _ = constant_clips()
-    result = fit(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 2})}), ds)
-    assert [r["step"] for r in result.metrics] == [2], "did not resume from the step-1 checkpoint"
-
-
-@pytest.mark.ray
 def test_changed_config_refuses_to_resume(one_step_runs):
     from vidgen.errors import JobError
 
@@ -167,22 +160,9 @@ def test_changed_config_refuses_to_resume(one_step_runs):
     ds, _ = constant_clips()
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3, "lr": 0.5,
                                                                            "max_failures": 0})})
-    with pytest.raises(JobError, match="written with another model/training config"):
+    with pytest.raises(JobError, match="written with another model/training config") as e:
         fit(changed, ds)
-
-
-@pytest.mark.ray
-def test_killed_worker_resumes_without_double_counting(ray_session, tmp_path, monkeypatch):
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(loop.FAULT_ENV, f"1:3:{marker}")  # rank 1 dies after optimizer step 3
-    ds, _ = constant_clips()
-    cfg = config(tmp_path, "train.zero_stage=2", "train.max_steps=5", "train.checkpoint_every=2",
-                 "train.max_failures=1")
-    logged: list[int] = []
-    result = fit(cfg, ds, on_metrics=lambda rows: logged.extend(r["step"] for r in rows))
-    assert marker.exists(), "the fault was not injected"
-    assert logged == [1, 2, 3, 4, 5], "each step reaches the tracker once, in order"
-    assert [r["step"] for r in result.metrics] == [1, 2, 3, 4, 5]
+    assert "training run" not in str(e.value), "refused by the workers, not before they started"
 
 
 @pytest.mark.ray

@@ -27,6 +27,7 @@ import os
 import sys
 
 from vidgen.errors import VidgenError
+from vidgen.redact import install_log_filter, redact
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, applied after the file, e.g. "
                   "train.lr=1e-4 train.zero_stage=3 data.source=s3://bucket/clips")
@@ -190,6 +191,7 @@ def _setup_logging(verbose: bool) -> None:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
         for name in ("mlflow", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    install_log_filter()  # credentials never reach a log line
 
 
 def _add_eval(sub) -> None:
@@ -256,6 +258,10 @@ def _run_job(args, name: str) -> dict:
         from vidgen.train.launch import check
 
         check(cfg)  # refuse bad combinations before starting Ray
+    if name == "generate":
+        from vidgen.generate.job import prepare_rows
+
+        prepare_rows(cfg)  # a bad prompt file fails here, in a second, before Ray starts
     init_ray(cfg)
     fn = {"train": train_job, "generate": generate_job, "eval": eval_job}[name]
     with tracker_for(cfg) as tracker:
@@ -323,7 +329,15 @@ def _split_eval_fvd(argv: list[str]) -> tuple[list[str], bool]:
     return argv, False
 
 
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (a list of problems joined by "; "), credentials masked (vidgen.redact)."""
+    return redact("; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped, never crash a report
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     argv, eval_fvd = _split_eval_fvd(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
@@ -333,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             from vidgen.config import load_config
 
-            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            config, overrides = args.config, list(args.overrides)
+            if config and "=" in config and not os.path.exists(config):  # `config show key=value ...`: no file
+                config, overrides = None, [config, *overrides]
+            print(redact(load_config(config, overrides).to_yaml()), end="")
         elif args.command == "prepare":
             _prepare(args)
         elif args.command == "data":
@@ -367,11 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     except VidgenError as e:
         if debug:
             raise
-        print(f"vidgen: error: {e}", file=sys.stderr)
+        print(f"vidgen: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vidgen: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: still one line, with the way to the stack trace
+        if debug:
+            raise
+        print(f"vidgen: internal error: {type(e).__name__}: {_one_line(e)} (a bug in vidgen: rerun with --debug "
+              "for the stack trace and report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -578,9 +578,16 @@ class VidgenConfig(Section):
 # Loading
 
 
+MAX_CONFIG_BYTES = 1 << 20  # real configs are a few KiB; parsing a huge file would only stall the job
+MAX_CONFIG_VALUES = 100_000  # after alias expansion: a "billion laughs" file is small and expands without end
+
+
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a config can be "
+                              f"({MAX_CONFIG_BYTES // 1024} KiB); is this the right file?")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
@@ -598,7 +605,28 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    if _expanded_size(data, {}) > MAX_CONFIG_VALUES:  # anchors and aliases are shared until something copies them
+        raise ConfigError(f"{path}: its YAML aliases expand to more than {MAX_CONFIG_VALUES} values (or refer to "
+                          "themselves); a config needs far fewer")
     return data
+
+
+def _expanded_size(obj: Any, memo: dict[int, int]) -> int:
+    """How many values `obj` holds once every alias is copied out: O(distinct objects) via `memo`. An object
+    that contains itself counts as too many (it is marked as such while its children are counted)."""
+    if not isinstance(obj, dict | list):
+        return 1
+    if id(obj) in memo:
+        return memo[id(obj)]
+    memo[id(obj)] = MAX_CONFIG_VALUES + 1
+    children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo)
+        if total > MAX_CONFIG_VALUES:
+            break
+    memo[id(obj)] = total
+    return total
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

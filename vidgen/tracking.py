@@ -13,17 +13,22 @@ KILLED on Ctrl-C. Every call goes through an `MlflowClient` bound to the trackin
 mlflow's global state, so two trackers on different stores in one process do not interfere.
 The default store is a sqlite file in the run's workdir (sqlite has one writer: the driver), with
 artifacts beside it in `mlartifacts/`; clusters point `MLFLOW_TRACKING_URI` at an `mlflow server`.
+Params, tags, the logged config and every message showing the URI pass through `vidgen.redact` first: a
+password in the URI or a credential variable's value never reaches the store or a log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import io
 import json
 import logging
 import os
 import re
 import shlex
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -36,6 +41,7 @@ import yaml
 
 from vidgen import storage
 from vidgen.errors import ConfigError, StorageError
+from vidgen.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,7 @@ def _key(name: str) -> str:
 
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, list | dict) else str(value)
+    text = redact(text)
     if len(text) > MAX_PARAM_VALUE_LENGTH:  # the whole value is in config.yaml
         text = text[: MAX_PARAM_VALUE_LENGTH - 3] + "..."
     return text
@@ -126,6 +133,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, enabled: bool = True):
         self._uri, self._experiment, self._run_name, self.enabled = tracking_uri, experiment, run_name, enabled
+        self._shown = redact(tracking_uri)  # the URI as messages show it: a password in it is masked
         self._client: Any = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
@@ -153,11 +161,11 @@ class Tracker:
             self._experiment_id = self._ensure_experiment()
             run = self._client.create_run(self._experiment_id, run_name=self._run_name)
         except Exception as e:  # a wrong URI, a server that is down, a store we may not write
-            raise ConfigError(f"tracking.uri={self._uri!r}: cannot start an MLflow run in experiment "
-                              f"{self._experiment!r}: {e}") from e
+            raise ConfigError(redact(f"tracking.uri={self._uri!r}: cannot start an MLflow run in experiment "
+                                     f"{self._experiment!r}: {e}")) from e
         self._run_id = run.info.run_id
         log.info("MLflow run %s (%s) in experiment %r at %s", self._run_name, self._run_id, self._experiment,
-                 self._uri)
+                 self._shown)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -168,10 +176,13 @@ class Tracker:
                   "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         self.flush(FLUSH_S)
         if self._pending:  # the job's own work is done and kept; only these records are missing
-            log.error("MLflow at %s: %d logging calls could not be delivered in %.0f s (%s ...)", self._uri,
+            log.error("MLflow at %s: %d logging calls could not be delivered in %.0f s (%s ...)", self._shown,
                       len(self._pending), FLUSH_S, ", ".join(w for w, _ in self._pending[:3]))
         try:
-            self._client.set_terminated(self._run_id, status=status)
+            printed = io.StringIO()  # MLflow prints "View run <name> at: <tracking URI>...": masked first
+            with contextlib.redirect_stdout(printed):
+                self._client.set_terminated(self._run_id, status=status)
+            sys.stdout.write(redact(printed.getvalue()))
         except Exception as e:  # never fail a finished job over its tracking record; keep the real error
             log.error("could not mark MLflow run %s %s: %s", self._run_id, status, str(e).splitlines()[0])
         if self._spool:
@@ -247,11 +258,11 @@ class Tracker:
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     log.warning("MLflow at %s unreachable (%s); buffering logging calls and retrying every "
-                                "%.0f s", self._uri, _first_line(e), RETRY_S)
+                                "%.0f s", self._shown, redact(_first_line(e)), RETRY_S)
                 return
             self._pending.pop(0)
         if self._down_since is not None:
-            log.warning("MLflow at %s is back after %.0f s; buffered calls delivered", self._uri,
+            log.warning("MLflow at %s is back after %.0f s; buffered calls delivered", self._shown,
                         time.monotonic() - self._down_since)
             self._down_since = None
 
@@ -272,7 +283,7 @@ class Tracker:
         """The resolved config: whole as `config.yaml`, and flattened as params (`train.lr`)."""
         if not self._active():
             return
-        plain = _plain(cfg)
+        plain = redact_obj(_plain(cfg))
         text = yaml.safe_dump(plain, sort_keys=False)
         self._send("config.yaml", lambda: self._client.log_text(self._run_id, text, "config.yaml"))
         self.log_params(_flatten(plain))
@@ -303,7 +314,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        entries = [RunTag(_key(k), str(v)) for k, v in tags.items()]
+        entries = [RunTag(_key(k), redact(str(v))) for k, v in tags.items()]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._send("tags", lambda c=chunk: self._client.log_batch(self._run_id, tags=c))
 
@@ -347,11 +358,11 @@ class Tracker:
         if not self.enabled:
             return ""
         if self._uri.startswith(("http://", "https://")):
-            base = self._uri.rstrip("/")
+            base = self._shown.rstrip("/")
             if self._run_id is None:
                 return base
             return f"{base}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
-        return f"mlflow ui --backend-store-uri {shlex.quote(self._uri)} --port {UI_PORT}"
+        return f"mlflow ui --backend-store-uri {shlex.quote(self._shown)} --port {UI_PORT}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -204,7 +204,8 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
     stream = read_config_clips(cfg, train=False)
     recipe, digest = load_encoders(cfg)
     key = {**config_key(cfg), "encoders": digest,
-           "samples": hashlib.sha256("\n".join(s.uri for s in stream.samples).encode()).hexdigest()}
+           "samples": hashlib.sha256("\n".join(s.uri for s in stream.samples)
+                                     .encode("utf-8", "surrogateescape")).hexdigest()}
     key_uri = storage.join(out, KEY_FILE)
     if storage.exists(key_uri):
         refuse(out, key, json.loads(storage.read_text(key_uri)), "this config")

@@ -79,7 +79,7 @@ def pack(
 
     info = {"source": source, "layout": layout, "frame_format": frame_format, "quality": quality,
             "clips_per_shard": clips_per_shard, "spec": dataclasses.asdict(spec),
-            "samples": hashlib.sha256("\n".join(s.uri for s in samples).encode()).hexdigest(),
+            "samples": hashlib.sha256("\n".join(s.uri for s in samples).encode("utf-8", "surrogateescape")).hexdigest(),
             "num_samples": len(samples), "num_shards": len(groups)}
     info = json.loads(json.dumps(info))  # as it reads back from _pack.json (tuples become lists)
     _claim(out, info)

@@ -220,6 +220,6 @@ def _rows_or_record(sample: Sample, spec: ClipSpec, report_dir: str, token: str)
         log.warning("unexpected error on %s", sample.uri, exc_info=True)
         reason, detail = f"unexpected {type(e).__name__}", f"{sample.uri}: {e}"[:500]
     record = {"uri": sample.uri, "reason": reason, "detail": detail, "token": token}
-    name = hashlib.blake2b(sample.uri.encode("utf-8"), digest_size=10).hexdigest() + ".json"
+    name = hashlib.blake2b(sample.uri.encode("utf-8", "surrogateescape"), digest_size=10).hexdigest() + ".json"
     storage.write_json(storage.join(report_dir, name), record)
     return []

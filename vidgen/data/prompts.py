@@ -72,10 +72,13 @@ def read_jsonl(uri: str) -> list[dict]:
             raise DataError(f"{uri}:{n}: not a JSON object ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
             raise DataError(f"{uri}:{n}: expected an object with an \"image\" URI, got {line[:80]}")
-        prompt = str(row.get("prompt", ""))
+        prompt, seed = row.get("prompt", ""), row.get("seed", n - 1)
+        if not isinstance(prompt, str) or isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            field = "prompt" if not isinstance(prompt, str) else "seed"
+            want = "a string" if field == "prompt" else "an integer >= 0"
+            raise DataError(f"{uri}:{n}: \"{field}\" must be {want}, got {json.dumps(row[field])[:80]}")
         stem = row["image"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        rows.append(_row(prompt, row["image"], int(row.get("seed", n - 1)),
-                         str(row.get("id") or re.sub(r"[^A-Za-z0-9_.-]+", "_", stem))))
+        rows.append(_row(prompt, row["image"], seed, str(row.get("id") or re.sub(r"[^A-Za-z0-9_.-]+", "_", stem))))
     return rows
 
 
@@ -106,9 +109,14 @@ def read_vbench(uri: str, dimensions: list[str] | None = None) -> list[dict]:
 
 
 def resolve_relative(uri: str, base_file: str) -> str:
-    """`uri` as is when absolute or a URI, else relative to the folder of `base_file`."""
+    """`uri` as is when absolute or a URI, else relative to the folder of `base_file`, which it may not leave:
+    a prompt file passed around with a benchmark must not reach files beside it (`../../home/...`) by itself;
+    an absolute path or URI says so on purpose."""
     if storage.is_remote(uri) or uri.startswith("/") or "://" in uri:
         return uri
+    if ".." in uri.replace("\\", "/").split("/"):
+        raise DataError(f"{base_file}: image path {uri!r} leaves the prompt file's folder; give an absolute path "
+                        "or URI for images elsewhere")
     folder = base_file.rsplit("/", 1)[0] if "/" in base_file else "."
     return storage.join(folder, uri) if storage.is_remote(folder) else posixpath.normpath(posixpath.join(folder, uri))
 

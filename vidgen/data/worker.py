@@ -52,8 +52,20 @@ class BadSample(Exception):
         self.reason, self.detail = reason, detail
 
 
+def _utf8(name: str) -> bool:
+    """False for a local file name that is not UTF-8 (Python keeps its bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def sample_clips(sample: Sample, spec: ClipSpec) -> list[dict]:
     """Rows for one sample; raises BadSample when it is unusable."""
+    if not all(_utf8(u) for u in [sample.uri, *(sample.frame_uris or [])]):
+        raise BadSample("file name not UTF-8", f"{sample.uri!r}: names must be UTF-8 to be stored and logged "
+                                               "(rename the files)")
     rng = sample_rng(spec.seed, spec.epoch, 0, sample.uri) if spec.train else None
     if sample.meta.get("layout") == "shards":
         return _shard_clips(sample, spec, rng)

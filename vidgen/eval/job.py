@@ -157,7 +157,7 @@ def featurize(ds, cfg: VidgenConfig, passthrough: tuple[str, ...] = ()) -> Featu
 def cache_key(cfg: VidgenConfig, source: str, layout: str, sample_uris: list[str]) -> dict[str, Any]:
     """Everything the real features depend on; its digest names the cache file."""
     e, d = cfg.eval, cfg.data
-    listing = hashlib.sha256("\n".join(sample_uris).encode("utf-8")).hexdigest()
+    listing = hashlib.sha256("\n".join(sample_uris).encode("utf-8", "surrogateescape")).hexdigest()
     return {"version": CACHE_VERSION, "source": source, "layout": layout, "samples": listing,
             "num_samples": len(sample_uris), "num_frames": e.num_frames, "fps": e.fps, "source_fps": d.source_fps,
             "clips_per_video": e.clips_per_real_video, "max_real": e.max_real, "camera": d.camera,

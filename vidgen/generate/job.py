@@ -221,7 +221,11 @@ class VideoGenerator:
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
         uri = storage.join(self.root, "cache", "base", f"{key}.pt")
         if g.fifo.cache and storage.exists(uri):
-            return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location=self.device)
+            try:  # tensors only (weights_only): a cache file is data, never code
+                return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location=self.device, weights_only=True)
+            except Exception as e:  # truncated or foreign: sample it again and overwrite it
+                log.warning("%s: unreadable FIFO base cache (%s); sampling it again", uri,
+                            (str(e).splitlines() or [type(e).__name__])[0])
         base = base_sample(self.denoiser, cond, self.pipe.scheduler, shape, plan.steps, generator=gen)
         if g.fifo.cache:
             buf = io.BytesIO()

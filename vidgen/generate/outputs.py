@@ -23,7 +23,7 @@ import numpy as np
 
 from vidgen import storage
 from vidgen.config import GenerateConfig, ModelConfig, VidgenConfig
-from vidgen.data.prompts import vbench_name
+from vidgen.data.prompts import safe_stem, vbench_name
 
 # Settings that never change a video's pixels (where it goes, how the work is spread, which rows exist).
 _NOT_PIXELS = {"prompts", "prompt_format", "augmented_prompts", "dimensions", "images", "samples_per_prompt",
@@ -61,7 +61,8 @@ def output_name(row: dict, gen: GenerateConfig, model: ModelConfig, naming: str 
     key = json.dumps({"image": row["image"], "prompt": row.get("sample_prompt", row["prompt"]),
                       "seed": int(row["seed"]), "gen": pixel_settings(gen),
                       "model": model.model_dump(exclude={"cache_dir"})}, sort_keys=True)
-    return f"{row['id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.mp4"
+    # The id comes from the prompt file: safe_stem keeps it one plain file name (no '/', no leading '.').
+    return f"{safe_stem(str(row['id']), 120)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.mp4"
 
 
 def naming_of(gen: GenerateConfig, rows: list[dict]) -> str:

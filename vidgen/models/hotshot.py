@@ -281,7 +281,7 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", temporal_la
     text_encoder(_2)/. `spatial_unet_base` swaps in another SDXL UNet, keeping the temporal layers."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from vidgen.errors import ModelError
+    from vidgen.errors import ModelError, brief
     from vidgen.models import sdxl
     from vidgen.models.hotshot_weights import load_hotshot_unet_dir
     from vidgen.models.svd import resolve_model_dir
@@ -291,7 +291,7 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", temporal_la
     if missing:
         raise ModelError(f"{path}: missing subfolder(s) {', '.join(missing)} of a Hotshot-XL/SDXL directory")
     unet_dir = root / "unet"
-    is_hotshot = "UNet3D" in (unet_dir / "config.json").read_text() if (unet_dir / "config.json").is_file() else False
+    is_hotshot = b"UNet3D" in (unet_dir / "config.json").read_bytes() if (unet_dir / "config.json").is_file() else False
     if not is_hotshot and temporal_layers is None:
         raise ModelError(f"{unet_dir}: an SDXL (2-D) UNet; set model.temporal_layers to a {TEMPORAL_NAME} file")
     unet = load_hotshot_unet_dir(unet_dir if is_hotshot else None,
@@ -300,8 +300,8 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", temporal_la
     try:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True).eval()
         scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot load vae/scheduler ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # unreadable configs, truncated or foreign weights
+        raise ModelError(f"{path}: cannot load vae/scheduler ({brief(e)})") from None
     return Hotshot(unet, vae, sdxl.pretrained_text(root), scheduler)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vidgen.errors import ModelError
+from vidgen.errors import ModelError, brief
 
 TEMPORAL_FILE = "hsxl_temporal_layers.safetensors"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -119,11 +119,30 @@ def spatial_state_dict(unet) -> dict[str, torch.Tensor]:
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"{path}: no such weights file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:  # tensors only: a pickle that asks to run code is refused
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, zero bytes, another format, a pickle with code in it
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch state dict (weights_only)"
+        raise ModelError(f"{path}: not a readable {kind} file ({brief(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ModelError(f"{path}: expected a state dict (names to tensors), got {type(state).__name__}")
+    return state
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ModelError(f"{path}: not a readable JSON config ({brief(e)})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def _write(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -188,7 +207,7 @@ def load_hotshot_unet_dir(path: str | Path, spatial_unet_base: str | Path | None
     if root is not None:
         if not (root / "config.json").is_file():
             raise ModelError(f"{root}: not a Hotshot-XL unet directory (expected config.json and {WEIGHTS_FILE})")
-        cfg_2d = config_2d_from_hotshot(json.loads((root / "config.json").read_text()), str(root / "config.json"))
+        cfg_2d = config_2d_from_hotshot(_read_config(root / "config.json"), str(root / "config.json"))
         weights = root / WEIGHTS_FILE
         state = _read(weights if weights.is_file() else root / "diffusion_pytorch_model.bin")
     spatial_what = str(root)
@@ -196,7 +215,7 @@ def load_hotshot_unet_dir(path: str | Path, spatial_unet_base: str | Path | None
         base = Path(spatial_unet_base)
         if not (base / "config.json").is_file():
             raise ModelError(f"{base}: not a diffusers UNet directory (expected config.json)")
-        cfg_2d = {k: v for k, v in json.loads((base / "config.json").read_text()).items() if not k.startswith("_")}
+        cfg_2d = {k: v for k, v in _read_config(base / "config.json").items() if not k.startswith("_")}
         bw = base / WEIGHTS_FILE
         state = {**_read(bw if bw.is_file() else base / "diffusion_pytorch_model.bin"),
                  **{k: v for k, v in state.items() if is_temporal(k)}}

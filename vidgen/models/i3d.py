@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidgen.errors import ConfigError, ModelError
+from vidgen.errors import ConfigError, ModelError, brief
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
     try:
         data = _read_bytes(path)
     except Exception as e:
-        raise ModelError(f"cannot read I3D weights at {path!r} (eval.i3d_path): {e}. {WEIGHTS_HELP}") from e
+        raise ModelError(f"cannot read I3D weights at {path!r} (eval.i3d_path): {brief(e)}. {WEIGHTS_HELP}") from e
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -284,12 +284,13 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     try:
         data = _read_bytes(path)
     except Exception as e:  # StorageError, FileNotFoundError, permission errors, ... all mean "no weights"
-        raise ModelError(f"cannot read I3D weights at {path!r} (eval.i3d_path): {e}. {WEIGHTS_HELP}") from e
+        raise ModelError(f"cannot read I3D weights at {path!r} (eval.i3d_path): {brief(e)}. {WEIGHTS_HELP}") from e
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ModelError(
-            f"I3D weights at {path!r} (eval.i3d_path) are not a PyTorch state dict: {e}. {WEIGHTS_HELP}"
+            f"I3D weights at {path!r} (eval.i3d_path) are not a PyTorch state dict of tensors ({brief(e)}). "
+            f"{WEIGHTS_HELP}"
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(

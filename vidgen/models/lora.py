@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vidgen.errors import ConfigError, ModelError
+from vidgen.errors import ConfigError, ModelError, brief
 
 ADAPTER = "default"
 PEFT_CONFIG = "adapter_config.json"
@@ -166,7 +166,7 @@ def _read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
                 header = f.metadata() or {}
                 raw = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
-            raise ModelError(f"{weights}: not a safetensors file ({e})") from None
+            raise ModelError(f"{weights}: not a safetensors file ({brief(e)})") from None
     state = {}
     for k, v in raw.items():
         for prefix in ("base_model.model.", "unet."):
@@ -174,12 +174,22 @@ def _read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
                 k = k[len(prefix):]
                 break
         state[k.replace(f".{ADAPTER}.", ".")] = v
-    if config_text is not None:
-        config = json.loads(config_text)
-    elif METADATA_KEY in header:
-        config = {k.removeprefix("unet."): v for k, v in json.loads(header[METADATA_KEY]).items()}
-    else:  # no config anywhere: rank from the tensors, alpha = rank, targets from the keys
-        a = next(v for k, v in state.items() if k.endswith("lora_A.weight"))
+    where = f"{path}/{PEFT_CONFIG}" if config_text is not None else f"{weights} (metadata {METADATA_KEY})"
+    try:
+        if config_text is not None:
+            config = json.loads(config_text)
+        elif METADATA_KEY in header:
+            config = {k.removeprefix("unet."): v for k, v in json.loads(header[METADATA_KEY]).items()}
+        else:
+            config = None
+    except (ValueError, AttributeError) as e:
+        raise ModelError(f"{where}: expected a JSON object of LoRA settings ({brief(e)})") from None
+    if config is not None and not isinstance(config, dict):
+        raise ModelError(f"{where}: expected a JSON object of LoRA settings, got {type(config).__name__}")
+    if config is None:  # no config anywhere: rank from the tensors, alpha = rank, targets from the keys
+        a = next((v for k, v in state.items() if k.endswith("lora_A.weight")), None)
+        if a is None or a.ndim != 2:
+            raise ModelError(f"{weights}: no `<module>.lora_A.weight` matrices (expected a LoRA's weights)")
         config = {"r": a.shape[0], "lora_alpha": a.shape[0],
                   "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in state})}
     return state, config
@@ -195,7 +205,10 @@ def load_lora(unet: torch.nn.Module, path: str, scale: float = 1.0) -> list[str]
         raise ModelError(f"{path}: this UNet has a LoRA already; load into a fresh UNet (or merge_lora first)")
     state, cfg = _read_adapter(path)
     known = set(LoraConfig.__dataclass_fields__)
-    peft_cfg = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
+    try:
+        peft_cfg = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{path}: LoRA settings that PEFT refuses ({brief(e)})") from None
     peft_cfg.lora_dropout = 0.0  # inference
     modules = {n for n, _ in unet.named_modules()}
     missing = sorted({k.rsplit(".lora_", 1)[0] for k in state} - modules)
@@ -206,6 +219,8 @@ def load_lora(unet: torch.nn.Module, path: str, scale: float = 1.0) -> list[str]
         set_peft_state(unet, state)
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
+    except RuntimeError as e:  # tensors of the wrong shape for the layers they name
+        raise ModelError(f"{path}: LoRA tensors do not fit this UNet ({brief(e)})") from None
     set_lora_scale(unet, scale)
     unet.requires_grad_(False)
     return sorted(lora_layers(unet))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vidgen.errors import ModelError
+from vidgen.errors import ModelError, brief
 
 
 @dataclass
@@ -148,5 +148,5 @@ def pretrained_text(root: str | Path, tokenizer_path: str | None = None, tokeniz
             CLIPTextModel.from_pretrained(paths["text_encoder"], local_files_only=True).eval(),
             CLIPTextModelWithProjection.from_pretrained(paths["text_encoder_2"], local_files_only=True).eval(),
         )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{root}: cannot load the SDXL text encoders ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # unreadable configs or tokenizer files, truncated or foreign weights
+        raise ModelError(f"{root}: cannot load the SDXL text encoders ({brief(e)})") from None

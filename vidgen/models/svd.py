@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vidgen.errors import ModelError
+from vidgen.errors import ModelError, brief
 from vidgen.models.vae import LatentVideoModel
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,8 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", unet_path: 
         scheduler = EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", **kw)
     except ModelError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:
-        raise _missing_weights(path, f"cannot load it ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # OSError, ValueError, safetensors' own errors, shapes that do not fit, ...
+        raise _missing_weights(path, f"cannot load it ({brief(e)})") from None
     for m in (unet, vae, image_encoder):
         m.eval()
     return SVD(unet, vae, image_encoder, feature_extractor, scheduler)
@@ -266,7 +266,10 @@ def load_unet(path: str, cache_dir: str = "~/.cache/vidgen/models") -> torch.nn.
     root = resolve_model_dir(path, cache_dir)
     if not (root / "config.json").is_file():
         raise ModelError(f"{path}: not a UNet directory (expected config.json and weights from `vidgen train`)")
-    return UNetSpatioTemporalConditionModel.from_pretrained(root, local_files_only=True).eval()
+    try:
+        return UNetSpatioTemporalConditionModel.from_pretrained(root, local_files_only=True).eval()
+    except Exception as e:  # unreadable config.json, truncated or foreign weights, shapes that do not fit
+        raise ModelError(f"{path}: cannot load the UNet directory ({brief(e)})") from None
 
 
 def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vidgen/models",

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -37,13 +38,16 @@ class MetricsSink:
 
     Rows become final when a checkpoint at or after their step is committed. A restarted attempt calls
     `start_attempt(step)` first, which drops the failed attempt's uncommitted rows: those steps are
-    trained again, and each step reaches MLflow exactly once.
+    trained again, and each step reaches MLflow exactly once. (An attempt that had to fall back past a
+    committed checkpoint, its newest being damaged, trains steps again that were already delivered: their
+    first rows stand, the repeats are dropped.)
     """
 
     def __init__(self):
         self.pending: list[dict] = []
         self.artifacts: list[tuple[int, list[str]]] = []
         self.committed = 0
+        self.delivered = 0  # the last step drained
 
     def put(self, rows: list[dict]) -> None:
         self.pending.extend(rows)
@@ -60,8 +64,9 @@ class MetricsSink:
         self.committed = max(self.committed, step)
 
     def drain(self) -> tuple[list[dict], list[tuple[int, list[str]]]]:
-        rows = [r for r in self.pending if r["step"] <= self.committed]
+        rows = [r for r in self.pending if self.delivered < r["step"] <= self.committed]
         self.pending = [r for r in self.pending if r["step"] > self.committed]
+        self.delivered = max([self.delivered, *(r["step"] for r in rows)])
         arts = [a for a in self.artifacts if a[0] <= self.committed]
         self.artifacts = [a for a in self.artifacts if a[0] > self.committed]
         return rows, arts
@@ -145,6 +150,33 @@ def storage_root(cfg: VidgenConfig) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def check_resume(cfg: VidgenConfig) -> None:
+    """Refuse, before any worker starts, to resume a run whose newest checkpoint was written with another
+    model/training config: its manifests (vidgen/train/manifest.py) carry the config hash. The workers check the
+    hash again when they load the checkpoint (older checkpoints have no hash in their manifest)."""
+    import json
+
+    from vidgen import storage
+    from vidgen.train.loop import config_hash
+
+    run_dir = storage.join(storage_root(cfg), cfg.run.name)
+    if not storage.isdir(run_dir):
+        return
+    names = sorted(u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(run_dir))
+    ckpts = [n for n in names if re.match(r"checkpoint_\d", n)]  # Ray's checkpoint_<timestamp> folders
+    if not ckpts:
+        return
+    newest = storage.join(run_dir, ckpts[-1])
+    manifests = [u for u in storage.listdir(newest) if u.rstrip("/").rsplit("/", 1)[-1].startswith("vidgen-manifest")]
+    try:
+        written = json.loads(storage.read_text(manifests[0])).get("meta", {}).get("config_hash") if manifests else None
+    except ValueError:  # a damaged manifest: the workers' checkpoint check names it and falls back
+        return
+    if written and written != config_hash(cfg.model.model_dump(), cfg.train.model_dump()):
+        raise JobError(f"run.name={cfg.run.name!r}: the checkpoint {newest} was written with another model/training "
+                       "config; start a new run.name to train with this one (or restore the config it was made with)")
+
+
 def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
         on_metrics: Callable[[list[dict]], None] | None = None,
         validation_images: list | None = None,
@@ -156,6 +188,7 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
     from vidgen import storage
 
     check(cfg)
+    check_resume(cfg)
     t = cfg.train
     sink = MetricsSink.remote()
     loop_config = {"train": t.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.run.seed,
@@ -240,27 +273,36 @@ def _root_cause(e: BaseException) -> str:
     return text[-1] if text else type(e).__name__
 
 
-def consolidated_state_dict(ckpt_dir: str) -> dict:
-    """Full fp32 UNet weights from a DeepSpeed checkpoint of any ZeRO stage."""
+def consolidated_state_dict(ckpt_dir: str, verify: bool = True) -> dict:
+    """Full fp32 UNet weights from a DeepSpeed checkpoint of any ZeRO stage. The manifest is checked first
+    (`verify=False`: the caller did) because DeepSpeed's zero_to_fp32 unpickles with weights_only=False."""
     import torch
 
+    from vidgen.errors import ModelError
+    from vidgen.train.manifest import verify_manifest
+
+    if verify and (problems := verify_manifest(ckpt_dir)):
+        raise ModelError(f"checkpoint {ckpt_dir}: {problems[0]}" + (
+            f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
     latest = Path(ckpt_dir, "latest").read_text().strip()
     tag_dir = Path(ckpt_dir, latest)
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=latest))
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 
 def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str | None = None) -> None:
     """Consolidate the ranks' shards and write the recipe's export (a diffusers UNet directory, or a LoRA
-    directory) atomically; `merged_dir`: also the base UNet with the LoRA merged in."""
+    directory) atomically; `merged_dir`: also the base UNet with the LoRA merged in. A checkpoint that
+    fails its manifest is skipped for the newest older one that passes, with a warning (loop.valid_checkpoint)."""
+    from vidgen.train.loop import valid_checkpoint
 
     ema = None
-    with checkpoint.as_directory() as d, contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints
-        state = consolidated_state_dict(d)
+    with valid_checkpoint(checkpoint) as d, contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints
+        state = consolidated_state_dict(d, verify=False)
         if Path(d, "ema.pt").exists():
             import torch
 

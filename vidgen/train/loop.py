@@ -2,7 +2,9 @@
 
 setup: recipe, DeepSpeed engine (ZeRO and precision from the config), resume from Ray's latest checkpoint.
 train: micro-batches from this rank's shard of the Ray Dataset -> loss -> backward -> step.
-save:  every rank writes its DeepSpeed shard, then all report it together as one Ray checkpoint.
+save:  every rank writes its DeepSpeed shard and a manifest of it (sizes, sha256; vidgen/train/manifest.py),
+       then all report it together as one Ray checkpoint. A resume checks the manifests first and falls back
+       to the newest older checkpoint of the run that checks out (`valid_checkpoint`).
 
 Metrics go to the driver's `MetricsSink`; they become final only once Ray has registered a checkpoint
 covering their step, so a resumed run never logs a step twice (steps after the last checkpoint are redone).
@@ -10,21 +12,27 @@ covering their step, so a resumed run never logs a step twice (steps after the l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from vidgen.errors import JobError
+from vidgen.train.manifest import verify_manifest, write_manifest
+
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "VIDGEN_FAULT_KILL"  # "<rank>:<step>:<marker file>": test hook, kills that rank once
+FAULT_ENV = "VIDGEN_FAULT_KILL"  # "<rank>:<step>[,<rank>:<step>...]:<marker file>": test hook, see below
 DUMP_ENV = "VIDGEN_DUMP_STATE"  # "<file>": test hook, rank 0 saves the final UNet state dict there
 
 
@@ -116,8 +124,6 @@ def _maybe_dump_state(engine, zero_stage: int, rank: int) -> None:
     path = os.environ.get(DUMP_ENV)
     if not path:
         return
-    import contextlib
-
     import deepspeed
 
     params = list(engine.module.parameters())
@@ -127,15 +133,45 @@ def _maybe_dump_state(engine, zero_stage: int, rank: int) -> None:
             torch.save({k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}, path)
 
 
+_FAULT_SPEC = re.compile(r"^(\d+:\d+(?:,\d+:\d+)*):(.+)$")
+
+
+def fault_points(spec: str) -> tuple[list[tuple[int, int]], str]:
+    """Parse VIDGEN_FAULT_KILL into its kill points [(rank, step), ...] and the marker file."""
+    m = _FAULT_SPEC.match(spec)
+    if not m:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <rank>:<step>[,<rank>:<step>...]:<marker file>")
+    points = [(int(r), int(s)) for r, s in (p.split(":") for p in m.group(1).split(","))]
+    return points, m.group(2)
+
+
+def fired_faults(marker: str) -> set[int]:
+    """Indices of the kill points already injected: the marker file has one line "<index> <rank> <step>" each."""
+    try:
+        return {int(line.split()[0]) for line in Path(marker).read_text().splitlines() if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
 def _maybe_inject_fault(rank: int, step: int) -> None:
+    """Test hook: VIDGEN_FAULT_KILL="<rank>:<step>[,<rank>:<step>...]:<marker file>".
+
+    The process of `rank` exits at once (os._exit: no cleanup, as an OOM kill or a lost node would) right
+    after optimizer step `step`, before that step's checkpoint. Each point fires once per run, in any order:
+    the kill appends "<index> <rank> <step>" to the marker file first, and a point listed there is skipped
+    when its step is trained again after the restart. The marker must be on a filesystem every worker sees.
+    """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    r, s, marker = spec.split(":", 2)
-    if int(r) == rank and int(s) == step and not os.path.exists(marker):
-        Path(marker).write_text(f"killed rank {rank} at step {step}\n")
-        log.warning("fault injection: killing rank %d at step %d", rank, step)
-        os._exit(1)
+    points, marker = fault_points(spec)
+    fired = fired_faults(marker)
+    for i, (r, s) in enumerate(points):
+        if r == rank and s == step and i not in fired:
+            with open(marker, "a") as f:  # one short O_APPEND write: two ranks dying at once both get a line
+                f.write(f"{i} {rank} {step}\n")
+            log.warning("fault injection: killing rank %d at step %d", rank, step)
+            os._exit(1)
 
 
 def train_func(config: dict) -> None:
@@ -178,7 +214,9 @@ def train_func(config: dict) -> None:
     step, batches_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
-        with ckpt.as_directory() as d:
+        # DeepSpeed unpickles its files (weights_only=False): the manifest check before it is what keeps a
+        # truncated or altered file from being loaded.
+        with valid_checkpoint(ckpt) as d:
             _, client = engine.load_checkpoint(d, tag=None, load_module_strict=not trainable_only)
             if ema is not None and Path(d, "ema.pt").exists():
                 ema = torch.load(Path(d, "ema.pt"), map_location="cpu", weights_only=True)
@@ -186,6 +224,7 @@ def train_func(config: dict) -> None:
             raise RuntimeError(f"the checkpoint of run {ctx.get_experiment_name()!r} was written with another "
                                "model/training config; start a new run.name to train with this one")
         step, batches_seen = int(client["step"]), int(client["batches_seen"][rank])
+        _check_same_step(step)
         log.info("rank %d resumed at step %d after %d batches", rank, step, batches_seen)
     if sink is not None and rank == 0:
         sink.start_attempt.remote(step)  # forget uncommitted metrics of a failed attempt
@@ -288,8 +327,57 @@ def _save(engine, step: int, batches_seen: int, my_hash: str, ema, rank: int, wo
                                exclude_frozen_parameters=trainable_only)
         if ema is not None:
             torch.save(ema, Path(tmp, "ema.pt"))
+        # Last: the manifest vouches for the files; the driver reads the hash to refuse a changed config early.
+        write_manifest(tmp, part=rank, parts=world, meta={"step": step, "config_hash": my_hash})
         train_mod.report({"step": step}, checkpoint=Checkpoint.from_directory(tmp))
     # The driver's CommitOnCheckpoint callback marks the step committed once Ray has registered it.
+
+
+@contextlib.contextmanager
+def valid_checkpoint(ckpt) -> Iterator[str]:
+    """A local directory of `ckpt` (a ray.train.Checkpoint) if its manifests check out, else of the newest
+    older checkpoint of the same run that does. Ray keeps `train.keep_checkpoints` of them side by side as
+    `<storage_path>/<run.name>/checkpoint_<timestamp>`, so names sort oldest first. Each rejected one gets a
+    one-line warning naming its first bad file; none valid is a JobError (starting over silently would
+    repeat steps already logged)."""
+    rejected: list[str] = []
+    for cand in [ckpt, *_older_checkpoints(ckpt)]:
+        with cand.as_directory() as d:
+            problems = verify_manifest(d)
+            if not problems:
+                if rejected:
+                    log.warning("using the previous checkpoint %s", cand.path)
+                yield d
+                return
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        log.warning("checkpoint %s rejected: %s%s", cand.path, problems[0], more)
+        rejected.append(f"{cand.path}: {problems[0]}")
+    raise JobError(f"no valid checkpoint to resume from: {rejected[0]}" + (
+        f"; {len(rejected) - 1} older ones rejected too" if len(rejected) > 1 else "")
+        + "; delete the run's storage directory or use a new run.name to start over")
+
+
+def _older_checkpoints(ckpt) -> list:
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    fs, path = ckpt.filesystem, ckpt.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:  # not a run's storage layout (a checkpoint copied elsewhere): nothing to fall back to
+        return []
+    older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [Checkpoint(f"{parent}/{n}", filesystem=fs) for n in older]
+
+
+def _check_same_step(step: int) -> None:
+    """Ranks that read different copies of storage could fall back differently: refuse to train on mixed state."""
+    both = torch.tensor([step, -step], dtype=torch.int64)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if int(both[0]) != -int(both[1]):
+        raise RuntimeError(f"ranks resumed from different checkpoints (steps {-int(both[1])} to {int(both[0])})")
 
 
 def _validate(recipe, engine, t, config: dict, rank: int, step: int, sink) -> None:
