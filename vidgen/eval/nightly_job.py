@@ -142,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vidgen.redact import install_log_filter
+
+    install_log_filter()  # credentials never reach a log line
     try:
         cfg = load_config(args.config, args.overrides)
         date = night_date(cfg.nightly.date)
