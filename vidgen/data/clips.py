@@ -102,7 +102,8 @@ def resize_cover_crop(
     import torch  # imported on first use: listing and inspection never pay for it
 
     # [T, H, W, 3] viewed as channels-last [T, 3, H, W]: no copy, and the layout the fast kernel wants.
-    clip = torch.from_numpy(np.ascontiguousarray(frames_thwc)).permute(0, 3, 1, 2)
+    # (A read-only array, e.g. decoded straight from a buffer, is copied: torch wants writable memory.)
+    clip = torch.from_numpy(np.require(frames_thwc, requirements=["C", "W"])).permute(0, 3, 1, 2)
     scaled = torch.nn.functional.interpolate(clip, size=(scaled_h, scaled_w), mode="bilinear",
                                              antialias=True, align_corners=False)
     cropped = scaled.permute(0, 2, 3, 1)[:, top:top + height, left:left + width]
