@@ -60,6 +60,16 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _same_output(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Outputs of two UNets holding bit-identical weights (the tests check the weights with `_same_weights`).
+
+    Not bitwise: diffusers/safetensors may load every tensor as a view into one buffer, and CPU kernels pick
+    their vector paths by pointer alignment, which moves float32 sums by ~1e-6. A wrong weight moves them by
+    ~1e-1.
+    """
+    return a.shape == b.shape and (a - b).abs().max().item() < 1e-5
+
+
 def _stock(unet, sample, t_b, ehs, ids) -> torch.Tensor:
     with torch.no_grad():
         return unet(sample, t_b, encoder_hidden_states=ehs, added_time_ids=ids).sample
@@ -174,7 +184,8 @@ def test_base_sample_reproduces_the_diffusers_pipeline():
 
 def test_pretrained_round_trip(tiny, saved, reference_output):
     loaded = svd.build("pretrained", path=str(saved))
-    assert torch.equal(_stock(loaded.unet, *_reference_inputs()), reference_output)
+    assert _same_weights(loaded.unet, tiny.unet)
+    assert _same_output(_stock(loaded.unet, *_reference_inputs()), reference_output)
     assert _same_weights(loaded.vae, tiny.vae) and _same_weights(loaded.image_encoder, tiny.image_encoder)
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     assert loaded.scheduler.config.use_karras_sigmas
@@ -190,7 +201,8 @@ def test_unet_path_replaces_the_unet(tiny, saved):
     other.unet.save_pretrained(unet_dir)
     want = _stock(other.unet, *_reference_inputs())
     from_tiny = svd.build("tiny", num_frames=F, unet_path=str(unet_dir))
-    assert torch.equal(_stock(from_tiny.unet, *_reference_inputs()), want)
+    assert _same_weights(from_tiny.unet, other.unet)
+    assert _same_output(_stock(from_tiny.unet, *_reference_inputs()), want)
     from_dir = svd.build("pretrained", path=str(saved), unet_path=str(unet_dir))
     assert _same_weights(from_dir.unet, other.unet)
     assert _same_weights(from_dir.vae, tiny.vae)
@@ -266,7 +278,8 @@ def test_pretrained_from_s3_is_copied_once(tiny, saved, reference_output, s3_ser
     cache = tmp_path / "cache"
 
     loaded = svd.build("pretrained", path=uri, cache_dir=str(cache))
-    assert torch.equal(_stock(loaded.unet, *_reference_inputs()), reference_output)
+    assert _same_weights(loaded.unet, tiny.unet)
+    assert _same_output(_stock(loaded.unet, *_reference_inputs()), reference_output)
     entries = os.listdir(cache)
     assert len(entries) == 1
     copy = cache / entries[0]

@@ -53,6 +53,22 @@ class Evil:
         return os.system, (f"touch {self.marker}",)
 
 
+def huge_video(path: Path, side: int = 8200, frames: int = 3) -> None:
+    """A black mp4 of side x side frames (over vidgen's 8192x8192 limit); x264 makes it in about a second."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as c:
+        stream = c.add_stream("libx264", rate=8)  # PyAV's wheels ship x264; mpeg4 stops at 8191
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        frame = av.VideoFrame(side, side, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        for _ in range(frames):
+            c.mux(stream.encode(frame))
+        c.mux(stream.encode())
+
+
 def files_under(root: Path) -> set[str]:
     out = set()
     for d, dirs, names in os.walk(root):
@@ -159,9 +175,11 @@ def test_hostile_samples_are_skipped_and_counted_never_crash(sandbox, layout, fa
         os.symlink("bad_loop.mp4", root / "bad_loop.mp4")
         with open(os.path.join(os.fsencode(root), b"bad_name_\xff.mp4"), "wb") as f:
             f.write(data)
+        huge_video(root / "bad_huge.mp4")
         kinds = {"bad_zero.mp4": "zero-byte video", "bad_truncated.mp4": "truncated video",
                  "bad_garbage.mp4": "random bytes as .mp4", "bad_text.mp4": "wrong type (text named .mp4)",
-                 "bad_loop.mp4": "symlink loop", "bad_name_": "non-UTF-8 file name"}
+                 "bad_loop.mp4": "symlink loop", "bad_name_": "non-UTF-8 file name",
+                 "bad_huge.mp4": "huge dimensions (8200x8200 frames)"}
         good = 2
     sandbox.inputs_ready()
 
@@ -184,6 +202,8 @@ def test_hostile_samples_are_skipped_and_counted_never_crash(sandbox, layout, fa
         assert len(uris) == 1, f"{kind}: {uris} in the skip report {sorted(bad)}"
     assert manifest["clips"] == good and manifest["report"]["skipped"] == len(kinds), manifest["report"]
     assert manifest["samples"] == good + len(kinds), "a sample vanished from the listing without a count"
+    if layout == "videos":  # refused for its size before decoding, not for some later symptom
+        assert "8200x8200" in bad[counted["huge dimensions (8200x8200 frames)"][0]]["detail"], bad
     sandbox.check(out)
     for kind, uris in counted.items():
         faults.record(f"{layout}: {kind}", injected=1, survived=True, lost=0,

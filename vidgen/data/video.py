@@ -23,6 +23,10 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi")
 
 VideoSource = str | bytes
 
+# Frames larger than this are refused before any pixel is decoded: one 8192x8192 RGB frame is 192 MiB, and a
+# clip of them would exhaust a worker. Real footage is far smaller (8K UHD is 7680x4320, half of this).
+MAX_FRAME_PIXELS = 8192 * 8192
+
 
 def write_video(uri: str, frames_thwc: np.ndarray, fps: float, keyframe_interval: int | None = None) -> str:
     """Write uint8 [T, H, W, 3] frames as an mp4 at `uri`; a killed writer leaves no partial file.
@@ -148,6 +152,10 @@ def _open(source: VideoSource) -> Iterator[av.container.InputContainer]:
         with av.open(target, mode="r") as container:
             if not container.streams.video:
                 raise DataError(f"{name}: no video stream")
+            ctx = container.streams.video[0].codec_context
+            if ctx.width * ctx.height > MAX_FRAME_PIXELS:
+                raise DataError(f"{name}: {ctx.width}x{ctx.height} video frames are larger than vidgen decodes "
+                                f"(at most {MAX_FRAME_PIXELS} pixels, 8192x8192)")
             yield container
     except DataError:
         raise
