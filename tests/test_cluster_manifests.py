@@ -129,6 +129,8 @@ BROKEN = {
                              "runtimeEnvYAML: not valid YAML"),
     "runtime env int value": (lambda d: d["spec"].__setitem__("runtimeEnvYAML", "env_vars: {A: 1}\n"),
                               "env_vars.A: values must be strings"),
+    "runtime env credential": (lambda d: d["spec"].__setitem__("runtimeEnvYAML", "env_vars: {AWS_SECRET_KEY: x}"),
+                               "env_vars.AWS_SECRET_KEY: credentials do not belong in a runtime env"),
     "missing script": (lambda d: d["spec"].__setitem__("entrypoint", "python jobs/nope.py --config x.yaml"),
                        "script 'jobs/nope.py' does not exist"),
     "bad config key": (lambda d: d["spec"].__setitem__(

@@ -358,6 +358,21 @@ def test_entrypoint_bad_input_exits_2(capsys):
     assert "nightly.date" in capsys.readouterr().err
 
 
+def test_submit_refuses_credentials_in_the_runtime_env_before_connecting(tmp_path, capsys):
+    """Ray writes runtime envs in plain text to its logs: a key there is refused in one line, before any
+    connection (nothing listens on port 9)."""
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text("env_vars: {HF_HUB_OFFLINE: '1', AWS_SECRET_ACCESS_KEY: abc, MLFLOW_TRACKING_TOKEN: 3}\n")
+    assert main(["--submit", "http://127.0.0.1:9", "--runtime-env", str(env_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"nightly_eval: error: --runtime-env {env_file}: env_vars.")
+    assert "AWS_SECRET_ACCESS_KEY: credentials do not belong in a runtime env" in err
+    assert "MLFLOW_TRACKING_TOKEN: values must be strings, got int" in err and "abc" not in err
+    env_file.write_text("- a list\n")
+    assert main(["--submit", "http://127.0.0.1:9", "--runtime-env", str(env_file)]) == 2
+    assert "expected a mapping (working_dir, env_vars, ...), got list" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- a real Ray head
 
 @pytest.mark.slow

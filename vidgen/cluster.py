@@ -263,15 +263,24 @@ def runtime_env_errors(text: Any, where: str) -> list[str]:
         env = yaml.safe_load(text)
     except yaml.YAMLError as e:
         return [f"{where}: runtimeEnvYAML: not valid YAML: {e}"]
+    return runtime_env_dict_errors(env, f"{where}: runtimeEnvYAML", "set them on the pods from a Secret")
+
+
+def runtime_env_dict_errors(env: Any, where: str, instead: str) -> list[str]:
+    """A runtime env Ray accepts and that holds no credentials: Ray writes every runtime env in plain text to
+    runtime_env_agent.log, keeps it in the GCS and shows it in the dashboard. `instead` says where they go."""
     if not isinstance(env, dict):
-        return [f"{where}: runtimeEnvYAML: expected a mapping (working_dir, env_vars, ...)"]
+        return [f"{where}: expected a mapping (working_dir, env_vars, ...), got {type(env).__name__}"]
+    env_vars = env.get("env_vars") or {}
+    if not isinstance(env_vars, dict):
+        return [f"{where}: env_vars: expected a mapping of names to strings, got {type(env_vars).__name__}"]
     out = []
-    for k, v in (env.get("env_vars") or {}).items():
+    for k, v in env_vars.items():
         if not isinstance(v, str):  # Ray's own rule: env_vars are Dict[str, str]
-            out.append(f"{where}: runtimeEnvYAML: env_vars.{k}: values must be strings, got {v!r}")
-        if SECRET_NAME.search(str(k)):  # runtime envs are stored in the GCS and shown in the dashboard
-            out.append(f"{where}: runtimeEnvYAML: env_vars.{k}: credentials do not belong in a runtime env; "
-                       "set them on the pods from a Secret")
+            out.append(f"{where}: env_vars.{k}: values must be strings, got {type(v).__name__}")
+        if SECRET_NAME.search(str(k)):
+            out.append(f"{where}: env_vars.{k}: credentials do not belong in a runtime env (Ray logs it in plain "
+                       f"text); {instead}")
     return out
 
 

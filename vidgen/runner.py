@@ -52,8 +52,10 @@ def init_ray(cfg: VidgenConfig) -> None:
     if cfg.ray.address:  # cluster nodes bring their own credentials (instance roles, secrets): none are shipped
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
         return
-    env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})  # local workers read S3 as we do
-    # A local cluster: more logical CPUs than cores so data tasks can run beside the train workers.
+    # A local cluster's workers are children of the raylet this process starts, so they inherit its environment,
+    # credentials included. Credentials are never put in a runtime env: Ray logs runtime envs in plain text
+    # (runtime_env_agent.log) and keeps them in its GCS. More logical CPUs than cores, so that data tasks can
+    # run beside the train workers.
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
              configure_logging=True, logging_level=logging.WARNING)

@@ -1,13 +1,17 @@
 """Credentials never leak: canary secrets planted where users keep theirs (S3 keys and an MLflow token in the
 environment, a password in the tracking URI) must appear in no log line, no error message, no printed output,
-no MLflow param, tag or artifact, while a job logs to a real MLflow server and reads the S3 API (moto)."""
+no MLflow param, tag or artifact, while a job logs to a real MLflow server and reads the S3 API (moto); and a
+whole `vidgen train` on its own local Ray cluster leaves them in none of Ray's files (logs, session state) and
+none of the run's outputs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,17 @@ PASSWORD = "canary-uri-password-Hb63"
 
 def leaks(text: str) -> list[str]:
     return [c for c in [*CANARIES.values(), PASSWORD] if c in text]
+
+
+def files_with_canaries(root: Path) -> dict[str, list[str]]:
+    """Every file under root (text or binary, logs, pickles, checkpoints) that holds a canary, with the canaries."""
+    found = {}
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and not p.is_socket():
+            hits = leaks(p.read_bytes().decode("latin-1"))
+            if hits:
+                found[str(p.relative_to(root))] = hits
+    return found
 
 
 @pytest.mark.ray  # not Ray: the session's S3 and MLflow servers, started like the Ray-using tests' servers
@@ -87,3 +102,51 @@ def test_canary_secrets_reach_no_log_error_param_or_artifact(s3_server, mlflow_s
     assert not found, f"canary secrets leaked: {found}"
     faults.record("canary secrets (S3 keys, MLflow token, URI password) planted", injected=4, survived=True,
                   lost=0, detail=f"absent from {', '.join(places)}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_canary_secrets_reach_no_ray_file_or_run_output(s3_server, mlflow_server, tmp_path, faults):
+    """`vidgen train` as a user runs it: its own local Ray cluster, data read from S3 by Ray Data tasks, 2
+    DeepSpeed workers, a checkpoint and an export, metrics to MLflow. Ray logs every runtime env in plain text
+    (runtime_env_agent.log) and keeps it in its GCS, so credentials must reach workers by inheritance, never
+    through a runtime env; the run's own folder (Ray Train's experiment state, checkpoints, export) must not
+    hold them either."""
+    from mlflow import MlflowClient
+
+    from vidgen.data.synth import make_moving_shapes
+
+    bucket = s3_server.bucket()
+    make_moving_shapes(f"{bucket}/clips", 2, 4, 64, 64, seed=0)
+    url = mlflow_server.replace("http://", f"http://vidgen:{PASSWORD}@")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {**os.environ, **CANARIES, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    work = tmp_path / "work"
+    try:
+        proc = subprocess.run(
+            [str(VIDGEN), "train", "--config", "jobs/configs/demo.yaml", f"data.source={bucket}/clips",
+             f"run.workdir={work}", "run.name=canary", f"tracking.uri={url}",
+             "tracking.experiment=canary-ray", "train.max_steps=2", "train.checkpoint_every=2"],
+            capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[2])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ray_files = sum(1 for p in ray_tmp.rglob("*") if p.is_file())
+        assert any(ray_tmp.rglob("runtime_env_agent.log")), "Ray's logs were not where the test looks"
+        found = {"Ray's temp dir": files_with_canaries(ray_tmp)}
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("canary-ray").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "train/loss" in runs[0].data.metrics
+    artifacts = tmp_path / "artifacts"
+    client.download_artifacts(runs[0].info.run_id, "", str(artifacts))
+    run_files = sum(1 for p in work.rglob("*") if p.is_file())
+    assert any(work.rglob("*.safetensors")) and run_files > 10, "the run wrote no checkpoint or export"
+    found |= {"run folder": files_with_canaries(work), "MLflow artifacts": files_with_canaries(artifacts),
+              "CLI output": leaks(proc.stdout + proc.stderr),
+              "MLflow params and tags": leaks("\n".join([*runs[0].data.params.values(), *runs[0].data.tags.values()]))}
+    found = {where: hits for where, hits in found.items() if hits}
+    assert not found, f"canary secrets leaked: {found}"
+    faults.record("canary secrets in the environment of a whole `vidgen train` on its own Ray", injected=4,
+                  survived=True, lost=0, detail=f"absent from {ray_files} files of Ray's, {run_files} of the run's, "
+                                                "MLflow and the CLI output")

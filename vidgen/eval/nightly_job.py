@@ -172,6 +172,12 @@ def _submit_main(args: argparse.Namespace, cfg: VidgenConfig, date: str) -> int:
             runtime_env = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"--runtime-env {args.runtime_env}: cannot read a runtime env YAML ({e})") from None
+    from vidgen.cluster import runtime_env_dict_errors
+
+    problems = runtime_env_dict_errors(runtime_env, f"--runtime-env {args.runtime_env}",
+                                       "the cluster's nodes bring their own (instance roles, a Kubernetes Secret)")
+    if problems:
+        raise ConfigError("; ".join(problems))
     token = os.environ.get("RAY_AUTH_TOKEN")  # token auth (operations.md 2.4): from the environment only
     headers = {"Authorization": f"Bearer {token}"} if token else None
     client = JobSubmissionClient(args.submit, headers=headers)
