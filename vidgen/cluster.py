@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from vidgen.errors import ConfigError, VidgenError
+from vidgen.redact import SECRET_ENV  # names that carry credentials: from a Secret, never a literal
 
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
@@ -41,8 +42,6 @@ NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayCronJob": 36, "RayService": 4
 GENERATED_SUFFIX = 5
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 BUILTIN_KINDS = {"CronJob", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret"}
-# Environment names that carry credentials: their value must come from a Secret, never a literal.
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 # Literal credentials in any string: AWS access key ids, and long hex/base64 blobs such as Ray tokens.
 SECRET_VALUE = re.compile(r"AKIA[0-9A-Z]{16}|\b[0-9a-f]{32,}\b|\b[A-Za-z0-9+/]{40,}={0,2}")
 SCRIPT_PREFIXES = ("python", "python3")
@@ -278,7 +277,7 @@ def runtime_env_dict_errors(env: Any, where: str, instead: str) -> list[str]:
     for k, v in env_vars.items():
         if not isinstance(v, str):  # Ray's own rule: env_vars are Dict[str, str]
             out.append(f"{where}: env_vars.{k}: values must be strings, got {type(v).__name__}")
-        if SECRET_NAME.search(str(k)):
+        if SECRET_ENV.search(str(k)):
             out.append(f"{where}: env_vars.{k}: credentials do not belong in a runtime env (Ray logs it in plain "
                        f"text); {instead}")
     return out
@@ -315,7 +314,7 @@ def secret_errors(manifest: dict[str, Any]) -> list[str]:
     for path, value in _walk(manifest):
         if path.endswith(".value") and isinstance(value, str):
             name = _env_name(manifest, path)
-            if name and SECRET_NAME.search(name) and name != "RAY_AUTH_MODE":
+            if name and SECRET_ENV.search(name) and name != "RAY_AUTH_MODE":
                 out.append(f"{where}: {path}: {name} is a credential: use valueFrom.secretKeyRef")
         if isinstance(value, str) and SECRET_VALUE.search(value):
             out.append(f"{where}: {path}: looks like a literal credential; reference a Secret instead")
