@@ -117,6 +117,16 @@ def test_checkpointing_cuts_activations_and_recompute_is_counted_apart():
     assert on["flops"]["checkpoint_recompute_per_micro_step"] > 0
 
 
+def test_bucketed_configs_plan_at_their_largest_bucket_not_at_height_and_width():
+    bucketed = tiny_plan("data.buckets=64x32,96x64,32x64")  # WxH; the largest is 64 high, 96 wide
+    sized = tiny_plan("data.height=64", "data.width=96")
+    assert bucketed["shape"] | {"buckets": None} == sized["shape"]
+    assert bucketed["shape"]["latent"] == [8, 4, 8, 12]
+    assert bucketed["flops"] == sized["flops"] and bucketed["memory"] == sized["memory"]
+    assert bucketed["memory"]["per_gpu_bytes"]["activations"] > tiny_plan()["memory"]["per_gpu_bytes"]["activations"]
+    assert "64x96 (HxW, the largest of data.buckets=64x32,96x64,32x64)" in plan.format_plan(bucketed)
+
+
 def test_flops_of_linear_conv_and_fused_attention_match_hand_counts():
     meta = torch.device("meta")
     n, k, m = 6, 32, 48
@@ -242,7 +252,7 @@ def test_feed_plan_cores_and_cache_size_against_a_real_cache(tmp_path):
     p = feed.feed_plan(cfg, {"A": 0.5, "B": 0.05}, probe=True)
     assert p["dataset_clips"] == 3 and p["cache_bytes"] == 3 * feed.cache_bytes_per_clip(cfg)
     n, r = p["frames_per_step_per_gpu"], p["decode_fps_per_core"]
-    assert n == 2 * 4 and r > 0 and p["decode_rate_source"].startswith("probe of")
+    assert n == 2 * 4 and r > 0 and p["decode_rate_source"] == f"probe of {tmp_path / 'clips'} at 32x32 (HxW)"
     for row, step in zip(p["per_gpu"], (0.5, 0.05), strict=True):
         cores = row["clip_cores_per_gpu"]
         assert cores == math.ceil(10 * n * 0.98 / (r * step)) / 10
@@ -251,3 +261,9 @@ def test_feed_plan_cores_and_cache_size_against_a_real_cache(tmp_path):
     assert "CPU cores per GPU" in "\n".join(feed.format_feed(p))
     with pytest.raises(ConfigError, match="--decode-fps-per-core=-1"):
         feed.feed_plan(cfg, {"A": 0.5}, decode_fps=-1)
+
+    # With data.buckets the probe decodes what training decodes: 64x48 sources go to the nearest bucket.
+    bucketed = tiny_cfg(f"run.workdir={tmp_path}", f"data.source={tmp_path / 'clips'}", "data.buckets=32x24,24x32",
+                        "model.num_frames=4")
+    rate, source = feed.probe_decode(bucketed)
+    assert rate > 0 and source == f"probe of {tmp_path / 'clips'} at 24x32 (HxW)"

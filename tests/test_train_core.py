@@ -225,3 +225,19 @@ def test_missing_data_fails_before_any_worker(tmp_path):
         train_job(config(tmp_path), tracker)
     with pytest.raises(DataError, match="nowhere"):
         train_job(config(tmp_path, f"data.source={tmp_path / 'nowhere'}"), tracker)
+
+
+def test_validation_inputs_take_the_largest_bucket_when_data_is_bucketed(tmp_path):
+    """With data.buckets, height x width are unused: validation samples at the largest bucket."""
+    from vidgen.data.layouts import list_samples
+    from vidgen.data.synth import make_moving_shapes
+    from vidgen.runner import validation_images
+
+    make_moving_shapes(str(tmp_path / "clips"), 2, 4, 40, 72)
+    samples = list_samples(str(tmp_path / "clips"), "auto")
+    svd = config(tmp_path, "data.buckets=32x24,48x40,24x32")  # WxH: the largest is 40 high, 48 wide
+    assert svd.data.largest_size() == (40, 48)
+    images = validation_images(svd, samples)
+    assert [im.shape for im in images] == [(40, 48, 3)] * 2
+    assert [im.shape for im in validation_images(config(tmp_path), samples)] == [(64, 64, 3)] * 2  # no buckets
+    assert config(tmp_path, "data.buckets=hotshot-512").data.largest_size() == (512, 512)

@@ -75,7 +75,8 @@ class DataConfig(Section):
     buckets: str | None = Field(
         None,
         description="Aspect-ratio buckets: a preset (hotshot-512, svd) or 'WxH,WxH,...'; each clip goes to the "
-        "nearest bucket instead of height x width. Unset: every clip is height x width.",
+        "nearest bucket instead of height x width (which are then unused; plans and validation take the largest "
+        "bucket). Unset: every clip is height x width.",
     )
     camera: int = Field(0, ge=0, le=3, description="OPV2V camera (0 front, 1 right-rear, 2 left-rear, 3 back).")
     prompt_template: str = Field(
@@ -97,6 +98,14 @@ class DataConfig(Section):
         if v % 8:
             raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
         return v
+
+    def largest_size(self) -> tuple[int, int]:
+        """(height, width) of the biggest clip: height x width, or with buckets the largest bucket by area.
+        What `vidgen plan` sizes memory, FLOPs and the latent cache by, and what validation samples at."""
+        from vidgen.data.buckets import parse_buckets
+
+        sizes = parse_buckets(self.buckets)
+        return max(sizes, key=lambda hw: (hw[0] * hw[1], hw[1])) if sizes else (self.height, self.width)
 
 
 class ModelConfig(Section):

@@ -30,9 +30,9 @@ LATENT_CHANNELS = 4
 
 def cache_bytes_per_clip(cfg: VidgenConfig, clip_embed: int = CLIP_EMBED,
                          text: tuple[int, int, int] = (SDXL_TOKENS, SDXL_WIDTH, SDXL_POOLED)) -> int:
-    """Tensor bytes of one clip in a latent cache (vidgen.data.latents' layout); encoder widths of the real
-    models unless given."""
-    f, h, w = cfg.model.num_frames, cfg.data.height, cfg.data.width
+    """Tensor bytes of one clip in a latent cache (vidgen.data.latents' layout) at the largest clip size (with
+    buckets, an upper bound); encoder widths of the real models unless given."""
+    f, (h, w) = cfg.model.num_frames, cfg.data.largest_size()
     lat = LATENT_CHANNELS * (h // 8) * (w // 8)
     params = f * 2 * lat * 4  # posterior mean + logvar, fp32
     if cfg.model.family == "hotshot":
@@ -41,24 +41,25 @@ def cache_bytes_per_clip(cfg: VidgenConfig, clip_embed: int = CLIP_EMBED,
     return params + clip_embed * 4 + h * w * 3 + lat * 4  # + CLIP embedding, first frame, clean cond latent
 
 
-def probe_decode(cfg: VidgenConfig, clips: int = 4) -> float:
-    """Frames/s per core of vidgen's decode path on the first `clips` samples of data.source."""
-    from vidgen.data.pipeline import read_clips
+def probe_decode(cfg: VidgenConfig, clips: int = 4) -> tuple[float, str]:
+    """(frames/s per core, what was decoded) of vidgen's decode path on the first `clips` samples of data.source,
+    read exactly as training reads them (data.buckets, stride, prompts), bad samples skipped."""
+    from vidgen.data.pipeline import read_config_clips
 
     d = cfg.data
     if not d.source:
         raise ConfigError("plan --probe: needs data.source (the clips to decode), or give --decode-fps-per-core")
-    stream = read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, height=d.height, width=d.width,
-                        fps=d.fps, source_fps=d.source_fps, train=True, seed=0, camera=d.camera,
-                        prompt_template=d.prompt_template, max_bad_fraction=1.0)
-    stream.samples = stream.samples[:clips]
-    cpu, frames = time.process_time(), 0
-    for row in stream.iter_local():
-        frames += row["frames"].shape[0]
-    cpu = time.process_time() - cpu
+    with tempfile.TemporaryDirectory(prefix="vidgen-probe-") as skipped:
+        stream = read_config_clips(cfg, train=True, max_bad_fraction=1.0, report_dir=skipped)
+        stream.samples = stream.samples[:clips]
+        cpu, frames, sizes = time.process_time(), 0, set()
+        for row in stream.iter_local():
+            t, h, w = row["frames"].shape[:3]
+            frames, sizes = frames + t, sizes | {f"{h}x{w}"}
+        cpu = time.process_time() - cpu
     if not frames:
         raise ConfigError(f"data.source={d.source}: no decodable clip among the first {clips} samples")
-    return frames / max(cpu, 1e-6)
+    return frames / max(cpu, 1e-6), f"probe of {d.source} at {', '.join(sorted(sizes))} (HxW)"
 
 
 def probe_cache_read(bytes_per_clip: int, clips: int = 8) -> float:
@@ -94,7 +95,7 @@ def feed_plan(cfg: VidgenConfig, step_times: dict[str, float], decode_fps: float
     frames_per_step = clips_per_step * cfg.model.num_frames
     per_clip = cache_bytes_per_clip(cfg)
     if decode_fps is None and probe:
-        decode_fps, decode_source = probe_decode(cfg), f"probe of {cfg.data.source}"
+        decode_fps, decode_source = probe_decode(cfg)
     else:
         decode_source = "--decode-fps-per-core" if decode_fps else None
     if decode_fps is not None and not decode_fps > 0:

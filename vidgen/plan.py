@@ -316,7 +316,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         raise ConfigError(f"--mfu={mfu}: expected a fraction in (0, 1]")
     started = time.perf_counter()
     t, n = cfg.train, cfg.train.num_workers
-    b, f, h, w = t.batch_size, cfg.model.num_frames, cfg.data.height, cfg.data.width
+    (b, f), (h, w) = (t.batch_size, cfg.model.num_frames), cfg.data.largest_size()
     recipe, source = meta_recipe(cfg)
     unet, m = recipe.unet, recipe.model
     master = _cast_like_training(recipe, t.precision)
@@ -355,7 +355,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     return {
         "recipe": t.recipe, "model_source": source,
         "shape": {"batch_per_gpu": b, "frames": f, "height": h, "width": w, "latent": [f, 4, h // 8, w // 8],
-                  "gradient_accumulation": t.gradient_accumulation, "gpus": n},
+                  "buckets": cfg.data.buckets, "gradient_accumulation": t.gradient_accumulation, "gpus": n},
         "training": {"zero_stage": t.zero_stage, "precision": t.precision, "fp32_master": master,
                      "activation_checkpointing": t.activation_checkpointing, "offload_optimizer": t.offload_optimizer,
                      "offload_params": t.offload_params, "adam_8bit": t.adam_8bit, "ema": t.ema},
@@ -383,6 +383,7 @@ def format_plan(p: dict) -> str:
     s, tr, fl, mem = p["shape"], p["training"], p["flops"], p["memory"]
     lines = [f"vidgen plan: recipe {p['recipe']}, model from {p['model_source']}",
              f"  shape per GPU: batch {s['batch_per_gpu']} x {s['frames']} frames x {s['height']}x{s['width']} "
+             + (f"(HxW, the largest of data.buckets={s['buckets']}) " if s.get("buckets") else "") +
              f"(latents {s['latent']}), grad accumulation {s['gradient_accumulation']}, {s['gpus']} GPUs",
              f"  ZeRO-{tr['zero_stage']}, {tr['precision']}{' + fp32 master' if tr['fp32_master'] else ''}, "
              f"checkpointing {'on' if tr['activation_checkpointing'] else 'off'}, offload optimizer "

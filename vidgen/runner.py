@@ -159,7 +159,7 @@ def validation_images(cfg: VidgenConfig, samples) -> list:
             frame = read_video(uri, 0, 1)[0][0]
         else:
             frame = decode_image(storage.read_bytes(uri), uri)
-        images.append(resize_cover_crop(frame[None], cfg.data.height, cfg.data.width, None)[0])
+        images.append(resize_cover_crop(frame[None], *cfg.data.largest_size(), None)[0])
     return images
 
 

@@ -104,13 +104,14 @@ def read_clips(
 
 def read_config_clips(cfg: VidgenConfig, *, train: bool, **kwargs: Any) -> ClipStream:
     """`read_clips` over `cfg.data` and `cfg.model.num_frames`: how training and the latent cache read clips.
-    kwargs: read_clips' own options (report_dir, ...)."""
+    kwargs: read_clips' own options (report_dir, ...), or max_bad_fraction over data.max_bad_fraction."""
     d = cfg.data
     sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
+    opts = {"max_bad_fraction": d.max_bad_fraction, **kwargs}
     return read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized, fps=d.fps,
                       source_fps=d.source_fps, train=train, seed=cfg.run.seed, camera=d.camera,
                       prompt_template=d.prompt_template, clips_per_video=d.clips_per_video,
-                      default_prompt=d.default_prompt, max_bad_fraction=d.max_bad_fraction, **kwargs)
+                      default_prompt=d.default_prompt, **opts)
 
 
 def read_clips_local(source: str, layout: str = "auto", **kwargs: Any) -> Iterator[dict]:

@@ -196,7 +196,7 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
     if t.validation_every and validation_images:
         loop_config["validation"] = {
             "images": validation_images, "fps": round(cfg.data.fps or 7), "motion_bucket_id": t.motion_bucket_id,
-            "num_frames": cfg.model.num_frames, "height": cfg.data.height, "width": cfg.data.width,
+            "num_frames": cfg.model.num_frames, **dict(zip(("height", "width"), cfg.data.largest_size())),
             "out_dir": storage.join(cfg.run.workdir, "validation", cfg.run.name),
         }
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
