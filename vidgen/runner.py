@@ -146,6 +146,7 @@ def validation_images(cfg: VidgenConfig, samples) -> list:
         return list(cfg.train.validation_prompts) or [
             resolve_prompt(s, cfg.data.default_prompt) or "a video" for s in samples[: cfg.train.validation_count]]
 
+    height, width = cfg.data.largest_size()
     uris = list(cfg.train.validation_images)
     if not uris:  # first frames of the first samples (frame layouts; videos give their first frame)
         for s in samples[: cfg.train.validation_count]:
@@ -159,7 +160,7 @@ def validation_images(cfg: VidgenConfig, samples) -> list:
             frame = read_video(uri, 0, 1)[0][0]
         else:
             frame = decode_image(storage.read_bytes(uri), uri)
-        images.append(resize_cover_crop(frame[None], *cfg.data.largest_size(), None)[0])
+        images.append(resize_cover_crop(frame[None], height, width, None)[0])
     return images
 
 

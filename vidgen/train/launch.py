@@ -194,9 +194,10 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
     loop_config = {"train": t.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.run.seed,
                    "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg)}
     if t.validation_every and validation_images:
+        height, width = cfg.data.largest_size()
         loop_config["validation"] = {
             "images": validation_images, "fps": round(cfg.data.fps or 7), "motion_bucket_id": t.motion_bucket_id,
-            "num_frames": cfg.model.num_frames, **dict(zip(("height", "width"), cfg.data.largest_size())),
+            "num_frames": cfg.model.num_frames, "height": height, "width": width,
             "out_dir": storage.join(cfg.run.workdir, "validation", cfg.run.name),
         }
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
