@@ -55,10 +55,10 @@ def main() -> None:
     import ray
 
     from vidgen.config import load_config
-    from vidgen.runner import set_worker_env
+    from vidgen.ray_env import set_driver_env
     from vidgen.train.launch import fit
 
-    set_worker_env()
+    set_driver_env()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     work = tempfile.mkdtemp(prefix="vidgen-bench-")
     total = args.warmup + args.steps

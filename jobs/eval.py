@@ -6,7 +6,7 @@
         --fake s3://bucket/generated --i3d-weights s3://bucket/i3d_pretrained_400.pt --json
 
 Inside a Ray job RAY_ADDRESS is set, so vidgen joins that cluster instead of starting a local one;
-the I3D actors take a GPU each when the cluster has GPUs (eval.use_gpu).
+the I3D actors take a GPU each when eval.use_gpu=true (default false: they run on the CPU).
 """
 
 import sys

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 # Settings from shared/reference/cpu-testing.md; they must be in the environment before Ray starts
-# so that workers inherit them.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# so that workers inherit them. Not DS_ACCELERATOR: each worker's accelerator is vidgen's own decision, from the
+# worker's resources (vidgen/ray_env.py), and a test setting it would hide exactly that.
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vidgen" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,8 +42,8 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=False,
             _temp_dir=tmp,
-            runtime_env={"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "RAY_DATA_USE_DATASOURCE_V2",
-                                                                  "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")}},
+            runtime_env={"env_vars": {k: os.environ[k] for k in ("RAY_DATA_USE_DATASOURCE_V2", "TORCH_EXTENSIONS_DIR",
+                                                                  "HF_HUB_OFFLINE")}},
         )
     yield ray
     # Left running until interpreter exit: ray.shutdown() here races with Ray Data's

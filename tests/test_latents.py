@@ -8,6 +8,7 @@ cache run end to end.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from vidgen.config import load_config
 from vidgen.data import latents
 from vidgen.data.pipeline import read_clips_local
 from vidgen.data.synth import make_moving_shapes
-from vidgen.errors import ConfigError
+from vidgen.errors import ConfigError, DataError
 from vidgen.train.recipes import build_recipe
 
 FAMILY = {"svd": ["train.recipe=svd_full"],
@@ -128,3 +129,60 @@ def test_ray_prepare_then_training_reads_the_cache(ray_session, tmp_path, clips_
     result = train_job(train, tracker_for(train))
     assert result["steps"] == 2 and np.isfinite(result["last_loss"])
     assert result["data_report"]["total"] == 5 and Path(result["export_dir"], "config.json").exists()
+
+
+def test_fp16_keeps_a_force_upcast_vae_in_fp32(tmp_path, clips_dir):
+    """SDXL's VAE (force_upcast in its config) overflows fp16 to NaN: latents.dtype=fp16 leaves it fp32, as
+    diffusers' SDXL pipelines do, and casts only the text encoders."""
+    cfg = config(tmp_path, clips_dir, "hotshot", "latents.dtype=fp16")
+    recipe, _ = latents.load_encoders(cfg)
+    vae, text = recipe.model.vae, recipe.model.text
+    assert vae.config.force_upcast
+    assert {p.dtype for p in vae.parameters()} == {torch.float32}
+    for enc in (text.text_encoder, text.text_encoder_2):
+        assert {p.dtype for p in enc.parameters()} == {torch.float16}
+    clip = on_the_fly(cfg)[:1]
+    encoded = recipe.encode(collate(clip, ["frames"]))
+    assert all(torch.isfinite(v.float()).all() for v in encoded.values())
+
+
+def test_non_finite_encodings_are_never_cached(tmp_path, clips_dir, monkeypatch):
+    """An encoding holding NaN leaves its sample out of the shard and in the report (as an undecodable sample
+    is), naming the shard, the clip and the tensor; when every sample is hit, the job fails in one line."""
+    real_load = latents.load_encoders
+    poison = {"calls": 0, "all": False}
+
+    def load_poisoned(cfg, *args):
+        recipe, digest = real_load(cfg, *args)
+        encode = recipe.encode
+
+        def nan_encode(batch):
+            out = encode(batch)
+            poison["calls"] += 1
+            if poison["all"] or poison["calls"] == 1:  # the first clip of the first shard (or every clip)
+                rows = slice(None) if poison["all"] else slice(0, 1)
+                out["latent_params"][rows] = float("nan")
+            return out
+
+        recipe.encode = nan_encode
+        return recipe, digest
+
+    monkeypatch.setattr(latents, "load_encoders", load_poisoned)
+    cfg = config(tmp_path, clips_dir, "svd", "data.max_bad_fraction=0.5")
+    manifest = latents.prepare_latents(cfg, use_ray=False)
+    report = manifest["report"]
+    assert (manifest["clips"], report["skipped"], report["reasons"]) == (4, 1, {"non-finite encoding": 1})
+    bad = report["bad"][0]
+    first = sorted(c["clip_id"] for c in on_the_fly(cfg))[0]
+    assert "\n" not in bad["detail"] and bad["detail"].startswith("shard part-00000")
+    assert f"clip {first}: latent_params holds" in bad["detail"]
+    rows = list(latents.read_rows(latents.cache_uri(cfg), manifest))
+    assert len(rows) == 4 and first not in [r["clip_id"] for r in rows]
+    assert all(np.isfinite(r[k]).all() for r in rows for k in ("latent_params", "image_embeds", "cond_latent"))
+
+    poison["all"] = True
+    every = config(tmp_path, clips_dir, "svd", f"latents.output={tmp_path / 'all-nan'}")
+    with pytest.raises(DataError, match=r"^5 of 5 samples skipped .*non-finite encoding \(5\)"):
+        latents.prepare_latents(every, use_ray=False)
+    written = json.loads((tmp_path / "all-nan" / latents.MANIFEST).read_text())
+    assert written["clips"] == 0 and [s["clips"] for s in written["shards"]] == [0, 0, 0]  # no NaN was cached

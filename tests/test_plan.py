@@ -23,10 +23,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from vidgen import cli, plan
 from vidgen.config import load_config
 from vidgen.errors import ConfigError
-from vidgen.models import lora, svd
+from vidgen.models import hotshot, lora, svd
 from vidgen.train.recipes import build_recipe
 
 SVD_UNET_PARAMS = 1_524_623_082  # stabilityai/stable-video-diffusion-img2vid(-xt) UNet (~1.5B)
+# stabilityai/stable-diffusion-xl-base-1.0, the parameter counts of its checkpoint's parts (unet/, vae/,
+# text_encoder/, text_encoder_2/). Table 1 of the SDXL report (Podell et al. 2023) rounds the UNet to 2.6B and the
+# two text encoders together (123,060,480 + 694,659,840 = 817,720,320) to 817M.
+SDXL_UNET_PARAMS = 2_567_463_684  # diffusers UNet2DConditionModel
+SDXL_VAE_PARAMS = 83_653_863  # AutoencoderKL, force_upcast, scaling_factor 0.13025
+CLIP_L_TEXT_PARAMS = 123_060_480  # OpenAI CLIP ViT-L/14 text tower (CLIPTextModel)
+BIGG_TEXT_PARAMS = 694_659_840  # OpenCLIP ViT-bigG/14 text tower with its projection (CLIPTextModelWithProjection)
+# Hotshot-XL's temporal layers as vidgen builds them (HotshotUNet.from_config_2d: 15 layers, one per down/up
+# resnet of the SDXL UNet, none in the mid block; 8 heads, GEGLU feed-forward). Counted here, not published: no
+# reference in ../shared gives the parameter count of Hotshot's hsxl_temporal_layers.safetensors.
+HOTSHOT_TEMPORAL_PARAMS = 236_779_200
 
 
 def tiny_cfg(*overrides: str):
@@ -191,7 +202,7 @@ def test_full_size_svd_full_config_plans_in_seconds_from_the_cli():
     assert cpu_s < 20, f"plan took {cpu_s:.1f} s of CPU"
     assert p["parameters"]["unet"]["total"] == SVD_UNET_PARAMS == p["parameters"]["trainable"]
     assert p["model_source"].startswith("built-in SVD-XT")
-    assert [g["gpu"] for g in p["gpus"]] == ["A100-40GB", "A100-80GB", "H100-80GB"]
+    assert [g["gpu"] for g in p["gpus"]] == ["A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB"]
     assert not p["gpus"][0]["fits"]  # full fine-tuning at 1024x576x25 never fits 40 GB
     assert p["flops"]["unet_forward"] > 1e13 and p["flops"]["unet_backward"] > p["flops"]["unet_forward"]
     fl = p["flops"]
@@ -208,7 +219,7 @@ def test_full_size_lora_config_fits_80_but_not_40_gb(capsys):
     assert p["parameters"]["trainable"] == lora.lora_parameter_count(base, cfg.train.lora)
     assert p["parameters"]["unet"]["total"] == SVD_UNET_PARAMS + p["parameters"]["trainable"]
     fits = {g["gpu"]: g["fits"] for g in p["gpus"]}
-    assert fits == {"A100-40GB": False, "A100-80GB": True, "H100-80GB": True}, plan.format_plan(p)
+    assert fits == {"A100-40GB": False, "A100-80GB": True, "H100-80GB": True, "H200-141GB": True}, plan.format_plan(p)
     assert "activations" in plan.format_plan(p)
 
 
@@ -267,3 +278,169 @@ def test_feed_plan_cores_and_cache_size_against_a_real_cache(tmp_path):
                         "model.num_frames=4")
     rate, source = feed.probe_decode(bucketed)
     assert rate > 0 and source == f"probe of {tmp_path / 'clips'} at 24x32 (HxW)"
+
+
+# -- Hotshot-XL at full size --------------------------------------------------------------------------------------
+
+
+def test_hotshot_full_size_parameter_counts_match_the_published_ones():
+    from diffusers import UNet2DConditionModel
+
+    from vidgen.models.hotshot_weights import temporal_state_dict
+
+    configs = hotshot.full_size_configs()
+    with torch.device("meta"):
+        model = hotshot.from_configs(configs)
+        sdxl_unet = UNet2DConditionModel.from_config(configs["unet"])
+    unet, temporal = model.unet, sum(p.numel() for p in model.unet.temporal_parameters())
+    assert counts(sdxl_unet)[0] == SDXL_UNET_PARAMS == counts(unet)[0] - temporal  # the spatial layers are SDXL's
+    assert counts(model.vae)[0] == SDXL_VAE_PARAMS
+    assert model.vae.config.force_upcast and model.vae.config.scaling_factor == 0.13025
+    assert counts(model.text.text_encoder)[0] == CLIP_L_TEXT_PARAMS
+    assert counts(model.text.text_encoder_2)[0] == BIGG_TEXT_PARAMS
+    assert temporal == HOTSHOT_TEMPORAL_PARAMS and len(unet.temporal_layers()) == 15
+    # in Hotshot's key format (hsxl_temporal_layers.safetensors): every temporal parameter, plus two copies of
+    # each layer's 24-frame positional table
+    state = temporal_state_dict(unet)
+    assert all(".temporal_attentions." in k for k in state)
+    tables = sum(2 * 24 * m.proj_in.in_features for m in unet.temporal_layers())
+    assert sum(v.numel() for v in state.values()) == HOTSHOT_TEMPORAL_PARAMS + tables
+
+    # model.flavor=full: the same architecture, built directly in the frozen base's dtype (noise schedule in fp32)
+    with torch.device("meta"):
+        full = hotshot.full(dtype=torch.bfloat16)
+    modules = (full.unet, full.vae, full.text.text_encoder, full.text.text_encoder_2)
+    assert [counts(m)[0] for m in modules] == [counts(m)[0] for m in (unet, model.vae, model.text.text_encoder,
+                                                                       model.text.text_encoder_2)]
+    assert {p.dtype for m in modules for p in m.parameters()} == {torch.bfloat16}
+    assert full.scheduler.alphas_cumprod.dtype == torch.float32
+
+
+def test_hotshot_unet_runs_with_16_bit_parameters_and_fp32_buffers():
+    """DeepSpeed's bf16 mode casts parameters, not buffers: the fp32 positional table must not turn the temporal
+    attention's input into fp32 (which the bf16 projections refuse)."""
+    unet = hotshot.tiny_unet()
+    for p in unet.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert {b.dtype for b in unet.buffers()} == {torch.float32}
+    b, f = 1, 3
+    bf16 = torch.bfloat16
+    cond = {"text_embeds": torch.randn(b, 32, dtype=bf16), "time_ids": torch.zeros(b, 6, dtype=bf16)}
+    out = unet(torch.randn(b, 4, f, 8, 8, dtype=torch.bfloat16), torch.tensor([10]),
+               encoder_hidden_states=torch.randn(b, 16, 64, dtype=torch.bfloat16), added_cond_kwargs=cond,
+               return_dict=False)[0]
+    assert out.dtype == torch.bfloat16 and out.shape == (b, 4, f, 8, 8) and torch.isfinite(out.float()).all()
+
+
+@functools.cache
+def hotshot_config_plan() -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["plan", "--config", "jobs/configs/hotshot_temporal.yaml", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_hotshot_temporal_config_plans_the_temporal_layers_only():
+    p, cfg = hotshot_config_plan(), load_config("jobs/configs/hotshot_temporal.yaml", [])
+    t, n = cfg.train, cfg.train.num_workers
+    assert p["model_source"].startswith("built-in SDXL base 1.0")
+    params = p["parameters"]
+    assert params["unet"] == {"total": SDXL_UNET_PARAMS + HOTSHOT_TEMPORAL_PARAMS,
+                              "trainable": HOTSHOT_TEMPORAL_PARAMS}
+    assert params["trainable"] == HOTSHOT_TEMPORAL_PARAMS
+    assert {k: params[k] for k in ("vae", "text_encoder", "text_encoder_2")} == {
+        "vae": {"total": SDXL_VAE_PARAMS, "trainable": 0},
+        "text_encoder": {"total": CLIP_L_TEXT_PARAMS, "trainable": 0},
+        "text_encoder_2": {"total": BIGG_TEXT_PARAMS, "trainable": 0}}
+    assert params["total"] == sum(params[k]["total"] for k in ("unet", "vae", "text_encoder", "text_encoder_2"))
+    # ZeRO-2 in bf16: the whole UNet in 16 bits, AdamW m, v and the fp32 master of the temporal layers over n GPUs
+    assert (t.zero_stage, t.precision, p["training"]["fp32_master"]) == (2, "bf16", True)
+    mem = p["memory"]["per_gpu_bytes"]
+    assert mem["weights"] == 2 * params["unet"]["total"]
+    assert mem["optimizer"] == 12 * HOTSHOT_TEMPORAL_PARAMS // n
+    assert mem["fp32_grads"] == 4 * HOTSHOT_TEMPORAL_PARAMS // n
+    assert mem["encoders"] == 4 * (SDXL_VAE_PARAMS + CLIP_L_TEXT_PARAMS + BIGG_TEXT_PARAMS)  # frozen, fp32
+    assert mem["activations"] > 0 and p["memory"]["peak_bytes"] == sum(mem.values())
+    fl = p["flops"]
+    assert fl["unet_forward"] > 1e13 and fl["encoders_forward"] > 0 and fl["checkpoint_recompute_per_micro_step"] > 0
+    assert fl["per_step_per_gpu"] == fl["encoders_forward"] + fl["unet_forward"] + fl["unet_backward"]
+    assert [g["gpu"] for g in p["gpus"]] == ["A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB"]
+    assert p["host"] is None  # a GPU config: no CPU-run host section
+    text = plan.format_plan(p)
+    assert "text_encoder_2" in text and "host memory" not in text
+
+
+# -- host memory of CPU runs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.family=hotshot", "train.recipe=hotshot_temporal",
+                                            "train.precision=bf16", "train.zero_stage=2", "train.num_workers=2")])
+def test_host_section_of_a_cpu_config_sums_to_its_total(overrides):
+    p = tiny_plan(*overrides)
+    host = p["host"]
+    assert p["training"]["use_gpu"] is False
+    assert sum(host["breakdown"].values()) == host["per_worker_bytes"] == max(host["phase_bytes"].values())
+    assert host["phase_bytes"][host["peak_phase"]] == host["per_worker_bytes"]
+    assert host["breakdown"]["process"] == plan.PROCESS_BYTES
+    assert host["total_bytes"] == host["workers"] * host["per_worker_bytes"] and host["workers"] == p["shape"]["gpus"]
+    step = next(v for k, v in host["phase_bytes"].items() if k.startswith("training step"))
+    # same dtypes on CPU here: the host step is the GPU's without CUDA, with the CPU allocator's calibrated share
+    gpu = p["memory"]["per_gpu_bytes"]
+    cpu_activations = int(plan.CPU_ACTIVATION_FACTOR[False] * gpu["activations"])
+    assert step == (plan.PROCESS_BYTES + p["memory"]["tensor_bytes"] - gpu["activations"] + cpu_activations
+                    + plan.CPU_STEP_OVERHEAD)
+    assert gpu["cuda_overhead"] == plan.CUDA_OVERHEAD and "cuda_overhead" not in host["breakdown"]
+    assert "host memory per worker process, CPU run" in plan.format_plan(p)
+
+
+def test_host_memory_of_svd_lora_in_bf16_keeps_the_frozen_base_fp32_on_cpu():
+    p = tiny_plan("train.recipe=svd_lora", "train.precision=bf16")
+    cfg = tiny_cfg("train.recipe=svd_lora", "train.precision=bf16")
+    real = build_recipe(cfg.train.recipe, cfg.model, cfg.train, 0).to(torch.device("cpu"))
+    assert {q.dtype for q in real.unet.parameters()} == {torch.float32}  # what the CPU worker holds
+    unet = p["parameters"]["unet"]
+    lora_params = p["parameters"]["trainable"]
+    gpu_weights = p["memory"]["per_gpu_bytes"]["weights"]
+    assert gpu_weights == 2 * (unet["total"] - lora_params) + 4 * lora_params  # bf16 base on CUDA
+    step = next(v for k, v in p["host"]["phase_bytes"].items() if k.startswith("training step"))
+    assert step > plan.PROCESS_BYTES + 4 * unet["total"]  # fp32 base on CPU
+    build = p["host"]["phase_bytes"]["build (models as built)"]
+    assert build == plan.PROCESS_BYTES + 4 * p["parameters"]["total"]
+
+
+def test_host_memory_of_the_full_flavor_counts_the_models_in_their_build_dtype():
+    """model.flavor=full builds every part directly in bf16 under train.precision=bf16: no fp32 phase, and
+    svd_lora's frozen base is bf16 on CPU too (only the fp32 adapters are not)."""
+    cfg = load_config(None, ["model.flavor=full", "model.num_frames=4", "data.height=64", "data.width=64",
+                             "train.recipe=svd_lora", "train.precision=bf16", "train.zero_stage=2",
+                             "train.num_workers=2", "train.batch_size=1"])
+    p = plan.plan(cfg)
+    assert "model.flavor=full" in p["model_source"]
+    adapters = p["parameters"]["trainable"]
+    built = 2 * (p["parameters"]["total"] - adapters) + 4 * adapters
+    host = p["host"]
+    assert host["phase_bytes"]["build (models as built)"] == plan.PROCESS_BYTES + built
+    step = host["breakdown"] if host["peak_phase"].startswith("training step") else None
+    assert step is not None and step["weights"] == p["memory"]["per_gpu_bytes"]["weights"]  # bf16 base on CPU too
+    assert step["weights"] == 2 * (p["parameters"]["unet"]["total"] - adapters) + 4 * adapters
+
+
+def test_zero3_host_states_per_worker_shrink_with_num_workers():
+    n_params = 1_000_000_000
+    for offload in (False, True):
+        t = load_config(None, ["train.zero_stage=3", "train.precision=bf16", f"train.offload_optimizer={offload}",
+                               f"train.offload_params={offload}"]).train
+        per_worker = []
+        for n in (1, 2, 4, 8):
+            gpu, host = plan.model_states(t, n, n_params, 2 * n_params, n_params, 0, master=True, grad_size=2)
+            per_worker.append(sum(gpu.values()) + sum(host.values()) - gpu["buckets"])  # what a CPU worker holds
+        # 16-bit weights, 16-bit gradients (not kept under offload: they go to fp32 on the host), fp32 master, m, v
+        # and fp32 gradients, all sharded; plus the gathered working set (the 16-bit prefetch bucket)
+        per_param = 18 if offload else 20
+        assert [w - 2 * plan.PREFETCH_BUCKET for w in per_worker] == [per_param * n_params // n for n in (1, 2, 4, 8)]
+
+    steps = []
+    for n in (1, 2, 4):
+        host = tiny_plan("train.zero_stage=3", "train.precision=bf16", f"train.num_workers={n}")["host"]
+        steps.append(next(v for k, v in host["phase_bytes"].items() if k.startswith("training step")))
+    assert steps[0] > steps[1] > steps[2]

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,8 +258,74 @@ def test_cached_local_dir_copies_once(s3_server, tmp_path):
 
     with pytest.raises(StorageError, match=f"^{re.escape(uri)}-v2: not found$"):
         storage.cached_local_dir(uri + "-v2", str(cache))
-    assert os.listdir(cache) == [first.name]  # no half-finished copy
+    assert [n for n in os.listdir(cache) if not n.endswith(".lock")] == [first.name]  # no half-finished copy
     assert storage.cached_local_dir(str(src), str(cache)) == str(src)  # local: as is
+
+
+COPIER = """
+import os, sys, time
+from vidgen import storage
+uri, cache, log, go, hang = sys.argv[1:6]
+real = storage.download_dir
+def counted(u, d):  # one line per download started, then slow enough that every process is in the race
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    print("downloading", flush=True)
+    time.sleep(60 if hang == "1" else 1.0)
+    real(u, d)
+storage.download_dir = counted
+open(f"{go}.ready-{os.getpid()}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+print(storage.cached_local_dir(uri, cache), flush=True)
+"""
+
+
+def test_cached_local_dir_one_copy_per_node(s3_server, tmp_path):
+    """A node's workers share one copy: one process downloads while the others wait for it, and a copier
+    killed mid-download (holding the lock) blocks nobody: the next process makes the copy."""
+    src = tmp_path / "model"
+    (src / "unet").mkdir(parents=True)
+    (src / "config.json").write_text('{"layers": 2}')
+    (src / "unet" / "weights.bin").write_bytes(os.urandom(1 << 16))
+    uri = s3_server.bucket() + "/models/big"
+    storage.upload_dir(str(src), uri)
+    cache, env = tmp_path / "cache", {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def start(log: Path, go: Path, hang: bool) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", COPIER, uri, str(cache), str(log), str(go), str(int(hang))],
+                                stdout=subprocess.PIPE, env=env, text=True)
+
+    killed = start(tmp_path / "killed.log", tmp_path / "go0", hang=True)
+    (tmp_path / "go0").touch()
+    try:
+        assert killed.stdout.readline() == "downloading\n"  # it holds the lock now
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        killed.stdout.close()
+
+    log, go = tmp_path / "downloads.log", tmp_path / "go"
+    procs = [start(log, go, hang=False) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("go.ready-*"))) < len(procs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a copier did not start"
+            time.sleep(0.05)
+        go.touch()  # all four ask for the same URI at the same moment
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0] * 4
+    dirs = {out.strip().splitlines()[-1] for out in outs}
+    dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    assert dirs == {str(dest)}
+    assert len(log.read_text().splitlines()) == 1  # exactly one download on this "node"
+    assert (dest / "unet" / "weights.bin").read_bytes() == (src / "unet" / "weights.bin").read_bytes()
+    assert (dest / "config.json").read_text() == '{"layers": 2}' and (dest / storage.COMPLETE_MARKER).exists()
+    assert sorted(os.listdir(cache)) == sorted([dest.name, dest.name + ".lock"])  # the killed copy's scratch went
 
 
 # -------------------------------------------------------------------------------------- retries

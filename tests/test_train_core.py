@@ -209,10 +209,12 @@ def test_exported_unet_generates_in_the_diffusers_pipeline(one_step_runs):
     assert frames.shape == (4, 64, 64, 3) and np.isfinite(frames).all()
 
 
-def test_fault_env_is_forwarded_to_workers():
-    from vidgen.train.launch import WORKER_ENV
+def test_fault_env_is_forwarded_to_workers(monkeypatch):
+    from vidgen.train.launch import worker_runtime_env
 
-    assert loop.FAULT_ENV in WORKER_ENV and os.environ.get(loop.FAULT_ENV) is None
+    assert os.environ.get(loop.FAULT_ENV) is None
+    monkeypatch.setenv(loop.FAULT_ENV, "0:1:/shared/marker")
+    assert worker_runtime_env(False)[loop.FAULT_ENV] == "0:1:/shared/marker"
 
 
 def test_missing_data_fails_before_any_worker(tmp_path):

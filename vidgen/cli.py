@@ -189,6 +189,7 @@ def _setup_logging(verbose: bool) -> None:
         # Ray Data configures its own loggers on import and, off a terminal, logs every operator's
         # progress at INFO every 10 s; its level comes from this variable. Terminals keep the progress bars.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its logger's level on import
         for name in ("mlflow", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
     install_log_filter()  # credentials never reach a log line
@@ -249,7 +250,8 @@ def _eval_text(out: dict) -> str:
 
 def _run_job(args, name: str) -> dict:
     from vidgen.config import load_config
-    from vidgen.runner import eval_job, generate_job, init_ray, tracker_for, train_job
+    from vidgen.ray_env import init_ray
+    from vidgen.runner import check_outputs_shared, eval_job, generate_job, tracker_for, train_job
 
     cfg = load_config(args.config, args.overrides)
     if name == "eval":
@@ -263,6 +265,7 @@ def _run_job(args, name: str) -> dict:
 
         prepare_rows(cfg)  # a bad prompt file fails here, in a second, before Ray starts
     init_ray(cfg)
+    check_outputs_shared(cfg, name)  # before the MLflow run: a refused job leaves nothing behind
     fn = {"train": train_job, "generate": generate_job, "eval": eval_job}[name]
     with tracker_for(cfg) as tracker:
         tracker.log_config(cfg.to_dict())
@@ -285,7 +288,7 @@ def _prepare(args) -> None:
 
         if args.parallel:
             from vidgen.config import load_config
-            from vidgen.runner import init_ray
+            from vidgen.ray_env import init_ray
 
             init_ray(load_config(None, []))
         manifest = pack(args.source, args.layout, args.out, clips_per_shard=args.clips_per_shard,
@@ -297,11 +300,14 @@ def _prepare(args) -> None:
     elif args.prepare_command == "latents":
         from vidgen.config import load_config
         from vidgen.data.latents import cache_uri, prepare_latents
-        from vidgen.runner import init_ray
+        from vidgen.ray_env import init_ray
 
         cfg = load_config(args.config, args.overrides)
         if not args.local:
+            from vidgen.runner import check_outputs_shared
+
             init_ray(cfg)
+            check_outputs_shared(cfg, "latents")
 
         def progress(n: int, total: int, shard: int) -> None:
             print(f"\rshards {n}/{total} (last: {shard})", end="", file=sys.stderr, flush=True)

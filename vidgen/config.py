@@ -34,6 +34,12 @@ class RunConfig(Section):
         "./work", description="Local or fsspec URI under which every output of the run is written."
     )
     seed: int = Field(0, description="Base seed; workers and actors derive their own from it.")
+    shared_filesystem: bool = Field(
+        False,
+        description="Local paths (run.workdir, train.storage_path, generate.output, latents.output) are a mount "
+        "every Ray node shares (NFS, EFS, Lustre). Unset, a local path is refused on a cluster of several nodes: "
+        "workers on other nodes would write files the driver never sees.",
+    )
 
 
 class TrackingConfig(Section):
@@ -112,8 +118,10 @@ class ModelConfig(Section):
     family: Literal["svd", "hotshot"] = Field(
         "svd", description="Model family: svd (Stable Video Diffusion) or hotshot (SDXL + Hotshot-XL temporal layers)."
     )
-    flavor: Literal["tiny", "pretrained"] = Field(
-        "tiny", description="tiny: random init from a small config (tests, demo); pretrained: load `path`."
+    flavor: Literal["tiny", "full", "pretrained"] = Field(
+        "tiny", description="tiny: random init from a small config (tests, demo); full: the published architecture "
+        "at full size, random init from vidgen's built-in configs (benchmarks, memory checks); pretrained: load "
+        "`path`."
     )
     path: str | None = Field(
         None,
@@ -452,8 +460,11 @@ class EvalConfig(Section):
     max_real: int = Field(2048, ge=2, description="At most this many real clips (the first by clip id).")
     min_clips: int = Field(400, ge=2, description="Warn when either set has fewer clips than this.")
     batch_size: int = Field(4, ge=1, description="Clips per I3D forward.")
-    num_actors: int = Field(1, ge=1, description="I3D feature actors (one GPU each when GPUs are used).")
-    use_gpu: bool | None = Field(None, description="One GPU per I3D actor. Unset: when the Ray cluster has GPUs.")
+    num_actors: int = Field(1, ge=1, description="I3D feature actors (one GPU each when eval.use_gpu).")
+    use_gpu: bool = Field(
+        False, description="One GPU reserved per I3D actor, which then runs on CUDA; false: the actors reserve none "
+        "and run on the CPU, even on a GPU node (never guessed from the cluster: an autoscaler may have no GPU up)."
+    )
     cache: bool = Field(True, description="Reuse the real set's features and statistics from eval.cache_dir.")
     cache_dir: str = Field(
         "",
@@ -555,9 +566,10 @@ class LatentsConfig(Section):
     )
     shard_size: int = Field(64, ge=1, description="Clips per shard; a killed job redoes at most the unfinished ones.")
     batch_size: int = Field(4, ge=1, description="Clips per encoder forward.")
-    actors: int = Field(1, ge=1, description="Encoder actors (one GPU each on a GPU cluster).")
-    gpus_per_actor: float | None = Field(
-        None, ge=0, description="GPUs per encoder actor. Unset: 1 when the cluster has GPUs, else 0."
+    actors: int = Field(1, ge=1, description="Encoder actors (latents.gpus_per_actor GPUs each).")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs each encoder actor reserves (e.g. 1); > 0: the encoders run on CUDA, 0: on the "
+        "CPU, even on a GPU node (never guessed from the cluster: an autoscaler may have no GPU up)."
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Encoder compute dtype; the cache stores fp32 (a dtype change changes the cache key)."

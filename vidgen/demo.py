@@ -115,7 +115,8 @@ def make_prompts(cfg: VidgenConfig, samples: list[str], n: int) -> list[dict]:
 def run_demo(workdir: str = "./work/demo", overrides: list[str] | None = None,
              sizes: DemoSizes | None = None) -> DemoSummary:
     from vidgen.data.synth import make_moving_shapes
-    from vidgen.runner import eval_job, generate_job, init_ray, tracker_for, train_job
+    from vidgen.ray_env import init_ray
+    from vidgen.runner import eval_job, generate_job, tracker_for, train_job
 
     t0 = time.perf_counter()
     sizes = sizes or DemoSizes()

@@ -1,11 +1,13 @@
-"""`vidgen plan`: parameters, FLOPs and peak GPU memory of a training config at full size, before renting GPUs.
+"""`vidgen plan`: parameters, FLOPs and peak GPU (or CPU-worker) memory of a training config at full size.
 
 Shapes: B batch per GPU, F frames, C channels, H/W pixels, h/w latents (H/8, W/8).
 
-Nothing is allocated and no weight is read. The recipe of the config builds its models with `svd.build` swapped
-for a meta-device builder (config.json files under a local model.path, else `svd.full_size_configs`), so the
-trainable set is the recipe's own (train.trainable, or the LoRA that `inject_lora` adds). Then one training
-micro-step runs on meta tensors at the config's B, F, H, W and dtypes, with the frozen encoders under no_grad:
+Nothing is allocated and no weight is read. The recipe of the config builds its models with its family's `build`
+(`svd.build`, `hotshot.build`) swapped for a meta-device builder (config.json files under a local model.path,
+else the family's `full_size_configs`), so the trainable set is the recipe's own (train.trainable, the LoRA that
+`inject_lora` adds, Hotshot's temporal layers). Then one training micro-step runs on meta tensors at the
+config's B, F, H, W and dtypes, with the frozen encoders (VAE + CLIP image, or VAE + the SDXL text encoders)
+under no_grad:
 
 - FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over that step (matmuls, convolutions,
   attention; the fused attention backward counts its own score recompute, as torch's formula does). The
@@ -17,8 +19,9 @@ micro-step runs on meta tensors at the config's B, F, H, W and dtypes, with the 
   (`_scaled_dot_product_efficient_attention`: saves q, k, v, out and the log-sum-exp, never the L x L matrix).
 - Model states are DeepSpeed's layout per ZeRO stage (see `model_states`), for train.num_workers GPUs.
 
-The result is one dict (`--json` prints it); a data-feed section (decode rate, CPU cores per GPU, issue 11) can
-be added beside `gpus`, whose `step_time_s` is the rate the data must keep up with.
+The result is one dict (`--json` prints it), with a data-feed section (CPU cores per GPU) beside `gpus`, whose
+`step_time_s` is the rate the data must keep up with, and for a CPU config (train.use_gpu=false) a `host`
+section: the peak resident memory of each worker process (`host_plan`).
 
 peak = weights + encoders + optimizer + fp32 grads + EMA + buckets + CUDA overhead
        + max(encoder pass peak, UNet forward/backward peak incl. 16-bit grads as autograd makes them)
@@ -56,6 +59,7 @@ GPUS = (
     GPU("A100-40GB", 40960 * 2**20, 312.0, 156.0),
     GPU("A100-80GB", 81920 * 2**20, 312.0, 156.0),
     GPU("H100-80GB", 81559 * 2**20, 989.0, 494.0),
+    GPU("H200-141GB", 143771 * 2**20, 989.0, 494.0),
 )
 CUDA_OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers (typical, not measured)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
@@ -67,13 +71,15 @@ METHOD = ("activations: storage bytes alive during one meta-device step (weakref
 # -- meta-device models ---------------------------------------------------------------------------
 
 
-def _read_configs(path: str | None) -> tuple[dict[str, dict] | None, str]:
-    """Config dicts from a local diffusers SVD directory, or None (remote URIs are not read: no network)."""
+def _read_configs(path: str | None, parts: tuple[str, ...] = ("unet", "vae", "image_encoder"),
+                  ) -> tuple[dict[str, dict] | None, str]:
+    """Config dicts from a local diffusers directory (`part/config.json`; part "" is the directory's own), or
+    None (remote URIs are not read: no network)."""
     if not path or ("://" in path and not path.startswith("file://")):
         return None, "remote model.path not read"
     root = Path(path.removeprefix("file://")).expanduser()
     found = {}
-    for part in ("unet", "vae", "image_encoder"):
+    for part in parts:
         f = root / part / "config.json"
         if f.is_file():
             try:
@@ -83,11 +89,21 @@ def _read_configs(path: str | None) -> tuple[dict[str, dict] | None, str]:
     return (found, f"config.json files under {root}") if found else (None, f"no config.json under {root}")
 
 
+def _configs_source(flavor: str, path: str | None, parts: tuple[str, ...], built_in: str):
+    """(config dicts read under a local model.path or None, what the model's shapes come from)."""
+    if flavor == "full":
+        return None, f"{built_in} (model.flavor=full: random init)"
+    read, source = _read_configs(path, parts)
+    return read, source if read is not None else f"{built_in} ({source})"
+
+
 def meta_builder(num_frames: int):
-    """A stand-in for `svd.build` that returns the model on the meta device, weights never read."""
+    """A stand-in for `svd.build` that returns the model on the meta device, weights never read, in the dtype the
+    real build gives it (fp32; flavor=full builds in `dtype`, the frozen base's training dtype)."""
     from vidgen.models import svd
 
-    def build(flavor: str, *, path: str | None = None, seed: int = 0, num_frames: int = num_frames, **_):
+    def build(flavor: str, *, path: str | None = None, seed: int = 0, num_frames: int = num_frames,
+              dtype: torch.dtype = torch.float32, **_):
         if flavor == "tiny":  # tiny is small: build it for real (its scheduler needs real tensors), then drop data
             model = svd.tiny(seed=seed, num_frames=num_frames)
             for m in (model.unet, model.vae, model.image_encoder):
@@ -95,32 +111,75 @@ def meta_builder(num_frames: int):
             build.source = "tiny flavor"
             return model
         configs = svd.full_size_configs(num_frames)
-        read, build.source = _read_configs(path)
+        read, build.source = _configs_source(flavor, path, ("unet", "vae", "image_encoder"),
+                                             f"built-in SVD{'-XT' if num_frames == 25 else ''} full-size configs")
         for part, cfg in (read or {}).items():
             configs[part] = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        if read is None:
-            build.source = f"built-in SVD{'-XT' if num_frames == 25 else ''} full-size configs ({build.source})"
         with torch.device("meta"):
             model = svd.from_configs(configs)
         for m in (model.unet, model.vae, model.image_encoder):
-            m.to("meta")  # a few parameters (AlphaBlender.mix_factor) use torch.Tensor(), which ignores the device
+            # a few parameters (AlphaBlender.mix_factor) use torch.Tensor(), which ignores the device
+            m.to(device="meta", dtype=dtype if flavor == "full" else None)
         return model
 
     build.source = ""
     return build
 
 
+def hotshot_meta_builder():
+    """A stand-in for `hotshot.build` on the meta device: config.json files under a local model.path (a Hotshot-XL
+    or SDXL directory; model.spatial_unet_base's for the UNet), else `hotshot.full_size_configs()`; in the dtype
+    the real build gives it (fp32; flavor=full builds in `dtype`)."""
+    from vidgen.models import hotshot
+
+    def build(flavor: str, *, path: str | None = None, seed: int = 0, max_frames: int | None = None,
+              spatial_norm: str = "clip", prediction_type: str | None = None, spatial_unet_base: str | None = None,
+              dtype: torch.dtype = torch.float32, **_):
+        frames, prediction = max_frames or hotshot.HOTSHOT_MAX_FRAMES, prediction_type or "epsilon"
+        if flavor == "tiny":
+            model, build.source = hotshot.tiny(seed, frames, spatial_norm, prediction), "tiny flavor"
+        else:
+            configs = hotshot.full_size_configs()
+            read, build.source = _configs_source(flavor, path, ("unet", "vae", "text_encoder", "text_encoder_2"),
+                                                 "built-in SDXL base 1.0 + Hotshot-XL temporal layers configs")
+            base, _ = _read_configs(spatial_unet_base, ("",)) if flavor == "pretrained" else (None, "")
+            configs.update(read or {}, **({"unet": base[""]} if base else {}))
+            with torch.device("meta"):
+                model = hotshot.from_configs(configs, frames, spatial_norm, prediction)
+        for m in (model.unet, model.vae, model.text.text_encoder, model.text.text_encoder_2):
+            m.to(device="meta", dtype=dtype if flavor == "full" else None)
+        return model
+
+    build.source = ""
+    return build
+
+
+PLANNED = {"svd": ("svd_full", "svd_lora"), "hotshot": ("hotshot_temporal",)}  # family -> recipes plan knows
+
+
 def meta_recipe(cfg: VidgenConfig):
     """The config's recipe with its models on the meta device (trainable flags set by the recipe itself)."""
-    from vidgen.models import svd
+    from vidgen.models import hotshot, svd
     from vidgen.train.recipes import build_recipe
 
-    if cfg.model.family != "svd" or cfg.train.recipe not in ("svd_full", "svd_lora"):
-        raise ConfigError(f"train.recipe={cfg.train.recipe}: vidgen plan supports svd_full and svd_lora")
-    builder = meta_builder(cfg.model.num_frames)
-    with mock.patch.object(svd, "build", builder):
-        recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
+    family, name = cfg.model.family, cfg.train.recipe
+    if name not in PLANNED.get(family, ()):
+        known = "; ".join(f"model.family={f}: {', '.join(r)}" for f, r in PLANNED.items())
+        raise ConfigError(f"train.recipe={name} with model.family={family}: vidgen plan supports {known}")
+    module, builder = ((svd, meta_builder(cfg.model.num_frames)) if family == "svd"
+                       else (hotshot, hotshot_meta_builder()))
+    with mock.patch.object(module, "build", builder):
+        recipe = build_recipe(name, cfg.model, cfg.train, cfg.run.seed)
+    recipe.plan_as_built = {n: p.dtype for n, p in recipe.unet.named_parameters()}  # see _cast_like_training
     return recipe, builder.source
+
+
+def model_parts(recipe) -> dict[str, torch.nn.Module]:
+    """The UNet and the frozen encoders of a recipe's model, by the names the plan reports them under."""
+    m = recipe.model
+    if hasattr(m, "image_encoder"):  # SVD
+        return {"unet": m.unet, "vae": m.vae, "image_encoder": m.image_encoder}
+    return {"unet": m.unet, "vae": m.vae, "text_encoder": m.text.text_encoder, "text_encoder_2": m.text.text_encoder_2}
 
 
 # -- measuring a meta step -------------------------------------------------------------------------
@@ -178,6 +237,41 @@ def _storage_keys(*modules: torch.nn.Module) -> set[int]:
     return {t.untyped_storage()._cdata for m in modules for t in (*m.parameters(), *m.buffers())}
 
 
+def _encode(m, b: int, f: int, h: int, w: int) -> dict[str, torch.Tensor]:
+    """The frozen encoders' pass over one micro-batch (the caller holds no_grad): the VAE over every frame, then
+    SVD's conditioning frame and CLIP image embedding, or Hotshot's two SDXL text encoders at the tokenizer length."""
+    meta = torch.device("meta")
+    frames = torch.empty(b * f, 3, h, w, device=meta, dtype=next(m.vae.parameters()).dtype)
+    out = {"latents": m.vae.encode(frames).latent_dist.sample()}  # [B*F, C, h, w]
+    if hasattr(m, "image_encoder"):
+        out["cond"] = m.vae.encode(frames[::f]).latent_dist.mode()  # [B, C, h, w], first frames
+        size = m.image_encoder.config.image_size
+        pixels = torch.empty(b, 3, size, size, device=meta, dtype=next(m.image_encoder.parameters()).dtype)
+        out["emb"] = m.image_encoder(pixels).image_embeds  # [B, D]
+        return out
+    ids = torch.zeros(b, m.text.tokenizer.model_max_length, dtype=torch.long, device=meta)  # [B, S]
+    one, two = (enc(ids, output_hidden_states=True) for enc in (m.text.text_encoder, m.text.text_encoder_2))
+    out["embeds"] = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], -1)  # [B, S, D1 + D2]
+    out["pooled"] = two.text_embeds  # [B, P]
+    return out
+
+
+def _unet_loss(unet: torch.nn.Module, enc: dict[str, torch.Tensor], b: int, f: int) -> torch.Tensor:
+    """The UNet's forward on encoded inputs, as the recipe calls it, and an MSE of the same shapes as its loss."""
+    meta, dtype = torch.device("meta"), next(unet.parameters()).dtype
+    latents = enc["latents"].unflatten(0, (b, f)).float()  # [B, F, C, h, w]
+    if "emb" in enc:  # SVD: noisy latents + the conditioning latent on channels, one CLIP token, 3 time ids
+        sample = torch.cat([latents, enc["cond"].unsqueeze(1).expand(-1, f, -1, -1, -1)], 2).to(dtype)
+        t, ids = torch.empty(b, device=meta, dtype=dtype), torch.empty(b, 3, device=meta, dtype=dtype)
+        out = unet(sample, t, enc["emb"].unsqueeze(1).to(dtype), ids, return_dict=False)[0]
+    else:  # Hotshot: [B, C, F, h, w], integer timesteps, SDXL text and micro-conditioning
+        latents = latents.transpose(1, 2)
+        cond = {"text_embeds": enc["pooled"].to(dtype), "time_ids": torch.empty(b, 6, device=meta, dtype=dtype)}
+        out = unet(latents.to(dtype), torch.zeros(b, dtype=torch.long, device=meta),
+                   encoder_hidden_states=enc["embeds"].to(dtype), added_cond_kwargs=cond, return_dict=False)[0]
+    return (out.float() - latents).pow(2).mean()  # the objective's elementwise cost, same shapes
+
+
 def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkpointing: bool,
              keep_grads: bool) -> dict:
     """One micro-step on meta tensors: encoders (no_grad), UNet forward, loss, backward.
@@ -188,6 +282,7 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
     from torch.utils.flop_counter import FlopCounterMode
 
     m, unet = recipe.model, recipe.unet
+    encoders = [v for k, v in model_parts(recipe).items() if k != "unet"]
     recomputed = []  # FLOPs of each checkpointed segment's recompute (counted apart: not model FLOPs)
 
     class CountRecompute:
@@ -207,7 +302,7 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
     else:
         unet.disable_gradient_checkpointing()
-    live = _LiveBytes(_storage_keys(unet, m.vae, m.image_encoder))
+    live = _LiveBytes(_storage_keys(unet, *encoders))
 
     def on_grad(p: torch.Tensor) -> None:
         if keep_grads:
@@ -216,29 +311,16 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
             p.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in unet.parameters() if p.requires_grad]
-    vae_dtype = next(m.vae.parameters()).dtype
-    size = m.image_encoder.config.image_size
-    unet_dtype = next(unet.parameters()).dtype
-    meta, res = torch.device("meta"), {}
+    res = {}
     try:
         with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa):
             with live, torch.no_grad(), FlopCounterMode(display=False) as enc:
-                frames_bf = torch.empty(batch, frames, 3, height, width, device=meta, dtype=vae_dtype)
-                latents = m.vae.encode(frames_bf.flatten(0, 1)).latent_dist.sample()  # [B*F, C, h, w]
-                cond = m.vae.encode(frames_bf[:, 0]).latent_dist.mode()  # [B, C, h, w]
-                pixels = torch.empty(batch, 3, size, size, device=meta, dtype=next(m.image_encoder.parameters()).dtype)
-                emb = m.image_encoder(pixels).image_embeds  # [B, D]
-                del frames_bf, pixels
+                encoded = _encode(m, batch, frames, height, width)
             res["encoder_peak"] = live.peak
             live.peak = live.now
             with live, FlopCounterMode(display=False) as fwd:
-                latents = latents.unflatten(0, (batch, frames)).float()  # [B, F, C, h, w]
-                sample = torch.cat([latents, cond.unsqueeze(1).expand(-1, frames, -1, -1, -1)], 2).to(unet_dtype)
-                t = torch.empty(batch, device=meta, dtype=unet_dtype)
-                ids = torch.empty(batch, 3, device=meta, dtype=unet_dtype)
-                out = unet(sample, t, emb.unsqueeze(1).to(unet_dtype), ids, return_dict=False)[0]
-                loss = (out.float() - latents).pow(2).mean()  # the EDM loss's elementwise cost, same shapes
-                del out, sample
+                loss = _unet_loss(unet, encoded, batch, frames)
+                del encoded
             with live, FlopCounterMode(display=False) as bwd:
                 loss.backward()
             res["unet_peak"], res["grads_at_peak"] = live.peak, live.grad_at_peak
@@ -266,9 +348,11 @@ def model_states(t, n_gpus: int, unet_params: int, unet_bytes: int, trainable: i
 
     ZeRO 0: everything replicated. 1: optimizer states (with fp32 master and fp32 grads) / N, plus the reduce
     bucket. 2: also the 16-bit gradients / N. 3: also the weights / N, plus the gathered working set (prefetch
-    bucket + 2 x largest layer). AdamW keeps m and v (fp32, or 1 byte each with 8-bit Adam) and, in DeepSpeed's
-    mixed precision, an fp32 master copy and fp32 gradients. Offload moves those to the host. The 16-bit
-    gradients of ZeRO 0/1 are not here: the measured step holds them as autograd makes them."""
+    bucket + 2 x largest layer). AdamW keeps m and v (fp32, or 1 byte each with 8-bit Adam); with `master`, an fp32
+    master copy and fp32 gradients too: DeepSpeed's 16-bit modes keep them, and its ZeRO optimizer keeps them in
+    fp32 mode as well (it clones its partition of the trainable parameters: stage_1_and_2.py, stage3.py). Offload
+    moves those to the host. The 16-bit gradients of ZeRO 0/1 are not here: the measured step holds them as
+    autograd makes them."""
     stage, n = t.zero_stage, n_gpus
     shard = n if stage >= 1 else 1
     adam = trainable * ((2 if t.adam_8bit else 8) + (4 if master else 0))
@@ -290,26 +374,148 @@ def model_states(t, n_gpus: int, unet_params: int, unet_bytes: int, trainable: i
     return gpu, host
 
 
-def _cast_like_training(recipe, precision: str) -> bool:
-    """Give the meta UNet the dtypes training gives it; True when DeepSpeed keeps fp32 masters (mixed precision).
-
-    DeepSpeed's bf16/fp16 modes cast every UNet parameter to 16 bits and keep fp32 masters of the trainable
-    ones. A recipe that turns DeepSpeed's mode off (svd_lora under bf16) casts only the frozen base itself and
-    trains fp32 parameters in fp32 mode."""
+def _cast_like_training(recipe, precision: str, on_gpu: bool = True) -> bool:
+    """Give the meta UNet the dtypes training gives it on GPU (or CPU) workers; True when DeepSpeed runs in a 16-bit
+    mode: it then casts every UNet parameter to 16 bits, on GPU and CPU alike, and keeps fp32 masters of the
+    trainable ones. A recipe that turns DeepSpeed's mode off (svd_lora under bf16) trains fp32 parameters in fp32
+    mode and casts its frozen base itself, on CUDA only (`SVDLoraRecipe.to`): on CPU that base stays as built, fp32
+    or, with model.flavor=full, the training dtype it was built in. The frozen encoders stay as built either way."""
+    as_built = getattr(recipe, "plan_as_built", {})
+    for n, p in recipe.unet.named_parameters():  # back to as built (meta casts cost nothing)
+        p.data = p.data.to(as_built.get(n, torch.float32))
     if precision == "fp32":
         return False
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     overrides = recipe.deepspeed_overrides() if hasattr(recipe, "deepspeed_overrides") else {}
     ds_mixed = overrides.get(precision, {}).get("enabled", True)
     for p in recipe.unet.parameters():
-        if ds_mixed or not p.requires_grad:
+        if ds_mixed or (on_gpu and not p.requires_grad):
             p.data = p.data.to(dtype)
     return ds_mixed
 
 
+def _bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def _with_step(states: dict[str, int], step: dict) -> tuple[dict[str, int], str]:
+    """Persistent states plus the measured step's transient peak: the frozen encoders' pass, or the UNet's forward
+    and backward with the 16-bit gradients alive at its peak, whichever is larger."""
+    out = dict(states)
+    if step["encoder_peak"] > step["unet_peak"] + out["gradients"]:  # the frozen encoders' pass is the peak
+        out["gradients"], out["activations"] = 0, step["encoder_peak"]
+        return out, "encoders (no_grad)"
+    out["activations"] = step["unet_peak"] - step["grads_at_peak"]
+    out["gradients"] += step["grads_at_peak"]
+    return out, "UNet forward/backward"
+
+
+# -- host memory of a CPU run ----------------------------------------------------------------------
+
+# Resident memory of a Ray Train CPU worker before any model, measured on this project's CPU machine (torch 2.13
+# CPU, diffusers 0.42.1, transformers 5.25, deepspeed 0.19.8, ray 2.60) as VmRSS from /proc/self/status: a fresh
+# `python` importing torch, diffusers, transformers, deepspeed and ray (and the model classes diffusers and
+# transformers load lazily) holds 655 MB; a worker of a 2-worker CPU TorchTrainer 682 MB after the same imports,
+# 740 MB after deepspeed.initialize (ZeRO-2, bf16, gloo) and one step of a 4x4 Linear, 745 MB after a pass over
+# its Ray Data shard. The last is what a worker holds besides its tensors.
+PROCESS_BYTES = 745 * 10**6
+# What a real CPU step holds beyond the live tensor bytes the meta step measures (freed activations glibc keeps,
+# more of them when checkpointing recomputes segments in backward; oneDNN and OpenMP scratch; the autograd graph).
+# Fitted on the peak RSS of single-process runs of the svd_lora recipe on the full-size SVD (DeepSpeed ZeRO-2,
+# world size 1, 1 thread, batch 1, 8-10 steps: the peak settles by step 5), at 64x64x4 (bf16 and fp32 base),
+# 96x96x8 and 128x128x8 (bf16 base), each with checkpointing off and on (fp32: off only): the activations
+# measured on the meta device x 1.6 (x 2.0 with checkpointing) + 260 MB; the planned peak is then within 0.7%
+# of every measured one, and 1.3% under for svd_full in DeepSpeed's bf16 mode (a 52M-parameter trainable subset,
+# peak in the optimizer step).
+CPU_ACTIVATION_FACTOR = {False: 1.6, True: 2.0}  # by train.activation_checkpointing
+CPU_STEP_OVERHEAD = 260 * 10**6
+HOST_METHOD = ("peak RSS per worker = fixed process cost (measured, PROCESS_BYTES) + the largest of: the models as "
+               "built (whole in every worker), deepspeed.initialize (16-bit cast, flat copy, fp32 partition), "
+               "a training step (DeepSpeed ZeRO layout for train.num_workers, offloaded states included, frozen "
+               "encoders, activations measured on the meta device with CPU dtypes, x CPU_ACTIVATION_FACTOR + "
+               "CPU_STEP_OVERHEAD as calibrated on real CPU steps), the optimizer step (AdamW's temporaries)")
+
+
+def _unet_file_bytes(cfg: VidgenConfig, unet: torch.nn.Module) -> int:
+    """What loading a pretrained Hotshot UNet holds besides the model: `load_hotshot_unet_dir` builds the UNet
+    (random init, fp32), then copies its weight file in, whose pages are resident while safetensors maps it. The
+    local file's size (a stat, nothing read), else the UNet at fp32. 0 for the other families and flavors:
+    diffusers' and transformers' `from_pretrained` use the mapped tensors as the parameters themselves."""
+    m = cfg.model
+    if m.family != "hotshot" or m.flavor != "pretrained":
+        return 0
+    from vidgen.models.hotshot_weights import WEIGHTS_FILE
+
+    root = m.spatial_unet_base or (m.path and f"{m.path}/unet")
+    if root and ("://" not in root or root.startswith("file://")):
+        f = Path(root.removeprefix("file://")).expanduser() / WEIGHTS_FILE
+        if f.is_file():
+            return f.stat().st_size
+    return 4 * _params(unet)
+
+
+def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, largest_layer: int,
+              built_bytes: int, unet_file_bytes: int = 0) -> dict:
+    """Peak resident host memory of one worker process of a CPU run (train.use_gpu=false), from `parts` cast as a
+    CPU worker holds them and `step` measured with those dtypes. The peak is the largest of these phases, each on
+    top of the process's fixed cost:
+
+    - build: the recipe's models as built (`built_bytes`: fp32 for random init and `from_pretrained` without a
+      torch_dtype alike; model.flavor=full builds in the frozen base's training dtype), whole in every worker:
+      ZeRO-3 partitions only in deepspeed.initialize (vidgen builds outside zero.Init);
+      while a pretrained Hotshot UNet loads, also its weight file (`_unet_file_bytes`);
+    - deepspeed.initialize: the UNet as DeepSpeed casts it, the encoders, and under ZeRO 1/2 the flat copy of the
+      trainable parameters it makes before pointing them into it, plus its fp32 partition;
+    - a training step: `model_states` for train.num_workers with the offloaded part (the same memory on a CPU run),
+      the frozen encoders, and the step's transient peak (`_with_step`), scaled by what CPU steps were measured to
+      hold beyond live tensors (CPU_ACTIVATION_FACTOR, CPU_STEP_OVERHEAD). No CUDA context;
+    - the optimizer step: the same states, the gradients it steps on, and torch AdamW's temporaries: on CPU it
+      runs one tensor at a time and `exp_avg_sq.sqrt() / c` holds two fp32 copies of it (8 bytes a parameter),
+      of DeepSpeed's flat fp32 partition (ZeRO >= 1, or its 16-bit mode) or of the largest parameter (ZeRO-0 in
+      fp32); DeepSpeedCPUAdam (offload) steps in place.
+    On CPU DeepSpeed's bf16 mode casts the UNet as on GPU; a recipe that casts its frozen base itself does so on
+    CUDA only (see `_cast_like_training`). The breakdown is the peak phase's, and sums to per_worker_bytes."""
+    n, unet = t.num_workers, parts["unet"]
+    trainable = _params(unet, True)
+    grad_size = next((p.element_size() for p in unet.parameters() if p.requires_grad), 4)
+    unet_bytes, encoders = _bytes(unet), _bytes(*(v for k, v in parts.items() if k != "unet"))
+    states, offloaded = model_states(t, n, _params(unet), unet_bytes, trainable, largest_layer, master, grad_size)
+    states = {k: v + offloaded.get(k, 0) for k, v in states.items()} | {"encoders": encoders}
+    in_step, step_phase = _with_step(states, step)
+    in_step["activations"] = int(CPU_ACTIVATION_FACTOR[t.activation_checkpointing] * in_step["activations"])
+    in_step["cpu_allocator_overhead"] = CPU_STEP_OVERHEAD
+    shard = n if t.zero_stage else 1
+    if t.offload_optimizer or t.adam_8bit:
+        adam_temps = 0
+    elif t.zero_stage or master:  # DeepSpeed's optimizer steps on one flat fp32 tensor (its partition)
+        adam_temps = 8 * (trainable // shard)
+    else:  # plain AdamW, one parameter at a time
+        adam_temps = 8 * max((p.numel() for p in unet.parameters() if p.requires_grad), default=0)
+    phases = {
+        "build (models as built)": {"models": built_bytes},
+        "deepspeed.initialize": {"weights": unet_bytes, "encoders": encoders,
+                                 "flat_copy": trainable * grad_size if t.zero_stage in (1, 2) else 0,
+                                 "fp32_master": trainable * 4 // shard if master else 0},
+        f"training step: {step_phase}": in_step,
+        "optimizer step": states | {  # ZeRO 0/1 step on autograd's whole gradients
+            "gradients": states["gradients"] if t.zero_stage >= 2 else trainable * grad_size,
+            "adamw_temporaries": adam_temps},
+    }
+    if unet_file_bytes:
+        phases["loading the UNet (built, then its weight file copied in)"] = {"models": 4 * _params(unet),
+                                                                              "weight_file": unet_file_bytes}
+    phase, peak = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    breakdown = {"process": PROCESS_BYTES, **peak}
+    per_worker = sum(breakdown.values())
+    return {"per_worker_bytes": per_worker, "breakdown": breakdown, "peak_phase": phase, "workers": n,
+            "total_bytes": per_worker * n,
+            "phase_bytes": {k: PROCESS_BYTES + sum(v.values()) for k, v in phases.items()}, "method": HOST_METHOD}
+
+
 def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     """The plan of `cfg` as a JSON-ready dict (see `format_plan` for the table). `feed_args` go to
-    `vidgen.feed.feed_plan` (decode_fps, probe, dataset_clips): the CPU cores that keep the GPUs fed."""
+    `vidgen.feed.feed_plan` (decode_fps, probe, dataset_clips): the CPU cores that keep the GPUs fed. With
+    train.use_gpu=false it also predicts the host memory of each CPU worker (`host_plan`)."""
     from vidgen.feed import feed_plan
 
     if not 0 < mfu <= 1:
@@ -319,11 +525,11 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     b, f = t.batch_size, cfg.model.num_frames
     h, w = cfg.data.largest_size()
     recipe, source = meta_recipe(cfg)
-    unet, m = recipe.unet, recipe.model
-    master = _cast_like_training(recipe, t.precision)
+    parts = model_parts(recipe)
+    unet, built_bytes = parts["unet"], _bytes(*parts.values())
+    master = _cast_like_training(recipe, t.precision) or t.zero_stage >= 1
     trainable = _params(unet, True)
     grad_size = next((p.element_size() for p in unet.parameters() if p.requires_grad), 2)
-    parts = {"unet": unet, "vae": m.vae, "image_encoder": m.image_encoder}
     params = {k: {"total": _params(v), "trainable": _params(v, True)} for k, v in parts.items()}
 
     step = run_step(recipe, b, f, h, w, checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2)
@@ -331,19 +537,21 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     per_step = micro * t.gradient_accumulation
 
     largest = max((sum(p.numel() for p in mod.parameters(recurse=False)) for mod in unet.modules()), default=0)
-    unet_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
-    gpu, host = model_states(t, n, params["unet"]["total"], unet_bytes, trainable, largest, master, grad_size)
-    gpu["encoders"] = sum(p.numel() * p.element_size() for mod in (m.vae, m.image_encoder) for p in mod.parameters())
-    unet_phase = step["unet_peak"] + gpu["gradients"]
-    if step["encoder_peak"] > unet_phase:  # the frozen encoders' pass is the peak
-        gpu["activations"], gpu["gradients"], phase = step["encoder_peak"], 0, "encoders (no_grad)"
-    else:
-        gpu["activations"] = step["unet_peak"] - step["grads_at_peak"]
-        gpu["gradients"] += step["grads_at_peak"]
-        phase = "UNet forward/backward"
+    gpu, host = model_states(t, n, params["unet"]["total"], _bytes(unet), trainable, largest, master, grad_size)
+    gpu["encoders"] = _bytes(*(v for k, v in parts.items() if k != "unet"))
+    gpu, phase = _with_step(gpu, step)
     tensor_bytes = sum(gpu.values())
     gpu["cuda_overhead"] = CUDA_OVERHEAD
     peak = tensor_bytes + CUDA_OVERHEAD
+
+    cpu_run = None
+    if not t.use_gpu:
+        dtypes = [p.dtype for p in unet.parameters()]
+        _cast_like_training(recipe, t.precision, on_gpu=False)
+        same = dtypes == [p.dtype for p in unet.parameters()]
+        cpu_step = step if same else run_step(recipe, b, f, h, w, checkpointing=t.activation_checkpointing,
+                                              keep_grads=t.zero_stage < 2)
+        cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, _unet_file_bytes(cfg, unet))
 
     gpus, step_times = [], {}
     for g in GPUS:
@@ -359,7 +567,8 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
                   "buckets": cfg.data.buckets, "gradient_accumulation": t.gradient_accumulation, "gpus": n},
         "training": {"zero_stage": t.zero_stage, "precision": t.precision, "fp32_master": master,
                      "activation_checkpointing": t.activation_checkpointing, "offload_optimizer": t.offload_optimizer,
-                     "offload_params": t.offload_params, "adam_8bit": t.adam_8bit, "ema": t.ema},
+                     "offload_params": t.offload_params, "adam_8bit": t.adam_8bit, "ema": t.ema,
+                     "use_gpu": t.use_gpu},
         "parameters": {**params, "total": sum(p["total"] for p in params.values()), "trainable": trainable},
         "flops": {"encoders_forward": step["encoder_flops"], "unet_forward": step["unet_forward_flops"],
                   "unet_backward": step["unet_backward_flops"], "per_micro_step_per_gpu": micro,
@@ -368,7 +577,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         "memory": {"per_gpu_bytes": gpu, "tensor_bytes": tensor_bytes, "peak_bytes": peak, "peak_phase": phase,
                    "encoder_pass_peak_bytes": step["encoder_peak"], "host_bytes_per_worker": host,
                    "method": METHOD},
-        "mfu": mfu, "gpus": gpus,
+        "mfu": mfu, "gpus": gpus, "host": cpu_run,
         "feed": feed_plan(cfg, step_times, **feed_args),
         "elapsed_s": round(time.perf_counter() - started, 2),
     }
@@ -390,7 +599,7 @@ def format_plan(p: dict) -> str:
              f"checkpointing {'on' if tr['activation_checkpointing'] else 'off'}, offload optimizer "
              f"{tr['offload_optimizer']}, params {tr['offload_params']}, 8-bit Adam {tr['adam_8bit']}, "
              f"EMA {tr['ema']}", "", "parameters            total      trainable"]
-    for k in ("unet", "vae", "image_encoder"):
+    for k in (k for k in p["parameters"] if k not in ("total", "trainable")):
         lines.append(f"  {k:<14} {p['parameters'][k]['total']:>14,} {p['parameters'][k]['trainable']:>14,}")
     lines.append(f"  {'total':<14} {p['parameters']['total']:>14,} {p['parameters']['trainable']:>14,}")
     lines += ["", "FLOPs (counted, per GPU)",
@@ -413,6 +622,14 @@ def format_plan(p: dict) -> str:
     for g in p["gpus"]:
         lines.append(f"  {g['gpu']:<10} {g['memory_gib']:5.0f} GiB  {'yes' if g['fits'] else 'NO ':<4} "
                      f"{g['headroom_gib']:8.2f} GiB  {g['step_time_s']:10.2f} s  {g['samples_per_s']:12.2f}")
+    if p.get("host"):
+        c = p["host"]
+        lines += ["", f"host memory per worker process, CPU run (peak during {c['peak_phase']}): "
+                  f"{c['workers']} workers, {c['total_bytes'] / GIB:.2f} GiB in all"]
+        lines += [f"  {k:<20}{_gib(v)}" for k, v in c["breakdown"].items() if v]
+        lines += [f"  {'total':<20}{_gib(c['per_worker_bytes'])}",
+                  "  phases: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in c["phase_bytes"].items()),
+                  f"  method: {c['method']}"]
     lines += format_feed(p["feed"])
     lines.append(f"(planned in {p['elapsed_s']} s, no weights read)")
     return "\n".join(lines)

@@ -13,52 +13,10 @@ from pathlib import Path
 from vidgen import storage
 from vidgen.config import VidgenConfig
 from vidgen.errors import JobError
+from vidgen.ray_env import require_shared
 from vidgen.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-
-def set_worker_env() -> None:
-    """Environment that every Ray process must inherit: set before `ray.init`."""
-    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")  # v2 parquet reader starts 32 actors per epoch
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are paths, never hub downloads
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vidgen" / "torch_extensions"))
-    if not _has_cuda():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
-
-
-def init_ray(cfg: VidgenConfig) -> None:
-    import ray
-
-    set_worker_env()
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
-                                      "DS_ACCELERATOR", "VIDGEN_S3_ENDPOINT_URL") if k in os.environ}
-    if os.environ.get("RAY_ADDRESS") and not cfg.ray.address:
-        # Inside `ray job submit`: the job's runtime env already reaches every worker, and Ray refuses a
-        # second one that sets the same keys.
-        ray.init()
-        return
-    if cfg.ray.address:  # cluster nodes bring their own credentials (instance roles, secrets): none are shipped
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
-        return
-    # A local cluster's workers are children of the raylet this process starts, so they inherit its environment,
-    # credentials included. Credentials are never put in a runtime env: Ray logs runtime envs in plain text
-    # (runtime_env_agent.log) and keeps them in its GCS. More logical CPUs than cores, so that data tasks can
-    # run beside the train workers.
-    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
-             configure_logging=True, logging_level=logging.WARNING)
 
 
 def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
@@ -69,12 +27,36 @@ def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
     return Tracker(uri, cfg.tracking.experiment, run_name or cfg.run.name, enabled=cfg.tracking.enabled)
 
 
+def check_outputs_shared(cfg: VidgenConfig, job: str) -> None:
+    """Before anything starts: where `job`'s remote processes write must be storage every node shares."""
+    from vidgen.data.latents import cache_uri
+    from vidgen.generate.outputs import job_root
+    from vidgen.train.launch import storage_root
+
+    w = {"run.workdir": cfg.run.workdir}
+    if job == "train":  # checkpoints (every rank), validation videos (rank 0), data skip records (data tasks)
+        w |= {"train.storage_path": storage_root(cfg)} if cfg.train.storage_path else {}
+        needs_gpu = cfg.train.use_gpu
+    elif job == "generate":  # videos and their records (actors)
+        w = {"generate.output": job_root(cfg)} if cfg.generate.output else w
+        needs_gpu = cfg.generate.use_gpu
+    elif job == "eval":  # skip records (data tasks)
+        needs_gpu = bool(cfg.eval.use_gpu)
+    elif job == "latents":  # cache shards and their done markers (actors)
+        w = {"latents.output": cache_uri(cfg)} if cfg.latents.output else w
+        needs_gpu = bool(cfg.latents.gpus_per_actor)
+    else:
+        raise ValueError(job)
+    require_shared(cfg, w, needs_gpu)
+
+
 def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
     from vidgen.data.pipeline import read_config_clips
     from vidgen.train.launch import check
 
     check(cfg)
+    check_outputs_shared(cfg, "train")
     d = cfg.data
     if d.latents:
         return _train_from_cache(cfg, tracker, progress)
@@ -129,9 +111,21 @@ def _train_summary(cfg: VidgenConfig, tracker: Tracker, result, report: dict) ->
     tracker.log_metrics({"data/skipped": report["skipped"], "data/samples": report["total"]})
     tracker.set_tags({"train.checkpoint": result.checkpoint_dir, "train.export": result.export_dir})
     losses = [r["loss"] for r in result.metrics]
-    return {"export_dir": result.export_dir, "checkpoint_dir": result.checkpoint_dir,
+    tracker.log_metrics({"train/export_s": result.export_s})
+    return {"export_dir": result.export_dir, "checkpoint_dir": result.checkpoint_dir, "merged_dir": result.merged_dir,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "steps": len(losses), "data_report": report}
+            "steps": len(losses), "data_report": report, "timings": _timings(result)}
+
+
+def _timings(result) -> dict:
+    """Median step time, and each attempt's setup, checkpoint save/load times and the export's, in seconds."""
+    import statistics
+
+    steps = [r["step_time_s"] for r in result.metrics if "step_time_s" in r]
+    out = {"step_s": round(statistics.median(steps), 3) if steps else None, "export_s": round(result.export_s, 2)}
+    for key in ("setup_s", "checkpoint_save_s", "checkpoint_load_s"):
+        out[key] = [round(r[key], 2) for r in result.metrics if key in r]
+    return out
 
 
 def validation_images(cfg: VidgenConfig, samples) -> list:
@@ -195,6 +189,7 @@ def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = 
         cfg_mult = 2 if max(g.min_guidance_scale, g.max_guidance_scale) > 1 else 1
         params |= {"generate.fifo.steps": plan.steps, "generate.fifo.iterations": plan.iterations(g.num_frames),
                    "generate.fifo.unet_calls_per_frame": len(plan.windows()) * cfg_mult}
+    check_outputs_shared(cfg, "generate")
     tracker.log_params(params)
     t0 = time.perf_counter()
     try:
@@ -242,6 +237,7 @@ def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, gener
     generated = generated or cfg.eval.generated or output_dir(cfg)
     if not real:
         raise JobError("eval.real: required (real clips to compare against; defaults to data.source)")
+    check_outputs_shared(cfg, "eval")
     res = run_eval(cfg, real, generated, real_layout, generated_layout)
     tracker.log_params(res.params)
     metrics = {"fvd": res.fvd, "kvd": res.kvd, "eval/n_real": res.n_real, "eval/n_fake": res.n_fake}

@@ -37,6 +37,7 @@ import os
 import posixpath
 import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -488,13 +489,44 @@ def download_dir(uri: str, local_dir: str) -> None:
                 shutil.copyfile(local_path(src), tmp)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def _file_lock(path: str, what: str) -> Iterator[bool]:
+    """Hold an exclusive inter-process lock (flock) on the file `path` for the block; `what` names it in logs.
+
+    The kernel releases a flock when its holder exits or is killed, so a dead holder never blocks the next
+    process; the lock file itself stays (unlinking it would let two processes lock two different files).
+    Yields True; on a filesystem without flock (ENOLCK, EOPNOTSUPP) the block runs unlocked and gets False."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    locked = True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process on this node is copying it; waiting for that copy", what)
+            start = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.info("%s: waited %.1f s for the other process's copy", what, time.monotonic() - start)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.warning("%s: no file locks on this filesystem (%s); copying without one", path, e)
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def cached_local_dir(uri: str, cache_dir: str) -> str:
     """A local directory holding the files of directory `uri`.
 
     Local paths come back as they are. A remote directory is copied once into
     `cache_dir/<sha256(uri)[:16]>`: into a temporary directory first, then renamed into place with
     a `.complete` marker, so a half-finished copy is never reused; later calls reuse the copy without
-    touching the remote store.
+    touching the remote store. The processes sharing `cache_dir` (a node's workers) make one copy between
+    them: a flock on `<dest>.lock` lets one download while the others wait for it, then reuse it; a killed
+    copier's lock is released by the kernel, and the next process starts a fresh copy.
     """
     local = local_path(uri)
     if local is not None:
@@ -508,20 +540,30 @@ def cached_local_dir(uri: str, cache_dir: str) -> str:
     if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
         return dest
     os.makedirs(cache, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=cache)
-    try:
-        start = time.monotonic()
-        download_dir(uri, scratch)
-        with builtins.open(os.path.join(scratch, COMPLETE_MARKER), "w") as f:
-            json.dump({"uri": uri}, f)
+    # scratch copies are named by destination and host, so a later holder of the lock can remove what a killed
+    # copier on this host left (gigabytes); another host's copy is never touched (its flock may not reach here)
+    mine = f"{TMP_PREFIX}{os.path.basename(dest)}-{socket.gethostname()}-"
+    with _file_lock(dest + ".lock", uri) as locked:
+        if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):  # copied by the process this one waited for
+            return dest
+        if locked:  # no live process on this host copies this URI now
+            for stale in os.listdir(cache):
+                if stale.startswith(mine):
+                    shutil.rmtree(os.path.join(cache, stale), ignore_errors=True)
+        scratch = tempfile.mkdtemp(prefix=mine, dir=cache)
         try:
-            os.rename(scratch, dest)
-        except OSError:
-            if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):  # another process finished first
-                return dest
-            shutil.rmtree(dest, ignore_errors=True)  # a stray, unfinished copy
-            os.rename(scratch, dest)
-        log.info("copied %s to %s in %.1f s", uri, dest, time.monotonic() - start)
-        return dest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            start = time.monotonic()
+            download_dir(uri, scratch)
+            with builtins.open(os.path.join(scratch, COMPLETE_MARKER), "w") as f:
+                json.dump({"uri": uri}, f)
+            try:
+                os.rename(scratch, dest)
+            except OSError:  # only without working locks: another process may have renamed its copy first
+                if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
+                    return dest
+                shutil.rmtree(dest, ignore_errors=True)  # a stray, unfinished copy
+                os.rename(scratch, dest)
+            log.info("copied %s to %s in %.1f s", uri, dest, time.monotonic() - start)
+            return dest
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

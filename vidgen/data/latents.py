@@ -109,9 +109,22 @@ def _to_row(clip: dict, encoded: dict[str, np.ndarray], i: int) -> dict:
     return row
 
 
+def non_finite(encoded: dict[str, np.ndarray], i: int) -> tuple[str, int] | None:
+    """(the first tensor of clip i holding NaN or inf, how many such values), or None when all are finite."""
+    for name, batch in encoded.items():
+        a = batch[i]
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            return name, int(a.size - np.isfinite(a).sum())
+    return None
+
+
 def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: ClipSpec, batch_size: int,
                  die_midway: bool = False) -> dict:
-    """Decode, encode and write shard `index` atomically, then its done marker; returns the marker."""
+    """Decode, encode and write shard `index` atomically, then its done marker; returns the marker.
+
+    A sample whose clips cannot be decoded, or any of whose encodings holds NaN or inf (an encoder overflowing
+    in low precision), is left out of the shard and recorded in the marker's `bad` list, as a decode failure
+    is: nothing non-finite is ever cached, and data.max_bad_fraction stops a job where it is systematic."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -119,14 +132,15 @@ def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: Clip
     clips, bad = [], []
     for sample in samples:
         try:
-            clips.extend(sample_clips(sample, spec))
+            clips.extend({**c, "_uri": sample.uri} for c in sample_clips(sample, spec))
         except BadSample as e:
             bad.append({"uri": sample.uri, "reason": e.reason, "detail": e.detail})
         except Exception as e:  # an unforeseen input: recorded, never fatal (as in read_clips)
             log.warning("unexpected error on %s", sample.uri, exc_info=True)
             bad.append({"uri": sample.uri, "reason": f"unexpected {type(e).__name__}",
                         "detail": f"{sample.uri}: {e}"[:500]})
-    rows = []
+    encoded_rows: list[tuple[str, dict]] = []  # (sample uri, row)
+    nan_uris: set[str] = set()
     for start in range(0, len(clips), batch_size):
         group = clips[start:start + batch_size]
         sizes = {c["frames"].shape for c in group}
@@ -136,10 +150,20 @@ def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: Clip
             if "prompt" in part[0]:
                 batch["prompt"] = [c["prompt"] for c in part]
             encoded = {k: v.cpu().numpy() for k, v in recipe.encode(batch).items()}
-            rows.extend(_to_row(c, encoded, i) for i, c in enumerate(part))
+            for i, c in enumerate(part):
+                found = non_finite(encoded, i)
+                if found is None:
+                    encoded_rows.append((c["_uri"], _to_row(c, encoded, i)))
+                elif c["_uri"] not in nan_uris:
+                    nan_uris.add(c["_uri"])
+                    detail = (f"shard {shard_name(index)}: clip {c.get('clip_id', c['_uri'])}: {found[0]} holds "
+                              f"{found[1]} NaN/inf values (an encoder overflow; latents.dtype=fp32 avoids it)")
+                    log.warning("%s", detail)
+                    bad.append({"uri": c["_uri"], "reason": "non-finite encoding", "detail": detail})
         if die_midway:  # the test hook: work done, nothing written
             log.warning("fault injection: dying in the middle of shard %d", index)
             os._exit(1)
+    rows = [r for uri, r in encoded_rows if uri not in nan_uris]  # a sample is cached whole or not at all
     with storage.atomic_local(storage.join(out, shard_name(index)), ".parquet") as path:
         pq.write_table(pa.Table.from_pylist(rows), path) if rows else open(path, "wb").close()
     done = {"clips": len(rows), "bad": bad}
@@ -147,28 +171,44 @@ def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: Clip
     return done
 
 
-def load_encoders(cfg: VidgenConfig):
-    """(the recipe, the sha256 of its encoders' weights), encoders on this process's GPU if any, in latents.dtype."""
+def upcast_vae(module, dtype) -> bool:
+    """True when `module` is a VAE that must stay fp32 under `dtype`=fp16: its config declares force_upcast
+    (SDXL's and SVD's do), because its activations overflow fp16 to inf/NaN; diffusers' pipelines upcast it too."""
     import torch
 
+    config = getattr(module, "config", None)
+    return dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+
+
+def load_encoders(cfg: VidgenConfig, gpus_reserved: float = 0.0):
+    """(the recipe, the sha256 of its encoders' weights), encoders in latents.dtype on CUDA when this process
+    reserved GPUs (`gpus_reserved` > 0), else on the CPU: never on a GPU that is merely visible."""
+    import torch
+
+    from vidgen.devices import compute_device
     from vidgen.train.recipes import build_recipe
 
     recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
     digest = weights_hash(encoder_modules(recipe))
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device(gpus_reserved, "latents.gpus_per_actor")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.latents.dtype]  # fp32: as built
     for m in encoder_modules(recipe):
-        m.to(device=device, dtype=dtype)
+        if upcast_vae(m, dtype):
+            log.info("latents.dtype=fp16: the VAE stays fp32 (its config says force_upcast: fp16 overflows it "
+                     "to NaN); the other encoders run in fp16")
+            m.to(device=device)
+        else:
+            m.to(device=device, dtype=dtype)
     return recipe, digest
 
 
 class ShardEncoder:
-    """A Ray Data actor: builds the recipe's frozen encoders once (on its GPU when it has one), then writes
-    every shard it is handed."""
+    """A Ray Data actor: builds the recipe's frozen encoders once (on CUDA when it reserved GPUs, passed in as
+    `gpus_reserved`, the same number as its num_gpus), then writes every shard it is handed."""
 
-    def __init__(self, cfg_dict: dict, out: str, spec: ClipSpec, key_hash: str):
+    def __init__(self, cfg_dict: dict, out: str, spec: ClipSpec, key_hash: str, gpus_reserved: float = 0.0):
         self.cfg = VidgenConfig(**cfg_dict)
-        self.recipe, found = load_encoders(self.cfg)
+        self.recipe, found = load_encoders(self.cfg, gpus_reserved)
         if found != key_hash:
             raise DataError(f"{out}: the encoders on this worker differ from the driver's (weights hash): "
                             "is model.path the same on every node?")
@@ -193,7 +233,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
     """Write (or complete) the cache of `cfg` at `cache_uri(cfg)`; returns its manifest.
 
     use_ray: encode in a Ray Data actor pool (latents.actors actors, latents.gpus_per_actor GPUs each; Ray
-    must be running). False: in this process (small datasets, tests)."""
+    must be running). False: in this process (small datasets, tests), on CUDA when latents.gpus_per_actor > 0."""
     import dataclasses
 
     t0 = time.perf_counter()
@@ -202,7 +242,13 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
         raise ConfigError("data.source: required for prepare latents (the clips to encode)")
     out = cache_uri(cfg)
     stream = read_config_clips(cfg, train=False)
-    recipe, digest = load_encoders(cfg)
+    # with Ray the driver only hashes the weights (the actors encode), so it never takes a GPU
+    from vidgen.models.attention import portable  # torch: imported by the job, not by this module
+
+    # With Ray the driver builds the encoders only to hash their weights: with a kernel it can run (no CUDA on a
+    # head); the actors compute with model.attention as configured.
+    driver_cfg = cfg.model_copy(update={"model": portable(cfg.model)}) if use_ray else cfg
+    recipe, digest = load_encoders(driver_cfg, 0.0 if use_ray else lat.gpus_per_actor)
     key = {**config_key(cfg), "encoders": digest,
            "samples": hashlib.sha256("\n".join(s.uri for s in stream.samples)
                                      .encode("utf-8", "surrogateescape")).hexdigest()}
@@ -223,12 +269,12 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
 
         if not ray.is_initialized():
             raise ConfigError("prepare latents: needs a running Ray (ray.init or RAY_ADDRESS)")
-        gpus = lat.gpus_per_actor if lat.gpus_per_actor is not None else (
-            1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+        gpus = lat.gpus_per_actor  # configured, not read off the cluster: an autoscaler may have no GPU up yet
         items = [{"index": k, "samples": json.dumps([dataclasses.asdict(s) for s in groups[k]])} for k in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(ShardEncoder, batch_size=1, concurrency=lat.actors, num_gpus=gpus, num_cpus=1,
-                            fn_constructor_args=(cfg.model_dump(mode="json"), out, stream.spec, key["encoders"]))
+                            fn_constructor_args=(cfg.model_dump(mode="json"), out, stream.spec, key["encoders"],
+                                                 gpus))
         for n, row in enumerate(ds.iter_rows(), 1):
             if progress:
                 progress(n, len(pending), int(row["index"]))

@@ -12,12 +12,15 @@ import contextlib
 import io
 from collections.abc import Iterator
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 
 from vidgen import storage
 from vidgen.errors import DataError
+
+if TYPE_CHECKING:
+    import av
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi")
 
@@ -48,6 +51,8 @@ def write_video(uri: str, frames_thwc: np.ndarray, fps: float, keyframe_interval
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     rate = Fraction(fps).limit_denominator(1001)
     codec = _encoder()
+    import av  # PyAV on use: planning and model code import vidgen.data without it
+
     with storage.atomic_local(uri, ".mp4") as path, av.open(path, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
@@ -141,6 +146,8 @@ def _decode(container, stream, fps: float, start: int, count: int | None, stride
 @contextlib.contextmanager
 def _open(source: VideoSource) -> Iterator[av.container.InputContainer]:
     """Open a local path, a remote URI (read into memory) or bytes; map every failure to DataError."""
+    import av
+
     name = _name(source)
     try:
         if isinstance(source, bytes | bytearray | memoryview):
@@ -172,6 +179,8 @@ def _fps(stream, name: str) -> float:
 
 
 def _encoder() -> str:
+    import av
+
     try:
         av.codec.Codec("libx264", "w")
         return "libx264"

@@ -32,6 +32,7 @@ from vidgen.data.clips import clip_starts, frame_stride
 from vidgen.data.decode import decode_image
 from vidgen.data.listing import Sample
 from vidgen.data.worker import BadSample, ClipSpec
+from vidgen.devices import compute_device
 from vidgen.errors import DataError
 from vidgen.eval.metrics import video_metrics
 from vidgen.models.i3d import build_i3d
@@ -125,8 +126,9 @@ class I3DFeatures:
 
     Returns {'features' [B, 400] float32, 'shape' ("TxHxW" of each input clip), 'clip_id'?} plus the
     `passthrough` columns unchanged (never the frames). Use with an actor pool so the model loads
-    once per actor: `ds.map_batches(I3DFeatures, fn_constructor_kwargs={...}, batch_size=16,
-    num_gpus=1, compute=ray.data.ActorPoolStrategy(size=k))`. device None: CUDA when visible.
+    once per actor: `ds.map_batches(I3DFeatures, fn_constructor_kwargs={..., "gpus_reserved": 1}, batch_size=16,
+    num_gpus=1, compute=ray.data.ActorPoolStrategy(size=k))`. device None: CUDA when `gpus_reserved` (the actor's
+    num_gpus) > 0, else the CPU even where CUDA is visible (vidgen.devices.compute_device).
     """
 
     def __init__(
@@ -136,12 +138,13 @@ class I3DFeatures:
         resolution: int = 224,
         seed: int = 0,
         device: str | None = None,
+        gpus_reserved: float = 0.0,
         batch_size: int = 16,
         preprocess: Preprocess = "squash",
         bn_eps: float | None = None,
         passthrough: tuple[str, ...] = (),
     ) -> None:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or compute_device(gpus_reserved, "eval.use_gpu")
         self.model = build_i3d(flavor, path, seed, bn_eps=bn_eps).to(device)
         self.resolution, self.batch_size, self.mode = resolution, batch_size, preprocess
         self.passthrough = tuple(passthrough)

@@ -99,14 +99,6 @@ class FeatureSet:
 # ---- I3D stage ------------------------------------------------------------------------------------
 
 
-def _use_gpu(cfg: VidgenConfig) -> bool:
-    if cfg.eval.use_gpu is not None:
-        return cfg.eval.use_gpu
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def weights_id(cfg: VidgenConfig) -> str:
     from vidgen.models.i3d import weights_digest
 
@@ -121,16 +113,16 @@ def featurize(ds, cfg: VidgenConfig, passthrough: tuple[str, ...] = ()) -> Featu
     from vidgen.eval.features import I3DFeatures
 
     e = cfg.eval
-    gpu = _use_gpu(cfg)
+    gpus = 1 if e.use_gpu else 0  # configured, not read off the cluster: an autoscaler may have no GPU up yet
     out = ds.map_batches(
         I3DFeatures,
         fn_constructor_kwargs=dict(flavor=e.i3d_flavor, path=e.i3d_path, resolution=e.resolution, seed=cfg.run.seed,
-                                   device="cuda" if gpu else "cpu", batch_size=e.batch_size,
+                                   gpus_reserved=gpus, batch_size=e.batch_size,
                                    preprocess=e.preprocess, bn_eps=e.i3d_bn_eps, passthrough=passthrough),
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         batch_size=e.batch_size,
-        num_gpus=1 if gpu else 0,
-        num_cpus=1 if not gpu else 0.5,
+        num_gpus=gpus,
+        num_cpus=0.5 if gpus else 1,
     )
     stats: FeatureStats | None = None
     feats, ids, shapes = [], [], []

@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         date = night_date(cfg.nightly.date)
         if args.submit:
             return _submit_main(args, cfg, date)
-        from vidgen.runner import init_ray
+        from vidgen.ray_env import init_ray
 
         init_ray(cfg)
         results = run_nightly(cfg)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vidgen.diffusion.noise import randn
 from vidgen.models.svd import SVD
 from vidgen.train.objectives import append_dims, edm_scalings
 
@@ -70,18 +71,27 @@ class SVDDenoiser:
         self.max_guidance = max_guidance
         self.calls = 0  # UNet calls (each with CFG counts once; tests use it to check FIFO's cost)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet is: samplers put their latents here."""
+        return next(self.model.unet.parameters()).device
+
     @torch.no_grad()
     def condition(self, image_bchw: torch.Tensor, fps: int, motion_bucket_id: int, noise_aug_strength: float,
                   generator: torch.Generator | None = None) -> SVDCondition:
-        """The pipeline's conditioning: CLIP of the clean image, VAE mode of the noise-augmented image."""
+        """The pipeline's conditioning: CLIP of the clean image, VAE mode of the noise-augmented image.
+
+        Everything is on the image's device; the augmentation noise is drawn on the generator's (CPU for a CPU
+        generator, so a seed gives the same conditioning on every device)."""
         m = self.model
+        device = image_bchw.device
         image_embeds = m.encode_image(image_bchw)
-        noise = torch.randn(image_bchw.shape, generator=generator, device=image_bchw.device)
-        image_latent = m.encode_condition_frame(image_bchw + noise_aug_strength * noise)
+        aug = randn(image_bchw.shape, generator, device)
+        image_latent = m.encode_condition_frame(image_bchw + noise_aug_strength * aug)
         b = image_bchw.shape[0]
-        ids = m.added_time_ids(torch.full((b,), fps - 1.0), torch.full((b,), float(motion_bucket_id)),
-                               torch.full((b,), float(noise_aug_strength)))
-        return SVDCondition(image_embeds, image_latent, ids.to(image_bchw.device))
+        ids = m.added_time_ids(*(torch.full((b,), float(v), device=device)
+                                 for v in (fps - 1, motion_bucket_id, noise_aug_strength)))
+        return SVDCondition(image_embeds, image_latent, ids)
 
     @torch.no_grad()
     def recondition(self, latent_bchw: torch.Tensor, cond: SVDCondition, weight: float = 1.0) -> SVDCondition:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vidgen.diffusion.noise import randn
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
@@ -81,10 +83,9 @@ def slot_frames(plan: FifoPlan, uniform: bool = False) -> list[int]:
 def init_queue(base_x0_bfchw: torch.Tensor, levels: torch.Tensor, plan: FifoPlan,
                generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor:
     """[B, Q, C, h, w]: base frames noised to each slot's level (original FIFO `prepare_latents`)."""
-    x0 = base_x0_bfchw[:, torch.tensor(slot_frames(plan, uniform))]
+    x0 = base_x0_bfchw[:, torch.tensor(slot_frames(plan, uniform), device=base_x0_bfchw.device)]
     sigma = levels[slot_levels(plan)].to(x0)
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-    return x0 + sigma.view(1, -1, 1, 1, 1) * noise
+    return x0 + sigma.view(1, -1, 1, 1, 1) * randn(x0.shape, generator, x0.device, x0.dtype)
 
 
 def fifo_iterate(denoise: Denoiser, cond: object, queue: torch.Tensor, levels: torch.Tensor, plan: FifoPlan,
@@ -116,5 +117,5 @@ def fifo_iterate(denoise: Denoiser, cond: object, queue: torch.Tensor, levels: t
             if reseed is not None and it == warmup:
                 cond = reseed(head, cond)
             yield head
-        tail = torch.randn(head.shape, generator=generator, device="cpu").to(queue) * levels[-1].to(queue)
+        tail = randn(head.shape, generator, queue.device, queue.dtype) * levels[-1].to(queue)
         queue = torch.cat([queue[:, 1:], tail.unsqueeze(1)], dim=1)

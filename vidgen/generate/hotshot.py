@@ -60,8 +60,9 @@ class DDIMSigmas:
 
 def sigma_to_t(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Continuous timestep of each sigma: interpolation in log-sigma over the training table (k-diffusion's rule);
-    a table sigma gives its own integer timestep."""
-    log_table = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt().log()  # ascending in t
+    a table sigma gives its own integer timestep. On sigma's device."""
+    ac = alphas_cumprod.to(device=sigma.device, dtype=torch.float64)
+    log_table = ((1 - ac) / ac).sqrt().log()  # ascending in t
     s = sigma.double().clamp(min=log_table.exp()[0]).log().flatten()
     hi = torch.searchsorted(log_table, s).clamp(1, len(log_table) - 1)
     lo = hi - 1
@@ -87,18 +88,24 @@ class HotshotDenoiser:
         self.alphas_cumprod = model.scheduler.alphas_cumprod.float()
         self.calls = 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet is: samplers put their latents here, `condition` its tensors."""
+        return next(self.model.unet.parameters()).device
+
     @torch.no_grad()
     def condition(self, prompts: list[str], height: int, width: int, original_size: tuple[int, int] | None = None,
                   crop_top_left: tuple[int, int] = (0, 0),
                   control_frames: np.ndarray | None = None) -> HotshotCondition:
         """Text embeddings and (h, w)-ordered micro-conditioning; control frames uint8 [B, F, H, W, 3]."""
         embeds, pooled = self.model.text.encode(prompts)
-        ids = time_ids_for(len(prompts), (height, width), original_size, crop_top_left).to(embeds.device)
+        embeds, pooled = embeds.to(self.device), pooled.to(self.device)
+        ids = time_ids_for(len(prompts), (height, width), original_size, crop_top_left).to(self.device)
         control = None
         if control_frames is not None:
             if self.controlnet is None:
                 raise ConfigError("control frames given but no ControlNet loaded")
-            control = torch.as_tensor(np.asarray(control_frames)).permute(0, 1, 4, 2, 3).float() / 255.0
+            control = torch.as_tensor(np.asarray(control_frames)).to(self.device).permute(0, 1, 4, 2, 3).float() / 255.0
         return HotshotCondition(embeds, pooled, ids, control)
 
     @torch.no_grad()

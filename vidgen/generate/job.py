@@ -160,7 +160,7 @@ class VideoGenerator:
 
         g, window = self.gen, self.model_cfg.num_frames
         seed = int(row["seed"])
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # a CPU generator on purpose: the same video on every GPU type
         cond = self.pipe.condition(row, g, self._image, gen)
         shape = self.pipe.latent_shape(g, window)
         latents = self.sample(row, cond, shape, gen)
@@ -243,7 +243,8 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
     storage.makedirs(videos_dir)
     clean_stale_temps(videos_dir)
     # Finished videos are skipped here, on the driver, with one listing: a rerun starts no actor just to skip.
-    existing = {u.rsplit("/", 1)[-1] for u in storage.listdir(videos_dir)}
+    # an object store has no empty folders: a first run's output folder does not exist yet
+    existing = {u.rsplit("/", 1)[-1] for u in storage.listdir(videos_dir)} if storage.isdir(videos_dir) else set()
     todo = [v for v in videos if v["name"] not in existing]
     results: dict[str, dict] = {}
     for v in videos:

@@ -2,6 +2,10 @@
 
 Shapes: B batch, F frames, C latent channels, h/w latent size.
 
+Devices: every sampler returns latents on the denoiser's device (its `device` attribute; the CPU for plain
+functions without one). Noise comes from `vidgen.diffusion.noise`, drawn where the generator lives (seeded CPU
+generators: the same video on every GPU type) and then moved there.
+
 Both use the model's own scheduler only for its sigma table (EDM, Karras spacing for SVD) and take plain
 Euler steps x <- x + (x - x0) / sigma * (sigma_next - sigma): the step diffusers' EulerDiscreteScheduler
 takes with its default (churn-free) settings, so `base` reproduces the SVD pipeline's latents.
@@ -15,9 +19,15 @@ from collections.abc import Callable
 
 import torch
 
+from vidgen.diffusion.noise import randn
 from vidgen.generate.fifo import FifoPlan, fifo_iterate, init_queue
 
 log = logging.getLogger(__name__)
+
+
+def denoiser_device(denoise: Callable) -> torch.device:
+    """Where `denoise` computes: its `device` attribute (the vidgen denoisers have one), else the CPU."""
+    return torch.device(getattr(denoise, "device", None) or "cpu")
 
 
 def sampling_sigmas(scheduler, num_steps: int) -> torch.Tensor:
@@ -51,10 +61,10 @@ def euler_sample(denoise: Callable, cond: object, latents: torch.Tensor, sigmas:
 def base_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_steps: int,
                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                 progress=None) -> torch.Tensor:
-    """One window of F frames: what the SVD pipeline does, in latent space."""
+    """One window of F frames: what the SVD pipeline does, in latent space; on the denoiser's device."""
     sigmas = sampling_sigmas(scheduler, num_steps)
-    if latents is None:
-        latents = torch.randn(shape_bfchw, generator=generator)
+    device = denoiser_device(denoise)
+    latents = randn(shape_bfchw, generator, device) if latents is None else latents.to(device)
     latents = latents * initial_noise_scale(scheduler, sigmas[0].item())
     return euler_sample(denoise, cond, latents, sigmas, progress)
 
@@ -71,6 +81,7 @@ def fifo_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_fram
     sigmas = sampling_sigmas(scheduler, plan.steps)  # descending, nf + 1
     if base is None:
         base = base_sample(denoise, cond, scheduler, shape_bfchw, plan.steps, generator=generator)
+    base = base.to(denoiser_device(denoise))
     levels = sigmas.flip(0)  # ascending: L[0] = 0 ... L[nf] = sigma_max
     queue = init_queue(base, levels, plan, generator=generator, uniform=uniform)
     frames = []
@@ -99,7 +110,7 @@ def autoregressive_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...]
         cond = recondition(video[:, -1], cond)
         clip = base_sample(denoise, cond, scheduler, shape_bfchw, num_steps, generator=generator, progress=progress)
         if overlap:
-            w = (torch.arange(1, overlap + 1, dtype=clip.dtype) / (overlap + 1)).view(1, -1, 1, 1, 1)
+            w = torch.arange(1, overlap + 1, dtype=clip.dtype, device=clip.device).view(1, -1, 1, 1, 1) / (overlap + 1)
             blended = (1 - w) * video[:, -overlap:] + w * clip[:, :overlap]
             video = torch.cat([video[:, :-overlap], blended, clip[:, overlap:]], dim=1)
         else:

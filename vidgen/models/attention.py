@@ -43,6 +43,14 @@ def check_backend(backend: str) -> None:
                           "(pip install xformers matching your torch); or use model.attention=sdpa") from None
 
 
+def portable(model_cfg):
+    """`model_cfg` (a ModelConfig) with an attention kernel any process can build: sdpa in place of xformers.
+
+    For models built only to read or write weights (exports, weight hashes on a driver): the weights do not
+    depend on the kernel, and the process building them (a GPU-less head, a CPU task) may have no CUDA."""
+    return model_cfg.model_copy(update={"attention": "sdpa"}) if model_cfg.attention == "xformers" else model_cfg
+
+
 def _is_plain(processor: object) -> bool:
     """A stock diffusers processor, safe to replace (not a LoRA/IP-adapter/custom one)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor

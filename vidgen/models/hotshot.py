@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, UNetMotionModel
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
 from vidgen.models.vae import LatentVideoModel
@@ -48,6 +49,15 @@ class TemporalLayer(AnimateDiffTransformer3D):
         x = self.proj_out(x)
         x = x.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)
         return x + hidden_states
+
+
+class FramePositions(SinusoidalPositionalEmbedding):
+    """The temporal positional table, added in the dtype of the frames it is added to. DeepSpeed's bf16/fp16 modes
+    cast parameters, not buffers: with the fp32 table, diffusers' own add turns 16-bit frames into fp32 ones that
+    the 16-bit attention projections then refuse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pe[:, : x.shape[1]].to(x.dtype)
 
 
 class ClipGroupNorm(torch.nn.GroupNorm):
@@ -109,6 +119,9 @@ class HotshotUNet(UNetMotionModel):
         self.spatial_norm = spatial_norm
         for m in self.temporal_layers():
             m.__class__ = TemporalLayer  # adds behaviour only: no new state
+            for block in m.transformer_blocks:
+                if isinstance(block.pos_embed, SinusoidalPositionalEmbedding):
+                    block.pos_embed.__class__ = FramePositions
         if spatial_norm == "clip":
             for name, m in self.named_modules():
                 if isinstance(m, torch.nn.GroupNorm) and _is_resnet_or_out_norm(name):
@@ -308,10 +321,93 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", temporal_la
 TEMPORAL_NAME = "hsxl_temporal_layers.safetensors"
 
 
+# ---------------------------------------------------------------------------------------------
+# full-size configs (no weights): what `vidgen plan` builds on the meta device when model.path has none
+
+
+def full_size_configs() -> dict[str, dict]:
+    """The configs of stabilityai/stable-diffusion-xl-base-1.0 (Hotshot-XL's spatial base, frozen in training).
+
+    unet: its `unet/config.json` (a UNet2DConditionModel, 2,567,463,684 parameters); `from_configs` adds the
+    temporal layers vidgen builds (`HotshotUNet.from_config_2d`: one 8-head temporal transformer per down/up resnet,
+    none in the mid block; Hotshot's `hsxl_temporal_layers.safetensors` holds them). vae: its `vae/` AutoencoderKL
+    (83,653,863, force_upcast, scaling 0.13025). text_encoder(_2): `vidgen.models.sdxl.full_size_text_configs`.
+    """
+    from vidgen.models import sdxl
+
+    return {
+        "unet": dict(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=(320, 640, 1280),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the 1280-wide pooled text
+            norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            latent_channels=4, norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+        **sdxl.full_size_text_configs(),
+    }
+
+
+def from_configs(configs: dict[str, dict], max_frames: int = HOTSHOT_MAX_FRAMES, spatial_norm: str = "clip",
+                 prediction_type: str = "epsilon", seed: int | None = None) -> Hotshot:
+    """A Hotshot from config dicts (`full_size_configs()`, or config.json files of a local directory: a Hotshot
+    UNet3D or SDXL 2-D `unet`), randomly initialised on the current default device and dtype: build under
+    `torch.device("meta")` to get shapes without memory. With `seed`, each part is seeded on its own (seed: the
+    UNet, + 1: the VAE, + 2: the text encoders). The scheduler is SDXL's DDPM config, always in fp32."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from vidgen.models import sdxl
+    from vidgen.models.hotshot_weights import config_2d_from_hotshot
+
+    def seeded(i: int) -> None:
+        if seed is not None:
+            torch.manual_seed(seed + i)
+
+    unet_cfg = {k: v for k, v in configs["unet"].items() if not k.startswith("_")}
+    if any(t.endswith("3D") for t in unet_cfg["down_block_types"]):  # Hotshot's own UNet3DConditionModel config
+        unet_cfg = config_2d_from_hotshot(unet_cfg, "unet config")
+    seeded(0)
+    unet = HotshotUNet.from_config_2d(unet_cfg, max_frames=max_frames, spatial_norm=spatial_norm).eval()
+    seeded(1)
+    vae = AutoencoderKL.from_config({k: v for k, v in configs["vae"].items() if not k.startswith("_")}).eval()
+    seeded(2)
+    text = sdxl.text_from_configs(configs)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the noise schedule's betas and alphas_cumprod
+    try:
+        scheduler = DDPMScheduler(**{**SDXL_SCHEDULER, "prediction_type": prediction_type})
+    finally:
+        torch.set_default_dtype(previous)
+    return Hotshot(unet, vae, text, scheduler)
+
+
+def full(seed: int = 0, max_frames: int = HOTSHOT_MAX_FRAMES, spatial_norm: str = "clip",
+         prediction_type: str = "epsilon", dtype: torch.dtype = torch.float32) -> Hotshot:
+    """Hotshot-XL's architecture at full size (`full_size_configs`: SDXL base 1.0 + the temporal layers), random
+    init, every part built directly in `dtype` (a 2.8B-parameter UNet is never held in fp32 first when the frozen
+    base trains in bf16) and seeded on its own (see `from_configs`). The tokenizers are the offline byte-level ones."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return from_configs(full_size_configs(), max_frames, spatial_norm, prediction_type, seed=seed)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vidgen/models", seed: int = 0,
           temporal_layers: str | None = None, spatial_unet_base: str | None = None, max_frames: int | None = None,
-          spatial_norm: str = "clip", prediction_type: str | None = None, attention: str = "sdpa") -> Hotshot:
-    """The entry point configs use (model.family=hotshot)."""
+          spatial_norm: str = "clip", prediction_type: str | None = None, attention: str = "sdpa",
+          dtype: torch.dtype = torch.float32) -> Hotshot:
+    """The entry point configs use (model.family=hotshot). `dtype`: what flavor=full builds its weights in (the
+    recipe's frozen-base dtype)."""
     from vidgen.errors import ModelError
     from vidgen.models.attention import apply, check_backend
     from vidgen.models.hotshot_weights import read_temporal_file
@@ -319,6 +415,10 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
     check_backend(attention)  # before loading gigabytes of weights
     if flavor == "tiny":
         model = tiny(seed, max_frames or HOTSHOT_MAX_FRAMES, spatial_norm, prediction_type or "epsilon")
+        if temporal_layers:
+            read_temporal_file(model.unet, temporal_layers)
+    elif flavor == "full":
+        model = full(seed, max_frames or HOTSHOT_MAX_FRAMES, spatial_norm, prediction_type or "epsilon", dtype)
         if temporal_layers:
             read_temporal_file(model.unet, temporal_layers)
     elif flavor == "pretrained":
@@ -329,5 +429,5 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
             model.scheduler = model.scheduler.__class__.from_config(model.scheduler.config,
                                                                     prediction_type=prediction_type)
     else:
-        raise ModelError(f"model.flavor={flavor}: expected one of tiny, pretrained")
+        raise ModelError(f"model.flavor={flavor}: expected one of tiny, full, pretrained")
     return apply(model, attention)

@@ -150,3 +150,33 @@ def pretrained_text(root: str | Path, tokenizer_path: str | None = None, tokeniz
         )
     except Exception as e:  # unreadable configs or tokenizer files, truncated or foreign weights
         raise ModelError(f"{root}: cannot load the SDXL text encoders ({brief(e)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# full-size configs (no weights): what `vidgen plan` builds on the meta device
+
+
+def full_size_text_configs() -> dict[str, dict]:
+    """CLIPTextConfig kwargs of stabilityai/stable-diffusion-xl-base-1.0's `text_encoder/` and `text_encoder_2/`.
+
+    text_encoder: OpenAI CLIP ViT-L/14's text tower (CLIPTextModel, 123,060,480 parameters). text_encoder_2:
+    OpenCLIP ViT-bigG/14's text tower with its 1280-wide projection (CLIPTextModelWithProjection, 694,659,840).
+    """
+    common = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0,
+                  eos_token_id=2, pad_token_id=1)
+    return {
+        "text_encoder": dict(common, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+        "text_encoder_2": dict(common, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+    }
+
+
+def text_from_configs(configs: dict[str, dict], max_length: int = 77) -> SDXLText:
+    """Both encoders from CLIPTextConfig kwargs (randomly initialised on the current default device, so build
+    under `torch.device("meta")` for shapes only) with the offline byte-level tokenizers (no download)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    enc1 = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])).eval()
+    return SDXLText(tiny_tokenizer(max_length), tiny_tokenizer(max_length), enc1, enc2)

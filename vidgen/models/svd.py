@@ -273,8 +273,10 @@ def load_unet(path: str, cache_dir: str = "~/.cache/vidgen/models") -> torch.nn.
 
 
 def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vidgen/models",
-          seed: int = 0, num_frames: int = 8, unet_path: str | None = None, attention: str = "sdpa") -> SVD:
-    """The entry point configs use: `model.flavor`, `model.path`, `model.cache_dir`, `model.attention`."""
+          seed: int = 0, num_frames: int = 8, unet_path: str | None = None, attention: str = "sdpa",
+          dtype: torch.dtype = torch.float32) -> SVD:
+    """The entry point configs use: `model.flavor`, `model.path`, `model.cache_dir`, `model.attention`.
+    `dtype`: what flavor=full builds its weights in (the recipe's frozen-base dtype)."""
     from vidgen.models.attention import apply, check_backend
 
     check_backend(attention)  # before loading gigabytes of weights
@@ -286,8 +288,12 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
         if not path:
             raise ModelError("model.path: required for model.flavor=pretrained (a diffusers SVD directory)")
         model = pretrained(path, cache_dir, unet_path=unet_path)
+    elif flavor == "full":
+        model = full(seed=seed, num_frames=num_frames, dtype=dtype)
+        if unet_path:
+            model.unet = load_unet(unet_path, cache_dir).to(dtype)
     else:
-        raise ModelError(f"model.flavor={flavor}: expected one of tiny, pretrained")
+        raise ModelError(f"model.flavor={flavor}: expected one of tiny, full, pretrained")
     return apply(model, attention)
 
 
@@ -323,14 +329,41 @@ def full_size_configs(num_frames: int = 25) -> dict[str, dict]:
     }
 
 
-def from_configs(configs: dict[str, dict]) -> SVD:
+def full(seed: int = 0, num_frames: int = 25, dtype: torch.dtype = torch.float32) -> SVD:
+    """SVD-XT's architecture at full size (`full_size_configs`), random init: what benchmarks and the GPU check
+    train where no weights are given. Each part is built directly in `dtype` (a 1.5B-parameter UNet is never
+    held twice) and seeded on its own: torch.manual_seed(seed) then the UNet's `from_config` reproduces the
+    UNet without vidgen (seed + 1: the VAE, seed + 2: the image encoder)."""
+    from diffusers import EulerDiscreteScheduler
+
+    configs = full_size_configs(num_frames)
+    parts = {}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        for i, name in enumerate(("unet", "vae", "image_encoder")):
+            torch.manual_seed(seed + i)
+            parts[name] = getattr(from_configs({k: configs[k] for k in configs if k == name}, only=name), name)
+    finally:
+        torch.set_default_dtype(previous)
+    size = configs["image_encoder"]["image_size"]
+    model = SVD(parts["unet"], parts["vae"], parts["image_encoder"],
+                _clip_processor_class()(crop_size=size, size=size), EulerDiscreteScheduler(**SVD_SCHEDULER))
+    for m in (model.unet, model.vae, model.image_encoder):
+        m.eval()
+    return model
+
+
+def from_configs(configs: dict[str, dict], only: str | None = None) -> SVD:
     """UNet, VAE and image encoder built from config dicts (e.g. `full_size_configs()` or the config.json files
     of a diffusers directory), randomly initialised on the current default device; no scheduler or feature
     extractor. Build under `torch.device("meta")` to get shapes without memory."""
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    unet = UNetSpatioTemporalConditionModel.from_config(configs["unet"])
-    vae = AutoencoderKLTemporalDecoder.from_config(configs["vae"])
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))
+    want = (lambda name: only in (None, name))  # noqa: E731
+    unet = UNetSpatioTemporalConditionModel.from_config(configs["unet"]) if want("unet") else None
+    vae = AutoencoderKLTemporalDecoder.from_config(configs["vae"]) if want("vae") else None
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"])) \
+        if want("image_encoder") else None
     return SVD(unet, vae, image_encoder, feature_extractor=None, scheduler=None)

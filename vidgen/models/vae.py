@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from vidgen.diffusion.noise import randn
+
 
 class LatentVideoModel:
     """Mixin for the model dataclasses (SVD, Hotshot): VAE geometry and per-frame video encoding."""
@@ -31,13 +33,15 @@ class LatentVideoModel:
         return dist.parameters.float().unflatten(0, (b, f))
 
     def sample_latents(self, posterior_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents [B, F, C, h, w]: one draw of the posterior (as training uses), from `generator`."""
+        """Scaled latents [B, F, C, h, w]: one draw of the posterior (as training uses), from `generator`, drawn on
+        the generator's device and moved to the posterior's (what diffusers' `sample` does, in fp32)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         b, f = posterior_bfchw.shape[:2]
         dist = DiagonalGaussianDistribution(posterior_bfchw.flatten(0, 1))
+        z = dist.mean + dist.std * randn(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
         # contiguous: the VAE can hand back channels-last latents, whose conv backward crashes torch 2.13 on CPU
-        return (dist.sample(generator=generator) * self.scaling_factor).unflatten(0, (b, f)).contiguous()
+        return (z * self.scaling_factor).unflatten(0, (b, f)).contiguous()
 
     def encode_video(self, frames_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled latents [B, F, C, h, w] of frames in [-1, 1]: a sample of the posterior."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from vidgen.config import ModelConfig, TrainConfig
+from vidgen.diffusion.noise import randint
 from vidgen.errors import ConfigError, ModelError
 from vidgen.models import hotshot
 from vidgen.models.hotshot_weights import TEMPORAL_FILE, load_temporal, save_hotshot_unet_dir, write_temporal_file
@@ -36,13 +37,16 @@ from vidgen.train.objectives import (
 from vidgen.train.recipes import UNetRecipe
 
 
-def build_model(model_cfg: ModelConfig, seed: int, prediction_type: str | None = None) -> hotshot.Hotshot:
+def build_model(model_cfg: ModelConfig, seed: int, prediction_type: str | None = None,
+                precision: str = "fp32") -> hotshot.Hotshot:
+    """flavor=full builds its random weights in the training precision (bf16: no fp32 copy first)."""
     m = model_cfg
     if m.family != "hotshot":
         raise ConfigError(f"model.family={m.family}: recipe hotshot_temporal needs model.family=hotshot")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, temporal_layers=m.temporal_layers,
                          spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames, spatial_norm=m.spatial_norm,
-                         prediction_type=prediction_type, attention=m.attention)
+                         prediction_type=prediction_type, attention=m.attention, dtype=dtype)
 
 
 @dataclass
@@ -55,7 +59,8 @@ class HotshotTemporalRecipe(UNetRecipe):
     def __post_init__(self):
         d = self.train_cfg.ddpm
         self.model = build_model(self.model_cfg, self.seed,
-                                 None if d.prediction_type == "scheduler" else d.prediction_type)
+                                 None if d.prediction_type == "scheduler" else d.prediction_type,
+                                 self.train_cfg.precision)
         frames, limit = self.model_cfg.num_frames, self.model.unet.config.motion_max_seq_length
         if frames > limit:
             raise ConfigError(f"model.num_frames={frames}: the temporal positional table holds {limit} frames; "
@@ -119,7 +124,7 @@ class HotshotTemporalRecipe(UNetRecipe):
         b, _, _, h, w = latents.shape
         hw = (h * m.vae_scale_factor, w * m.vae_scale_factor)  # pixels
         embeds, pooled, ids = self.conditioning(batch, enc, hw, device, generator)
-        t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=generator).to(device)  # uniform
+        t = randint(0, len(self.alphas_cumprod), (b,), generator, device)  # uniform
         noise = offset_noise(tuple(latents.shape), d.noise_offset, generator).to(device)
         noisy = ddpm_noisy(latents, noise, self.alphas_cumprod, t)
         target = ddpm_target(latents, noise, self.alphas_cumprod, t, m.prediction_type)

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,7 @@ from vidgen.errors import ConfigError, JobError
 
 log = logging.getLogger(__name__)
 
-WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "RAY_DATA_USE_DATASOURCE_V2",
-              "VIDGEN_FAULT_KILL", "VIDGEN_DUMP_STATE")
+TEST_HOOK_ENV = ("VIDGEN_FAULT_KILL", "VIDGEN_DUMP_STATE")  # vidgen/train/loop.py
 
 
 @ray.remote(num_cpus=0)
@@ -90,6 +90,7 @@ class TrainResult:
     export_dir: str  # the trained UNet, diffusers format (svd_lora: the LoRA directory, see models/lora.py)
     metrics: list[dict] = field(default_factory=list)  # every row rank 0 reported, in step order
     merged_dir: str | None = None  # svd_lora with train.lora.export_merged: base UNet + LoRA, diffusers format
+    export_s: float = 0.0  # consolidating the shards and writing the export(s)
 
 
 def check(cfg: VidgenConfig) -> None:
@@ -100,6 +101,9 @@ def check(cfg: VidgenConfig) -> None:
                           "use model.attention=sdpa")
     if not t.use_gpu and t.precision == "fp16":
         raise ConfigError("train.precision=fp16: DeepSpeed has no fp16 on CPU; expected fp32 or bf16")
+    if t.adam_8bit and t.offload_optimizer:
+        raise ConfigError("train.adam_8bit=true with train.offload_optimizer=true: the 8-bit optimizer steps on the "
+                          "GPU; ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam. Choose one")
     if t.adam_8bit:
         if not t.use_gpu:
             raise ConfigError("train.adam_8bit=true: 8-bit AdamW needs train.use_gpu=true")
@@ -150,6 +154,26 @@ def storage_root(cfg: VidgenConfig) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def ray_storage(cfg: VidgenConfig):
+    """(path, filesystem) for Ray Train: remote roots through vidgen's own fsspec filesystem, so that Ray reaches
+    the same store as vidgen (VIDGEN_S3_ENDPOINT_URL, fsspec's credentials), not one it builds from the URI."""
+    from vidgen import storage
+
+    root = storage_root(cfg)
+    if not storage.is_remote(root):
+        return root, None
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(root)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def checkpoint_uri(cfg: VidgenConfig, checkpoint) -> str:
+    """A Ray checkpoint's location as a URI (Ray gives the path within `ray_storage`'s filesystem)."""
+    root = storage_root(cfg)
+    return f"{root.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}" if "://" in root else checkpoint.path
+
+
 def check_resume(cfg: VidgenConfig) -> None:
     """Refuse, before any worker starts, to resume a run whose newest checkpoint was written with another
     model/training config: its manifests (vidgen/train/manifest.py) carry the config hash. The workers check the
@@ -190,7 +214,12 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
     check(cfg)
     check_resume(cfg)
     t = cfg.train
-    sink = MetricsSink.remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: it lives and dies with the driver, never with a worker node (a sink lost with a
+    # node would lose every metric and validation video of the run, silently).
+    sink = MetricsSink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     loop_config = {"train": t.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.run.seed,
                    "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg)}
     if t.validation_every and validation_images:
@@ -200,7 +229,6 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
             "num_frames": cfg.model.num_frames, "height": height, "width": width,
             "out_dir": storage.join(cfg.run.workdir, "validation", cfg.run.name),
         }
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     scaling = ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                       resources_per_worker=t.resources_per_worker or None,
                                       accelerator_type=t.accelerator_type)
@@ -211,19 +239,30 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
         datasets={"train": dataset.select_columns(train_columns(cfg, dataset))},
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage_root(cfg),
+            storage_path=ray_storage(cfg)[0],
+            storage_filesystem=ray_storage(cfg)[1],
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            worker_runtime_env={"env_vars": env} if env else None,
+            worker_runtime_env={"env_vars": worker_runtime_env(t.use_gpu)},
             callbacks=[CommitOnCheckpoint(sink)],
         ),
     )
     rows: list[dict] = []
     stop = threading.Event()
 
-    def pump() -> None:  # log metrics while the fit runs, not only at the end
-        while not stop.wait(1.0):
+    lost: list[JobError] = []  # the sink died: said once the fit is over, never silently
+
+    def drain() -> bool:
+        try:
             _drain(sink, rows, on_metrics, on_artifacts)
+            return True
+        except JobError as e:
+            lost.append(e)
+            return False
+
+    def pump() -> None:  # log metrics while the fit runs, not only at the end
+        while not stop.wait(1.0) and drain():
+            pass
 
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()
@@ -234,17 +273,31 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
     finally:
         stop.set()
         pumper.join()
-        _drain(sink, rows, on_metrics, on_artifacts)
+        if not lost:
+            drain()
         ray.kill(sink)
+    if lost:
+        raise lost[0]
     if result.checkpoint is None:
         raise JobError(f"training run {cfg.run.name!r} finished without a checkpoint")
     lora = t.recipe == "svd_lora"
     export_dir = os.path.join(cfg.run.workdir, "export", "lora" if lora else "unet")
     merged_dir = os.path.join(cfg.run.workdir, "export", "unet") if lora and t.lora.export_merged else None
-    export_unet(cfg, result.checkpoint, export_dir, merged_dir)
+    t_export = time.perf_counter()
+    export_on_worker(cfg, result.checkpoint, export_dir, merged_dir)
     rows.sort(key=lambda r: r["step"])
-    return TrainResult(checkpoint_dir=result.checkpoint.path, export_dir=export_dir, metrics=rows,
-                       merged_dir=merged_dir)
+    return TrainResult(checkpoint_dir=checkpoint_uri(cfg, result.checkpoint), export_dir=export_dir, metrics=rows,
+                       merged_dir=merged_dir, export_s=time.perf_counter() - t_export)
+
+
+def worker_runtime_env(use_gpu: bool) -> dict[str, str]:
+    """The environment of every training worker: the shared settings, the accelerator settings that follow the
+    worker's own resources (never the driver's: a GPU-less head must not make GPU workers use the CPU), and the
+    test hooks when set."""
+    from vidgen.ray_env import shared_env, worker_env
+
+    hooks = {k: os.environ[k] for k in TEST_HOOK_ENV if k in os.environ}
+    return {**shared_env(), **hooks, **worker_env(use_gpu)}
 
 
 def _train_func(config: dict) -> None:
@@ -256,8 +309,10 @@ def _train_func(config: dict) -> None:
 def _drain(sink, rows: list[dict], on_metrics, on_artifacts=None) -> None:
     try:
         new, artifacts = ray.get(sink.drain.remote(), timeout=30)
-    except Exception:  # the sink is gone or busy: nothing to log now
+    except ray.exceptions.GetTimeoutError:  # busy: the next drain takes it
         return
+    except ray.exceptions.RayActorError as e:  # it lives on the driver's node: only a dying driver loses it
+        raise JobError(f"the metrics collector died; metrics after the last drain are lost: {_root_cause(e)}") from e
     if new:
         rows.extend(new)
         if on_metrics:
@@ -295,6 +350,18 @@ def consolidated_state_dict(ckpt_dir: str, verify: bool = True) -> dict:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def export_on_worker(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str | None = None) -> None:
+    """`export_unet` as a Ray task on a worker node: consolidating a full UNet holds the model and its fp32
+    state (15-20 GB for SVD-XT), more than a head pod has. The head reserves no CPU (cluster/kuberay), so a
+    one-CPU task never lands there; on a single machine it runs beside the driver. Errors come back as the
+    task's own exception."""
+    task = ray.remote(num_cpus=1, max_retries=1)(export_unet)
+    try:
+        ray.get(task.remote(cfg, checkpoint, export_dir, merged_dir))
+    except ray.exceptions.RayTaskError as e:
+        raise (e.cause if isinstance(e.cause, Exception) else JobError(f"export failed: {_root_cause(e)}")) from None
+
+
 def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str | None = None) -> None:
     """Consolidate the ranks' shards and write the recipe's export (a diffusers UNet directory, or a LoRA
     directory) atomically; `merged_dir`: also the base UNet with the LoRA merged in. A checkpoint that
@@ -319,9 +386,12 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str 
 
 def _export(cfg: VidgenConfig, state: dict, export_dir: str, merged: bool = False) -> None:
     from vidgen import storage
+    from vidgen.models.attention import portable
     from vidgen.train.recipes import build_recipe
 
-    recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
+    # Weights do not depend on the attention kernel: the export computes nothing, so it builds with sdpa, which
+    # runs anywhere (xformers needs CUDA, which the process exporting may not have).
+    recipe = build_recipe(cfg.train.recipe, portable(cfg.model), cfg.train, cfg.run.seed)
     with tempfile.TemporaryDirectory(prefix="vidgen-export-") as tmp:
         (recipe.export_merged if merged else recipe.export)(state, tmp)
         if storage.is_remote(export_dir):

@@ -53,7 +53,7 @@ def deepspeed_config(train: dict, world_size: int, on_cpu: bool, user: dict | No
         "zero_optimization": zero,
         "bf16": {"enabled": train["precision"] == "bf16"},
         "fp16": {"enabled": train["precision"] == "fp16"},
-        "zero_allow_untested_optimizer": True,  # client AdamW under offload
+        "zero_allow_untested_optimizer": True,  # a client optimizer (see `_optimizer`)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -111,11 +111,18 @@ def _skip_cpu_shm_build() -> None:
 
 
 def _optimizer(params, t):
+    """A client optimizer, so DeepSpeed compiles no fused Adam. Under ZeRO-Offload the optimizer steps on the CPU
+    copy of the weights: DeepSpeed's CPU Adam (vectorised, multi-threaded; refused otherwise by DeepSpeed),
+    compiled once per machine into TORCH_EXTENSIONS_DIR (the cluster image builds it in advance)."""
     if t.adam_8bit:
         import bitsandbytes as bnb  # checked on the driver: GPU runs only
 
         return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
-    # A client optimizer: DeepSpeed builds no fused/CPU Adam extension for it.
+    if t.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                adamw_mode=True)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -130,7 +137,7 @@ def _maybe_dump_state(engine, zero_stage: int, rank: int) -> None:
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else None
     with gather or contextlib.nullcontext():
         if rank == 0:
-            torch.save({k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}, path)
+            torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, path)  # no copy on CPU
 
 
 _FAULT_SPEC = re.compile(r"^(\d+:\d+(?:,\d+:\d+)*):(.+)$")
@@ -175,16 +182,19 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
 
 
 def train_func(config: dict) -> None:
-    import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
     from vidgen.config import ModelConfig, TrainConfig
+    from vidgen.ray_env import apply_worker_env
     from vidgen.train.recipes import build_recipe
+
+    t, model_cfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
+    apply_worker_env(t.use_gpu)  # before DeepSpeed picks its accelerator: this worker's, not the driver's
+    import deepspeed
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    t, model_cfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
     seed, sink = config["seed"], config.get("metrics_sink")
     on_cpu = not t.use_gpu
     device = torch.device("cpu") if on_cpu else torch.device("cuda", ctx.get_local_rank())
@@ -195,6 +205,8 @@ def train_func(config: dict) -> None:
         torch.cuda.set_device(device)
 
     # -- setup --------------------------------------------------------------------------------
+    t_setup = time.perf_counter()
+    timings: dict[str, float] = {}  # figures of this attempt, sent with the next metrics row
     recipe = build_recipe(t.recipe, model_cfg, t, seed).to(device)
     if t.activation_checkpointing:
         recipe.unet.enable_gradient_checkpointing()
@@ -210,21 +222,24 @@ def train_func(config: dict) -> None:
     names = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
     ema = {n: p.detach().float().clone() for n, p in zip(names, params, strict=True)} if t.ema and rank == 0 else None
 
+    timings["setup_s"] = time.perf_counter() - t_setup  # models built, DeepSpeed engine ready
     my_hash = config_hash(config["model"], config["train"])
     step, batches_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
+        t_load = time.perf_counter()
         # DeepSpeed unpickles its files (weights_only=False): the manifest check before it is what keeps a
         # truncated or altered file from being loaded.
         with valid_checkpoint(ckpt) as d:
             _, client = engine.load_checkpoint(d, tag=None, load_module_strict=not trainable_only)
             if ema is not None and Path(d, "ema.pt").exists():
-                ema = torch.load(Path(d, "ema.pt"), map_location="cpu", weights_only=True)
+                ema = load_ema(Path(d, "ema.pt"), device)
         if client.get("config_hash") not in (None, my_hash):
             raise RuntimeError(f"the checkpoint of run {ctx.get_experiment_name()!r} was written with another "
                                "model/training config; start a new run.name to train with this one")
         step, batches_seen = int(client["step"]), int(client["batches_seen"][rank])
-        _check_same_step(step)
+        _check_same_step(step, device)
+        timings["checkpoint_load_s"] = time.perf_counter() - t_load
         log.info("rank %d resumed at step %d after %d batches", rank, step, batches_seen)
     if sink is not None and rank == 0:
         sink.start_attempt.remote(step)  # forget uncommitted metrics of a failed attempt
@@ -265,25 +280,28 @@ def train_func(config: dict) -> None:
             _maybe_inject_fault(rank, step)
             if ema is not None:
                 _ema_update(ema, names, params, t.ema_decay)
-            mean_loss = torch.stack(losses).mean()
-            torch.distributed.all_reduce(mean_loss)
+            mean_loss = mean_over_ranks(losses, device)
             losses = []
             now = time.perf_counter()
             dt = now - t_step
             if rank == 0 and sink is not None:
                 norm = engine.get_global_grad_norm()
-                sink.put.remote([{"step": step, "loss": mean_loss.item() / world, "lr": scheduler.get_last_lr()[0],
+                sink.put.remote([{"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                                   "grad_norm": float(norm) if norm is not None else float("nan"),
                                   "step_time_s": dt, "samples_per_s": samples_per_step / dt,
-                                  "data_wait_frac": min(1.0, wait / dt), **extra}])
+                                  "data_wait_frac": min(1.0, wait / dt), **extra, **timings}])
+            timings = {}
             t_step, wait = now, 0.0
             if t.validation_every and step % t.validation_every == 0 and config.get("validation"):
                 _validate(recipe, engine, t, config, rank, step, sink)
             if step >= t.max_steps or step % t.checkpoint_every == 0:
                 if t.zero_stage < 3:
-                    check_ranks_agree(params, step)
+                    check_ranks_agree(params, step, device)
+                t_save = time.perf_counter()
                 _save(engine, step, batches_seen, my_hash, ema, rank, world, Checkpoint, ray.train, sink,
-                      trainable_only)
+                      trainable_only, device)
+                timings["checkpoint_save_s"] = time.perf_counter() - t_save
+                t_step = time.perf_counter()  # the next step's time is its own, without the checkpoint
         if epoch_batches == 0:
             raise RuntimeError(f"rank {rank}: the training dataset shard yielded no batch of {t.batch_size} clips")
     _maybe_dump_state(engine, t.zero_stage, rank)
@@ -299,16 +317,32 @@ def _collate(device: torch.device):
     return collate
 
 
+def load_ema(path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The EMA copy of a checkpoint on this worker's device (it is updated in place from the live weights)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
 def _ema_update(ema: dict, names: list[str], params: list, decay: float) -> None:
     with torch.no_grad():
         for n, p in zip(names, params, strict=True):
             ema[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
 
 
-def check_ranks_agree(params: list[torch.nn.Parameter], step: int) -> None:
+# Collectives: every tensor is on the compute device. Ray Train picks NCCL when the workers have GPUs, and NCCL
+# takes CUDA tensors only; gloo (CPU workers) takes CPU tensors.
+
+
+def mean_over_ranks(losses: list[torch.Tensor], device: torch.device) -> float:
+    """The mean of every rank's micro-batch losses since the last optimizer step."""
+    mean = torch.stack(losses).mean().detach().to(device)
+    torch.distributed.all_reduce(mean)
+    return mean.item() / torch.distributed.get_world_size()
+
+
+def check_ranks_agree(params: list[torch.nn.Parameter], step: int, device: torch.device) -> None:
     """Every rank must hold the same weights (ZeRO 0-2 replicate them). Training that never averages
     gradients (SVD Xtend's unwrapped-DDP bug) lets ranks drift apart silently; here it fails loudly."""
-    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1)
+    checksum = torch.stack([p.detach().double().sum().to(device) for p in params]).sum().view(1)
     gathered = [torch.zeros_like(checksum) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, checksum)
     values = torch.cat(gathered)
@@ -317,11 +351,16 @@ def check_ranks_agree(params: list[torch.nn.Parameter], step: int) -> None:
                            "gradients are not being averaged across workers")
 
 
+def data_positions(batches_seen: int, rank: int, world: int, device: torch.device) -> list[int]:
+    """Every rank's data position (micro-batches consumed), in every rank."""
+    seen = torch.tensor([batches_seen if r == rank else 0 for r in range(world)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(seen)
+    return seen.tolist()
+
+
 def _save(engine, step: int, batches_seen: int, my_hash: str, ema, rank: int, world: int, Checkpoint,
-          train_mod, sink, trainable_only: bool = False) -> None:
-    seen = torch.tensor([batches_seen if r == rank else 0 for r in range(world)])
-    torch.distributed.all_reduce(seen)  # every rank's data position, in every rank's client state
-    client = {"step": step, "config_hash": my_hash, "batches_seen": seen.tolist()}
+          train_mod, sink, trainable_only: bool, device: torch.device) -> None:
+    client = {"step": step, "config_hash": my_hash, "batches_seen": data_positions(batches_seen, rank, world, device)}
     with tempfile.TemporaryDirectory(prefix="vidgen-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=f"step{step:08d}", client_state=client,
                                exclude_frozen_parameters=trainable_only)
@@ -372,9 +411,9 @@ def _older_checkpoints(ckpt) -> list:
     return [Checkpoint(f"{parent}/{n}", filesystem=fs) for n in older]
 
 
-def _check_same_step(step: int) -> None:
+def _check_same_step(step: int, device: torch.device) -> None:
     """Ranks that read different copies of storage could fall back differently: refuse to train on mixed state."""
-    both = torch.tensor([step, -step], dtype=torch.int64)
+    both = torch.tensor([step, -step], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
     if int(both[0]) != -int(both[1]):
         raise RuntimeError(f"ranks resumed from different checkpoints (steps {-int(both[1])} to {int(both[0])})")

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from vidgen.diffusion.noise import rand, randn
+
 
 def rand_log_normal(shape: tuple[int, ...], loc: float, scale: float, generator: torch.Generator | None = None,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """exp(loc + scale * N(0, 1)): k-diffusion's log-normal sigma sampler."""
-    return (torch.randn(shape, generator=generator, device=device) * scale + loc).exp()
+    """exp(loc + scale * N(0, 1)): k-diffusion's log-normal sigma sampler. Every draw in this module is made on
+    the generator's device and then moved to `device` (vidgen.diffusion.noise)."""
+    return (randn(shape, generator, device) * scale + loc).exp()
 
 
 @dataclass
@@ -70,7 +73,7 @@ def conditioning_dropout_masks(batch: int, p: float, generator: torch.Generator 
     One uniform draw r per sample: r < 2p drops the embedding, p <= r < 3p drops the latent, so each is
     dropped 20% of the time at p = 0.1 and both together 10% (SVD Xtend's scheme, made per-sample).
     """
-    r = torch.rand(batch, generator=generator, device=device)
+    r = rand((batch,), generator, device)
     keep_embedding = (r >= 2 * p).float()
     keep_latent = ((r < p) | (r >= 3 * p)).float()
     return keep_embedding, keep_latent
@@ -93,10 +96,10 @@ def offset_noise(shape_bfchw: tuple[int, ...], offset: float, generator: torch.G
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """N(0, 1) noise plus `offset` * one N(0, 1) draw per video and channel (shared by frames and pixels),
     as Hotshot's `randn(B, C, 1, 1, 1)` in its (B, C, F, H, W) layout; zero offset draws nothing extra."""
-    noise = torch.randn(shape_bfchw, generator=generator, device=device)
+    noise = randn(shape_bfchw, generator, device)
     if offset:
         b, _, c = shape_bfchw[:3]
-        noise = noise + offset * torch.randn((b, 1, c, 1, 1), generator=generator, device=device)
+        noise = noise + offset * randn((b, 1, c, 1, 1), generator, device)
     return noise
 
 
@@ -135,4 +138,4 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight_b: torch.Tenso
 def caption_keep_mask(batch: int, p: float, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """1 keeps a sample's caption, 0 drops it (zero text embeddings: SDXL's unconditional input); P(drop) = p."""
-    return (torch.rand(batch, generator=generator, device=device) >= p).float()
+    return (rand((batch,), generator, device) >= p).float()

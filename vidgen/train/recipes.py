@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from vidgen.config import ModelConfig, TrainConfig
+from vidgen.diffusion.noise import randn
 from vidgen.errors import ConfigError
 from vidgen.models import svd
 from vidgen.train.objectives import (
@@ -26,9 +27,12 @@ from vidgen.train.objectives import (
 )
 
 
-def build_svd(m: ModelConfig, seed: int) -> svd.SVD:
+def build_svd(m: ModelConfig, seed: int, precision: str = "fp32") -> svd.SVD:
+    """flavor=full builds its random weights in the precision the frozen base trains in (bf16 with
+    train.precision=bf16): no fp32 copy first."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return svd.build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, num_frames=m.num_frames,
-                     attention=m.attention)
+                     attention=m.attention, dtype=dtype)
 
 
 class UNetRecipe:
@@ -56,7 +60,7 @@ class SVDFullRecipe(UNetRecipe):
     seed: int = 0
 
     def __post_init__(self):
-        self.model = build_svd(self.model_cfg, self.seed)
+        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision)
         self.model.vae.requires_grad_(False)
         self.model.image_encoder.requires_grad_(False)
         unet = self.model.unet
@@ -101,16 +105,16 @@ class SVDFullRecipe(UNetRecipe):
             latents = m.sample_latents(enc["latent_params"].to(device), generator)  # [B, F, C, h, w], scaled
             first = enc["first_frame"].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
             cond_sigma = rand_log_normal((b,), c.cond_aug_mean, c.cond_aug_std, generator).to(device)
-            noisy_first = first + cond_sigma.view(b, 1, 1, 1) * torch.randn(first.shape, generator=generator).to(device)
+            noisy_first = first + cond_sigma.view(b, 1, 1, 1) * randn(first.shape, generator, device)
             # SVD Xtend's augmentation is in pixel space, so this one frame is encoded here, cache or not
             cond_latent = m.encode_condition_frame(noisy_first)  # [B, C, h, w], unscaled
             image_embeds = enc["image_embeds"].to(device)  # [B, 1, D], from the clean frame as at sampling
-        keep_emb, keep_lat = conditioning_dropout_masks(b, c.conditioning_dropout, generator)
-        image_embeds = image_embeds * keep_emb.to(device).view(b, 1, 1)
-        cond_latent = cond_latent * keep_lat.to(device).view(b, 1, 1, 1)
+        keep_emb, keep_lat = conditioning_dropout_masks(b, c.conditioning_dropout, generator, device)
+        image_embeds = image_embeds * keep_emb.view(b, 1, 1)
+        cond_latent = cond_latent * keep_lat.view(b, 1, 1, 1)
 
         sigma = rand_log_normal((b,), c.p_mean, c.p_std, generator).to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noise = randn(latents.shape, generator, device)
         noisy = latents + sigma.view(b, 1, 1, 1, 1) * noise
         sc = edm_scalings(sigma)
         f = latents.shape[1]
@@ -151,11 +155,11 @@ class SVDLoraRecipe(SVDFullRecipe):
     def __post_init__(self):
         from vidgen.models.lora import inject_lora
 
-        self.model = build_svd(self.model_cfg, self.seed)
+        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision)
         self.model.vae.requires_grad_(False)
         self.model.image_encoder.requires_grad_(False)
         self.targets = inject_lora(self.model.unet, self.train_cfg.lora)  # freezes everything else
-        self.base_dtype = torch.float32
+        self.base_dtype = next(p.dtype for p in self.model.unet.parameters() if not p.requires_grad)
         self.model.unet.train()
 
     def to(self, device: torch.device) -> SVDLoraRecipe:
@@ -195,7 +199,8 @@ class SVDLoraRecipe(SVDFullRecipe):
         from vidgen.models import lora
 
         state = {k: v.to(torch.float32) for k, v in self.lora_state(state_dict).items()}
-        lora.set_peft_state(self.unet, state)
+        # In fp32: a base built or trained in bf16 would round the small LoRA update away in the merge.
+        lora.set_peft_state(self.unet.float(), state)
         lora.merge_lora(self.unet).save_pretrained(str(out_dir), safe_serialization=True)
 
 

@@ -1,0 +1,255 @@
+"""Defects that only GPUs show, caught on CPU: the environment a worker gets, the device of every collective and
+of the EMA copy, ZeRO-Offload, and an export configured for xformers on a machine without CUDA.
+
+A GPU run would crash on each of these; here each class is pinned down where the CPU can see it: the deciding
+function (which accelerator a worker uses), or the `meta` device standing in for CUDA (a tensor created on the
+CPU among meta tensors fails exactly as a CPU tensor in an NCCL collective or among CUDA tensors does).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from vidgen.config import load_config
+from vidgen.train import loop
+
+META = torch.device("meta")
+
+
+# ---- the environment a worker gets -----------------------------------------------------------------------
+
+
+def test_the_driver_sets_no_accelerator_for_the_workers(monkeypatch):
+    """A KubeRay entrypoint's driver runs on a GPU-less head: nothing it decides about accelerators may travel."""
+    from vidgen import ray_env
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    ray_env.set_driver_env()
+    assert "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # set on the driver by hand, or by an older vidgen
+    assert "DS_ACCELERATOR" not in ray_env.shared_env()
+
+
+@pytest.mark.parametrize("use_gpu, accelerator", [(True, "cuda"), (False, "cpu")])
+def test_a_worker_environment_follows_its_own_resources(monkeypatch, use_gpu, accelerator):
+    from vidgen.ray_env import apply_worker_env
+    from vidgen.train.launch import worker_runtime_env
+
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu" if use_gpu else "cuda")  # what a driver elsewhere might have
+    env = worker_runtime_env(use_gpu)
+    assert env["DS_ACCELERATOR"] == accelerator
+    assert env["HF_HUB_OFFLINE"] == "1" and not any(k.startswith("AWS_") for k in env)
+    apply_worker_env(use_gpu)  # inside the worker: whatever the job's runtime env said
+    assert os.environ["DS_ACCELERATOR"] == accelerator
+
+
+# ---- collectives and the EMA copy on the compute device ---------------------------------------------------
+
+
+class _Collected(Exception):
+    pass
+
+
+@pytest.fixture
+def collective_devices(monkeypatch):
+    """torch.distributed's collectives replaced by a recorder of their tensors' devices (no process group)."""
+    seen: list[torch.device] = []
+
+    def record(tensor_or_list, *args, **kwargs):
+        tensors = tensor_or_list if isinstance(tensor_or_list, list) else [tensor_or_list]
+        tensors += [a for a in args if isinstance(a, torch.Tensor)]
+        seen.extend(t.device for t in tensors)
+        raise _Collected  # the values of meta tensors cannot be read: stop at the collective
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", record)
+    monkeypatch.setattr(torch.distributed, "all_gather", record)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    return seen
+
+
+@pytest.mark.parametrize("collective", ["data_positions", "same_step", "ranks_agree", "mean_loss"])
+def test_every_collective_runs_on_the_compute_device(collective_devices, collective):
+    """NCCL (Ray's backend for GPU workers) takes CUDA tensors only: a tensor made on the CPU fails there."""
+    params = [torch.nn.Parameter(torch.empty(3, 2, device=META)), torch.nn.Parameter(torch.empty(4, device=META))]
+    calls = {
+        "data_positions": lambda: loop.data_positions(5, 1, 2, META),
+        "same_step": lambda: loop._check_same_step(7, META),
+        "ranks_agree": lambda: loop.check_ranks_agree(params, 3, META),
+        "mean_loss": lambda: loop.mean_over_ranks([torch.empty((), device=META)] * 2, META),
+    }
+    with pytest.raises(_Collected):
+        calls[collective]()
+    assert collective_devices and all(d == META for d in collective_devices), collective_devices
+
+
+def test_ema_resume_loads_onto_the_workers_device(tmp_path):
+    """The EMA copy is saved from one device and resumed on another; it is updated in place from the live
+    (device) weights, so it must come back on their device."""
+    saved = {"w": torch.randn(3, 2)}
+    torch.save(saved, tmp_path / "ema.pt")
+    ema = loop.load_ema(tmp_path / "ema.pt", META)
+    assert ema["w"].device == META
+    live = [torch.nn.Parameter(torch.empty(3, 2, device=META))]
+    loop._ema_update(ema, ["w"], live, 0.9)  # a CPU copy here would raise, as a CPU copy among CUDA weights does
+    assert ema["w"].device == META and ema["w"].shape == (3, 2)
+
+
+# ---- ZeRO-Offload and an xformers export, through the real stack -----------------------------------------
+
+
+def _clips(n: int = 8):
+    import ray
+
+    clip = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    return ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(n)]), clip
+
+
+@pytest.fixture(scope="module")
+def offload_runs(ray_session, tmp_path_factory):
+    runs = {}
+
+    def get(stage: int):
+        if stage not in runs:
+            from vidgen.train.launch import fit
+
+            tmp = tmp_path_factory.mktemp(f"offload{stage}")
+            cfg = load_config(None, [f"run.workdir={tmp}", f"run.name=o-{uuid.uuid4().hex[:8]}", "model.num_frames=4",
+                                     "train.num_workers=2", "train.lr=1e-3", f"train.zero_stage={stage}",
+                                     "train.offload_optimizer=true", "train.max_steps=1", "train.checkpoint_every=1"])
+            ds, clip = _clips()
+            runs[stage] = (cfg, fit(cfg, ds), clip)
+        return runs[stage]
+
+    return get
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offload_optimizer_fits_and_trains_like_a_plain_step(offload_runs, stage):
+    """DeepSpeed refuses a client torch optimizer under ZeRO-Offload; vidgen gives it DeepSpeed's CPU Adam. The
+    update must match a plain PyTorch AdamW step (same data, same noise), as the runs without offload do."""
+    from vidgen.models import svd
+
+    cfg, result, clip = offload_runs(stage)
+    assert [r["step"] for r in result.metrics] == [1]
+    trained = svd.load_unet(result.export_dir).state_dict()
+    plain = _plain_step_update(cfg, clip)
+    w0 = svd.tiny(num_frames=4).unet.state_dict()
+    d_ds = torch.cat([(trained[k] - w0[k]).flatten() for k in w0])
+    d_plain = torch.cat([(plain[k] - w0[k]).flatten() for k in w0])
+    rel = ((d_ds - d_plain).norm() / d_plain.norm()).item()
+    assert d_plain.norm() > 0 and rel < 0.02, f"ZeRO-{stage} offload update differs from the plain step's by {rel:.2%}"
+
+
+def test_offload_with_the_8bit_optimizer_is_refused_before_any_worker():
+    from vidgen.errors import ConfigError
+    from vidgen.train.launch import check
+
+    cfg = load_config(None, ["train.offload_optimizer=true", "train.adam_8bit=true", "train.use_gpu=true"])
+    with pytest.raises(ConfigError, match="train.adam_8bit=true with train.offload_optimizer=true"):
+        check(cfg)
+
+
+@pytest.mark.ray
+def test_export_of_an_xformers_run_needs_no_cuda(offload_runs, tmp_path):
+    """Workers train with xformers on their GPUs; the export runs where there may be no CUDA (a head, a CPU
+    task) and builds nothing that needs it: the weights do not depend on the attention kernel."""
+    from ray.train import Checkpoint
+
+    from vidgen.models import svd
+    from vidgen.train.launch import export_on_worker
+
+    cfg, result, _ = offload_runs(2)
+    xf = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attention": "xformers"})})
+    export_on_worker(xf, Checkpoint(result.checkpoint_dir), str(tmp_path / "unet"))
+    a, b = svd.load_unet(str(tmp_path / "unet")).state_dict(), svd.load_unet(result.export_dir).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _plain_step_update(cfg, clip) -> dict[str, torch.Tensor]:
+    from vidgen.train.recipes import build_recipe
+
+    recipe = build_recipe("svd_full", cfg.model, cfg.train, cfg.run.seed)
+    unet, params = recipe.unet, recipe.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, eps=1e-8)
+    gens = [torch.Generator().manual_seed(loop.rank_seed(cfg.run.seed, r, 0)) for r in range(2)]
+    batch = {"frames": torch.from_numpy(clip[None]), "fps": torch.tensor([7.0], dtype=torch.float64)}
+    mean = torch.stack([recipe.loss(batch, lambda x, t, e, i: unet(x, t, e, i).sample, g)[0] for g in gens]).mean()
+    mean.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    opt.step()
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+# ---- outputs that remote processes write --------------------------------------------------------------------
+
+
+def _nodes(monkeypatch, *gpus: int):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": float(g)}}
+                                               for g in gpus] + [{"Alive": False, "Resources": {}}])
+
+
+@pytest.mark.parametrize("job, field, overrides", [
+    ("train", "run.workdir", []),
+    ("train", "train.storage_path", ["run.workdir=s3://b/w", "train.storage_path=/data/ckpt"]),
+    ("generate", "generate.output", ["run.workdir=s3://b/w", "generate.output=/data/videos"]),
+    ("eval", "run.workdir", []),
+    ("latents", "latents.output", ["run.workdir=s3://b/w", "latents.output=./cache"]),
+])
+def test_a_local_output_on_a_cluster_of_several_nodes_is_refused(monkeypatch, job, field, overrides):
+    from vidgen.errors import ConfigError
+    from vidgen.runner import check_outputs_shared
+
+    cfg = load_config(None, ["run.workdir=./work", *overrides])
+    _nodes(monkeypatch, 0)
+    check_outputs_shared(cfg, job)  # one node: every process sees the driver's disk
+    _nodes(monkeypatch, 0, 1, 1)
+    with pytest.raises(ConfigError, match=rf"^{field}=.*a local path, but the Ray cluster has 3 nodes"):
+        check_outputs_shared(cfg, job)
+    check_outputs_shared(cfg.model_copy(update={"run": cfg.run.model_copy(update={"shared_filesystem": True})}), job)
+
+
+def test_gpu_workers_to_come_count_as_other_nodes(monkeypatch):
+    """An autoscaling cluster at zero GPU workers: the GPU workers will start on nodes not up yet."""
+    from vidgen.errors import ConfigError
+    from vidgen.runner import check_outputs_shared
+
+    _nodes(monkeypatch, 0)
+    with pytest.raises(ConfigError, match="GPU workers will start on nodes other than this GPU-less one"):
+        check_outputs_shared(load_config(None, ["train.use_gpu=true"]), "train")
+    _nodes(monkeypatch, 1)
+    check_outputs_shared(load_config(None, ["train.use_gpu=true"]), "train")
+    check_outputs_shared(load_config(None, ["train.use_gpu=true", "run.workdir=s3://b/w"]), "train")
+
+
+def test_the_latent_cache_driver_builds_no_xformers_model(monkeypatch, tmp_path):
+    """With Ray, the driver of `vidgen prepare latents` builds the encoders only to hash their weights; on a
+    GPU-less head it must build with a kernel it can run (the actors, on GPUs, use the configured one)."""
+    import ray
+
+    from vidgen.data import latents
+    from vidgen.data.synth import make_moving_shapes
+    from vidgen.errors import ConfigError
+    from vidgen.models import attention
+
+    seen = []
+    real = latents.load_encoders
+    monkeypatch.setattr(latents, "load_encoders", lambda cfg, gpus=0.0: (seen.append(cfg.model.attention),
+                                                                          real(cfg, gpus))[1])
+    monkeypatch.setattr(attention, "check_backend", lambda b: None)  # on CPU it would refuse xformers outright
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # stop right after the driver's part
+    make_moving_shapes(str(tmp_path / "clips"), 2, 4, 64, 64)
+    cfg = load_config(None, ["model.attention=xformers", "model.num_frames=4", f"run.workdir={tmp_path}",
+                             f"data.source={tmp_path / 'clips'}"])
+    with pytest.raises(ConfigError, match="needs a running Ray"):
+        latents.prepare_latents(cfg, use_ray=True)
+    assert seen == ["sdpa"]
+    assert attention.portable(cfg.model).path == cfg.model.path and cfg.model.attention == "xformers"

@@ -1,0 +1,1 @@
+"""Pure diffusion math over tensors, shared by training and generation (see DESIGN.md)."""

@@ -1,0 +1,120 @@
+"""Ray start-up, the environment each Ray process gets, and where a job's remote processes may write.
+
+Three rules that only a real cluster tests:
+- The driver's environment is not a worker's. A KubeRay entrypoint runs on a head pod without a GPU; what it
+  decides about accelerators must never reach GPU workers. Each worker's accelerator settings follow the
+  resources it reserved (`worker_env`), never the driver's machine.
+- Settings every process shares (`SHARED_ENV`) travel in the runtime env; credentials never do (Ray logs runtime
+  envs in plain text): local workers inherit them, cluster nodes bring their own.
+- Files written by workers and actors (validation videos, generated videos, skip records, cache shards) are read
+  by the driver. On a cluster of several nodes they must live on storage every node shares: a local path is
+  refused in one line before anything starts (`require_shared`), unless the config says it is a shared mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from vidgen import storage
+from vidgen.config import VidgenConfig
+from vidgen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Shared by every Ray process of a job; none of them depends on the machine it runs on.
+SHARED_ENV = ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "VIDGEN_S3_ENDPOINT_URL")
+
+
+def set_driver_env() -> None:
+    """Defaults of the shared settings, set on the driver before `ray.init` so local workers inherit them."""
+    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")  # v2 parquet reader starts 32 actors per epoch
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are paths, never hub downloads
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vidgen" / "torch_extensions"))
+
+
+def shared_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in SHARED_ENV if k in os.environ}
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Accelerator settings of a worker that reserved GPUs (`use_gpu`) or not: DeepSpeed's accelerator is
+    chosen here from the worker's own resources (a CPU worker must not probe for CUDA either: a GPU node's CPU
+    workers see the GPUs)."""
+    return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+
+
+def apply_worker_env(use_gpu: bool) -> None:
+    """Inside a worker, before DeepSpeed is imported: whatever the driver or the job's runtime env said."""
+    for k, v in worker_env(use_gpu).items():
+        if os.environ.get(k) not in (None, v):
+            log.warning("%s=%s in this worker's environment ignored: it %s a GPU, so %s=%s",
+                        k, os.environ[k], "reserved" if use_gpu else "reserved no", k, v)
+        os.environ[k] = v
+
+
+def init_ray(cfg: VidgenConfig) -> None:
+    import logging as _logging
+
+    import ray
+
+    set_driver_env()
+    if ray.is_initialized():
+        return
+    env = shared_env()
+    if os.environ.get("RAY_ADDRESS") and not cfg.ray.address:
+        # Inside `ray job submit`: the job's runtime env already reaches every worker, and Ray refuses a
+        # second one that sets the same keys.
+        ray.init()
+        return
+    if cfg.ray.address:  # cluster nodes bring their own credentials (instance roles, secrets): none are shipped
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, configure_logging=True,
+                 logging_level=_logging.WARNING)
+        return
+    # A local cluster's workers are children of the raylet this process starts, so they inherit its environment,
+    # credentials included. Credentials are never put in a runtime env: Ray logs runtime envs in plain text
+    # (runtime_env_agent.log) and keeps them in its GCS. More logical CPUs than cores, so that data tasks can
+    # run beside the train workers.
+    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
+             configure_logging=True, logging_level=_logging.WARNING)
+
+
+# -- where remote processes write -------------------------------------------------------------------------
+
+
+def remote_nodes_reason(needs_gpu: bool) -> str | None:
+    """Why processes of a job may run on another node than the driver, or None when they cannot.
+
+    Several alive nodes; or GPUs wanted while no alive node has one (an autoscaling cluster at zero GPU
+    workers: they will start elsewhere)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        return f"the Ray cluster has {len(nodes)} nodes"
+    if needs_gpu and not any(n.get("Resources", {}).get("GPU", 0) for n in nodes):
+        return "GPU workers will start on nodes other than this GPU-less one"
+    return None
+
+
+def require_shared(cfg: VidgenConfig, outputs: dict[str, str], needs_gpu: bool) -> None:
+    """Refuse local output paths that processes on other nodes would write to and the driver would read.
+
+    `outputs`: {config field: the location it resolves to}. A `run.shared_filesystem=true` config vouches that
+    local paths are a mount every node shares (NFS, EFS, Lustre)."""
+    if cfg.run.shared_filesystem:
+        return
+    local = {f: u for f, u in outputs.items() if u and storage.local_path(u) is not None}
+    if not local:
+        return
+    reason = remote_nodes_reason(needs_gpu)
+    if reason is None:
+        return
+    field, uri = next(iter(local.items()))
+    raise ConfigError(f"{field}={uri}: a local path, but {reason}: files that processes on other nodes write "
+                      "there would never reach this driver; use a URI every node shares (s3://..., gs://...), or "
+                      "set run.shared_filesystem=true if the path is a mount every node shares")
