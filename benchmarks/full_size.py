@@ -109,7 +109,6 @@ def planned_host(cfg) -> dict | None:
 
 
 def train_run(name: str, work: Path, data: str) -> dict:
-    from vidgen.config import load_config
     from vidgen.runner import tracker_for, train_job
     from vidgen.train import loop
 
@@ -117,8 +116,7 @@ def train_run(name: str, work: Path, data: str) -> dict:
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    cfg = load_config(None, [f"run.workdir={run_dir}", f"run.name={name}-{uuid.uuid4().hex[:6]}",
-                             f"data.source={data}", *COMMON, *SHAPE, *overrides])
+    cfg = _config(name, work, data)
     host = planned_host(cfg)
     per_worker = (host or {}).get("per_worker_bytes")
     avail = _available_bytes()
@@ -161,6 +159,13 @@ def train_run(name: str, work: Path, data: str) -> dict:
     elif check == "hotshot":
         out["stock_load"] = check_hotshot_export(summary)
     return out
+
+
+def _config(name: str, work: Path, data: str):
+    from vidgen.config import load_config
+
+    return load_config(None, [f"run.workdir={work / name}", f"run.name={name}-{uuid.uuid4().hex[:6]}",
+                              f"data.source={data}", *COMMON, *SHAPE, *RUNS[name][0]])
 
 
 def _checkpoint_figures(ckpt: Path) -> dict:
@@ -279,7 +284,13 @@ def main() -> None:
         try:
             res = generate_runs(work, data) if name == "generate" else train_run(name, work, data)
         except Exception as e:
-            res = {"run": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            text = str(e)
+            if "out of memory" in text:  # Ray's memory monitor killed a worker: what the plan said, and that
+                text = "did not fit: a worker was killed by Ray's memory monitor (node memory above 95%)"
+            res = {"run": name, "error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"}
+            if name in RUNS:
+                res["planned_worker_gib"] = _gib((planned_host(_config(name, work, data)) or {})
+                                                 .get("per_worker_bytes"))
         res["total_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(res), flush=True)
         results.append(res)
