@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -65,15 +64,9 @@ GPUS = (
 CUDA_OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers (typical, not measured)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
 PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size default (elements)
-MAX_LIVE_PARAMETERS = int(1e9)  # DeepSpeed stage3_max_live_parameters default (elements)
-PERSISTENCE_THRESHOLD = int(1e5)  # DeepSpeed stage3_param_persistence_threshold default (elements)
-# DeepSpeed's zero_optimization sizes the plan uses, by DeepSpeedZeroConfig field name (its JSON keys are these or,
-# for the stage3_* ones, the field name with that prefix)
-ZERO_DEFAULTS = {"reduce_bucket_size": REDUCE_BUCKET, "prefetch_bucket_size": PREFETCH_BUCKET,
-                 "max_live_parameters": MAX_LIVE_PARAMETERS, "param_persistence_threshold": PERSISTENCE_THRESHOLD,
-                 "model_persistence_threshold": sys.maxsize}
 METHOD = ("activations: storage bytes alive during one meta-device step (weakref per storage), fused attention; "
-          "model states: DeepSpeed ZeRO layout; FLOPs: FlopCounterMode, checkpoint recompute excluded")
+          "model states: DeepSpeed ZeRO layout (ZeRO-3: partition + gathered window); FLOPs: FlopCounterMode, "
+          "checkpoint recompute excluded")
 
 
 # -- meta-device models ---------------------------------------------------------------------------
@@ -350,95 +343,36 @@ def _params(module: torch.nn.Module, trainable: bool | None = None) -> int:
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
-def zero_config(cfg: VidgenConfig, recipe=None) -> dict[str, int]:
-    """The zero_optimization sizes (`ZERO_DEFAULTS` keys) the workers give DeepSpeed: vidgen's generated config
-    (`loop.deepspeed_config`), the recipe's overrides and a local train.deepspeed_config JSON on top (a remote one
-    is not read: no network), DeepSpeed's defaults for what none of them sets."""
-    from vidgen.train.loop import deep_merge, deepspeed_config
-
-    user = recipe.deepspeed_overrides() if hasattr(recipe, "deepspeed_overrides") else {}
-    path = cfg.train.deepspeed_config
-    if path and ("://" not in path or path.startswith("file://")):
-        f = Path(path.removeprefix("file://")).expanduser()
-        try:
-            user = deep_merge(user, json.loads(f.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"train.deepspeed_config={path}: not a readable JSON file ({e})") from None
-    ds = deepspeed_config(cfg.train.model_dump(), cfg.train.num_workers, not cfg.train.use_gpu, user)
-    zero = ds.get("zero_optimization") or {}
-    return {k: int(float(zero.get(f"stage3_{k}", zero.get(k, v)))) for k, v in ZERO_DEFAULTS.items()}
-
-
-def persistent_params(unet: torch.nn.Module, zero: dict[str, int]) -> tuple[int, int]:
-    """(elements, bytes) of the UNet parameters ZeRO-3 keeps whole on every rank once gathered: those of at most
-    stage3_param_persistence_threshold elements, in module order while their total stays within
-    stage3_model_persistence_threshold (`DeepSpeedZeRoOffload.mark_persistent_parameters`)."""
-    numel = size = 0
-    for p in unet.parameters():
-        k = p.numel()
-        if k <= zero["param_persistence_threshold"] and numel + k <= zero["model_persistence_threshold"]:
-            numel, size = numel + k, size + k * p.element_size()
-    return numel, size
-
-
 def model_states(t, n_gpus: int, unet_params: int, unet_bytes: int, trainable: int, largest_layer: int,
-                 master: bool, grad_size: int, zero: dict[str, int] | None = None,
-                 persistent: tuple[int, int] = (0, 0), on_gpu: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+                 master: bool, grad_size: int) -> tuple[dict[str, int], dict[str, int]]:
     """(GPU bytes, host bytes) of DeepSpeed's persistent state on one worker (rank 0 when EMA is on).
 
     ZeRO 0: everything replicated. 1: optimizer states (with fp32 master and fp32 grads) / N, plus the reduce
-    bucket. 2: also the 16-bit gradients / N. 3: also the weights / N, plus what ZeRO-3 gathers (`zero3_gathered`).
-    AdamW keeps m and v (fp32, or 1 byte each with 8-bit Adam); with `master`, an fp32 master copy and fp32
-    gradients too: DeepSpeed's 16-bit modes keep them, and its ZeRO optimizer keeps them in fp32 mode as well (it
-    clones its partition of the trainable parameters: stage_1_and_2.py, stage3.py). Offload moves those to the
-    host. The 16-bit gradients of ZeRO 0/1 are not here: the measured step holds them as autograd makes them.
-    `zero`: the zero_optimization sizes (`zero_config`, DeepSpeed's defaults when None); `persistent`: the
-    (elements, bytes) of `persistent_params`. ZeRO-3 allocates its reduce bucket whole (reduce_bucket_size
-    elements, stage3.py `_setup_for_real_optimizer`): on a GPU that is memory, on a CPU (`on_gpu=False`) only the
-    pages the gradients fill are resident."""
+    bucket. 2: also the 16-bit gradients / N. 3: also the weights / N, plus the gathered working set (prefetch
+    bucket + 2 x largest layer). AdamW keeps m and v (fp32, or 1 byte each with 8-bit Adam); with `master`, an fp32
+    master copy and fp32 gradients too: DeepSpeed's 16-bit modes keep them, and its ZeRO optimizer keeps them in
+    fp32 mode as well (it clones its partition of the trainable parameters: stage_1_and_2.py, stage3.py). Offload
+    moves those to the host. The 16-bit gradients of ZeRO 0/1 are not here: the measured step holds them as
+    autograd makes them."""
     stage, n = t.zero_stage, n_gpus
-    z = {**ZERO_DEFAULTS, **(zero or {})}
     shard = n if stage >= 1 else 1
     adam = trainable * ((2 if t.adam_8bit else 8) + (4 if master else 0))
     fp32_grads = trainable * 4 if master else 0
-    gpu = {"weights": unet_bytes, "gathered": 0, "gradients": 0, "optimizer": adam // shard,
-           "fp32_grads": fp32_grads // shard, "buckets": 0, "ema": trainable * 4 if t.ema else 0}
+    gpu = {"weights": unet_bytes, "gradients": 0, "optimizer": adam // shard, "fp32_grads": fp32_grads // shard,
+           "buckets": 0, "ema": trainable * 4 if t.ema else 0}
     host = {"weights": 0, "optimizer": 0, "fp32_grads": 0}
     if stage >= 1:
-        gpu["buckets"] = grad_size * min(z["reduce_bucket_size"], trainable)
+        gpu["buckets"] = grad_size * min(REDUCE_BUCKET, trainable)
     if stage >= 2:
         gpu["gradients"] = grad_size * trainable // n
     if stage == 3:
-        gpu["gathered"] = zero3_gathered(n, unet_params, unet_bytes, largest_layer, z, persistent)
-        gpu["weights"] = 0 if t.offload_params else unet_bytes // n
+        working = int(unet_bytes / unet_params * (PREFETCH_BUCKET + 2 * largest_layer))
+        gpu["weights"] = (0 if t.offload_params else unet_bytes // n) + working
         host["weights"] = unet_bytes // n if t.offload_params else 0
-        if on_gpu:
-            gpu["buckets"] = grad_size * z["reduce_bucket_size"]
     if t.offload_optimizer:
         host["optimizer"], host["fp32_grads"] = gpu["optimizer"], trainable * 4 // n  # grads land there in fp32
         gpu["optimizer"] = gpu["fp32_grads"] = gpu["gradients"] = 0
     return gpu, host
-
-
-def zero3_gathered(n: int, unet_params: int, unet_bytes: int, largest_layer: int, zero: dict[str, int],
-                   persistent: tuple[int, int] = (0, 0)) -> int:
-    """Bytes of whole parameters a ZeRO-3 rank holds at the peak of a training step, beside its partition.
-
-    DeepSpeed's coordinator (partitioned_param_coordinator.py), once it has traced a step, prefetches along the
-    trace up to stage3_max_live_parameters gathered elements, and its walk marks every parameter it passes as
-    needed again later (`__most_recent_step_id_param_fetched_for`), so what the forward gathers stays gathered into
-    the backward: the live window fills to max_live_parameters, plus the module being fetched and the one
-    parameter that overshoots a prefetch (2 x the largest layer), plus the prefetch bucket's flat all-gather buffer,
-    and is capped by the non-persistent parameters (a model smaller than that is gathered whole). This holds with
-    stage3_max_reuse_distance=0 (vidgen on CPU) as with its default (measured: all-gathered elements tracked
-    through real 2-rank steps). Persistent parameters are gathered once and kept whole. One rank gathers nothing:
-    its partition is the parameter (`_no_gather_coalesced`)."""
-    if n <= 1:
-        return 0
-    p_numel, p_bytes = persistent
-    rest, rest_bytes = unet_params - p_numel, unet_bytes - p_bytes
-    window = min(rest, zero["max_live_parameters"] + zero["prefetch_bucket_size"] + 2 * largest_layer)
-    return int(rest_bytes / max(rest, 1) * window) + p_bytes
 
 
 def _cast_like_training(recipe, precision: str, on_gpu: bool = True) -> bool:
@@ -498,9 +432,10 @@ CPU_ACTIVATION_FACTOR = {False: 1.6, True: 2.0}  # by train.activation_checkpoin
 CPU_STEP_OVERHEAD = 260 * 10**6
 HOST_METHOD = ("peak RSS per worker = fixed process cost (measured, PROCESS_BYTES) + the largest of: the models as "
                "built (whole in every worker), deepspeed.initialize (16-bit cast, flat copy, fp32 partition), "
-               "a training step (DeepSpeed ZeRO layout for train.num_workers, offloaded states included, frozen "
-               "encoders, activations measured on the meta device with CPU dtypes, x CPU_ACTIVATION_FACTOR + "
-               "CPU_STEP_OVERHEAD as calibrated on real CPU steps), the optimizer step (AdamW's temporaries)")
+               "a training step (DeepSpeed ZeRO layout for train.num_workers, offloaded states included, ZeRO-3's "
+               "gathered window x CPU_GATHER_FACTOR, frozen encoders, activations measured on the meta device with "
+               "CPU dtypes, x CPU_ACTIVATION_FACTOR + CPU_STEP_OVERHEAD as calibrated on real CPU steps), the "
+               "optimizer step (AdamW's temporaries)")
 
 
 def _unet_file_bytes(cfg: VidgenConfig, unet: torch.nn.Module) -> int:
@@ -522,7 +457,7 @@ def _unet_file_bytes(cfg: VidgenConfig, unet: torch.nn.Module) -> int:
 
 
 def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, largest_layer: int,
-              built_bytes: int, unet_file_bytes: int = 0, zero: dict[str, int] | None = None) -> dict:
+              built_bytes: int, unet_file_bytes: int = 0) -> dict:
     """Peak resident host memory of one worker process of a CPU run (train.use_gpu=false), from `parts` cast as a
     CPU worker holds them and `step` measured with those dtypes. The peak is the largest of these phases, each on
     top of the process's fixed cost:
@@ -532,16 +467,11 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
       ZeRO-3 partitions only in deepspeed.initialize (vidgen builds outside zero.Init);
       while a pretrained Hotshot UNet loads, also its weight file (`_unet_file_bytes`);
     - deepspeed.initialize: the UNet as DeepSpeed casts it, the encoders, and under ZeRO 1/2 the flat copy of the
-      trainable parameters it makes before pointing them into it, plus its fp32 partition. Under ZeRO-3 also every
-      parameter's partition (unet / N: `Init._partition_param` copies each parameter's slice out before freeing
-      the parameter, whose pages the allocator keeps for the next ones) and the flat copy of the trainable
-      partitions (`defragment`);
-    - a training step: `model_states` for train.num_workers with the offloaded part (the same memory on a CPU run;
-      ZeRO-3: the partition plus the gathered window, `zero3_gathered`, for the sizes in `zero`), the frozen
-      encoders, and the step's transient peak (`_with_step`), scaled by what CPU steps were measured to
+      trainable parameters it makes before pointing them into it, plus its fp32 partition;
+    - a training step: `model_states` for train.num_workers with the offloaded part (the same memory on a CPU run),
+      the frozen encoders, and the step's transient peak (`_with_step`), scaled by what CPU steps were measured to
       hold beyond live tensors (CPU_ACTIVATION_FACTOR, CPU_STEP_OVERHEAD). No CUDA context;
-    - the optimizer step: the same states (ZeRO-3 has released its gathered parameters by then), the gradients
-      it steps on, and torch AdamW's temporaries: on CPU it
+    - the optimizer step: the same states, the gradients it steps on, and torch AdamW's temporaries: on CPU it
       runs one tensor at a time and `exp_avg_sq.sqrt() / c` holds two fp32 copies of it (8 bytes a parameter),
       of DeepSpeed's flat fp32 partition (ZeRO >= 1, or its 16-bit mode) or of the largest parameter (ZeRO-0 in
       fp32); DeepSpeedCPUAdam (offload) steps in place.
@@ -551,10 +481,7 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
     trainable = _params(unet, True)
     grad_size = next((p.element_size() for p in unet.parameters() if p.requires_grad), 4)
     unet_bytes, encoders = _bytes(unet), _bytes(*(v for k, v in parts.items() if k != "unet"))
-    zero = zero or ZERO_DEFAULTS
-    persistent = persistent_params(unet, zero) if t.zero_stage == 3 else (0, 0)
-    states, offloaded = model_states(t, n, _params(unet), unet_bytes, trainable, largest_layer, master, grad_size,
-                                     zero, persistent, on_gpu=False)
+    states, offloaded = model_states(t, n, _params(unet), unet_bytes, trainable, largest_layer, master, grad_size)
     states = {k: v + offloaded.get(k, 0) for k, v in states.items()} | {"encoders": encoders}
     in_step, step_phase = _with_step(states, step)
     in_step["activations"] = int(CPU_ACTIVATION_FACTOR[t.activation_checkpointing] * in_step["activations"])
@@ -569,13 +496,11 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
     phases = {
         "build (models as built)": {"models": built_bytes},
         "deepspeed.initialize": {"weights": unet_bytes, "encoders": encoders,
-                                 "partitions": unet_bytes // n if t.zero_stage == 3 else 0,
-                                 "flat_copy": trainable * grad_size // (n if t.zero_stage == 3 else 1)
-                                 if t.zero_stage else 0,
+                                 "flat_copy": trainable * grad_size if t.zero_stage in (1, 2) else 0,
                                  "fp32_master": trainable * 4 // shard if master else 0},
         f"training step: {step_phase}": in_step,
         "optimizer step": states | {  # ZeRO 0/1 step on autograd's whole gradients
-            "gathered": 0, "gradients": states["gradients"] if t.zero_stage >= 2 else trainable * grad_size,
+            "gradients": states["gradients"] if t.zero_stage >= 2 else trainable * grad_size,
             "adamw_temporaries": adam_temps},
     }
     if unet_file_bytes:
@@ -614,10 +539,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     per_step = micro * t.gradient_accumulation
 
     largest = max((sum(p.numel() for p in mod.parameters(recurse=False)) for mod in unet.modules()), default=0)
-    zero = zero_config(cfg, recipe)
-    persistent = persistent_params(unet, zero) if t.zero_stage == 3 else (0, 0)
-    gpu, host = model_states(t, n, params["unet"]["total"], _bytes(unet), trainable, largest, master, grad_size,
-                             zero, persistent)
+    gpu, host = model_states(t, n, params["unet"]["total"], _bytes(unet), trainable, largest, master, grad_size)
     gpu["encoders"] = _bytes(*(v for k, v in parts.items() if k != "unet"))
     gpu, phase = _with_step(gpu, step)
     tensor_bytes = sum(gpu.values())
@@ -631,7 +553,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         same = dtypes == [p.dtype for p in unet.parameters()]
         cpu_step = step if same else run_step(recipe, b, f, h, w, checkpointing=t.activation_checkpointing,
                                               keep_grads=t.zero_stage < 2)
-        cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, _unet_file_bytes(cfg, unet), zero)
+        cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, _unet_file_bytes(cfg, unet))
 
     gpus, step_times = [], {}
     for g in GPUS:
@@ -648,7 +570,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         "training": {"zero_stage": t.zero_stage, "precision": t.precision, "fp32_master": master,
                      "activation_checkpointing": t.activation_checkpointing, "offload_optimizer": t.offload_optimizer,
                      "offload_params": t.offload_params, "adam_8bit": t.adam_8bit, "ema": t.ema,
-                     "use_gpu": t.use_gpu, "zero_config": zero},
+                     "use_gpu": t.use_gpu},
         "parameters": {**params, "total": sum(p["total"] for p in params.values()), "trainable": trainable},
         "flops": {"encoders_forward": step["encoder_flops"], "unet_forward": step["unet_forward_flops"],
                   "unet_backward": step["unet_backward_flops"], "per_micro_step_per_gpu": micro,
