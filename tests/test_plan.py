@@ -430,17 +430,241 @@ def test_zero3_host_states_per_worker_shrink_with_num_workers():
     for offload in (False, True):
         t = load_config(None, ["train.zero_stage=3", "train.precision=bf16", f"train.offload_optimizer={offload}",
                                f"train.offload_params={offload}"]).train
-        per_worker = []
+        per_worker, gathered = [], []
         for n in (1, 2, 4, 8):
-            gpu, host = plan.model_states(t, n, n_params, 2 * n_params, n_params, 0, master=True, grad_size=2)
-            per_worker.append(sum(gpu.values()) + sum(host.values()) - gpu["buckets"])  # what a CPU worker holds
+            gpu, host = plan.model_states(t, n, n_params, 2 * n_params, n_params, 0, master=True, grad_size=2,
+                                          on_gpu=False)
+            per_worker.append(sum(gpu.values()) + sum(host.values()) - gpu["buckets"] - gpu["gathered"])
+            gathered.append(gpu["gathered"])
+            assert gpu["buckets"] == 2 * plan.REDUCE_BUCKET  # on CPU: the pages the gradients fill
         # 16-bit weights, 16-bit gradients (not kept under offload: they go to fp32 on the host), fp32 master, m, v
-        # and fp32 gradients, all sharded; plus the gathered working set (the 16-bit prefetch bucket)
+        # and fp32 gradients, all sharded
         per_param = 18 if offload else 20
-        assert [w - 2 * plan.PREFETCH_BUCKET for w in per_worker] == [per_param * n_params // n for n in (1, 2, 4, 8)]
+        assert per_worker == [per_param * n_params // n for n in (1, 2, 4, 8)]
+        # the gathered window does not shrink with N: max_live_parameters (1e9, all of this model) whole parameters
+        # at CPU_GATHER_FACTOR; one rank gathers nothing (its partition is the parameter)
+        assert gathered == [0] + [int(plan.CPU_GATHER_FACTOR * 2 * n_params)] * 3
 
     steps = []
-    for n in (1, 2, 4):
-        host = tiny_plan("train.zero_stage=3", "train.precision=bf16", f"train.num_workers={n}")["host"]
-        steps.append(next(v for k, v in host["phase_bytes"].items() if k.startswith("training step")))
+    for n in (2, 4, 8):  # the tiny UNet's parameters are all persistent (<= 1e5 elements): gathered whole
+        p = tiny_plan("train.zero_stage=3", "train.precision=bf16", f"train.num_workers={n}")
+        steps.append(next(v for k, v in p["host"]["phase_bytes"].items() if k.startswith("training step")))
+        assert p["memory"]["per_gpu_bytes"]["gathered"] == 2 * p["parameters"]["unet"]["total"]  # bf16
     assert steps[0] > steps[1] > steps[2]
+
+
+# -- ZeRO-3: partition, gathered window, persistent parameters -------------------------------------------------
+
+
+def test_zero3_gathered_window_grows_with_max_live_parameters_up_to_the_model():
+    total, size, largest = 1_500_000_000, 3_000_000_000, 30_000_000  # a 1.5B bf16 UNet, a 30M-element layer
+    persistent = (2_000_000, 8_000_000)  # norms and biases at or below the persistence threshold, fp32
+    rest, per = total - persistent[0], (size - persistent[1]) / (total - persistent[0])
+    zero, cpu, gpu = dict(plan.ZERO_DEFAULTS), [], []
+    lives = (0, 10**8, 5 * 10**8, 10**9, 2 * 10**9, 10**10)
+    for live in lives:
+        zero["max_live_parameters"] = live
+        window = plan.zero3_window(total, largest, zero, {"persistent": persistent})
+        assert window == min(rest, live + 2 * largest)  # the live window, the fetched module and one overshoot
+        cpu.append(plan.zero3_gathered(2, total, size, largest, zero, {"persistent": persistent}, on_gpu=False))
+        gpu.append(plan.zero3_gathered(2, total, size, largest, zero, {"persistent": persistent}))
+        # persistent parameters are counted whole, once; on CPU the window at CPU_GATHER_FACTOR, on a GPU with the
+        # prefetch's flat all-gather buffer in flight
+        assert cpu[-1] == int(plan.CPU_GATHER_FACTOR * per * window) + persistent[1]
+        assert gpu[-1] == int(per * min(rest, window + plan.PREFETCH_BUCKET)) + persistent[1]
+        assert plan.zero3_gathered(1, total, size, largest, zero, {"persistent": persistent}) == 0  # one rank
+    assert cpu == sorted(cpu) and gpu == sorted(gpu) and cpu[0] < cpu[3]
+    assert cpu[-2:] == [int(plan.CPU_GATHER_FACTOR * per * rest) + persistent[1]] * 2  # capped by the model
+    assert gpu[-1] == size  # the whole model, persistent parameters included
+
+    # the backward: checkpointed blocks whose recompute stays gathered set a floor under a small max_live
+    zero["max_live_parameters"] = 0
+    z3 = {"persistent": persistent, "recomputed": 700_000_000}
+    assert plan.zero3_window(total, largest, zero, z3) == 700_000_000 + 2 * largest
+    zero["max_live_parameters"] = 10**9
+    assert plan.zero3_window(total, largest, zero, z3) == 10**9 + 2 * largest  # the larger of the two
+
+    # model_states: the partition is unet / N, the window is not divided; ZeRO-3's reduce bucket is allocated whole
+    t = load_config(None, ["train.zero_stage=3", "train.precision=bf16"]).train
+    states, _ = plan.model_states(t, 4, total, size, 1000, largest, True, 2, zero, z3)
+    assert states["weights"] == size // 4 and states["gathered"] == gpu[3]
+    assert states["buckets"] == 2 * plan.REDUCE_BUCKET  # 5e8 16-bit elements on a GPU, for 1000 trainable ones
+    assert plan.model_states(t, 4, total, size, 1000, largest, True, 2, zero, z3, on_gpu=False)[0]["buckets"] == 2000
+
+
+def test_zero3_persistent_parameters_are_the_small_ones_counted_whole(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(400, 300), torch.nn.LayerNorm(300), torch.nn.Linear(300, 10))
+    zero = dict(plan.ZERO_DEFAULTS)  # threshold 1e5: all but the 120,000-element weight
+    assert plan.persistent_params(m, zero) == (300 + 600 + 3000 + 10, 4 * 3910)
+    assert plan.persistent_params(m, zero | {"param_persistence_threshold": 0}) == (0, 0)
+    # stage3_model_persistence_threshold caps the total, in module order, skipping what would exceed it
+    assert plan.persistent_params(m, zero | {"model_persistence_threshold": 1000}) == (910, 4 * 910)
+
+    # the plan reads the sizes from train.deepspeed_config (DeepSpeed's JSON keys), over vidgen's own config
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 1000,
+                                                    "stage3_prefetch_bucket_size": 1000,
+                                                    "stage3_param_persistence_threshold": 0,
+                                                    "reduce_bucket_size": 5e6}}))
+    base = ("train.zero_stage=3", "train.precision=bf16", "train.num_workers=2")
+    default, custom = tiny_plan(*base), tiny_plan(*base, f"train.deepspeed_config={ds}")
+    assert custom["training"]["zero_config"] == {**plan.ZERO_DEFAULTS, "max_live_parameters": 1000,
+                                                 "prefetch_bucket_size": 1000, "param_persistence_threshold": 0,
+                                                 "reduce_bucket_size": 5_000_000}
+    unet_bytes = 2 * default["parameters"]["unet"]["total"]  # bf16
+    assert default["memory"]["per_gpu_bytes"]["gathered"] == unet_bytes  # tiny: every parameter is persistent
+    assert custom["memory"]["per_gpu_bytes"]["gathered"] < unet_bytes  # none is; the window: 1000 + 2 layers
+    assert custom["memory"]["per_gpu_bytes"]["buckets"] == 2 * 5_000_000
+
+
+# A 2-rank gloo ZeRO-3 run of a toy with SVD's shapes of trouble: checkpointed frozen blocks ending in a learned
+# blend (diffusers' AlphaBlender) called with keyword tensors (`kw`) or positional ones, a trainable input layer
+# and head. Rank 0 prints the most non-persistent elements gathered at once (after each module fetch) in the
+# forward and the backward of the third step, per stage3_max_live_parameters.
+ZERO3_TOY = r"""
+import importlib, json, os, sys
+import torch
+
+W, L = 512, 6
+
+
+class Mix(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.full((W,), 0.5))
+
+    def forward(self, x, y):
+        return x * self.alpha + y
+
+
+class Block(torch.nn.Module):
+    def __init__(self, kw):
+        super().__init__()
+        self.kw, self.lin1, self.lin2, self.mix = kw, torch.nn.Linear(W, W), torch.nn.Linear(W, W), Mix()
+
+    def forward(self, h):
+        a = self.lin1(h)
+        b = self.lin2(torch.nn.functional.gelu(a))
+        return self.mix(x=a, y=b) if self.kw else self.mix(a, b)
+
+
+class Toy(torch.nn.Module):
+    def __init__(self, kw):
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(16, W), torch.nn.Linear(W, 4)
+        self.blocks = torch.nn.ModuleList(Block(kw) for _ in range(L)).requires_grad_(False)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(b, h, use_reentrant=False)
+        return self.out(h)
+
+
+def main(rank, port, lives):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2",
+                      LOCAL_WORLD_SIZE="2")
+    import deepspeed
+    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+
+    comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(comm, "build_shm_op"):
+        comm.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    out, fetch = {}, ppc.PartitionedParameterCoordinator.fetch_sub_module
+    for kw in (True, False):
+        for live in lives:
+            torch.manual_seed(0)
+            model = Toy(kw)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            zero = {"stage": 3, "stage3_max_live_parameters": live, "stage3_prefetch_bucket_size": 10**8,
+                    "stage3_max_reuse_distance": 0}
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+                "train_micro_batch_size_per_gpu": 1, "train_batch_size": 2, "zero_allow_untested_optimizer": True,
+                "zero_optimization": zero})
+            params, peak, phase = list(model.parameters()), {}, ["fwd"]
+
+            def counting(self, sub, forward):
+                fetch(self, sub, forward)
+                n = sum(p.ds_numel for p in params if p.ds_status.name == "AVAILABLE" and not p.ds_persist)
+                peak[phase[0]] = max(peak.get(phase[0], 0), n)
+
+            ppc.PartitionedParameterCoordinator.fetch_sub_module = counting
+            for _ in range(3):  # the first step records DeepSpeed's trace; the next ones prefetch along it
+                peak.clear()
+                phase[0] = "fwd"
+                loss = engine(torch.randn(2, 16)).square().mean()
+                phase[0] = "bwd"
+                engine.backward(loss)
+                engine.step()
+            ppc.PartitionedParameterCoordinator.fetch_sub_module = fetch
+            out[f"{kw}:{live}"] = dict(peak)
+            engine.destroy()
+    if rank == 0:
+        print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]))
+"""
+
+
+def test_zero3_window_bounds_what_deepspeed_gathers_in_a_real_2_rank_run(tmp_path):
+    import importlib.util
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "zero3_toy.py"
+    script.write_text(ZERO3_TOY)
+    spec = importlib.util.spec_from_file_location("zero3_toy", script)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    layer = toy.W * toy.W  # a Linear's weight; its bias (W) is persistent
+    lives = [0, 4 * layer, 10**9]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, json.dumps(lives)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[1][-3000:] + outs[0][-3000:]
+    measured = json.loads(next(x for x in outs[1].splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+
+    for kw in (True, False):
+        model = toy.Toy(kw)
+        with plan._CallOrder(model) as calls:
+            model(torch.randn(2, 16))
+        kept = [b for b in model.blocks if calls.post_backward_never_fires(calls.last_inside(b))]
+        assert len(kept) == (toy.L if kw else 0)
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        total = sum(p.numel() for p in model.parameters())
+        for live in lives:
+            zero = plan.ZERO_DEFAULTS | {"max_live_parameters": live, "prefetch_bucket_size": 10**8}
+            z3 = {"persistent": plan.persistent_params(model, zero), "recomputed": plan.recomputed_frozen(kept, zero)}
+            window, got = plan.zero3_window(total, largest, zero, z3), measured[f"{kw}:{live}"]
+            rest = total - z3["persistent"][0]
+            assert rest == 2 * toy.L * layer
+            assert max(got.values()) <= window, (kw, live, got, window)  # the plan's window bounds DeepSpeed's
+            if live == 4 * layer:
+                assert got["fwd"] == live  # the forward fills to stage3_max_live_parameters
+            if live == 10**9 or kw:
+                assert max(got.values()) == window == rest  # the whole model: under max_live, or kept by the backward
+        # with keyword tensors into the blend, the recomputed blocks stay gathered through the backward
+        assert measured[f"{kw}:0"]["bwd"] == (rest if kw else 2 * layer)
+
+
+def test_full_size_svd_lora_host_memory_matches_measured_zero2_and_zero3_runs():
+    """benchmarks/full_size.py (full-size SVD-XT LoRA, bf16 base, 2 CPU workers, checkpointing, 4x64x64, batch 1):
+    peak RSS per worker 5.27-5.30 GiB with ZeRO-2; 7.28-7.71 GiB with ZeRO-3 (each worker ran one step after
+    DeepSpeed's trace)."""
+    common = ["model.flavor=full", "train.num_workers=2", "train.precision=bf16", "train.activation_checkpointing=true",
+              "model.num_frames=4", "data.num_frames=4", "data.height=64", "data.width=64", "train.recipe=svd_lora"]
+    for stage, measured in ((2, (5.27, 5.30)), (3, (7.28, 7.71))):
+        host = plan.plan(load_config(None, [*common, f"train.zero_stage={stage}"]))["host"]
+        planned = host["per_worker_bytes"] / 2**30
+        assert measured[0] * 0.9 <= planned <= measured[1] * 1.1, (stage, planned, host["breakdown"])
+        assert host["peak_phase"].startswith("training step"), host["phase_bytes"]

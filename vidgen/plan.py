@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -64,6 +65,13 @@ GPUS = (
 CUDA_OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers (typical, not measured)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
 PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size default (elements)
+MAX_LIVE_PARAMETERS = int(1e9)  # DeepSpeed stage3_max_live_parameters default (elements)
+PERSISTENCE_THRESHOLD = int(1e5)  # DeepSpeed stage3_param_persistence_threshold default (elements)
+# DeepSpeed's zero_optimization sizes the plan uses, by DeepSpeedZeroConfig field name (its JSON keys are these or,
+# for the stage3_* ones, the field name with that prefix)
+ZERO_DEFAULTS = {"reduce_bucket_size": REDUCE_BUCKET, "prefetch_bucket_size": PREFETCH_BUCKET,
+                 "max_live_parameters": MAX_LIVE_PARAMETERS, "param_persistence_threshold": PERSISTENCE_THRESHOLD,
+                 "model_persistence_threshold": sys.maxsize}
 METHOD = ("activations: storage bytes alive during one meta-device step (weakref per storage), fused attention; "
           "model states: DeepSpeed ZeRO layout (ZeRO-3: partition + gathered window); FLOPs: FlopCounterMode, "
           "checkpoint recompute excluded")
@@ -273,13 +281,60 @@ def _unet_loss(unet: torch.nn.Module, enc: dict[str, torch.Tensor], b: int, f: i
     return (out.float() - latents).pow(2).mean()  # the objective's elementwise cost, same shapes
 
 
+class _CallOrder:
+    """Records, for one forward of `module`, the order in which its submodules return and which of them were
+    called with a positional tensor that requires grad, to tell which checkpointed blocks ZeRO-3 keeps gathered.
+
+    In the backward, the first thing a checkpointed block's gradient reaches is the last submodule to return in
+    its forward; DeepSpeed's pre-backward hook of that submodule fetches it, and the block's recompute then runs
+    while it is the newest active backward module, so every frozen parameter the recompute gathers is credited to
+    it (`update_recompute_parameters`) and stays gathered until its post-backward hook fires. That hook counts the
+    gradients of the submodule's positional tensor inputs only (`_post_backward_module_hook`): called with keyword
+    tensors alone, it never fires, and the parameters stay gathered to the end of the backward. SVD's resnets end
+    in `time_mixer(x_spatial=..., x_temporal=..., image_only_indicator=...)`: measured on a real 2-rank step,
+    DeepSpeed's post-backward hook ran for no AlphaBlender and 94% of the resnets' parameters were gathered at
+    once."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.modules, self.finished, self.positional, self.hooks = list(module.modules()), [], {}, []
+
+    def __enter__(self):
+        for m in self.modules:
+            self.hooks += [m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+    def _pre(self, module, args):
+        self.positional.setdefault(id(module), any(isinstance(a, torch.Tensor) and a.requires_grad
+                                                   for a in tree_leaves(args)))
+
+    def _post(self, module, args, out):
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
+            self.finished.append(id(module))
+
+    def last_inside(self, block: torch.nn.Module) -> int | None:
+        """The submodule of `block` (or `block`) whose output was the last with grad before `block` returned."""
+        if id(block) not in self.finished:
+            return None
+        i, inner = self.finished.index(id(block)), {id(m) for m in block.modules()}
+        return self.finished[i - 1] if i and self.finished[i - 1] in inner else id(block)
+
+    def post_backward_never_fires(self, module_id: int | None) -> bool:
+        return module_id is not None and not self.positional.get(module_id, True)
+
+
 def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkpointing: bool,
              keep_grads: bool) -> dict:
     """One micro-step on meta tensors: encoders (no_grad), UNet forward, loss, backward.
 
     Returns FLOPs per phase and the transient peak bytes of the encoder pass and of the UNet pass (with the
-    gradients alive at that peak). With `keep_grads` the 16-bit gradients stay as autograd accumulates them
-    (ZeRO 0/1); without, each is freed once produced (ZeRO 2/3 move it into the reduce bucket)."""
+    gradients alive at that peak), and the checkpointed modules whose recomputed frozen parameters ZeRO-3 keeps
+    gathered to the end of the backward (`recompute_kept`, see `_CallOrder`). With `keep_grads`
+    the 16-bit gradients stay as autograd accumulates them (ZeRO 0/1); without, each is freed once produced
+    (ZeRO 2/3 move it into the reduce bucket)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     m, unet = recipe.model, recipe.unet
@@ -295,7 +350,11 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
             self.fc.__exit__(*exc)
             recomputed.append(self.fc.get_total_flops())
 
+    checkpointed = {}  # the modules checkpointing recomputes in backward (ZeRO-3 gathers their parameters again)
+
     def checkpoint(module, *args):  # diffusers' default checkpointing, plus a counter around the recompute
+        if isinstance(module, torch.nn.Module):
+            checkpointed[id(module)] = module
         return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
                                                  context_fn=lambda: (contextlib.nullcontext(), CountRecompute()))
 
@@ -319,7 +378,8 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
                 encoded = _encode(m, batch, frames, height, width)
             res["encoder_peak"] = live.peak
             live.peak = live.now
-            with live, FlopCounterMode(display=False) as fwd:
+            calls = _CallOrder(unet)  # the forward only: checkpointing's recompute runs modules again
+            with live, FlopCounterMode(display=False) as fwd, calls:
                 loss = _unet_loss(unet, encoded, batch, frames)
                 del encoded
             with live, FlopCounterMode(display=False) as bwd:
@@ -329,6 +389,7 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
         for h in hooks:
             h.remove()
         unet.zero_grad(set_to_none=True)
+    res["recompute_kept"] = [b for b in checkpointed.values() if calls.post_backward_never_fires(calls.last_inside(b))]
     res["encoder_flops"] = enc.get_total_flops()
     res["recompute_flops"] = sum(recomputed)
     res["unet_forward_flops"] = fwd.get_total_flops()
@@ -343,36 +404,127 @@ def _params(module: torch.nn.Module, trainable: bool | None = None) -> int:
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
+def zero_config(cfg: VidgenConfig, recipe=None) -> dict[str, int]:
+    """The zero_optimization sizes (`ZERO_DEFAULTS` keys) the workers give DeepSpeed: vidgen's generated config
+    (`loop.deepspeed_config`), the recipe's overrides and a local train.deepspeed_config JSON on top (a remote one
+    is not read: no network), DeepSpeed's defaults for what none of them sets."""
+    from vidgen.train.loop import deep_merge, deepspeed_config
+
+    user = recipe.deepspeed_overrides() if hasattr(recipe, "deepspeed_overrides") else {}
+    path = cfg.train.deepspeed_config
+    if path and ("://" not in path or path.startswith("file://")):
+        f = Path(path.removeprefix("file://")).expanduser()
+        try:
+            user = deep_merge(user, json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"train.deepspeed_config={path}: not a readable JSON file ({e})") from None
+    ds = deepspeed_config(cfg.train.model_dump(), cfg.train.num_workers, not cfg.train.use_gpu, user)
+    zero = ds.get("zero_optimization") or {}
+    given = {k: zero.get(f"stage3_{k}", zero.get(k, v)) for k, v in ZERO_DEFAULTS.items()}
+    return {k: v if isinstance(v, int) else int(float(v)) for k, v in given.items()}  # JSON may say 5e8
+
+
+def persistent_params(unet: torch.nn.Module, zero: dict[str, int]) -> tuple[int, int]:
+    """(elements, bytes) of the UNet parameters ZeRO-3 keeps whole on every rank once gathered: those of at most
+    stage3_param_persistence_threshold elements, in module order while their total stays within
+    stage3_model_persistence_threshold (`DeepSpeedZeRoOffload.mark_persistent_parameters`)."""
+    numel = size = 0
+    for p in unet.parameters():
+        k = p.numel()
+        if k <= zero["param_persistence_threshold"] and numel + k <= zero["model_persistence_threshold"]:
+            numel, size = numel + k, size + k * p.element_size()
+    return numel, size
+
+
+def recomputed_frozen(blocks: list[torch.nn.Module], zero: dict[str, int]) -> int:
+    """Elements of the non-persistent frozen parameters of the checkpointed `blocks` whose recompute ZeRO-3 keeps
+    gathered to the end of the backward (the step's `recompute_kept`, see `_CallOrder`): SVD's resnets."""
+    seen = {id(p): p.numel() for b in blocks for p in b.parameters()
+            if not p.requires_grad and p.numel() > zero["param_persistence_threshold"]}
+    return sum(seen.values())
+
+
+def zero3_inputs(unet: torch.nn.Module, step: dict, zero: dict[str, int]) -> dict:
+    """What `zero3_gathered` needs of the UNet and of the measured step."""
+    return {"persistent": persistent_params(unet, zero),
+            "recomputed": recomputed_frozen(step.get("recompute_kept", []), zero)}
+
+
 def model_states(t, n_gpus: int, unet_params: int, unet_bytes: int, trainable: int, largest_layer: int,
-                 master: bool, grad_size: int) -> tuple[dict[str, int], dict[str, int]]:
+                 master: bool, grad_size: int, zero: dict[str, int] | None = None, z3: dict | None = None,
+                 on_gpu: bool = True) -> tuple[dict[str, int], dict[str, int]]:
     """(GPU bytes, host bytes) of DeepSpeed's persistent state on one worker (rank 0 when EMA is on).
 
     ZeRO 0: everything replicated. 1: optimizer states (with fp32 master and fp32 grads) / N, plus the reduce
-    bucket. 2: also the 16-bit gradients / N. 3: also the weights / N, plus the gathered working set (prefetch
-    bucket + 2 x largest layer). AdamW keeps m and v (fp32, or 1 byte each with 8-bit Adam); with `master`, an fp32
-    master copy and fp32 gradients too: DeepSpeed's 16-bit modes keep them, and its ZeRO optimizer keeps them in
-    fp32 mode as well (it clones its partition of the trainable parameters: stage_1_and_2.py, stage3.py). Offload
-    moves those to the host. The 16-bit gradients of ZeRO 0/1 are not here: the measured step holds them as
-    autograd makes them."""
+    bucket. 2: also the 16-bit gradients / N. 3: also the weights / N, plus the whole parameters it holds gathered
+    (`zero3_gathered`). AdamW keeps m and v (fp32, or 1 byte each with 8-bit Adam); with `master`, an fp32 master
+    copy and fp32 gradients too: DeepSpeed's 16-bit modes keep them, and its ZeRO optimizer keeps them in fp32 mode
+    as well (it clones its partition of the trainable parameters: stage_1_and_2.py, stage3.py). Offload moves
+    those to the host. The 16-bit gradients of ZeRO 0/1 are not here: the measured step holds them as autograd
+    makes them. `zero`: the zero_optimization sizes (`zero_config`; DeepSpeed's defaults when None); `z3`:
+    `zero3_inputs`. ZeRO-3 allocates its reduce bucket whole (reduce_bucket_size elements, stage3.py
+    `_setup_for_real_optimizer`): on a GPU that is memory; on a CPU (`on_gpu=False`) only the pages the gradients
+    fill are resident, as with ZeRO 1/2."""
     stage, n = t.zero_stage, n_gpus
+    z = {**ZERO_DEFAULTS, **(zero or {})}
     shard = n if stage >= 1 else 1
     adam = trainable * ((2 if t.adam_8bit else 8) + (4 if master else 0))
     fp32_grads = trainable * 4 if master else 0
-    gpu = {"weights": unet_bytes, "gradients": 0, "optimizer": adam // shard, "fp32_grads": fp32_grads // shard,
-           "buckets": 0, "ema": trainable * 4 if t.ema else 0}
+    gpu = {"weights": unet_bytes, "gathered": 0, "gradients": 0, "optimizer": adam // shard,
+           "fp32_grads": fp32_grads // shard, "buckets": 0, "ema": trainable * 4 if t.ema else 0}
     host = {"weights": 0, "optimizer": 0, "fp32_grads": 0}
     if stage >= 1:
-        gpu["buckets"] = grad_size * min(REDUCE_BUCKET, trainable)
+        gpu["buckets"] = grad_size * min(z["reduce_bucket_size"], trainable)
     if stage >= 2:
         gpu["gradients"] = grad_size * trainable // n
     if stage == 3:
-        working = int(unet_bytes / unet_params * (PREFETCH_BUCKET + 2 * largest_layer))
-        gpu["weights"] = (0 if t.offload_params else unet_bytes // n) + working
+        gpu["gathered"] = zero3_gathered(n, unet_params, unet_bytes, largest_layer, z, z3, on_gpu)
+        gpu["weights"] = 0 if t.offload_params else unet_bytes // n
         host["weights"] = unet_bytes // n if t.offload_params else 0
+        if on_gpu:
+            gpu["buckets"] = grad_size * z["reduce_bucket_size"]
     if t.offload_optimizer:
         host["optimizer"], host["fp32_grads"] = gpu["optimizer"], trainable * 4 // n  # grads land there in fp32
         gpu["optimizer"] = gpu["fp32_grads"] = gpu["gradients"] = 0
     return gpu, host
+
+
+def zero3_gathered(n: int, unet_params: int, unet_bytes: int, largest_layer: int, zero: dict[str, int],
+                   z3: dict | None = None, on_gpu: bool = True) -> int:
+    """Bytes of whole parameters a ZeRO-3 rank holds at the peak of a training step, beside its partition.
+
+    - forward: once DeepSpeed's coordinator has traced a step (partitioned_param_coordinator.py), it prefetches
+      along the trace while fewer than stage3_max_live_parameters elements are gathered or in flight, and its walk
+      marks each parameter it passes as needed again (`__most_recent_step_id_param_fetched_for`), in the backward
+      too, so what the forward gathers stays gathered: the window fills to max_live_parameters, plus the module
+      being fetched and the one parameter that overshoots (2 x the largest layer), capped by the non-persistent
+      parameters. With stage3_max_reuse_distance=0 (vidgen on CPU) as with its default;
+    - backward: the frozen parameters of the checkpointed blocks whose recompute DeepSpeed credits to a module
+      whose post-backward hook never fires stay gathered to the end (`recomputed_frozen`, `_CallOrder`);
+    - persistent parameters (`persistent_params`) are gathered once and kept whole.
+    The window is the larger of the two. On a GPU the prefetch's flat all-gather buffer is in flight on top
+    (stage3_prefetch_bucket_size elements: each parameter is copied out of it with torch.cat); on a CPU the
+    window costs CPU_GATHER_FACTOR times its bytes. One rank gathers nothing: its partition is the parameter
+    (`_no_gather_coalesced`). Measured on real 2-rank CPU steps of the full-size SVD-XT LoRA (elements gathered
+    at once, tracked per module fetch): forward 0.93e9 with the default max_live_parameters=1e9, 2.8e8 with 3e8,
+    3.4e7 with 0; backward 0.66e9 in all three (its resnets hold 0.70e9)."""
+    if n <= 1:
+        return 0
+    z3 = z3 or {}
+    p_numel, p_bytes = z3.get("persistent", (0, 0))
+    rest = unet_params - p_numel
+    per = (unet_bytes - p_bytes) / max(rest, 1)
+    window = zero3_window(unet_params, largest_layer, zero, z3)
+    if on_gpu:
+        return int(per * min(rest, window + zero["prefetch_bucket_size"])) + p_bytes
+    return int(CPU_GATHER_FACTOR * per * window) + p_bytes
+
+
+def zero3_window(unet_params: int, largest_layer: int, zero: dict[str, int], z3: dict | None = None) -> int:
+    """Elements of non-persistent parameters ZeRO-3 holds gathered at once at most (see `zero3_gathered`)."""
+    z3 = z3 or {}
+    rest = unet_params - z3.get("persistent", (0, 0))[0]
+    return min(rest, max(zero["max_live_parameters"], z3.get("recomputed", 0)) + 2 * largest_layer)
 
 
 def _cast_like_training(recipe, precision: str, on_gpu: bool = True) -> bool:
@@ -430,6 +582,12 @@ PROCESS_BYTES = 745 * 10**6
 # peak in the optimizer step).
 CPU_ACTIVATION_FACTOR = {False: 1.6, True: 2.0}  # by train.activation_checkpointing
 CPU_STEP_OVERHEAD = 260 * 10**6
+# What ZeRO-3's gathered window (`zero3_gathered`) costs in resident memory on CPU, per byte of whole parameters:
+# each parameter is copied (torch.cat) out of the flat buffer its all-gather filled, and glibc keeps the pages of
+# the freed flat buffers in its arenas (1-3.7 GB free but resident in them, measured). Fitted on the peak RSS of
+# real 2-rank CPU steps of the full-size SVD-XT LoRA (zero_stage=3, bf16 base, checkpointing, 4x64x64, the first
+# step after DeepSpeed's trace) with stage3_max_live_parameters 1e9, 3e8 and 0: planned within 5% of each.
+CPU_GATHER_FACTOR = 2.0
 HOST_METHOD = ("peak RSS per worker = fixed process cost (measured, PROCESS_BYTES) + the largest of: the models as "
                "built (whole in every worker), deepspeed.initialize (16-bit cast, flat copy, fp32 partition), "
                "a training step (DeepSpeed ZeRO layout for train.num_workers, offloaded states included, ZeRO-3's "
@@ -457,7 +615,7 @@ def _unet_file_bytes(cfg: VidgenConfig, unet: torch.nn.Module) -> int:
 
 
 def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, largest_layer: int,
-              built_bytes: int, unet_file_bytes: int = 0) -> dict:
+              built_bytes: int, unet_file_bytes: int = 0, zero: dict[str, int] | None = None) -> dict:
     """Peak resident host memory of one worker process of a CPU run (train.use_gpu=false), from `parts` cast as a
     CPU worker holds them and `step` measured with those dtypes. The peak is the largest of these phases, each on
     top of the process's fixed cost:
@@ -467,11 +625,15 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
       ZeRO-3 partitions only in deepspeed.initialize (vidgen builds outside zero.Init);
       while a pretrained Hotshot UNet loads, also its weight file (`_unet_file_bytes`);
     - deepspeed.initialize: the UNet as DeepSpeed casts it, the encoders, and under ZeRO 1/2 the flat copy of the
-      trainable parameters it makes before pointing them into it, plus its fp32 partition;
-    - a training step: `model_states` for train.num_workers with the offloaded part (the same memory on a CPU run),
-      the frozen encoders, and the step's transient peak (`_with_step`), scaled by what CPU steps were measured to
-      hold beyond live tensors (CPU_ACTIVATION_FACTOR, CPU_STEP_OVERHEAD). No CUDA context;
-    - the optimizer step: the same states, the gradients it steps on, and torch AdamW's temporaries: on CPU it
+      trainable parameters it makes before pointing them into it (ZeRO-3: of their partitions, `defragment`), plus
+      its fp32 partition. ZeRO-3's partitions are not on top: `Init._partition_param` frees each whole parameter
+      as soon as its slice is copied out (measured at full size: the phase's peak is the models as built + 1%);
+    - a training step: `model_states` for train.num_workers with the offloaded part (the same memory on a CPU run;
+      ZeRO-3: the partition plus the gathered window, `zero3_gathered`, for the sizes in `zero`, at
+      CPU_GATHER_FACTOR), the frozen encoders, and the step's transient peak (`_with_step`), scaled by what CPU
+      steps were measured to hold beyond live tensors (CPU_ACTIVATION_FACTOR, CPU_STEP_OVERHEAD). No CUDA context;
+    - the optimizer step: the same states (ZeRO-3 has released its gathered parameters by then), the gradients
+      it steps on, and torch AdamW's temporaries: on CPU it
       runs one tensor at a time and `exp_avg_sq.sqrt() / c` holds two fp32 copies of it (8 bytes a parameter),
       of DeepSpeed's flat fp32 partition (ZeRO >= 1, or its 16-bit mode) or of the largest parameter (ZeRO-0 in
       fp32); DeepSpeedCPUAdam (offload) steps in place.
@@ -481,7 +643,10 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
     trainable = _params(unet, True)
     grad_size = next((p.element_size() for p in unet.parameters() if p.requires_grad), 4)
     unet_bytes, encoders = _bytes(unet), _bytes(*(v for k, v in parts.items() if k != "unet"))
-    states, offloaded = model_states(t, n, _params(unet), unet_bytes, trainable, largest_layer, master, grad_size)
+    zero = zero or ZERO_DEFAULTS
+    z3 = zero3_inputs(unet, step, zero) if t.zero_stage == 3 else None
+    states, offloaded = model_states(t, n, _params(unet), unet_bytes, trainable, largest_layer, master, grad_size,
+                                     zero, z3, on_gpu=False)
     states = {k: v + offloaded.get(k, 0) for k, v in states.items()} | {"encoders": encoders}
     in_step, step_phase = _with_step(states, step)
     in_step["activations"] = int(CPU_ACTIVATION_FACTOR[t.activation_checkpointing] * in_step["activations"])
@@ -496,11 +661,12 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
     phases = {
         "build (models as built)": {"models": built_bytes},
         "deepspeed.initialize": {"weights": unet_bytes, "encoders": encoders,
-                                 "flat_copy": trainable * grad_size if t.zero_stage in (1, 2) else 0,
+                                 "flat_copy": trainable * grad_size // (n if t.zero_stage == 3 else 1)
+                                 if t.zero_stage else 0,
                                  "fp32_master": trainable * 4 // shard if master else 0},
         f"training step: {step_phase}": in_step,
         "optimizer step": states | {  # ZeRO 0/1 step on autograd's whole gradients
-            "gradients": states["gradients"] if t.zero_stage >= 2 else trainable * grad_size,
+            "gathered": 0, "gradients": states["gradients"] if t.zero_stage >= 2 else trainable * grad_size,
             "adamw_temporaries": adam_temps},
     }
     if unet_file_bytes:
@@ -539,7 +705,10 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     per_step = micro * t.gradient_accumulation
 
     largest = max((sum(p.numel() for p in mod.parameters(recurse=False)) for mod in unet.modules()), default=0)
-    gpu, host = model_states(t, n, params["unet"]["total"], _bytes(unet), trainable, largest, master, grad_size)
+    zero = zero_config(cfg, recipe)
+    z3 = zero3_inputs(unet, step, zero) if t.zero_stage == 3 else None
+    gpu, host = model_states(t, n, params["unet"]["total"], _bytes(unet), trainable, largest, master, grad_size,
+                             zero, z3)
     gpu["encoders"] = _bytes(*(v for k, v in parts.items() if k != "unet"))
     gpu, phase = _with_step(gpu, step)
     tensor_bytes = sum(gpu.values())
@@ -553,7 +722,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         same = dtypes == [p.dtype for p in unet.parameters()]
         cpu_step = step if same else run_step(recipe, b, f, h, w, checkpointing=t.activation_checkpointing,
                                               keep_grads=t.zero_stage < 2)
-        cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, _unet_file_bytes(cfg, unet))
+        cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, _unet_file_bytes(cfg, unet), zero)
 
     gpus, step_times = [], {}
     for g in GPUS:
@@ -570,7 +739,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         "training": {"zero_stage": t.zero_stage, "precision": t.precision, "fp32_master": master,
                      "activation_checkpointing": t.activation_checkpointing, "offload_optimizer": t.offload_optimizer,
                      "offload_params": t.offload_params, "adam_8bit": t.adam_8bit, "ema": t.ema,
-                     "use_gpu": t.use_gpu},
+                     "use_gpu": t.use_gpu, "zero_config": zero},
         "parameters": {**params, "total": sum(p["total"] for p in params.values()), "trainable": trainable},
         "flops": {"encoders_forward": step["encoder_flops"], "unet_forward": step["unet_forward_flops"],
                   "unet_backward": step["unet_backward_flops"], "per_micro_step_per_gpu": micro,
