@@ -31,7 +31,7 @@ from pathlib import Path
 
 GIB = 1024**3
 SHAPE = ["model.num_frames=4", "data.num_frames=4", "data.height=64", "data.width=64"]
-COMMON = ["model.flavor=full", "train.num_workers=2", "train.precision=bf16", "train.activation_checkpointing=true",
+COMMON = ["model.flavor=full", "train.precision=bf16", "train.activation_checkpointing=true",
           "train.max_failures=1", "train.checkpoint_every=1", "train.lr=1e-4"]
 RUNS = {
     # name: (overrides, kill a worker and resume, check the export with stock libraries)
@@ -40,7 +40,7 @@ RUNS = {
     "svd_lora_zero3": (["train.recipe=svd_lora", "train.zero_stage=3", "train.max_steps=3",
                         "train.lora.export_merged=true"], True, "lora"),
     "svd_temporal": (["train.recipe=svd_full", "train.trainable=temporal", "train.zero_stage=3",
-                      "train.max_steps=2"], False, "unet"),
+                      "train.offload_optimizer=true", "train.max_steps=2"], False, "unet"),
     "hotshot": (["model.family=hotshot", "train.recipe=hotshot_temporal", "train.zero_stage=3", "train.max_steps=2",
                  "model.num_frames=4"], False, "hotshot"),
 }
@@ -57,6 +57,8 @@ class TreeSampler:
         self.markers, self.period = markers, period
         self.peaks: dict[int, int] = {}
         self.labels: dict[int, str] = {}
+        self.t0 = time.perf_counter()
+        self.curve: dict[int, list[tuple[float, float]]] = {}  # pid -> (s since start, GiB), a point a second
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -83,6 +85,22 @@ class TreeSampler:
                     continue
                 self.labels[p.pid] = hit
                 self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
+                now, curve = round(time.perf_counter() - self.t0, 1), self.curve.setdefault(p.pid, [])
+                if not curve or now - curve[-1][0] >= 1:
+                    curve.append((now, round(rss / GIB, 2)))
+                elif rss / GIB > curve[-1][1]:  # the second's peak
+                    curve[-1] = (curve[-1][0], round(rss / GIB, 2))
+
+    def curve_of(self, marker: str) -> list[tuple[float, float]]:
+        """The largest process's RSS curve, thinned to where it moved by 0.1 GiB or more."""
+        pids = [k for k in self.peaks if self.labels[k] == marker]
+        if not pids:
+            return []
+        out: list[tuple[float, float]] = []
+        for point in self.curve[max(pids, key=self.peaks.get)]:
+            if not out or abs(point[1] - out[-1][1]) >= 0.1:
+                out.append(point)
+        return out
 
     def peaks_of(self, marker: str) -> list[int]:
         return sorted((v for k, v in self.peaks.items() if self.labels[k] == marker), reverse=True)
@@ -108,7 +126,7 @@ def planned_host(cfg) -> dict | None:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def train_run(name: str, work: Path, data: str) -> dict:
+def train_run(name: str, work: Path, data: str, out: dict) -> dict:
     from vidgen.runner import tracker_for, train_job
     from vidgen.train import loop
 
@@ -116,27 +134,33 @@ def train_run(name: str, work: Path, data: str) -> dict:
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    cfg = _config(name, work, data)
-    host = planned_host(cfg)
-    per_worker = (host or {}).get("per_worker_bytes")
     avail = _available_bytes()
-    need = per_worker * cfg.train.num_workers if per_worker else None
-    out: dict = {"run": name, "precision": "bf16 frozen bases, fp32 trainable + Adam", "overrides": overrides,
-                 "planned_worker_gib": _gib(per_worker), "plan_host": host, "available_gib": _gib(avail)}
-    if need and need > avail:
-        out["skipped"] = (f"needs {need / GIB:.1f} GiB for {cfg.train.num_workers} workers by the plan; "
-                          f"{avail / GIB:.1f} GiB available")
+    out |= {"run": name, "precision": "bf16 frozen bases, fp32 trainable + Adam", "overrides": overrides,
+            "available_gib": _gib(avail)}
+    for workers in (2, 1):  # 2 workers where the plan says they fit here, else 1, else the plan's numbers
+        cfg = _config(name, work, data, workers)
+        host = planned_host(cfg)
+        per_worker = (host or {}).get("per_worker_bytes")
+        need = per_worker * workers if per_worker else 0
+        out |= {"workers": workers, "planned_worker_gib": _gib(per_worker), "plan_host": host}
+        if need <= avail:
+            break
+        out.setdefault("does_not_fit", []).append(
+            f"{workers} workers need {need / GIB:.1f} GiB by the plan ({per_worker / GIB:.2f} each); "
+            f"{avail / GIB:.1f} GiB available")
+    else:
+        out["skipped"] = "; ".join(out.pop("does_not_fit"))
         return out
 
     dump = run_dir / "final_state.pt"
     marker = run_dir / "fault-marker"
     env = {loop.DUMP_ENV: str(dump)} if check == "lora" else {}
     if kill:  # rank 1 dies right after step 2, before its checkpoint: the restart resumes from step 1's
-        env[loop.FAULT_ENV] = f"1:2:{marker}"
+        env[loop.FAULT_ENV] = f"{workers - 1}:2:{marker}"
     os.environ.update(env)
     t0 = time.perf_counter()
     try:
-        with TreeSampler(("RayTrainWorker", "export_unet")) as mem, tracker_for(cfg) as tracker:
+        with TreeSampler(("RayTrainWorker", "_export_task")) as mem, tracker_for(cfg) as tracker:
             summary = train_job(cfg, tracker)
     finally:
         for k in env:
@@ -147,7 +171,8 @@ def train_run(name: str, work: Path, data: str) -> dict:
         "wall_s": round(wall, 1), "steps": summary["steps"], "first_loss": summary["first_loss"],
         "last_loss": summary["last_loss"],
         "worker_peak_gib": [_gib(x) for x in workers],
-        "export_task_peak_gib": _gib(max(mem.peaks_of("export_unet"), default=0)),
+        "export_task_peak_gib": _gib(max(mem.peaks_of("_export_task"), default=0)),
+        "worker_rss_curve_s_gib": mem.curve_of("RayTrainWorker"),
         "measured_vs_planned": round(workers[0] / per_worker, 3) if workers and per_worker else None,
         "kill": marker.read_text().split() if marker.exists() else None,
         **_checkpoint_figures(Path(summary["checkpoint_dir"])),
@@ -161,11 +186,15 @@ def train_run(name: str, work: Path, data: str) -> dict:
     return out
 
 
-def _config(name: str, work: Path, data: str):
+EXTRA: list[str] = []  # --set
+
+
+def _config(name: str, work: Path, data: str, workers: int = 2):
     from vidgen.config import load_config
 
     return load_config(None, [f"run.workdir={work / name}", f"run.name={name}-{uuid.uuid4().hex[:6]}",
-                              f"data.source={data}", *COMMON, *SHAPE, *RUNS[name][0]])
+                              f"data.source={data}", *COMMON, *SHAPE, f"train.num_workers={workers}",
+                              *RUNS[name][0], *EXTRA])
 
 
 def _checkpoint_figures(ckpt: Path) -> dict:
@@ -244,16 +273,48 @@ def check_lora_export(cfg, summary: dict, dump: Path) -> dict:
             "stock_load_s": round(stock_s, 1)}
 
 
+def hotshot_key_set(config: dict) -> set[str]:
+    """The keys of Hotshot-XL's `hsxl_temporal_layers.safetensors` for a UNet config, written from Hotshot's own
+    modules (`hotshot_xl/models/transformer_temporal.py`, `unet_blocks.py`), not from vidgen's converter: one
+    TransformerTemporal after each resnet of every down block (layers_per_block) and up block (+1), none in the
+    mid block; each holds GroupNorm `norm`, `proj_in`, one TransformerBlock (two bias-free q/k/v attentions with
+    an output projection and a positional-encoding buffer, two LayerNorms `norms`, `ff_norm`, a GEGLU `ff`), and
+    `proj_out`."""
+    layers = config["layers_per_block"]
+    layers = layers if isinstance(layers, int) else layers[0]
+    block = "transformer_blocks.0."
+    inner = ["norm.weight", "norm.bias", "proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias",
+             *(f"{block}attention_blocks.{a}.{k}" for a in (0, 1) for k in (
+                 "to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias",
+                 "pos_encoder.positional_encoding")),
+             *(f"{block}{n}.{w}" for n in ("norms.0", "norms.1", "ff_norm") for w in ("weight", "bias")),
+             *(f"{block}ff.{n}.{w}" for n in ("net.0.proj", "net.2") for w in ("weight", "bias"))]
+    blocks = len(config["down_block_types"])
+    return {f"{kind}.{i}.temporal_attentions.{j}.{k}"
+            for kind, per in (("down_blocks", layers), ("up_blocks", layers + 1))
+            for i in range(blocks) for j in range(per) for k in inner}
+
+
 def check_hotshot_export(summary: dict) -> dict:
+    """The exported temporal-layer file against Hotshot's key set, then loaded back into the exported unet/
+    directory's UNet (vidgen's strict loader: every key and shape) and compared tensor for tensor."""
+    import torch
     from safetensors.torch import load_file
 
-    from vidgen.models import hotshot_weights
+    from vidgen.models import hotshot_weights as hw
 
-    files = list(Path(summary["export_dir"]).rglob("*.safetensors"))
-    keys = set(load_file(str(files[0])).keys()) if files else set()
-    expected = hotshot_weights.hotshot_key_set() if hasattr(hotshot_weights, "hotshot_key_set") else None
-    return {"file": str(files[0]) if files else None, "keys": len(keys),
-            "equals_hotshot_key_set": (keys == expected) if expected is not None else None}
+    unet_dir = next(Path(summary["export_dir"]).rglob(hw.TEMPORAL_FILE)).parent
+    config = json.loads((unet_dir / "config.json").read_text())
+    state = load_file(str(unet_dir / hw.TEMPORAL_FILE))
+    expected = hotshot_key_set(config)
+    t0 = time.perf_counter()
+    unet = hw.load_hotshot_unet_dir(unet_dir, temporal_layers=unet_dir / hw.TEMPORAL_FILE)
+    back = hw.temporal_state_dict(unet)
+    return {"file": str(unet_dir / hw.TEMPORAL_FILE), "keys": len(state), "hotshot_keys": len(expected),
+            "equals_hotshot_key_set": set(state) == expected,
+            "missing": sorted(expected - set(state))[:3], "unexpected": sorted(set(state) - expected)[:3],
+            "loads_back_equal": set(back) == set(state) and all(torch.equal(back[k], v) for k, v in state.items()),
+            "load_s": round(time.perf_counter() - t0, 1)}
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
@@ -265,7 +326,13 @@ def main() -> None:
                     + ", ".join([*RUNS, "generate"]))
     ap.add_argument("--out", default="benchmarks/out/full_size.json", help="all results as one JSON file")
     ap.add_argument("--workdir", default=None, help="where runs write (default: a temporary directory)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override added to every training run, after the run's own (repeatable)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each run's checkpoints and exports (default: deleted once measured and checked)")
+    ap.add_argument("--brief", action="store_true", help="leave the plan's whole host section out of the output")
     args = ap.parse_args()
+    EXTRA.extend(args.set)
 
     import ray
 
@@ -280,17 +347,19 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = []
     for name in args.runs.split(","):
-        t0 = time.perf_counter()
+        t0, res = time.perf_counter(), {"run": name}
         try:
-            res = generate_runs(work, data) if name == "generate" else train_run(name, work, data)
-        except Exception as e:
+            res = generate_runs(work, data) if name == "generate" else train_run(name, work, data, res)
+        except Exception as e:  # with what the run had recorded (workers, the plan's figures)
             text = str(e)
             if "out of memory" in text:  # Ray's memory monitor killed a worker: what the plan said, and that
                 text = "did not fit: a worker was killed by Ray's memory monitor (node memory above 95%)"
-            res = {"run": name, "error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"}
-            if name in RUNS:
-                res["planned_worker_gib"] = _gib((planned_host(_config(name, work, data)) or {})
-                                                 .get("per_worker_bytes"))
+            res["error"] = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        finally:
+            if not args.keep:  # checkpoints and exports of a full-size run take 3-16 GB of disk each
+                shutil.rmtree(work / name, ignore_errors=True)
+        if args.brief:
+            res.pop("plan_host", None)
         res["total_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(res), flush=True)
         results.append(res)

@@ -1,7 +1,7 @@
 """Ingest benchmark: vidgen's clip reading against what a user would otherwise run, side by side.
 
     python benchmarks/ingest.py            # full: 96 folders x 14 frames (1x), 960 (10x), 2 repeats
-    python benchmarks/ingest.py --quick    # 12 folders (1x), 120 (10x), 1 repeat: a few minutes
+    python benchmarks/ingest.py --quick    # 60 folders (1x), 600 (10x), 1 repeat
 
 Corpus: synthetic frame folders of 1280x720 JPEG frames (quality 90; smooth scenery, moving shapes
 and sensor noise, ~100-150 KB a frame, like real 720p video frames), read as 14-frame clips at
@@ -15,11 +15,13 @@ Loaders, each in its own process pinned (sched_setaffinity) to 1 or 2 cores:
   decode_floor   decoding the same frames at full size and nothing else (PIL `Image.load`), one
                  process per core: what any loader that fully decodes must pay.
   vidgen_ray     vidgen.data.read_clips(...).dataset iterated on the driver: Ray Data tasks
-                 (num_cpus=--task-cpus each, default 1) in a local Ray with num_cpus = cores.
+                 (data.read_cpus each) in a local Ray with num_cpus = cores.
   vidgen_local   the same per-sample code without Ray (one process per core): vidgen's decode path
                  (JPEG draft decode at 1/2 scale, uint8 antialiased resize of the whole clip).
-Steady state only: clocks start when the first unit of output arrives (a clip; for Ray Data a block,
-i.e. one task's clips), which is not counted; worker processes are up with their imports before.
+What a training epoch gets: each loader makes one untimed pass over the corpus (its workers start, import and warm
+the page cache), then the clock runs over a whole second pass, from its start to its last clip, with every clip's
+frames materialised. vidgen_ray runs with the config's defaults (data.read_cpus, data.samples_per_task) unless
+--task-cpus / --samples-per-task say otherwise.
 Peak memory is sampled every 0.25 s (PSS every 1 s) over the loader's whole process tree (driver,
 Ray's raylet and GCS, workers): RSS summed (shared pages counted once per process) and PSS (shared
 pages split). CPU seconds are summed over the same tree, less the sampler's own.
@@ -230,21 +232,24 @@ def _warm(row=None):
     return row if row is not None else 0
 
 
-def _timed(units, monitor: TreeMonitor) -> tuple[int, float, float]:
-    """(frames, seconds, CPU seconds) of the steady state: an iterator of frame counts per unit of
-    output (a clip; a block of clips for Ray Data) is timed from the arrival of its first unit, which
-    is not counted. Start-up (Ray Data's executor, DataLoader forks, first-task latency) stays out."""
-    it = iter(units)
-    next(it)
+def _timed(make_pass, monitor: TreeMonitor) -> tuple[int, float, float]:
+    """(frames, seconds, CPU seconds) of one whole pass over the corpus, as a user's training epoch gets it:
+    `make_pass()` returns a fresh iterator of frame counts per unit of output (a clip; a block of clips for Ray
+    Data), and every unit's frames are materialised by the loader. A first pass warms the loader up (its worker
+    processes and their imports, the page cache, Ray Data's per-cluster actors), untimed; the clock then runs from
+    the start of the second pass, its own start-up included, to its last unit."""
+    sum(make_pass())
     monitor.mark()
     start = time.perf_counter()
-    frames = sum(it)
+    frames = sum(make_pass())
     seconds = time.perf_counter() - start
     return frames, seconds, monitor.cpu_since_mark()
 
 
-def run_loader(loader: str, corpus: Path, cores: int, task_cpus: float = 1.0) -> dict:
+def run_loader(loader: str, corpus: Path, cores: int, task_cpus: float | None = None,
+               samples_per_task: int | None = None) -> dict:
     folders = [str(p) for p in _folders(corpus)]
+    settings: dict = {}
     with TreeMonitor() as mon:
         if loader == "pil_loader":
             import torch
@@ -258,15 +263,16 @@ def run_loader(loader: str, corpus: Path, cores: int, task_cpus: float = 1.0) ->
                     return torch.from_numpy(_pil_clip(folders[i]))
 
             torch.set_num_threads(1)
-            loader_it = DataLoader(Clips(), batch_size=1, num_workers=cores, prefetch_factor=2)
+            loader_it = DataLoader(Clips(), batch_size=1, num_workers=cores, prefetch_factor=2,
+                                   persistent_workers=True)
             # DataLoader workers fork from this process, which has every import already.
-            frames, seconds, cpu = _timed((b.shape[1] for b in loader_it), mon)
+            frames, seconds, cpu = _timed(lambda: (b.shape[1] for b in loader_it), mon)
         elif loader == "decode_floor":
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(cores) as pool:
                 pool.map(_warm, range(cores))
-                frames, seconds, cpu = _timed(pool.imap(_decode_clip, folders), mon)
+                frames, seconds, cpu = _timed(lambda: pool.imap(_decode_clip, folders), mon)
         elif loader == "vidgen_local":
             import multiprocessing as mp
 
@@ -277,40 +283,42 @@ def run_loader(loader: str, corpus: Path, cores: int, task_cpus: float = 1.0) ->
             ctx = mp.get_context("fork")
             with ctx.Pool(cores, initializer=_init_vidgen, initargs=(stream.spec,)) as pool:
                 pool.map(_warm, range(cores))
-                frames, seconds, cpu = _timed(pool.imap(_vidgen_clip, stream.samples), mon)
+                frames, seconds, cpu = _timed(lambda: pool.imap(_vidgen_clip, stream.samples), mon)
         elif loader == "vidgen_ray":
             import ray
 
+            from vidgen.config import DataConfig
             from vidgen.data import read_clips
 
+            defaults = DataConfig()  # what training gets unless the user sets data.read_cpus/samples_per_task
+            settings = {"read_cpus": task_cpus or defaults.read_cpus,
+                        "samples_per_task": samples_per_task or defaults.samples_per_task}
             ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
                      _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"))
             ray.data.DataContext.get_current().enable_progress_bars = False
             stream = read_clips(str(corpus), "frames", num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH,
-                                train=False, num_cpus=task_cpus)
-            # Start the workers and their imports first (Ray Data reuses idle workers), and Ray Data's
-            # per-cluster actors (_StatsActor, the autoscaling coordinator: ~3 s of CPU to start), which
-            # a training job pays once, not per epoch.
-            workers = max(1, round(cores / task_cpus))  # as many as the data tasks will run at once
-            ray.get([ray.remote(num_cpus=task_cpus)(_warm).remote() for _ in range(workers)])
-            ray.data.range(2 * workers, override_num_blocks=workers).map(_warm, num_cpus=task_cpus).take_all()
-            blocks = stream.dataset.iter_batches(batch_size=None, batch_format="numpy")
-            frames, seconds, cpu = _timed((len(b["frames"]) * NUM_FRAMES for b in blocks), mon)
+                                train=False, num_cpus=settings["read_cpus"],
+                                samples_per_task=settings["samples_per_task"])
+            frames, seconds, cpu = _timed(lambda: (len(b["frames"]) * NUM_FRAMES for b in
+                                                   stream.dataset.iter_batches(batch_size=None,
+                                                                               batch_format="numpy")), mon)
             ray.shutdown()
         else:
             raise SystemExit(f"unknown loader {loader}")
     return {"loader": loader, "cores": cores, "clips": len(folders), "frames": frames, "seconds": seconds,
             "fps": frames / seconds, "cpu_s": cpu, "frames_per_cpu_s": frames / cpu,
-            "peak_rss_mb": round(mon.peak_rss, 1), "peak_pss_mb": round(mon.peak_pss, 1)}
+            "peak_rss_mb": round(mon.peak_rss, 1), "peak_pss_mb": round(mon.peak_pss, 1), **settings}
 
 
 # ---- driver ----------------------------------------------------------------------------------------
 
 
-def measure(loader: str, corpus: Path, cores: int, task_cpus: float = 1.0) -> dict:
+def measure(loader: str, corpus: Path, cores: int, task_cpus: float | None = None,
+            samples_per_task: int | None = None) -> dict:
     """Run one loader in a fresh process pinned to `cores` CPUs; its JSON result."""
-    cmd = [sys.executable, __file__, "--_run", loader, "--_corpus", str(corpus), "--_cores", str(cores),
-           "--task-cpus", str(task_cpus)]
+    cmd = [sys.executable, __file__, "--_run", loader, "--_corpus", str(corpus), "--_cores", str(cores)]
+    cmd += ["--task-cpus", str(task_cpus)] if task_cpus else []
+    cmd += ["--samples-per-task", str(samples_per_task)] if samples_per_task else []
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -327,19 +335,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small corpus, one repeat")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "vidgen-bench-ingest"))
-    ap.add_argument("--folders", type=int, help="folders in the 1x corpus (default 96, quick 12)")
+    ap.add_argument("--folders", type=int, help="folders in the 1x corpus (default 96, quick 60)")
     ap.add_argument("--repeats", type=int, help="runs per figure, best kept (default 2, quick 1)")
     ap.add_argument("--loaders", default=",".join(LOADERS))
-    ap.add_argument("--task-cpus", type=float, default=1.0,
-                    help="num_cpus of each vidgen_ray data task (default 1: a task per core; vidgen: 0.25)")
+    ap.add_argument("--task-cpus", type=float, default=None,
+                    help="data.read_cpus for vidgen_ray (default: the config's default)")
+    ap.add_argument("--samples-per-task", type=int, default=None,
+                    help="data.samples_per_task for vidgen_ray (default: the config's default)")
     ap.add_argument("--_run"), ap.add_argument("--_corpus"), ap.add_argument("--_cores", type=int)
     args = ap.parse_args()
     if args._run:  # child: pin, run, print one JSON line
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args._cores])
-        print(json.dumps(run_loader(args._run, Path(args._corpus), args._cores, args.task_cpus)))
+        print(json.dumps(run_loader(args._run, Path(args._corpus), args._cores, args.task_cpus,
+                                    args.samples_per_task)))
         return
 
-    folders = args.folders or (12 if args.quick else 96)
+    folders = args.folders or (60 if args.quick else 96)
     repeats = args.repeats or (1 if args.quick else 2)
     loaders = args.loaders.split(",")
     cores_list = [c for c in (1, 2) if c <= len(os.sched_getaffinity(0))]
@@ -356,7 +367,8 @@ def main() -> None:
     for _ in range(repeats):  # interleaved, so a busy spell on a shared box hits every loader alike
         for cores in cores_list:
             for loader in loaders:
-                runs.setdefault((loader, cores), []).append(measure(loader, one, cores, args.task_cpus))
+                runs.setdefault((loader, cores), []).append(
+                    measure(loader, one, cores, args.task_cpus, args.samples_per_task))
     # Two bases, best run of each: wall clock (frames/s per pinned core) and CPU time (frames per
     # CPU-second of the loader's whole process tree), which other load on the machine barely moves.
     wall = {k: max(rs, key=lambda r: r["fps"]) for k, rs in runs.items()}
@@ -389,7 +401,7 @@ def main() -> None:
     # Memory: the same loader on 1x and 10x the corpus, at the largest core count.
     cores = cores_list[-1]
     for vidgen in [name for name in ("vidgen_ray", "vidgen_local") if name in loaders]:
-        small, large = wall[(vidgen, cores)], measure(vidgen, ten, cores, args.task_cpus)
+        small, large = wall[(vidgen, cores)], measure(vidgen, ten, cores, args.task_cpus, args.samples_per_task)
         for key in ("peak_rss_mb", "peak_pss_mb"):
             emit(figure=key, loader=vidgen, cores=cores, corpus_1x=small[key], corpus_10x=large[key],
                  ratio=round(large[key] / small[key], 3), goal=1.25, met=large[key] / small[key] <= 1.25,

@@ -173,9 +173,24 @@ def test_export_of_an_xformers_run_needs_no_cuda(offload_runs, tmp_path, monkeyp
     monkeypatch.setattr(launch, "consolidated_state_dict", not_on_the_driver)
     cfg, result, _ = offload_runs(2)
     xf = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attention": "xformers"})})
-    export_on_worker(xf, Checkpoint(result.checkpoint_dir), str(tmp_path / "unet"))
+    pid = export_on_worker(xf, Checkpoint(result.checkpoint_dir), str(tmp_path / "unet"))
+    # its process exits with it: an idle Ray worker would keep the GBs consolidation left in its allocator
+    assert pid != os.getpid() and _gone(pid, within_s=30)
     a, b = svd.load_unet(str(tmp_path / "unet")).state_dict(), svd.load_unet(result.export_dir).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    import time
+
+    import psutil
+
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _plain_step_update(cfg, clip) -> dict[str, torch.Tensor]:

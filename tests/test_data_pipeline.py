@@ -233,3 +233,20 @@ def test_rows_record_sdxl_micro_conditioning_of_their_resize_and_crop(tmp_path: 
         assert [r["crop_left"] for r in again] == [r["crop_left"] for r in random]
         lefts += [r["crop_left"] for r in random]
     assert len(set(lefts)) > 1
+
+
+def test_read_tasks_take_their_cpus_and_samples_from_the_config(corpus: Path, tmp_path: Path):
+    """data.read_cpus and data.samples_per_task reach every clip read training, the latent cache and eval make
+    (read_config_clips); the default reserves a whole core per task (benchmarks/ingest.py)."""
+    from vidgen.config import DataConfig, load_config
+    from vidgen.data.pipeline import read_config_clips
+
+    assert (DataConfig().read_cpus, DataConfig().samples_per_task) == (1.0, 16)
+    cfg = load_config(None, [f"data.source={corpus}", "data.layout=hotshot", "data.read_cpus=0.5",
+                             "data.samples_per_task=3", "model.num_frames=4", "data.height=32", "data.width=32"])
+    stream = read_config_clips(cfg, train=True, report_dir=str(tmp_path))
+    assert (stream.num_cpus, stream.samples_per_task) == (0.5, 3)
+    assert (stream.for_epoch(1).num_cpus, stream.for_epoch(1).samples_per_task) == (0.5, 3)
+    for bad, field in (("data.read_cpus=0", "data.read_cpus"), ("data.samples_per_task=0", "data.samples_per_task")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(None, [bad])

@@ -72,3 +72,33 @@ def test_generation_job_fans_hotshot_prompts_out_to_actors(ray_session, tmp_path
     assert [r["status"] for r in results] == ["generated", "generated"]
     assert all(read_video(r["path"])[0].shape[0] == 2 * WINDOW for r in results)
     assert [r["status"] for r in run_generation(cfg)] == ["skipped", "skipped"]  # a rerun does nothing
+
+
+def test_a_size_the_pretrained_weights_were_not_trained_at_is_refused_on_the_driver(tmp_path):
+    """Refused before any actor loads a model; random-init flavors (tiny, full) have no trained sizes."""
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    base = [f"run.workdir={tmp_path}", "model.family=hotshot", f"generate.prompts={tmp_path / 'prompts.txt'}",
+            "generate.prompt_format=text", "generate.height=64", "generate.width=64"]
+    with pytest.raises(ConfigError, match="generate size 64x64: Hotshot-XL was trained at .*512x512"):
+        prepare_rows(load_config(None, [*base, "model.flavor=pretrained", f"model.path={tmp_path}"]))
+    assert len(prepare_rows(load_config(None, [*base, "model.flavor=full"]))) == 1
+    assert len(prepare_rows(load_config(None, [*base[:-2], "model.flavor=pretrained", f"model.path={tmp_path}",
+                                               "generate.height=320", "generate.width=768"]))) == 1
+
+
+@pytest.mark.ray
+def test_an_actor_that_cannot_load_its_model_fails_the_job_in_its_own_line(ray_session, tmp_path):
+    """A VidgenError raised in an actor's constructor reaches the caller as itself, not as Ray's ActorDiedError
+    with the actor's traceback folded into its message."""
+    from vidgen.errors import ModelError
+
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "weights").mkdir()
+    cfg = load_config(None, [f"run.workdir={tmp_path}", "model.family=hotshot", "model.flavor=pretrained",
+                             f"model.path={tmp_path / 'weights'}", f"generate.prompts={tmp_path / 'prompts.txt'}",
+                             "generate.prompt_format=text", "generate.height=512", "generate.width=512",
+                             "generate.actor_restarts=0"])
+    with pytest.raises(ModelError) as info:
+        run_generation(cfg)
+    line = str(info.value)
+    assert str(tmp_path / "weights") in line and "\n" not in line and "ActorDiedError" not in line

@@ -42,3 +42,30 @@ def brief(e: BaseException, limit: int = 200) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = lines[0] if lines else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def raised_remotely(e: BaseException) -> VidgenError | None:
+    """The VidgenError a Ray task or actor raised, as the driver can rethrow it in its own one line, or None.
+
+    Ray wraps it: a task's or actor method's RayTaskError keeps it as `.cause` (and is itself an instance of its
+    class, with a traceback for a message); an actor that fails in its constructor reaches the caller as an
+    ActorDiedError that keeps only the text, "vidgen.errors.<Class>: <message>" on its last line."""
+    import re
+
+    first, seen = e, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            e = cause
+            continue
+        if isinstance(e, VidgenError) and not hasattr(e, "traceback_str"):
+            return e
+        e = e.__cause__
+    found = re.findall(r"vidgen\.errors\.(\w+): (.+)", str(first))
+    if found:
+        name, message = found[-1]
+        cls = globals().get(name)
+        if isinstance(cls, type) and issubclass(cls, VidgenError):
+            return cls(message.strip())
+    return None

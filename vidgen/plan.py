@@ -485,7 +485,11 @@ def model_states(t, n_gpus: int, unet_params: int, unet_bytes: int, trainable: i
             gpu["buckets"] = grad_size * z["reduce_bucket_size"]
     if t.offload_optimizer:
         host["optimizer"], host["fp32_grads"] = gpu["optimizer"], trainable * 4 // n  # grads land there in fp32
-        gpu["optimizer"] = gpu["fp32_grads"] = gpu["gradients"] = 0
+        gpu["optimizer"] = gpu["fp32_grads"] = 0
+        if on_gpu:
+            gpu["gradients"] = 0
+        else:  # measured on CPU: offload holds more than the same stage without it (CPU_OFFLOAD_GRAD_BYTES)
+            host["offload_grad_buffers"] = CPU_OFFLOAD_GRAD_BYTES * trainable // n
     return gpu, host
 
 
@@ -588,6 +592,14 @@ CPU_STEP_OVERHEAD = 260 * 10**6
 # real 2-rank CPU steps of the full-size SVD-XT LoRA (zero_stage=3, bf16 base, checkpointing, 4x64x64, the first
 # step after DeepSpeed's trace) with stage3_max_live_parameters 1e9, 3e8 and 0: planned within 5% of each.
 CPU_GATHER_FACTOR = 2.0
+# What DeepSpeed's CPU-optimizer path (offload_optimizer) holds on a CPU run beyond the same ZeRO stage without
+# offload, in bytes per trainable parameter of the worker's share: its 16-bit gradient partition stays
+# (stage3 `grad_partitions_flat_buffer`), and a second fp32 gradient buffer is made for DeepSpeedCPUAdam
+# (`initialize_optimizer_states`). benchmarks/zero_host_states.py measures the steady state of one rank per
+# trainable parameter, bf16: ZeRO-3 17.5 B without offload, 21.5 B with it; ZeRO-2 13.4 (15.5 at the backward's
+# peak) and 20.1 B. The full-size SVD-XT temporal blocks (397M trainable, ZeRO-3 + offload, one worker) held
+# 23.5 B after their first optimizer step.
+CPU_OFFLOAD_GRAD_BYTES = 4
 HOST_METHOD = ("peak RSS per worker = fixed process cost (measured, PROCESS_BYTES) + the largest of: the models as "
                "built (whole in every worker), deepspeed.initialize (16-bit cast, flat copy, fp32 partition), "
                "a training step (DeepSpeed ZeRO layout for train.num_workers, offloaded states included, ZeRO-3's "
@@ -647,7 +659,8 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
     z3 = zero3_inputs(unet, step, zero) if t.zero_stage == 3 else None
     states, offloaded = model_states(t, n, _params(unet), unet_bytes, trainable, largest_layer, master, grad_size,
                                      zero, z3, on_gpu=False)
-    states = {k: v + offloaded.get(k, 0) for k, v in states.items()} | {"encoders": encoders}
+    states = {k: v + offloaded.get(k, 0) for k, v in states.items()} | {
+        k: v for k, v in offloaded.items() if k not in states} | {"encoders": encoders}
     in_step, step_phase = _with_step(states, step)
     in_step["activations"] = int(CPU_ACTIVATION_FACTOR[t.activation_checkpointing] * in_step["activations"])
     in_step["cpu_allocator_overhead"] = CPU_STEP_OVERHEAD

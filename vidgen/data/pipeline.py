@@ -63,8 +63,8 @@ def read_clips(
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
     max_bad_fraction: float = 0.05,
     report_dir: str | None = None,
-    num_cpus: float = 0.25,
-    samples_per_task: int = 4,
+    num_cpus: float = 1.0,
+    samples_per_task: int = 16,
 ) -> ClipStream:
     """List the samples under `source` (on the driver) and describe the clip stream over them.
 
@@ -74,9 +74,8 @@ def read_clips(
     epoch: training draws different (seeded) clips per epoch; use `stream.for_epoch(e)`.
     report_dir: where skipped samples are recorded; on a multi-node cluster give a shared URI
     (s3://...). Default: a fresh temporary directory on the driver's disk.
-    num_cpus: CPUs per Ray Data task. samples_per_task: samples one task reads; each Ray task costs
-    ~10-30 ms of scheduling, a clip ~100 ms of decoding, so a few samples per task keep the overhead
-    small while blocks stay a few clips (tens of MB) and the stream keeps flowing.
+    num_cpus, samples_per_task: CPUs each Ray Data task reserves, samples it reads (data.read_cpus,
+    data.samples_per_task, which say why these defaults).
     """
     bucket_list = parse_buckets(buckets)
     if bucket_list is None and (height is None or width is None):
@@ -107,7 +106,8 @@ def read_config_clips(cfg: VidgenConfig, *, train: bool, **kwargs: Any) -> ClipS
     kwargs: read_clips' own options (report_dir, ...), or max_bad_fraction over data.max_bad_fraction."""
     d = cfg.data
     sized = {"buckets": d.buckets} if d.buckets else {"height": d.height, "width": d.width}
-    opts = {"max_bad_fraction": d.max_bad_fraction, **kwargs}
+    opts = {"max_bad_fraction": d.max_bad_fraction, "num_cpus": d.read_cpus, "samples_per_task": d.samples_per_task,
+            **kwargs}
     return read_clips(d.source, d.layout, num_frames=cfg.model.num_frames, **sized, fps=d.fps,
                       source_fps=d.source_fps, train=train, seed=cfg.run.seed, camera=d.camera,
                       prompt_template=d.prompt_template, clips_per_video=d.clips_per_video,
@@ -123,7 +123,7 @@ class ClipStream:
     """The clips of one dataset read: a lazily built Ray Dataset, or a local iterator, plus a report."""
 
     def __init__(self, source: str, samples: list[Sample], spec: ClipSpec, report_dir: str,
-                 max_bad_fraction: float, num_cpus: float, token: str, samples_per_task: int = 4):
+                 max_bad_fraction: float, num_cpus: float, token: str, samples_per_task: int):
         self.source, self.samples, self.spec = source, samples, spec
         self.report_dir, self.max_bad_fraction, self.num_cpus = report_dir, max_bad_fraction, num_cpus
         self.samples_per_task = samples_per_task

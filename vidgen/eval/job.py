@@ -206,7 +206,8 @@ def real_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureS
     spec = native_spec(e.num_frames, e.fps, d.source_fps, e.clips_per_real_video, cfg.run.seed)
     report_dir = storage.join(cfg.run.workdir, "eval-report", cfg.run.name, "real")
     storage.makedirs(report_dir)
-    stream = ClipStream(source, samples, spec, report_dir, d.max_bad_fraction, 0.25, uuid.uuid4().hex)
+    stream = ClipStream(source, samples, spec, report_dir, d.max_bad_fraction, d.read_cpus, uuid.uuid4().hex,
+                        d.samples_per_task)
     fs = featurize(stream.dataset.select_columns(["frames", "clip_id"]), cfg)
     report = stream.check()
     if len(fs.clip_ids) > e.max_real:  # the first max_real by clip id, whatever order they arrived in
@@ -241,7 +242,7 @@ def generated_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[Fea
     items = [{"sample": json.dumps(asdict(s))} for s in samples]
     fn = partial(generated_rows, windows=tuple(e.windows), num_frames=e.num_frames, fps=e.fps,
                  source_fps=d.source_fps, report_dir=report_dir, token=token)
-    ds = ray.data.from_items(items, override_num_blocks=min(4096, len(items))).flat_map(fn, num_cpus=0.25)
+    ds = ray.data.from_items(items, override_num_blocks=min(4096, len(items))).flat_map(fn, num_cpus=d.read_cpus)
     passthrough = ("video", "windows", "num_video_frames", *METRIC_KEYS)
     fs = featurize(ds, cfg, passthrough)
     _need_two(fs, source, e.num_frames)

@@ -30,13 +30,19 @@ from vidgen.train.objectives import append_dims
 ASPECTS_512 = ((768, 320), (672, 384), (608, 416), (512, 512), (416, 608), (384, 672), (320, 768))
 
 
+def check_trained_size(height: int, width: int, any_size: bool = False) -> None:
+    """Hotshot-XL's pretrained weights make video only at the sizes they were trained at (no model needed: the
+    generation driver refuses another size before an actor loads one)."""
+    if not any_size and (height, width) not in ASPECTS_512:
+        sizes = ", ".join(f"{w}x{h}" for h, w in ASPECTS_512)
+        raise ConfigError(f"generate size {width}x{height}: Hotshot-XL was trained at {sizes} (WxH)")
+
+
 def check_size(height: int, width: int, model: Hotshot, allow_any: bool = False) -> None:
     f = model.vae_scale_factor
     if height % f or width % f:
         raise ConfigError(f"generate.height/width={height}x{width}: expected multiples of {f}")
-    if not allow_any and (height, width) not in ASPECTS_512:
-        sizes = ", ".join(f"{w}x{h}" for h, w in ASPECTS_512)
-        raise ConfigError(f"generate size {width}x{height}: Hotshot-XL was trained at {sizes} (WxH)")
+    check_trained_size(height, width, allow_any)
 
 
 class DDIMSigmas:

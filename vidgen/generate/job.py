@@ -25,7 +25,7 @@ import numpy as np
 from vidgen import storage
 from vidgen.config import GenerateConfig, ModelConfig, VidgenConfig
 from vidgen.data.prompts import expand_samples, load_rows, read_jsonl
-from vidgen.errors import ConfigError, DataError, JobError
+from vidgen.errors import ConfigError, DataError, JobError, raised_remotely
 from vidgen.generate.outputs import (
     checkpoint_of,
     clean_stale_temps,
@@ -282,6 +282,8 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
     except JobError:
         raise
     except Exception as e:  # a dead actor without restarts, a Ray error: the manifest still gets written
+        if (original := raised_remotely(e)) is not None:  # e.g. an actor's model failed to load: its own line
+            raise original from None
         raise JobError(f"generation stopped after {len(results)} of {len(videos)} videos: "
                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}; rerun to do the rest") from e
     finally:

@@ -18,7 +18,12 @@ IMAGE_CONDITIONED = {"svd"}
 
 
 def check_family(model: ModelConfig, g: GenerateConfig) -> None:
-    """Settings that need an image-conditioned model, refused up front for text-to-video families."""
+    """What the driver can refuse before any actor loads a model: settings that need an image-conditioned model
+    for text-to-video families, and a Hotshot-XL size its pretrained weights were not trained at."""
+    if model.family == "hotshot":
+        from vidgen.generate.hotshot import check_trained_size
+
+        check_trained_size(g.height, g.width, any_size=random_init(model))
     if model.family in IMAGE_CONDITIONED:
         return
     asked = [name for name, on in (("generate.sampler=autoregressive", g.sampler == "autoregressive"),
@@ -27,6 +32,11 @@ def check_family(model: ModelConfig, g: GenerateConfig) -> None:
     if asked:
         raise ConfigError(f"{asked[0]}: needs an image-conditioned model (svd); model.family={model.family} "
                           "generates from text")
+
+
+def random_init(model: ModelConfig) -> bool:
+    """Random-init flavors (tiny, full) have no training sizes: any multiple of the VAE's factor generates."""
+    return model.flavor != "pretrained"
 
 
 @dataclass
@@ -78,7 +88,7 @@ def _hotshot(m: ModelConfig, g: GenerateConfig) -> Pipeline:
     model = hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, temporal_layers=temporal,
                           spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames,
                           spatial_norm=m.spatial_norm, attention=m.attention)
-    check_size(g.height, g.width, model, allow_any=m.flavor == "tiny")
+    check_size(g.height, g.width, model, allow_any=random_init(m))
     if g.lora:  # an SDXL LoRA: the spatial layers keep SDXL's module names
         import safetensors.torch
 
