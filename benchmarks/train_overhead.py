@@ -1,18 +1,26 @@
-"""Step time of vidgen's trainer (Ray Train + DeepSpeed ZeRO-2, 1 worker) against a plain PyTorch loop.
+"""Step time of vidgen's trainer (Ray Train + DeepSpeed ZeRO, 1 worker) against a plain PyTorch loop.
 
-Same tiny SVD, same batch, same threads, measured side by side in one run; the first steps of each are
-warm-up and not timed. Prints one JSON line per figure:
+Same tiny SVD, same batch, same threads (a Ray Train worker's default: the 1 CPU it reserves; --threads N sets
+train.resources_per_worker={CPU: N} and gives the plain loop N threads), measured side by side in one run at
+each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not timed. With --contend a busy
+process of the benchmark's own runs beside both loops for the whole measurement (as data tasks and Ray's own
+processes share a node's cores with the trainer). Prints one JSON line per figure:
 
-    python benchmarks/train_overhead.py [--steps 20] [--warmup 3] [--frames 4] [--size 64]
+    python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps 20] [--warmup 3]
+                                        [--threads 1] [--contend]
 
-Goal: overhead (vidgen / plain - 1) at most 10%, and data-wait at most 2% of step time.
+Figures per size and stage: plain and vidgen step (median s), overhead_ratio (vidgen / plain), overhead_ms
+(vidgen - plain), data_wait_frac; then per stage the fixed part of the overhead in ms (the intercept of
+overhead_ms against the plain step time, least squares over the sizes).
+Goal: overhead at most 5% at 128x128x8 and 256x256x8, at most 10% at 64x64x4, data-wait at most 2% of step
+time; under --contend, vidgen's step slows by no more than the plain loop's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import multiprocessing as mp
 import statistics
 import tempfile
 import time
@@ -44,43 +52,72 @@ def plain(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int) -> list[
     return times[warmup:]
 
 
+def _busy(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def measure(size: int, frames: int, stage: int, args) -> dict:
+    import ray
+
+    from vidgen.config import load_config
+    from vidgen.train.launch import fit
+
+    total = args.warmup + args.steps
+    cfg = load_config(None, [f"run.workdir={tempfile.mkdtemp(prefix='vidgen-bench-')}",
+                             f"run.name=bench-{uuid.uuid4().hex[:6]}", f"model.num_frames={frames}",
+                             f"data.height={size}", f"data.width={size}", "train.num_workers=1",
+                             f"train.zero_stage={stage}", f"train.max_steps={total}",
+                             f"train.checkpoint_every={total}", f"train.resources_per_worker={{CPU: {args.threads}}}"])
+    clip = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+    ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(total + 4)])
+    competitor = None
+    if args.contend:
+        competitor = mp.get_context("spawn").Process(target=_busy, args=(3600,), daemon=True)
+        competitor.start()
+    try:
+        plain_times = plain(cfg, clip, args.steps, args.warmup, args.threads)
+        timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
+    finally:
+        if competitor is not None:
+            competitor.terminate()
+    p, v = statistics.median(plain_times), statistics.median(r["step_time_s"] for r in timed)
+    return {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "contend": args.contend, "threads": args.threads,
+            "plain_step_s": round(p, 4), "vidgen_step_s": round(v, 4), "overhead_ratio": round(v / p, 3),
+            "overhead_ms": round(1000 * (v - p), 1),
+            "data_wait_frac": round(statistics.mean(r["data_wait_frac"] for r in timed), 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64x4,128x8,256x8", help="SIZExFRAMES list (default 64x4,128x8,256x8)")
+    ap.add_argument("--stages", default="2,3", help="ZeRO stages (default 2,3)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
-    ap.add_argument("--frames", type=int, default=4, help="frames per clip = model window (default 4)")
-    ap.add_argument("--size", type=int, default=64, help="clip height and width (default 64)")
+    ap.add_argument("--threads", type=int, default=1, help="CPUs the worker reserves = threads of both loops")
+    ap.add_argument("--contend", action="store_true", help="a busy process runs beside both loops")
     args = ap.parse_args()
 
     import ray
 
-    from vidgen.config import load_config
     from vidgen.ray_env import set_driver_env
-    from vidgen.train.launch import fit
 
     set_driver_env()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    work = tempfile.mkdtemp(prefix="vidgen-bench-")
-    total = args.warmup + args.steps
-    cfg = load_config(None, [f"run.workdir={work}", f"run.name=bench-{uuid.uuid4().hex[:6]}",
-                             f"model.num_frames={args.frames}", f"data.height={args.size}",
-                             f"data.width={args.size}", "train.num_workers=1", "train.zero_stage=2",
-                             f"train.max_steps={total}", f"train.checkpoint_every={total}"])
-    clip = np.random.default_rng(0).integers(0, 256, (args.frames, args.size, args.size, 3), dtype=np.uint8)
-    ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(total + 4)])
-    threads = os.cpu_count() or 1  # what the loop gives a single worker
-
-    plain_times = plain(cfg, clip, args.steps, args.warmup, threads)
-    rows = fit(cfg, ds).metrics
-    timed = [r for r in rows if r["step"] > args.warmup]
-    ray_times = [r["step_time_s"] for r in timed]
-    wait = statistics.mean(r["data_wait_frac"] for r in timed)
-
-    p, v = statistics.median(plain_times), statistics.median(ray_times)
-    for name, value in (("plain_step_s", p), ("vidgen_step_s", v), ("overhead_ratio", v / p),
-                        ("data_wait_frac", wait)):
-        print(json.dumps({"benchmark": "train_overhead", "figure": name, "value": round(value, 4),
-                          "steps": args.steps, "frames": args.frames, "size": args.size}))
+    for stage in (int(s) for s in args.stages.split(",")):
+        rows = []
+        for spec in args.sizes.split(","):
+            size, frames = (int(x) for x in spec.split("x"))
+            rows.append(measure(size, frames, stage, args))
+            print(json.dumps({"benchmark": "train_overhead", **rows[-1]}), flush=True)
+        if len(rows) > 1:  # overhead_ms = fixed + slope * plain_ms
+            x = np.array([1000 * r["plain_step_s"] for r in rows])
+            y = np.array([r["overhead_ms"] for r in rows])
+            slope, fixed = np.polyfit(x, y, 1)
+            print(json.dumps({"benchmark": "train_overhead", "zero_stage": stage, "contend": args.contend,
+                              "fixed_overhead_ms": round(float(fixed), 1),
+                              "proportional_overhead": round(float(slope), 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -275,3 +275,15 @@ def test_the_latent_cache_driver_builds_no_xformers_model(monkeypatch, tmp_path)
         latents.prepare_latents(cfg, use_ray=True)
     assert seen == ["sdpa"]
     assert attention.portable(cfg.model).path == cfg.model.path and cfg.model.attention == "xformers"
+
+
+@pytest.mark.ray
+def test_a_cpu_worker_runs_as_many_threads_as_the_cpus_ray_reserved_for_it(ray_session):
+    """Never the node's core count: more threads than reserved cores share them with the data tasks, and a
+    contended step collapses (benchmarks/train_overhead.py --contend)."""
+    import ray
+
+    from vidgen.train.loop import reserved_cpus
+
+    got = [ray.get(ray.remote(num_cpus=c)(reserved_cpus).remote()) for c in (1, 2, 0.5)]
+    assert got == [1, 2, 1]

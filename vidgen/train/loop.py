@@ -98,6 +98,17 @@ RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "keep_checkpoints", "max_fail
                   "num_workers", "resources_per_worker", "accelerator_type"}
 
 
+def reserved_cpus() -> int:
+    """Intra-op threads of a CPU worker: the CPUs Ray reserved for it (train.resources_per_worker; 1 by default),
+    never the node's core count. The data tasks, Ray's own processes and other workers run on the other cores;
+    a worker with more threads than its cores shares them, and its OpenMP threads spin at every barrier waiting
+    for a descheduled sibling. benchmarks/train_overhead.py, 2 cores, one busy competing process: a step took 21x
+    its quiet time with 2 threads, 1.2x with 1 (the plain loop: 4.6x and 1.1x)."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """Seed of a rank's noise generator when (re)starting at `step`: distinct per rank, reproducible."""
     return seed * 100_003 + rank * 1009 + step
@@ -200,7 +211,7 @@ def train_func(config: dict) -> None:
     device = torch.device("cpu") if on_cpu else torch.device("cuda", ctx.get_local_rank())
     if on_cpu:
         _skip_cpu_shm_build()
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world)))
+        torch.set_num_threads(reserved_cpus())
     else:
         torch.cuda.set_device(device)
 
