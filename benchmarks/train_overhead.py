@@ -1,17 +1,22 @@
-"""Step time of vidgen's trainer (Ray Train + DeepSpeed ZeRO, 1 worker) against a plain PyTorch loop.
+"""Step time of vidgen's trainer (Ray Train + DeepSpeed ZeRO, 1 worker) against a plain PyTorch loop, and against
+the same DeepSpeed engine driven by a bare loop (which splits the overhead into DeepSpeed's own and vidgen's).
 
 Same tiny SVD, same batch, same threads (a Ray Train worker's default: the 1 CPU it reserves; --threads N sets
 train.resources_per_worker={CPU: N} and gives the plain loop N threads), measured side by side in one run at
 each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not timed. With --contend a busy
-process of the benchmark's own runs beside both loops for the whole measurement (as data tasks and Ray's own
+process of the benchmark's own runs beside the loops for the whole measurement (as data tasks and Ray's own
 processes share a node's cores with the trainer). Prints one JSON line per figure:
 
     python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps 20] [--warmup 3]
                                         [--threads 1] [--contend]
 
-Figures per size and stage: plain and vidgen step (median s), overhead_ratio (vidgen / plain), overhead_ms
-(vidgen - plain), data_wait_frac; then per stage the fixed part of the overhead in ms (the intercept of
-overhead_ms against the plain step time, least squares over the sizes).
+Figures per size and stage: plain, deepspeed (vidgen's engine, config and optimizer in a bare loop, in its own
+process) and vidgen step (median s), overhead_ratio (vidgen / plain), deepspeed_ratio (deepspeed / plain),
+vidgen_over_deepspeed (vidgen / deepspeed: what Ray Train, the data path, metrics and checkpoint bookkeeping add),
+overhead_ms (vidgen - plain), data_wait_frac, plain_drift (the plain loop timed again after the others, over
+its first time: how much the machine itself moved during the measurement); then per stage the fixed part of the
+overhead in ms (the intercept of overhead_ms against the plain step time, least squares over the sizes), and
+DeepSpeed's fixed part alike.
 Goal: overhead at most 5% at 128x128x8 and 256x256x8, at most 10% at 64x64x4, data-wait at most 2% of step
 time; under --contend, vidgen's step slows by no more than the plain loop's.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import tempfile
 import time
@@ -52,6 +58,57 @@ def plain(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int) -> list[
     return times[warmup:]
 
 
+def deepspeed_loop(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int, out) -> None:
+    """vidgen's DeepSpeed engine (same config, client optimizer and recipe) in a bare loop: no Ray, no data path,
+    no metrics. Runs in a fresh process (DeepSpeed initialises torch.distributed, world size 1)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    from vidgen.ray_env import apply_worker_env
+
+    apply_worker_env(False)
+    import deepspeed
+    import torch
+
+    from vidgen.train import loop
+    from vidgen.train.recipes import build_recipe
+
+    loop._skip_cpu_shm_build()
+    torch.set_num_threads(threads)
+    deepspeed.init_distributed("gloo")
+    recipe = build_recipe("svd_full", cfg.model, cfg.train, 0)
+    optimizer = loop._optimizer(recipe.trainable_parameters(), cfg.train)
+    ds_config = loop.deepspeed_config(cfg.train.model_dump(), 1, True, getattr(recipe, "deepspeed_overrides", dict)())
+    engine, _, _, _ = deepspeed.initialize(model=recipe.unet, optimizer=optimizer, config=ds_config)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"frames": torch.from_numpy(clip[None]), "fps": torch.tensor([7.0])}
+    times = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss, _ = recipe.loss(batch, lambda *a, **k: engine(*a, return_dict=False, **k)[0], gen)
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    out.put(times[warmup:])
+
+
+def run_deepspeed_loop(cfg, clip: np.ndarray, args) -> list[float]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=deepspeed_loop, args=(cfg, clip, args.steps, args.warmup, args.threads, out))
+    proc.start()
+    while True:
+        try:
+            times = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the DeepSpeed loop's process exited with code {proc.exitcode}") from None
+    proc.join()
+    return times
+
+
 def _busy(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -78,14 +135,20 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
         competitor.start()
     try:
         plain_times = plain(cfg, clip, args.steps, args.warmup, args.threads)
+        ds_times = run_deepspeed_loop(cfg, clip, args)
         timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
+        plain_after = plain(cfg, clip, args.steps, args.warmup, args.threads)  # the machine's drift over the run
     finally:
         if competitor is not None:
             competitor.terminate()
-    p, v = statistics.median(plain_times), statistics.median(r["step_time_s"] for r in timed)
+    p, v = statistics.median(plain_times + plain_after), statistics.median(r["step_time_s"] for r in timed)
+    d = statistics.median(ds_times)
     return {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "contend": args.contend, "threads": args.threads,
-            "plain_step_s": round(p, 4), "vidgen_step_s": round(v, 4), "overhead_ratio": round(v / p, 3),
-            "overhead_ms": round(1000 * (v - p), 1),
+            "plain_step_s": round(p, 4), "deepspeed_step_s": round(d, 4), "vidgen_step_s": round(v, 4),
+            "overhead_ratio": round(v / p, 3), "deepspeed_ratio": round(d / p, 3),
+            "vidgen_over_deepspeed": round(v / d, 3), "overhead_ms": round(1000 * (v - p), 1),
+            "deepspeed_overhead_ms": round(1000 * (d - p), 1),
+            "plain_drift": round(statistics.median(plain_after) / statistics.median(plain_times), 3),
             "data_wait_frac": round(statistics.mean(r["data_wait_frac"] for r in timed), 4)}
 
 
@@ -113,11 +176,13 @@ def main() -> None:
             print(json.dumps({"benchmark": "train_overhead", **rows[-1]}), flush=True)
         if len(rows) > 1:  # overhead_ms = fixed + slope * plain_ms
             x = np.array([1000 * r["plain_step_s"] for r in rows])
-            y = np.array([r["overhead_ms"] for r in rows])
-            slope, fixed = np.polyfit(x, y, 1)
+            slope, fixed = np.polyfit(x, np.array([r["overhead_ms"] for r in rows]), 1)
+            ds_slope, ds_fixed = np.polyfit(x, np.array([r["deepspeed_overhead_ms"] for r in rows]), 1)
             print(json.dumps({"benchmark": "train_overhead", "zero_stage": stage, "contend": args.contend,
                               "fixed_overhead_ms": round(float(fixed), 1),
-                              "proportional_overhead": round(float(slope), 3)}), flush=True)
+                              "proportional_overhead": round(float(slope), 3),
+                              "deepspeed_fixed_overhead_ms": round(float(ds_fixed), 1),
+                              "deepspeed_proportional_overhead": round(float(ds_slope), 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     log.info("training on %d samples from %s", stream.num_samples, d.source)
 
     images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None
-    result = _fit(cfg, tracker, progress, epochs_dataset(stream, cfg), images)
+    result = _fit(cfg, tracker, progress, stream, images)
     return _train_summary(cfg, tracker, result, stream.check())
 
 
@@ -93,8 +93,6 @@ def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
 
     manifest = latents.open_cache(cfg)  # refuses a cache of another config, in one line
     t = cfg.train
-    needed = t.max_steps * t.batch_size * t.gradient_accumulation * t.num_workers
-    epochs = min(1000, -(-needed // max(1, manifest["clips"])) + 1)
     log.info("training on %d cached clips from %s", manifest["clips"], cfg.data.latents)
     images = None
     if t.validation_every:  # held-out inputs: the configured ones, else the cache's first clips
@@ -103,7 +101,7 @@ def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
             images = list(t.validation_prompts) or [r["prompt"] or "a video" for r in rows]
         else:
             images = validation_images(cfg, []) if t.validation_images else [r["first_frame"] for r in rows]
-    result = _fit(cfg, tracker, progress, latents.training_dataset(cfg, manifest, epochs), images)
+    result = _fit(cfg, tracker, progress, latents.CacheStream(cfg, manifest), images)
     return _train_summary(cfg, tracker, result, manifest["report"])
 
 
@@ -156,21 +154,6 @@ def validation_images(cfg: VidgenConfig, samples) -> list:
             frame = decode_image(storage.read_bytes(uri), uri)
         images.append(resize_cover_crop(frame[None], height, width, None)[0])
     return images
-
-
-def epochs_dataset(stream, cfg: VidgenConfig):
-    """Enough epochs for `train.max_steps`, each with its own seeded random clips and crops.
-
-    A Ray Dataset replays the same rows every time it is iterated, so new clips per epoch need one
-    dataset per epoch; their union streams lazily, epoch after epoch.
-    """
-    t = cfg.train
-    clips_per_epoch = max(1, stream.num_samples * cfg.data.clips_per_video)
-    needed = t.max_steps * t.batch_size * t.num_workers
-    epochs = min(1000, -(-needed // clips_per_epoch) + 1)  # +1: skipped samples and uneven splits
-    first = stream.dataset
-    rest = [stream.for_epoch(e).dataset for e in range(1, epochs)]
-    return first.union(*rest) if rest else first
 
 
 def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = None,

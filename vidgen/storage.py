@@ -41,10 +41,15 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from array import array
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
+import numpy as np
 
 from vidgen.errors import StorageError
 
@@ -59,6 +64,7 @@ RETRY_MAX_DELAY = 5.0
 
 S3_ENDPOINT_ENV_VARS = ("VIDGEN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 TMP_PREFIX = ".vidgen-tmp-"
+LIST_THREADS = 32  # object-store LIST requests in flight while walking a tree (walk_tree)
 COMPLETE_MARKER = ".complete"
 
 _LOCAL_PROTOCOLS = ("file", "local")
@@ -331,6 +337,159 @@ def walk_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
         wanted = tuple(s.lower() for s in suffixes)
         rels = [r for r in rels if (r or uri).lower().endswith(wanted)]
     return sorted(join(uri, r) if r else uri for r in rels)
+
+
+@dataclass
+class FileTree:
+    """Every file under a root, grouped by folder, without a URI string per file (see `walk_tree`).
+
+    Folder d (`dirs[d]`, relative to the root with '/'; "" is the root) holds the files
+    `names[c] for c in codes[offsets[d]:offsets[d + 1]]`: base names are stored once each, since frame
+    names repeat from folder to folder. A root that is itself a file is `is_file`: one folder "" holding it.
+    Folders and files are in no particular order.
+    """
+
+    uri: str
+    dirs: list[str]
+    offsets: np.ndarray  # int64 [len(dirs) + 1]
+    codes: np.ndarray  # int32 [files]: index into names
+    names: list[str]
+    is_file: bool = False
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def file_uri(self, d: int, name: str) -> str:
+        """The URI of file `name` in folder d, spelled as `walk_files` spells it."""
+        if self.is_file:
+            return self.uri
+        return join(self.uri, f"{self.dirs[d]}/{name}" if self.dirs[d] else name)
+
+    def dir_uri(self, d: int) -> str:
+        """The URI of folder d: the parent part of its files' URIs."""
+        return self.file_uri(d, "x").rpartition("/")[0]
+
+    def file_dirs(self) -> np.ndarray:
+        """int32 [files]: each file's folder index."""
+        return np.repeat(np.arange(len(self.dirs), dtype=np.int32), np.diff(self.offsets))
+
+    def uris(self) -> list[str]:
+        """Every file's URI, sorted: what `walk_files` returns (for small trees: one string per file)."""
+        dirs = self.file_dirs()
+        return sorted(self.file_uri(int(d), self.names[c]) for d, c in zip(dirs.tolist(), self.codes.tolist()))
+
+
+class _TreeBuilder:
+    def __init__(self, uri: str):
+        self.uri, self.dirs, self.counts, self.codes = uri, [], array("q"), array("i")
+        self.index: dict[str, int] = NameCodes()
+
+    def add(self, rel_dir: str, names: Iterable[str]) -> None:
+        start = len(self.codes)
+        self.codes.extend(map(self.index.__getitem__, names))
+        if len(self.codes) > start:
+            self.dirs.append(rel_dir)
+            self.counts.append(len(self.codes) - start)
+
+    def build(self, is_file: bool = False) -> FileTree:
+        offsets = np.zeros(len(self.counts) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self.counts, dtype=np.int64), out=offsets[1:])
+        return FileTree(self.uri, self.dirs, offsets, np.frombuffer(self.codes, dtype=np.int32).copy(),
+                        list(self.index), is_file)
+
+
+class NameCodes(dict):
+    """name -> code, handing out the next code to a name it has not seen."""
+
+    def __missing__(self, key: str) -> int:
+        code = self[key] = len(self)
+        return code
+
+
+def walk_tree(uri: str, threads: int | None = None) -> FileTree:
+    """Every file under `uri` (recursive), grouped by folder: what `walk_files` lists, in a compact form.
+
+    Local trees are walked with os.scandir, one folder at a time (no stat per file). Object storage is
+    listed in parallel: the root's top level with a delimiter, then each top-level prefix recursively,
+    `threads` (default LIST_THREADS) LIST requests at a time, each retried like every remote call. Skips
+    what walk_files skips (names starting with TMP_PREFIX); StorageError when `uri` does not exist.
+    """
+    if is_remote(uri):
+        return _remote_tree(uri, threads or LIST_THREADS)
+    root = local_path(uri)
+    builder = _TreeBuilder(uri)
+    if os.path.isfile(root):
+        builder.add("", [os.path.basename(root)])
+        return builder.build(is_file=True)
+    if not os.path.isdir(root):
+        raise StorageError(f"{uri}: not found")
+    stack = [""]
+    while stack:  # depth first, as os.walk; symlinked folders are not entered (os.walk's default)
+        rel = stack.pop()
+        try:
+            entries = os.scandir(os.path.join(root, rel) if rel else root)
+        except OSError as e:
+            if not rel:
+                raise _error("list", uri, e, False) from e
+            continue  # os.walk skips folders it cannot read
+        files = []
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(TMP_PREFIX):
+                    continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    files.append(name)
+                elif not entry.is_symlink():
+                    stack.append(f"{rel}/{name}" if rel else name)
+        builder.add(rel, files)
+    return builder.build()
+
+
+def _remote_tree(uri: str, threads: int) -> FileTree:
+    fs, path = filesystem(uri)
+    root = path.rstrip("/")
+    builder = _TreeBuilder(uri)
+    top = _run("list", uri, lambda: fs.ls(root, detail=True))
+    entries = [(e["name"].rstrip("/"), e.get("type")) for e in top]
+    if len(entries) == 1 and entries[0][0] == root and entries[0][1] != "directory":
+        builder.add("", [root.rpartition("/")[2]])
+        return builder.build(is_file=True)
+    names = [(p[len(root) + 1:], kind) for p, kind in entries if p.startswith(root + "/")]
+    builder.add("", sorted(n for n, kind in names if kind != "directory" and n and not _hidden(n)))
+    prefixes = sorted(n for n, kind in names if kind == "directory" and n and not _hidden(n))
+
+    def subtree(prefix: str) -> dict[str, list[str]]:
+        found = _run("list", join(uri, prefix), lambda: fs.find(f"{root}/{prefix}", withdirs=False))
+        grouped: dict[str, list[str]] = defaultdict(list)
+        for p in found:
+            rel = p[len(root) + 1:] if p.startswith(root + "/") else ""
+            if rel and not rel.endswith("/") and not _hidden(rel):
+                parent, _, name = rel.rpartition("/")
+                grouped[parent].append(name)
+        return grouped
+
+    for grouped in _ordered_map(subtree, prefixes, threads):
+        for rel_dir, files in grouped.items():
+            builder.add(rel_dir, files)
+    return builder.build()
+
+
+def _ordered_map(fn: Callable[[Any], T], items: Iterable[Any], threads: int) -> Iterator[T]:
+    """fn over items in a pool of `threads`, results in order, at most 4 x threads calls queued (so a
+    million items never become a million futures)."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 4 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def read_bytes(uri: str) -> bytes:

@@ -1,7 +1,7 @@
 """Data: discover samples in a storage layout, decode frames/videos, sample and resize clips, stream rows.
 
-    listing   Sample, Listing, LayoutOptions: what every layout shares
-    layouts   root -> [Sample]   (hotshot | frames | videos | opv2v | sthv2 | shards; detect_layout picks one)
+    listing   Sample, Listing (one grouped walk of a root), LayoutOptions, SampleTable (samples as columns)
+    layouts   root -> SampleTable   (hotshot | frames | videos | opv2v | sthv2 | shards; detect_layout picks one)
     opv2v     the OpenCOOD camera tree as a layout, and prepare_opv2v into hotshot scene folders
     seer      Something-Something v2 / Bridge / Epic-Kitchens frame trees (the sthv2 layout)
     shards    the packed parquet clip format; pack writes it (vidgen prepare pack)
@@ -10,7 +10,7 @@
     clips     pure clip sampling and resize/crop
     buckets   aspect-ratio buckets and bucket-homogeneous batches
     worker    one sample -> its clip rows (read, decode, sample, resize); BadSample for bad input
-    pipeline  read_clips -> ClipStream (Ray Data, one row per clip) + skip report
+    pipeline  read_clips -> ClipStream (Ray Data over chunks of the table, one row per clip) + skip report
     inspect   counts, histograms and bad samples from listings and headers (vidgen data inspect)
     synth     a tiny moving-shapes dataset for tests and the demo
 Ray is imported only when a Ray Dataset is built; torch only when a clip is resized.
@@ -21,7 +21,7 @@ from vidgen.data.clips import clip_starts, frame_stride, resize_cover_crop, samp
 from vidgen.data.decode import decode_image, natural_key
 from vidgen.data.inspect import format_report, inspect_source
 from vidgen.data.layouts import LAYOUTS, detect_layout, list_samples
-from vidgen.data.listing import LayoutOptions, Sample
+from vidgen.data.listing import LayoutOptions, Sample, SampleTable
 from vidgen.data.opv2v import prepare_opv2v
 from vidgen.data.pack import pack
 from vidgen.data.pipeline import ClipSpec, ClipStream, check_bad_fraction, read_clips, read_clips_local
@@ -34,6 +34,7 @@ __all__ = [
     "ClipStream",
     "LayoutOptions",
     "Sample",
+    "SampleTable",
     "bucket_batches",
     "check_bad_fraction",
     "clip_starts",

@@ -39,6 +39,32 @@ def natural_key(name: str) -> tuple[tuple[str | int, ...], str]:
     return key, name
 
 
+def natural_order(names: list[str]) -> list[int]:
+    """The positions of `names` in `sorted(names, key=natural_key)` order, through keys a third the size of
+    natural_key's tuples (what sorting a million folder names costs). Each key is one str that compares as the
+    natural_key tuple does: text parts lowercased and closed by "\x01", numbers as chr(2 + digits) + digits (more
+    digits, larger number), then "\x00" + the name itself (the tie-break). Names holding a character below "\x02"
+    (never seen in file names) fall back to natural_key itself."""
+    if names and min("".join(names) or "\x02") < "\x02":
+        return sorted(range(len(names)), key=lambda i: natural_key(names[i]))
+    keys = [_packed_key(n) for n in names]
+    return sorted(range(len(names)), key=keys.__getitem__)
+
+
+def _packed_key(name: str) -> str:
+    parts = _DIGITS.split(name)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            digits = str(int(part))
+            out.append(chr(2 + len(digits)) + digits)
+        else:
+            out.append(part.lower() + "\x01")
+    out.append("\x00")
+    out.append(name)
+    return "".join(out)
+
+
 def decode_image(data: bytes, name: str, draft_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode one image to uint8 [H, W, 3] RGB.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +20,7 @@ from PIL import Image
 from vidgen import storage
 from vidgen.data.clips import clip_span, frame_stride
 from vidgen.data.layouts import list_samples
-from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample
+from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample, SampleTable
 from vidgen.data.video import probe_video
 from vidgen.data.worker import BadSample, resolve_prompt
 from vidgen.errors import DataError, StorageError
@@ -51,36 +52,51 @@ def inspect_source(
     """
     start = time.monotonic()
     samples = list_samples(source, layout, camera=camera, prompt_template=prompt_template)
-    resolved = samples[0].meta.get("layout", layout)  # list_samples never returns an empty list
-    if resolved == "shards":
-        infos = _shard_infos(samples)
-    else:
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # header reads are I/O: threads overlap them
-            infos = list(pool.map(lambda s: _sample_info(s, source_fps, all_headers), samples))
-    bad = []
-    for sample, info in zip(samples, infos):
+    resolved = samples[0].meta.get("layout", layout)  # list_samples never returns an empty table
+    infos = _shard_infos(samples) if resolved == "shards" else _header_infos(samples, source_fps, all_headers, workers)
+    # summed as they come: a million samples never become a million dicts
+    bad, frames, videos, usable = [], 0, 0, 0
+    frame_counts: Counter = Counter()
+    sizes: Counter = Counter()
+    rates: Counter = Counter()
+    for i, info in enumerate(infos):
         if info.get("bad") is None and num_frames is not None:
             stride = frame_stride(info["fps"], fps)
             if info["frames"] < clip_span(num_frames, stride):
-                info["bad"] = ("too few frames", f"{sample.uri}: {info['frames']} frames, a clip needs "
+                info["bad"] = ("too few frames", f"{samples.uri(i)}: {info['frames']} frames, a clip needs "
                                f"{clip_span(num_frames, stride)} (num_frames={num_frames}, stride={stride})")
+        frames += info.get("frames", 0) if info.get("kind") == "frames" else 0
+        videos += info.get("kind") == "video"
         if info.get("bad") is not None:
-            bad.append({"uri": sample.uri, "reason": info["bad"][0], "detail": info["bad"][1]})
-    ok = [i for i in infos if i.get("bad") is None]
+            bad.append({"uri": samples.uri(i), "reason": info["bad"][0], "detail": info["bad"][1]})
+            continue
+        usable += 1
+        frame_counts[info["frames"]] += 1
+        sizes[f"{info['width']}x{info['height']}"] += 1
+        rates[f"{info['fps']:g}"] += 1
     return {
         "source": source,
         "layout": resolved,
         "samples": len(samples),
-        "usable": len(ok),
-        "frames": sum(i.get("frames", 0) for i in infos if i.get("kind") == "frames"),
-        "videos": sum(i.get("kind") == "video" for i in infos),
-        "frame_counts": _count_histogram(i["frames"] for i in ok),
-        "sizes": dict(Counter(f"{i['width']}x{i['height']}" for i in ok).most_common()),
-        "fps": dict(Counter(f"{i['fps']:g}" for i in ok).most_common()),
+        "usable": usable,
+        "frames": frames,
+        "videos": videos,
+        "frame_counts": _count_histogram(frame_counts.elements()),
+        "sizes": dict(sizes.most_common()),
+        "fps": dict(rates.most_common()),
         "reasons": dict(Counter(b["reason"] for b in bad).most_common()),
         "bad": sorted(bad, key=lambda b: b["uri"]),
         "seconds": round(time.monotonic() - start, 3),
     }
+
+
+def _header_infos(samples: SampleTable, source_fps: float, all_headers: bool, workers: int) -> Iterator[dict]:
+    """`_sample_info` of every sample, in order, read by `workers` threads (header reads are I/O), a bounded
+    number of samples at a time."""
+    chunk = 256 * max(1, workers)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for lo in range(0, len(samples), chunk):
+            yield from pool.map(lambda s: _sample_info(s, source_fps, all_headers), samples[lo:lo + chunk])
 
 
 def _sample_info(sample: Sample, source_fps: float, all_headers: bool) -> dict:
@@ -122,7 +138,7 @@ def _header_size(uri: str) -> tuple[int, int]:
         raise BadSample("corrupt image", f"{uri}: cannot decode image: {e}") from e
 
 
-def _shard_infos(samples: list[Sample]) -> list[dict]:
+def _shard_infos(samples: SampleTable) -> list[dict]:
     """Per packed clip, from each shard's metadata columns (one read per shard, no frames)."""
     import pyarrow.parquet as pq
 

@@ -206,8 +206,12 @@ class ShardEncoder:
     """A Ray Data actor: builds the recipe's frozen encoders once (on CUDA when it reserved GPUs, passed in as
     `gpus_reserved`, the same number as its num_gpus), then writes every shard it is handed."""
 
-    def __init__(self, cfg_dict: dict, out: str, spec: ClipSpec, key_hash: str, gpus_reserved: float = 0.0):
+    def __init__(self, cfg_dict: dict, out: str, spec: ClipSpec, key_hash: str, table_ref: list, per_shard: int,
+                 gpus_reserved: float = 0.0):
+        import ray
+
         self.cfg = VidgenConfig(**cfg_dict)
+        self.table, self.per_shard = ray.get(table_ref[0]), per_shard  # the listing, shipped once (a list: unresolved)
         self.recipe, found = load_encoders(self.cfg, gpus_reserved)
         if found != key_hash:
             raise DataError(f"{out}: the encoders on this worker differ from the driver's (weights hash): "
@@ -219,8 +223,8 @@ class ShardEncoder:
 
     def __call__(self, batch: dict) -> dict:
         marks = []
-        for index, samples_json in zip(batch["index"], batch["samples"], strict=True):
-            samples = [Sample(**s) for s in json.loads(samples_json)]
+        for index in batch["index"]:
+            samples = list(self.table[int(index) * self.per_shard:(int(index) + 1) * self.per_shard])
             die = self.kill_after is not None and self.written >= self.kill_after
             done = encode_shard(self.recipe, self.out, int(index), samples, self.spec,
                                 self.cfg.latents.batch_size, die)
@@ -234,8 +238,6 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
 
     use_ray: encode in a Ray Data actor pool (latents.actors actors, latents.gpus_per_actor GPUs each; Ray
     must be running). False: in this process (small datasets, tests), on CUDA when latents.gpus_per_actor > 0."""
-    import dataclasses
-
     t0 = time.perf_counter()
     d, lat = cfg.data, cfg.latents
     if not d.source:
@@ -250,7 +252,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
     driver_cfg = cfg.model_copy(update={"model": portable(cfg.model)}) if use_ray else cfg
     recipe, digest = load_encoders(driver_cfg, 0.0 if use_ray else lat.gpus_per_actor)
     key = {**config_key(cfg), "encoders": digest,
-           "samples": hashlib.sha256("\n".join(s.uri for s in stream.samples)
+           "samples": hashlib.sha256("\n".join(stream.samples.uri(i) for i in range(len(stream.samples)))
                                      .encode("utf-8", "surrogateescape")).hexdigest()}
     key_uri = storage.join(out, KEY_FILE)
     if storage.exists(key_uri):
@@ -270,11 +272,11 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
         if not ray.is_initialized():
             raise ConfigError("prepare latents: needs a running Ray (ray.init or RAY_ADDRESS)")
         gpus = lat.gpus_per_actor  # configured, not read off the cluster: an autoscaler may have no GPU up yet
-        items = [{"index": k, "samples": json.dumps([dataclasses.asdict(s) for s in groups[k]])} for k in pending]
+        items = [{"index": k} for k in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(ShardEncoder, batch_size=1, concurrency=lat.actors, num_gpus=gpus, num_cpus=1,
                             fn_constructor_args=(cfg.model_dump(mode="json"), out, stream.spec, key["encoders"],
-                                                 gpus))
+                                                 [ray.put(stream.samples)], per_shard, gpus))
         for n, row in enumerate(ds.iter_rows(), 1):
             if progress:
                 progress(n, len(pending), int(row["index"]))
@@ -343,19 +345,44 @@ def read_rows(uri: str, manifest: dict):
                 yield decode_row(row)
 
 
-def training_dataset(cfg: VidgenConfig, manifest: dict, epochs: int):
-    """A Ray Dataset streaming the cache `epochs` times, each epoch's blocks in their own seeded order."""
-    import ray.data
+class CacheStream:
+    """A latent cache as training reads it (vidgen.data.position): shard i is sample i of the epoch order, its
+    rows (clips) are visited in an order seeded by (run.seed, epoch, i), and each rank reads its own shards."""
 
-    uri = cfg.data.latents
-    files = [storage.join(uri, s["name"]) for s in manifest["shards"] if s["clips"]]
-    if not files:
-        raise DataError(f"data.latents={uri}: the cache holds no clips")
-    if storage.is_remote(uri):
-        located = [storage.filesystem(f) for f in files]
-        base = ray.data.read_parquet([p for _, p in located], filesystem=located[0][0])
-    else:
-        base = ray.data.read_parquet([storage.local_path(f) for f in files])
-    base = base.map(decode_row)
-    sets = [base.randomize_block_order(seed=cfg.run.seed + e) for e in range(epochs)]
-    return sets[0].union(*sets[1:]) if len(sets) > 1 else sets[0]
+    def __init__(self, cfg: VidgenConfig, manifest: dict):
+        self.source = cfg.data.latents
+        shards = [s for s in manifest["shards"] if s["clips"]]
+        if not shards:
+            raise DataError(f"data.latents={self.source}: the cache holds no clips")
+        self.files = [storage.join(self.source, s["name"]) for s in shards]
+        self.num_samples, self.clips_per_sample = len(shards), max(s["clips"] for s in shards)
+        self.seed, self.read_cpus = cfg.run.seed, cfg.data.read_cpus
+
+    def share_dataset(self, epoch: int, samples, wanted):
+        """One task per shard; rows as `decode_row` gives them, plus `bucket` (the latents' h x w, so that
+        batches hold one size) and the position columns (vidgen.data.position.Shares)."""
+        import ray.data
+
+        k = self.clips_per_sample
+        items = [{"item": json.dumps({"uri": self.files[int(i)], "slot": int(i) * k, "order": j, "wanted": w.tolist(),
+                                      "seed": [self.seed, epoch, int(i)]})}
+                 for j, (i, w) in enumerate(zip(samples, wanted, strict=True))]
+        ds = ray.data.from_items(items, override_num_blocks=min(4096, len(items)))
+        ds = ds.flat_map(_share_rows, num_cpus=self.read_cpus)
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+
+def _share_rows(item: dict) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    d = json.loads(item["item"])
+    with storage.open(d["uri"]) as f:
+        rows = pq.read_table(f).to_pylist()
+    out = []
+    for k in np.random.default_rng(d["seed"]).permutation(len(rows)).tolist():
+        if k < len(d["wanted"]) and d["wanted"][k]:
+            row = decode_row(rows[k])
+            bucket = "x".join(str(n) for n in row["latent_params"].shape[-2:])
+            out.append({**row, "bucket": bucket, "_slot": d["slot"] + k, "_order": d["order"], "_made": len(rows)})
+    return out

@@ -1,8 +1,11 @@
-"""Sample discovery: turn a dataset root (local or any storage URI) into a list of `Sample`s.
+"""Sample discovery: turn a dataset root (local or any storage URI) into a `SampleTable` of `Sample`s.
 
 A layout is a function from one recursive listing of the root to samples. The listing is taken once
-(one LIST walk on object storage, not one request per folder) and nothing is decoded here: prompts in
+(os.scandir locally; on object storage the top-level prefixes listed in parallel, never one request
+per frame) and kept grouped by folder without a URI per file; nothing is decoded here: prompts in
 per-sample files are read later by the data workers, which also judge whether a sample is usable.
+The frame-folder layouts build their table straight from the grouped listing (a million folders of
+8 frames list in well under 2 minutes and 1 GiB); the others build `Sample`s and a table of them.
 
 Layouts:
   hotshot  root/<sample>/<n>.jpg|png + prompt.txt (Hotshot-XL, Hotshot-XL-OPV2V scene folders);
@@ -15,7 +18,7 @@ Layouts:
   sthv2    Seer's trees: Something-Something v2 rawframes + annotations/*.json, Bridge rawframes,
            Epic-Kitchens rgb_frames (+ narration CSV) (vidgen.data.seer).
   shards   parquet shards written by `vidgen prepare pack`, one sample per clip (vidgen.data.shards).
-A layout is a builder `(Listing, LayoutOptions) -> [Sample]` registered in LAYOUTS.
+A layout is a builder `(Listing, LayoutOptions) -> [Sample] | SampleTable` registered in LAYOUTS.
 """
 
 from __future__ import annotations
@@ -24,13 +27,23 @@ import csv
 import io
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable
+
+import numpy as np
 
 from vidgen import storage
 from vidgen.data import opv2v, seer, shards
-from vidgen.data.decode import is_image_name, natural_key
-from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, LayoutOptions, Listing, Sample
+from vidgen.data.decode import natural_key, natural_order
+from vidgen.data.listing import (
+    DEFAULT_PROMPT_TEMPLATE,
+    LayoutOptions,
+    Listing,
+    Sample,
+    SampleTable,
+    Strings,
+    encode_codes,
+    offsets_of,
+)
 from vidgen.data.video import VIDEO_SUFFIXES
 from vidgen.errors import DataError
 
@@ -46,18 +59,10 @@ def scan(root: str) -> Listing:
     """List `root` recursively once; DataError when it is missing or holds no files."""
     if not storage.exists(root):
         raise DataError(f"{root}: dataset root does not exist")
-    files = storage.walk_files(root)
-    if not files:
+    tree = storage.walk_tree(root)
+    if not len(tree):
         raise DataError(f"{root}: dataset root is empty; {_EXPECTED}")
-    frame_dirs: dict[str, list[str]] = defaultdict(list)
-    videos = []
-    for uri in files:
-        parent, _, base = uri.rpartition("/")
-        if is_image_name(base):
-            frame_dirs[parent].append(uri)
-        elif not base.startswith(".") and base.lower().endswith(VIDEO_SUFFIXES):
-            videos.append(uri)
-    return Listing(root, dict(frame_dirs), videos, set(files))
+    return Listing(root, tree)
 
 
 def detect_layout(root: str, listing: Listing | None = None) -> str:
@@ -71,20 +76,21 @@ def detect_layout(root: str, listing: Listing | None = None) -> str:
     for name, detect in (("shards", shards.detect), ("opv2v", opv2v.detect), ("sthv2", seer.detect)):
         if detect(listing):
             return name
-    n_dirs, n_videos = len(listing.frame_dirs), len(listing.videos)
+    n_dirs, n_videos = listing.num_frame_dirs, listing.num_videos
     if n_dirs == 0 and n_videos == 0:
         raise DataError(f"{root}: no frame folders or video files found; {_EXPECTED}")
     if n_videos > n_dirs:
         return "videos"
     # Hotshot when most frame folders carry prompt.txt; the rest then show up as "missing prompt"
     # in the skip report instead of silently training on an empty prompt.
-    with_prompt = sum(f"{d}/{PROMPT_FILE}" in listing.files for d in listing.frame_dirs)
+    with_prompt = int(listing.prompt_dirs(PROMPT_FILE)[listing.frame_dir_ids].sum())
     return "hotshot" if 2 * with_prompt >= n_dirs else "frames"
 
 
 def list_samples(root: str, layout: str = "auto", *, camera: int = 0,
-                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> list[Sample]:
-    """All samples under `root`, sorted naturally by their path relative to the root.
+                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> SampleTable:
+    """All samples under `root`, sorted naturally by their path relative to the root, as a `SampleTable`
+    (`table[i]` is a `Sample`).
 
     camera, prompt_template: see `LayoutOptions` (only the opv2v layout uses them).
     """
@@ -96,34 +102,59 @@ def list_samples(root: str, layout: str = "auto", *, camera: int = 0,
         layout = detect_layout(root, listing)
         log.info("%s: detected layout %r", root, layout)
     samples = LAYOUTS[layout](listing, options)
-    if not samples:
+    if not len(samples):
         expected = _EXPECTS.get(layout, layout)
         raise DataError(f"{root}: layout {layout!r} found no samples; expected {expected} "
-                        f"(found {len(listing.frame_dirs)} frame folders, {len(listing.videos)} videos)")
-    return sorted(samples, key=lambda s: natural_key(s.meta.get("name", s.uri)))
+                        f"(found {listing.num_frame_dirs} frame folders, {listing.num_videos} videos)")
+    if isinstance(samples, SampleTable):  # built in order
+        return samples
+    return SampleTable.from_samples(sorted(samples, key=lambda s: natural_key(s.meta.get("name", s.uri))))
 
 
-def _frame_samples(listing: Listing, layout: str, required: bool) -> list[Sample]:
+def _frame_samples(listing: Listing, layout: str, required: bool) -> SampleTable:
+    """One sample per folder holding images, built from the grouped listing's columns (no URI per frame)."""
+    tree = listing.tree
     sidecar = {} if required else read_sidecar(listing)
-    samples = []
-    for folder, frames in listing.frame_dirs.items():
-        name = listing.rel(folder) or folder.rstrip("/").rpartition("/")[2]
-        prompt_uri = f"{folder}/{PROMPT_FILE}"
-        samples.append(Sample(
-            uri=folder,
-            frame_uris=sorted(frames, key=lambda u: natural_key(u.rpartition("/")[2])),
-            prompt=_lookup(sidecar, name),
-            prompt_uri=prompt_uri if prompt_uri in listing.files else None,
-            meta={"layout": layout, "name": name, "prompt_required": required},
-        ))
-    return samples
+    dirs = listing.frame_dir_ids
+    names = [tree.dirs[d] or listing.rel(tree.dir_uri(d)) or tree.dir_uri(d).rstrip("/").rpartition("/")[2]
+             for d in dirs.tolist()]
+    order = np.array(natural_order(names), dtype=np.int64)
+    dirs, names = dirs[order], [names[i] for i in order.tolist()]
+    del order
+    # the image files, grouped by sample (in sample order), each folder's in natural order of their names
+    position = np.full(len(tree.dirs), -1, dtype=np.int32)
+    position[dirs] = np.arange(len(dirs), dtype=np.int32)
+    images = listing.is_image[tree.codes]
+    owner, codes = position[listing.file_dirs[images]], tree.codes[images]
+    del images
+    rank = np.zeros(len(tree.names), dtype=np.int32)
+    image_codes = np.flatnonzero(listing.is_image)
+    rank[image_codes[natural_order([tree.names[c] for c in image_codes.tolist()])]] = np.arange(len(image_codes))
+    frame_codes = codes[np.lexsort((rank[codes], owner))]
+    frame_counts = np.bincount(owner, minlength=len(dirs))
+    del owner, codes
+    # a folder's URI is the root's + its relative name (as tree.dir_uri spells it), but for the root itself
+    prefix, name_column = storage.join(tree.uri, "x")[:-1], Strings.of(names)
+    if "" in (tree.dirs[d] for d in dirs.tolist()):
+        uris = Strings.of([prefix + tree.dirs[d] if tree.dirs[d] else tree.dir_uri(d) for d in dirs.tolist()])
+    else:
+        uris = name_column.with_prefix(prefix)  # the same bytes as the names
+    prompts, prompt_vocab = encode_codes(_lookup(sidecar, n) for n in names) if sidecar else \
+        (np.full(len(names), -1, dtype=np.int32), [])
+    with_prompt = listing.prompt_dirs(PROMPT_FILE)[dirs]
+    return SampleTable(
+        uris=uris, names=name_column,
+        frame_offsets=offsets_of(frame_counts), frame_codes=frame_codes, frame_vocab=tree.names,
+        has_frames=np.ones(len(dirs), bool), frames_relative=True, prompts=prompts, prompt_vocab=prompt_vocab,
+        prompt_uris=np.where(with_prompt, 0, -1).astype(np.int32), prompt_uri_vocab=[f"/{PROMPT_FILE}"],
+        prompt_uri_relative=True, meta={"layout": layout, "name": None, "prompt_required": required})
 
 
-def _hotshot(listing: Listing, options: LayoutOptions) -> list[Sample]:
+def _hotshot(listing: Listing, options: LayoutOptions) -> SampleTable:
     return _frame_samples(listing, "hotshot", required=True)
 
 
-def _frames(listing: Listing, options: LayoutOptions) -> list[Sample]:
+def _frames(listing: Listing, options: LayoutOptions) -> SampleTable:
     return _frame_samples(listing, "frames", required=False)
 
 
@@ -143,7 +174,7 @@ def _videos(listing: Listing, options: LayoutOptions) -> list[Sample]:
     return samples
 
 
-LAYOUTS: dict[str, Callable[[Listing, LayoutOptions], list[Sample]]] = {
+LAYOUTS: dict[str, Callable[[Listing, LayoutOptions], list[Sample] | SampleTable]] = {
     "hotshot": _hotshot,
     "frames": _frames,
     "videos": _videos,
@@ -169,7 +200,7 @@ def read_sidecar(listing: Listing) -> dict[str, str]:
     (prompt/caption/text). csv: a header row naming such fields, or two columns name,prompt.
     A malformed sidecar fails the whole read: it is one file the user can fix, not a bad sample.
     """
-    at_root = {listing.rel(u): u for u in listing.files if "/" not in listing.rel(u)}
+    at_root = listing.root_files()
     for sidecar in SIDECARS:
         uri = at_root.get(sidecar)
         if uri is None:

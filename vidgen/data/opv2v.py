@@ -44,8 +44,9 @@ _FRAME = re.compile(r"^(\d+)_camera(\d+)\.(?:png|jpe?g)$", re.IGNORECASE)
 
 def detect(listing: Listing) -> bool:
     """True when most image files are named <timestamp>_camera<k>."""
-    images = [u.rpartition("/")[2] for frames in listing.frame_dirs.values() for u in frames]
-    return bool(images) and 2 * sum(bool(_FRAME.match(n)) for n in images) > len(images)
+    counts = listing.image_name_counts()  # name -> files: one regex match per distinct name
+    total = sum(counts.values())
+    return bool(total) and 2 * sum(n for name, n in counts.items() if _FRAME.match(name)) > total
 
 
 def opv2v_samples(listing: Listing, options: LayoutOptions) -> list[Sample]:

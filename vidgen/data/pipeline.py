@@ -6,10 +6,11 @@ Shapes: F frames per clip, H/W pixels. Each row is
   bucket str ("HxW": the clip's size, one of `buckets` when given).
 With `buckets`, H and W vary between rows: batch them with `vidgen.data.buckets.bucket_batches`.
 
-The driver only lists samples; `ray.data.from_items` of small JSON descriptors + `flat_map` does the
-reading, decoding, clip sampling and resizing in CPU tasks of a few samples each (vidgen.data.worker),
-streaming: a task's clips reach the consumer when it finishes, and memory holds a few blocks of a
-few clips whatever the dataset's size. A bad sample
+The driver only lists samples (a `SampleTable`, put once into Ray's object store); `ray.data.from_items` of
+one small item per chunk of `samples_per_task` sample indices + `flat_map` does the reading, decoding, clip
+sampling and resizing in CPU tasks (vidgen.data.worker), each process fetching the table once and making a
+`Sample` at a time, streaming: a task's clips reach the consumer when it finishes, and memory holds a few
+blocks of a few clips whatever the dataset's size. A bad sample
 (corrupt frame, too short, missing prompt, ...) never fails the job: it yields no rows and leaves one
 small JSON record under `report_dir`, which `ClipStream.report()` sums up and `check_bad_fraction`
 turns into a DataError when too much was skipped. `iter_local()` runs the same code without Ray.
@@ -21,21 +22,27 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import tempfile
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from vidgen import storage
 from vidgen.data.buckets import Bucket, parse_buckets
 from vidgen.data.layouts import list_samples
-from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample
+from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample, SampleTable, as_table
+from vidgen.data.position import DataPosition, rank_rows
 from vidgen.data.worker import BadSample, ClipSpec, resolve_prompt, sample_clips
 from vidgen.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    import ray.data
+
     from vidgen.config import VidgenConfig
 
 __all__ = ["BadSample", "ClipSpec", "ClipStream", "check_bad_fraction", "read_clips", "read_clips_local",
@@ -122,17 +129,58 @@ def read_clips_local(source: str, layout: str = "auto", **kwargs: Any) -> Iterat
 class ClipStream:
     """The clips of one dataset read: a lazily built Ray Dataset, or a local iterator, plus a report."""
 
-    def __init__(self, source: str, samples: list[Sample], spec: ClipSpec, report_dir: str,
+    def __init__(self, source: str, samples: SampleTable | list[Sample], spec: ClipSpec, report_dir: str,
                  max_bad_fraction: float, num_cpus: float, token: str, samples_per_task: int):
         self.source, self.samples, self.spec = source, samples, spec
         self.report_dir, self.max_bad_fraction, self.num_cpus = report_dir, max_bad_fraction, num_cpus
         self.samples_per_task = samples_per_task
         self._token = token  # tags this read's skip records; older records in report_dir are ignored
         self._dataset = None
+        self._shipped: dict = {}  # the table in Ray's object store: put once, shared with for_epoch's streams
+
+    @property
+    def samples(self) -> SampleTable:
+        return self._samples
+
+    @samples.setter
+    def samples(self, samples: SampleTable | list[Sample]) -> None:
+        self._samples = as_table(samples)
+        self._dataset = None
+
+    def __getstate__(self) -> dict:
+        """Pickled (training puts the stream into Ray's object store for its workers) with the table's ObjectRef:
+        every process that unpickles it ships the same table to its data tasks instead of putting its own."""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            self._table_ref()
+        return {**self.__dict__, "_dataset": None}
+
+    def _table_ref(self):
+        """The ObjectRef of `samples`, put once (again only when `samples` was replaced)."""
+        import ray
+
+        if self._shipped.get("table") is not self._samples:
+            self._shipped.update(table=self._samples, ref=ray.put(self._samples))
+        return self._shipped["ref"]
+
+    def _chunks(self, n: int):
+        """Ray Dataset of one item {lo, hi} per `samples_per_task` consecutive positions of n."""
+        import ray.data
+
+        items = [{"lo": lo, "hi": min(n, lo + self.samples_per_task)} for lo in range(0, n, self.samples_per_task)]
+        return ray.data.from_items(items, override_num_blocks=max(1, min(4096, len(items))))
 
     @property
     def num_samples(self) -> int:
         return len(self.samples)
+
+    @property
+    def clips_per_sample(self) -> int:
+        return self.spec.clips_per_video
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
 
     @property
     def dataset(self):
@@ -144,19 +192,42 @@ class ClipStream:
                 log.warning("report_dir %s is on the driver's local disk but Ray has %d nodes: skips on "
                             "other nodes will be missing from report(); pass a shared URI (s3://...)",
                             self.report_dir, len(ray.nodes()))
-            # JSON strings, not dicts: Arrow would have to infer one schema for list/None/meta fields.
-            items = [{"sample": json.dumps(dataclasses.asdict(s))} for s in self.samples]
-            blocks = min(4096, -(-len(items) // self.samples_per_task))
-            ds = ray.data.from_items(items, override_num_blocks=blocks)
-            fn = partial(_rows_for_item, spec=self.spec, report_dir=self.report_dir, token=self._token)
+            ds = self._chunks(len(self.samples))  # first: it starts Ray when nothing has yet
+            fn = partial(_rows_for_chunk, refs=[self._table_ref()], spec=self.spec, report_dir=self.report_dir,
+                         token=self._token)
             self._dataset = ds.flat_map(fn, num_cpus=self.num_cpus)
         return self._dataset
 
     def for_epoch(self, epoch: int) -> ClipStream:
         """The same samples and report, with the clips (and crops) of another training epoch."""
         spec = dataclasses.replace(self.spec, epoch=epoch)
-        return ClipStream(self.source, self.samples, spec, self.report_dir, self.max_bad_fraction,
-                          self.num_cpus, self._token, self.samples_per_task)
+        stream = ClipStream(self.source, self.samples, spec, self.report_dir, self.max_bad_fraction,
+                            self.num_cpus, self._token, self.samples_per_task)
+        stream._shipped = self._shipped
+        return stream
+
+    def share_dataset(self, epoch: int, samples, wanted) -> ray.data.Dataset:
+        """One rank's share of `epoch`: `samples` (indices into self.samples, in the order the rank consumes them)
+        and `wanted` (bool [n, K]: which of each one's clips are still to train, vidgen.data.position). Rows are
+        clip rows plus `_slot` (sample index x K + clip), `_order` (the position in `samples`) and `_made` (how
+        many clips the sample makes); the order of `samples` is kept. One item per `samples_per_task` of them:
+        the table and the share's arrays travel through Ray's object store, not in the items."""
+        import ray
+
+        samples, wanted = np.asarray(samples, dtype=np.int64), np.asarray(wanted, dtype=bool)
+        if wanted.shape != (len(samples), self.spec.clips_per_video):
+            raise ValueError(f"wanted: expected shape {(len(samples), self.spec.clips_per_video)}, got {wanted.shape}")
+        ds = self._chunks(len(samples))
+        fn = partial(_share_rows, refs=[self._table_ref(), ray.put((samples, wanted))],
+                     spec=dataclasses.replace(self.spec, epoch=epoch), report_dir=self.report_dir, token=self._token)
+        ds = ds.flat_map(fn, num_cpus=self.num_cpus)
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+    def rank_rows(self, position: DataPosition, rank: int, world: int) -> Iterator[dict]:
+        """This rank's clip rows from where `position` stands, epoch after epoch (vidgen.data.position.rank_rows;
+        skipped samples are in `report()`)."""
+        return rank_rows(self, position, rank, world)
 
     def iter_local(self) -> Iterator[dict]:
         """The same rows as `dataset`, in sample order, computed in this process."""
@@ -171,13 +242,15 @@ class ClipStream:
 
         Complete once the dataset (or iter_local) has been consumed.
         """
-        uris = {s.uri for s in self.samples}
         bad = []
         if storage.exists(self.report_dir):
             for uri in storage.walk_files(self.report_dir, suffixes=(".json",)):
                 record = json.loads(storage.read_text(uri))
-                if record.get("token") == self._token and record.get("uri") in uris:
+                if record.get("token") == self._token:
                     bad.append({k: record[k] for k in ("uri", "reason", "detail")})
+        if bad:  # only this stream's samples (feed.py cuts a stream short)
+            uris = {self._samples.uri(i) for i in range(len(self._samples))}
+            bad = [b for b in bad if b["uri"] in uris]
         bad.sort(key=lambda r: r["uri"])
         reasons = Counter(r["reason"] for r in bad)
         return {"total": self.num_samples, "skipped": len(bad), "reasons": dict(reasons.most_common()),
@@ -206,9 +279,36 @@ def check_bad_fraction(report: dict, limit: float) -> None:
 # ---- per-sample work (runs in Ray tasks or locally) ------------------------------------------------
 
 
-def _rows_for_item(item: dict, spec: ClipSpec, report_dir: str, token: str) -> list[dict]:
-    sample = Sample(**json.loads(item["sample"]))
-    return _rows_or_record(sample, spec, report_dir, token)
+_SHIPPED: OrderedDict = OrderedDict()  # per worker process: ObjectRef hex -> its value, the last few
+
+
+def _shipped(ref):
+    """The value of `ref`, fetched once per process (a table is fetched once, not once per task)."""
+    key = ref.hex()
+    if key in _SHIPPED:
+        _SHIPPED.move_to_end(key)
+    else:
+        import ray
+
+        _SHIPPED[key] = ray.get(ref)
+        while len(_SHIPPED) > 4:
+            _SHIPPED.popitem(last=False)
+    return _SHIPPED[key]
+
+
+def _rows_for_chunk(item: dict, refs: list, spec: ClipSpec, report_dir: str, token: str) -> list[dict]:
+    table = _shipped(refs[0])
+    return [row for i in range(item["lo"], item["hi"]) for row in _rows_or_record(table[i], spec, report_dir, token)]
+
+
+def _share_rows(item: dict, refs: list, spec: ClipSpec, report_dir: str, token: str) -> list[dict]:
+    table, (samples, wanted) = _shipped(refs[0]), _shipped(refs[1])
+    k, out = spec.clips_per_video, []
+    for j in range(item["lo"], item["hi"]):
+        i, want = int(samples[j]), wanted[j]
+        rows = _rows_or_record(table[i], spec, report_dir, token)[:k]
+        out += [{**row, "_slot": i * k + c, "_order": j, "_made": len(rows)} for c, row in enumerate(rows) if want[c]]
+    return out
 
 
 def _rows_or_record(sample: Sample, spec: ClipSpec, report_dir: str, token: str) -> list[dict]:

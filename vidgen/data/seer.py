@@ -40,10 +40,10 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def detect(listing: Listing) -> bool:
-    rels = [listing.rel(d) for d in listing.frame_dirs]
+    rels = listing.frame_dir_rels()
     if any(r.startswith("rawframes/") or "rgb_frames" in r.split("/")[:-1] for r in rels):
         return True
-    has_videos = any(listing.rel(v).startswith("videos/") for v in listing.videos)
+    has_videos = listing.num_videos > 0 and any(listing.rel(v).startswith("videos/") for v in listing.videos)
     return has_videos and bool(_annotation_files(listing))
 
 

@@ -115,9 +115,9 @@ class ShardWriter:
 
 
 def detect(listing: Listing) -> bool:
-    if listing.frame_dirs or listing.videos:
+    if listing.num_frame_dirs or listing.num_videos:
         return False
-    return any(u.endswith(SHARD_SUFFIX) for u in listing.files)
+    return any(n.endswith(SHARD_SUFFIX) for n in listing.tree.names)
 
 
 def shard_samples(listing: Listing, options: LayoutOptions) -> list[Sample]:

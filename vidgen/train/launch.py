@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import ray.train
@@ -27,9 +28,12 @@ import ray.train
 from vidgen.config import VidgenConfig
 from vidgen.errors import ConfigError, JobError, raised_remotely
 
+if TYPE_CHECKING:
+    from vidgen.data.position import Shares
+
 log = logging.getLogger(__name__)
 
-TEST_HOOK_ENV = ("VIDGEN_FAULT_KILL", "VIDGEN_DUMP_STATE")  # vidgen/train/loop.py
+TEST_HOOK_ENV = ("VIDGEN_FAULT_KILL", "VIDGEN_DUMP_STATE", "VIDGEN_CLIP_LOG")  # vidgen/train/loop.py
 
 
 @ray.remote(num_cpus=0)
@@ -111,9 +115,6 @@ def check(cfg: VidgenConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("train.adam_8bit=true: the bitsandbytes package is not installed") from None
-    if cfg.data.buckets and t.batch_size > 1:
-        raise ConfigError(f"data.buckets={cfg.data.buckets}: clips of different buckets cannot share a batch; "
-                          "use train.batch_size=1 with train.gradient_accumulation for larger batches")
 
 
 def user_deepspeed_config(cfg: VidgenConfig) -> dict:
@@ -133,6 +134,15 @@ def user_deepspeed_config(cfg: VidgenConfig) -> dict:
 
 # What each recipe reads from a clip row; optional columns are passed when the dataset has them.
 RECIPE_COLUMNS = {"hotshot_temporal": ["prompt", "orig_height", "orig_width", "crop_top", "crop_left"]}
+
+
+def share_columns(cfg: VidgenConfig) -> list[str]:
+    """What the recipe reads from a row of data.source's clips or of the latent cache (both have every optional
+    column)."""
+    from vidgen.train.recipes import recipe_class
+
+    inputs = list(recipe_class(cfg.train.recipe).ENCODED) if cfg.data.latents else ["frames"]
+    return [*inputs, "fps", *RECIPE_COLUMNS.get(cfg.train.recipe, [])]
 
 
 def train_columns(cfg: VidgenConfig, dataset: ray.data.Dataset) -> list[str]:
@@ -201,11 +211,17 @@ def check_resume(cfg: VidgenConfig) -> None:
                        "config; start a new run.name to train with this one (or restore the config it was made with)")
 
 
-def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
+def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
         on_metrics: Callable[[list[dict]], None] | None = None,
         validation_images: list | None = None,
         on_artifacts: Callable[[int, list[str]], None] | None = None) -> TrainResult:
-    """Train; `validation_images` (uint8 [H, W, 3] first frames) enable validation videos."""
+    """Train; `validation_images` (uint8 [H, W, 3] first frames) enable validation videos.
+
+    data: the clips of data.source (`read_config_clips`) or a latent cache (`latents.CacheStream`): each worker
+    reads its own share of every epoch, in an order fixed by (run.seed, epoch), and a checkpoint records exactly
+    which clips were trained (vidgen.data.position), so a resume, with any train.num_workers, trains every clip
+    once per epoch. Any other Ray Dataset is split by Ray Train, and a resume skips as many batches per worker
+    as the checkpoint counted."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -222,6 +238,14 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     loop_config = {"train": t.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.run.seed,
                    "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg)}
+    if hasattr(data, "share_dataset"):  # vidgen.data.position.Shares
+        if data.num_samples < t.num_workers:
+            raise ConfigError(f"train.num_workers={t.num_workers}: more workers than the {data.num_samples} samples "
+                              f"of {data.source}; each worker needs samples of its own")
+        loop_config |= {"clips": ray.put(data), "columns": share_columns(cfg)}
+        datasets = {}
+    else:
+        datasets = {"train": data.select_columns(train_columns(cfg, data))}
     if t.validation_every and validation_images:
         height, width = cfg.data.largest_size()
         loop_config["validation"] = {
@@ -236,7 +260,7 @@ def fit(cfg: VidgenConfig, dataset: ray.data.Dataset,
         _train_func,
         train_loop_config=loop_config,
         scaling_config=scaling,
-        datasets={"train": dataset.select_columns(train_columns(cfg, dataset))},
+        datasets=datasets,
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=ray_storage(cfg)[0],

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vidgen.errors import JobError
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FAULT_ENV = "VIDGEN_FAULT_KILL"  # "<rank>:<step>[,<rank>:<step>...]:<marker file>": test hook, see below
 DUMP_ENV = "VIDGEN_DUMP_STATE"  # "<file>": test hook, rank 0 saves the final UNet state dict there
+CLIP_LOG_ENV = "VIDGEN_CLIP_LOG"  # "<dir>": test hook, every rank records the clips it trains on (ClipLog)
 
 
 def deepspeed_config(train: dict, world_size: int, on_cpu: bool, user: dict | None = None) -> dict:
@@ -171,6 +173,22 @@ def fired_faults(marker: str) -> set[int]:
         return set()
 
 
+class ClipLog:
+    """Test hook, VIDGEN_CLIP_LOG="<dir>" (on a filesystem every worker sees): each attempt of each rank writes
+    `<dir>/<time ns>-<rank>-<start step>.jsonl`, a line {"step": s, "clips": [ids], "buckets": [...]} per batch it
+    trains, s being the optimizer step the micro-batch belongs to. What a run trained on is every attempt's
+    lines up to the step its next attempt started from."""
+
+    def __init__(self, rank: int, start_step: int):
+        where = os.environ.get(CLIP_LOG_ENV)
+        self.path = Path(where, f"{time.time_ns()}-{rank}-{start_step}.jsonl") if where else None
+
+    def add(self, step: int, clip_ids: list[str], buckets: list[str]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "clips": clip_ids, "buckets": buckets}) + "\n")
+
+
 def _maybe_inject_fault(rank: int, step: int) -> None:
     """Test hook: VIDGEN_FAULT_KILL="<rank>:<step>[,<rank>:<step>...]:<marker file>".
 
@@ -218,104 +236,159 @@ def train_func(config: dict) -> None:
     # -- setup --------------------------------------------------------------------------------
     t_setup = time.perf_counter()
     timings: dict[str, float] = {}  # figures of this attempt, sent with the next metrics row
-    recipe = build_recipe(t.recipe, model_cfg, t, seed).to(device)
-    if t.activation_checkpointing:
-        recipe.unet.enable_gradient_checkpointing()
-    params = recipe.trainable_parameters()
-    optimizer = _optimizer(params, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.max_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=recipe.unet, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config["train"], world, on_cpu, deep_merge(
-            getattr(recipe, "deepspeed_overrides", dict)(), config.get("deepspeed_user") or {})),
-    )
-    trainable_only = getattr(recipe, "checkpoint_trainable_only", False)  # LoRA: the base is not saved
-    names = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
-    ema = {n: p.detach().float().clone() for n, p in zip(names, params, strict=True)} if t.ema and rank == 0 else None
-
-    timings["setup_s"] = time.perf_counter() - t_setup  # models built, DeepSpeed engine ready
     my_hash = config_hash(config["model"], config["train"])
-    step, batches_seen = 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        t_load = time.perf_counter()
-        # DeepSpeed unpickles its files (weights_only=False): the manifest check before it is what keeps a
-        # truncated or altered file from being loaded.
-        with valid_checkpoint(ckpt) as d:
-            _, client = engine.load_checkpoint(d, tag=None, load_module_strict=not trainable_only)
-            if ema is not None and Path(d, "ema.pt").exists():
-                ema = load_ema(Path(d, "ema.pt"), device)
-        if client.get("config_hash") not in (None, my_hash):
-            raise RuntimeError(f"the checkpoint of run {ctx.get_experiment_name()!r} was written with another "
-                               "model/training config; start a new run.name to train with this one")
-        step, batches_seen = int(client["step"]), int(client["batches_seen"][rank])
-        _check_same_step(step, device)
-        timings["checkpoint_load_s"] = time.perf_counter() - t_load
-        log.info("rank %d resumed at step %d after %d batches", rank, step, batches_seen)
+    step, batches_seen, client = 0, 0, {}
+    with contextlib.ExitStack() as stack:
+        ckpt = ray.train.get_checkpoint()
+        # DeepSpeed unpickles its files (weights_only=False): the manifest check first is what keeps a truncated or
+        # altered file from being loaded.
+        ckpt_dir = stack.enter_context(valid_checkpoint(ckpt)) if ckpt else None
+        written_by = checkpoint_world(ckpt_dir) if ckpt_dir else world
+        recipe = build_recipe(t.recipe, model_cfg, t, seed).to(device)
+        if t.activation_checkpointing:
+            recipe.unet.enable_gradient_checkpointing()
+        params = recipe.trainable_parameters()
+        optimizer = _optimizer(params, t)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.max_steps))
+        ds_config = deepspeed_config(config["train"], world, on_cpu, deep_merge(
+            getattr(recipe, "deepspeed_overrides", dict)(), config.get("deepspeed_user") or {}))
+        if written_by != world:  # ZeRO's partitions of another world size: through DeepSpeed's universal format
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        engine, _, _, _ = deepspeed.initialize(model=recipe.unet, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        trainable_only = getattr(recipe, "checkpoint_trainable_only", False)  # LoRA: the base is not saved
+        names = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
+        ema = {n: p.detach().float().clone() for n, p in zip(names, params, strict=True)} \
+            if t.ema and rank == 0 else None
+        timings["setup_s"] = time.perf_counter() - t_setup  # models built, DeepSpeed engine ready
+        if ckpt_dir:
+            t_load = time.perf_counter()
+            load_dir = ckpt_dir
+            if written_by != world:
+                log.info("rank %d: the checkpoint was written by %d workers, this run has %d: converting it to "
+                         "DeepSpeed's universal checkpoint", rank, written_by, world)
+                load_dir = stack.enter_context(universal_checkpoint(ckpt_dir))
+            _, client = engine.load_checkpoint(load_dir, tag=None, load_module_strict=not trainable_only)
+            if ema is not None and Path(ckpt_dir, "ema.pt").exists():
+                ema = load_ema(Path(ckpt_dir, "ema.pt"), device)
+            if client.get("config_hash") not in (None, my_hash):
+                raise RuntimeError(f"the checkpoint of run {ctx.get_experiment_name()!r} was written with another "
+                                   "model/training config; start a new run.name to train with this one")
+            step = int(client["step"])
+            seen = client.get("batches_seen") or []
+            batches_seen = int(seen[rank]) if len(seen) == world else 0
+            _check_same_step(step, device)
+            timings["checkpoint_load_s"] = time.perf_counter() - t_load
+            log.info("rank %d resumed at step %d", rank, step)
     if sink is not None and rank == 0:
         sink.start_attempt.remote(step)  # forget uncommitted metrics of a failed attempt
 
     def unet_fn(*args, **kwargs):  # the recipe passes its model's own forward arguments
         return engine(*args, return_dict=False, **kwargs)[0]
 
-    shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator().manual_seed(rank_seed(seed, rank, step))
     samples_per_step = t.batch_size * t.gradient_accumulation * world
+    position = None
+    if config.get("clips") is not None:  # data.source or a latent cache: each rank reads its own share, exactly
+        stream = ray.get(config["clips"])
+        position = resumed_position(client, stream, bool(ckpt))
+        batches = clip_batches(stream, position, rank, world, t.batch_size, config["columns"], device)
+    else:  # any other Ray Dataset: Ray Train's split, the position counted in batches
+        batches = shard_batches(ray.train.get_dataset_shard("train"), t.batch_size, device, rank, skip=batches_seen)
+    clip_log = ClipLog(rank, step)
 
     # -- train --------------------------------------------------------------------------------
-    t_step, wait, losses, epoch_batches = time.perf_counter(), 0.0, [], 0
-    skip = batches_seen  # the dataset is one lazy pass over all epochs: skip what was consumed
+    t_step, wait, losses = time.perf_counter(), 0.0, []
     while step < t.max_steps:
-        batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, collate_fn=_collate(device))
-        it = iter(batches)
-        epoch_batches = 0
-        while step < t.max_steps:
-            t_wait = time.perf_counter()
-            batch = next(it, None)
-            wait += time.perf_counter() - t_wait
-            if batch is None:
-                break
-            epoch_batches += 1
-            if skip:  # data position: the checkpointed run already trained on these clips
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t_wait
+        consumed = batch.pop("_consumed", None)
+        loss, extra = recipe.loss(batch, unet_fn, generator)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        batches_seen += 1
+        if consumed is not None:
+            position.mark(*consumed[:2])
+            clip_log.add(step + 1, *consumed[2:])
+        losses.append(loss.detach())
+        if not boundary:
+            continue
+        step += 1
+        _maybe_inject_fault(rank, step)
+        if ema is not None:
+            _ema_update(ema, names, params, t.ema_decay)
+        mean_loss = mean_over_ranks(losses, device)
+        losses = []
+        now = time.perf_counter()
+        dt = now - t_step
+        if rank == 0 and sink is not None:
+            norm = engine.get_global_grad_norm()
+            sink.put.remote([{"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(norm) if norm is not None else float("nan"),
+                              "step_time_s": dt, "samples_per_s": samples_per_step / dt,
+                              "data_wait_frac": min(1.0, wait / dt), **extra, **timings}])
+        timings = {}
+        t_step, wait = now, 0.0
+        if t.validation_every and step % t.validation_every == 0 and config.get("validation"):
+            _validate(recipe, engine, t, config, rank, step, sink)
+        if step >= t.max_steps or step % t.checkpoint_every == 0:
+            if t.zero_stage < 3:
+                check_ranks_agree(params, step, device)
+            t_save = time.perf_counter()
+            client = {"step": step, "config_hash": my_hash,
+                      "batches_seen": data_positions(batches_seen, rank, world, device)}
+            if position is not None:
+                merge_position(position, device)
+                client["data_position"] = position.state()
+            _save(engine, client, ema, rank, world, Checkpoint, ray.train, trainable_only)
+            timings["checkpoint_save_s"] = time.perf_counter() - t_save
+            t_step = time.perf_counter()  # the next step's time is its own, without the checkpoint
+    _maybe_dump_state(engine, t.zero_stage, rank)
+
+
+def resumed_position(client: dict, stream, resumed: bool):
+    """The data position a checkpoint stored, or the start of epoch 0."""
+    from vidgen.data.position import DataPosition
+
+    k = stream.clips_per_sample
+    state = client.get("data_position")
+    if state is not None:
+        return DataPosition.from_state(state, stream.num_samples, k)
+    if resumed:  # a checkpoint from before exact positions: its clips are not known, so the data starts over
+        log.warning("the checkpoint records no data position: reading the data from the start of epoch 0")
+    return DataPosition(stream.num_samples, k)
+
+
+def clip_batches(stream, position, rank: int, world: int, batch_size: int, columns: list[str],
+                 device: torch.device) -> Iterator[dict]:
+    """Micro-batches of this rank's share of the clips (vidgen.data.position.rank_rows), each of one bucket (one frame
+    size; vidgen.data.buckets), as tensors on the device; `_consumed` holds (epochs, slots, clip ids) to mark
+    in `position` once the batch is trained."""
+    from vidgen.data.buckets import bucket_batches
+    from vidgen.data.position import rank_rows
+
+    collate = _collate(device)
+    for batch in bucket_batches(rank_rows(stream, position, rank, world), batch_size):
+        out = collate({c: np.asarray(batch[c]) for c in columns if c in batch})
+        out["_consumed"] = (batch["_epoch"], batch["_slot"], list(batch["clip_id"]), list(batch["bucket"]))
+        yield out
+
+
+def shard_batches(shard, batch_size: int, device: torch.device, rank: int, skip: int) -> Iterator[dict]:
+    """Micro-batches of a Ray Train dataset shard, epoch after epoch; the first `skip` (trained before a
+    resume) are passed over."""
+    while True:
+        n = 0
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, collate_fn=_collate(device)):
+            n += 1
+            if skip:
                 skip -= 1
                 continue
-            loss, extra = recipe.loss(batch, unet_fn, generator)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            engine.step()
-            batches_seen += 1
-            losses.append(loss.detach())
-            if not boundary:
-                continue
-            step += 1
-            _maybe_inject_fault(rank, step)
-            if ema is not None:
-                _ema_update(ema, names, params, t.ema_decay)
-            mean_loss = mean_over_ranks(losses, device)
-            losses = []
-            now = time.perf_counter()
-            dt = now - t_step
-            if rank == 0 and sink is not None:
-                norm = engine.get_global_grad_norm()
-                sink.put.remote([{"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                                  "grad_norm": float(norm) if norm is not None else float("nan"),
-                                  "step_time_s": dt, "samples_per_s": samples_per_step / dt,
-                                  "data_wait_frac": min(1.0, wait / dt), **extra, **timings}])
-            timings = {}
-            t_step, wait = now, 0.0
-            if t.validation_every and step % t.validation_every == 0 and config.get("validation"):
-                _validate(recipe, engine, t, config, rank, step, sink)
-            if step >= t.max_steps or step % t.checkpoint_every == 0:
-                if t.zero_stage < 3:
-                    check_ranks_agree(params, step, device)
-                t_save = time.perf_counter()
-                _save(engine, step, batches_seen, my_hash, ema, rank, world, Checkpoint, ray.train, sink,
-                      trainable_only, device)
-                timings["checkpoint_save_s"] = time.perf_counter() - t_save
-                t_step = time.perf_counter()  # the next step's time is its own, without the checkpoint
-        if epoch_batches == 0:
-            raise RuntimeError(f"rank {rank}: the training dataset shard yielded no batch of {t.batch_size} clips")
-    _maybe_dump_state(engine, t.zero_stage, rank)
+            yield batch
+        if n == 0:
+            raise RuntimeError(f"rank {rank}: the training dataset shard yielded no batch of {batch_size} clips")
 
 
 def _collate(device: torch.device):
@@ -369,9 +442,20 @@ def data_positions(batches_seen: int, rank: int, world: int, device: torch.devic
     return seen.tolist()
 
 
-def _save(engine, step: int, batches_seen: int, my_hash: str, ema, rank: int, world: int, Checkpoint,
-          train_mod, sink, trainable_only: bool, device: torch.device) -> None:
-    client = {"step": step, "config_hash": my_hash, "batches_seen": data_positions(batches_seen, rank, world, device)}
+def merge_position(position, device: torch.device) -> None:
+    """Every rank's consumed slots, in every rank (all ranks call it together, before a checkpoint)."""
+    top = max(position.open_epochs(), default=position.floor)
+    span = torch.tensor([-position.floor, top], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(span, op=torch.distributed.ReduceOp.MAX)
+    for epoch in range(-int(span[0]), int(span[1]) + 1):
+        bits = torch.from_numpy(position.done(epoch).view(np.uint8).copy()).to(device)
+        torch.distributed.all_reduce(bits, op=torch.distributed.ReduceOp.MAX)
+        position.set_done(epoch, bits.cpu().numpy().astype(bool))
+    position.advance()
+
+
+def _save(engine, client: dict, ema, rank: int, world: int, Checkpoint, train_mod, trainable_only: bool) -> None:
+    step, my_hash = client["step"], client["config_hash"]
     with tempfile.TemporaryDirectory(prefix="vidgen-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=f"step{step:08d}", client_state=client,
                                exclude_frozen_parameters=trainable_only)
@@ -420,6 +504,37 @@ def _older_checkpoints(ckpt) -> list:
     older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
                     and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
     return [Checkpoint(f"{parent}/{n}", filesystem=fs) for n in older]
+
+
+def checkpoint_world(directory: str) -> int:
+    """How many workers wrote a checkpoint: the parts of its manifest (vidgen/train/manifest.py)."""
+    from vidgen.train.manifest import _PART
+
+    parts = {int(m.group(2)) for name in os.listdir(directory) if (m := _PART.match(name))}
+    return max(parts, default=1)
+
+
+@contextlib.contextmanager
+def universal_checkpoint(directory: str) -> Iterator[str]:
+    """`directory` (a DeepSpeed checkpoint of another world size) in DeepSpeed's universal format, in a temporary
+    directory of this worker: ZeRO's optimizer partitions merged per parameter, to be loaded by any world size.
+    Converted by DeepSpeed's own ds_to_universal (vidgen stores no universal_checkpoint_info, which only matters
+    for tensor/pipeline parallelism; --inject_missing_state supplies the empty one)."""
+    import subprocess
+    import sys
+
+    tag = Path(directory, "latest").read_text().strip()
+    with tempfile.TemporaryDirectory(prefix="vidgen-universal-") as out:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+               "--input_folder", str(Path(directory, tag)), "--output_folder", str(Path(out, tag)),
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise JobError(f"checkpoint {directory}: converting it for another number of workers failed: {tail[0]}; "
+                           "resume with the train.num_workers it was written with")
+        Path(out, "latest_universal").write_text(tag)
+        yield out
 
 
 def _check_same_step(step: int, device: torch.device) -> None:
