@@ -171,12 +171,17 @@ def emit(**figure) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=1_000_000)
-    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "vidgen-bench-listing"))
+    ap.add_argument("--samples", type=int, default=1_000_000, help="Hotshot sample folders in the tree (default 1M)")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "vidgen-bench-listing"),
+                    help="where the tree is built (hard links; ~4 GB of directory blocks at 1M)")
     ap.add_argument("--keep", action="store_true", help="leave the tree(s) for the next run")
     ap.add_argument("--old", type=int, default=0, help="also measure the committed code on a tree of this many")
-    ap.add_argument("--figures", default="list_samples,inspect,train_start")
-    ap.add_argument("--_run"), ap.add_argument("--_root"), ap.add_argument("--_old", action="store_true")
+    ap.add_argument("--figures", default="list_samples,inspect,train_start",
+                    help="which to measure, each in a fresh process: list_samples, inspect "
+                    "(vidgen data inspect --first-header-only), train_start (listing + the first epoch's Dataset)")
+    ap.add_argument("--_run", help=argparse.SUPPRESS)
+    ap.add_argument("--_root", help=argparse.SUPPRESS)
+    ap.add_argument("--_old", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._run:
         print(json.dumps(run_child(args._run, args._root, args._old)))

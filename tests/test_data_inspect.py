@@ -82,3 +82,33 @@ def test_inspect_videos_and_shards(tmp_path: Path):
     d = inspect_source(str(tmp_path / "packed"), num_frames=8)
     assert (d["layout"], d["samples"], d["usable"], d["bad"]) == ("shards", 3, 3, [])
     assert d["sizes"] == {"24x16": 3} and d["frame_counts"] == {"8-15": 3} and d["fps"] == {"8": 3}
+
+
+def test_a_large_local_tree_read_by_forked_processes_gives_the_same_report(tmp_path: Path, monkeypatch):
+    """Past inspect.FORK_FROM samples a local tree's headers are read by one forked process per core, in spans of
+    256 x workers samples: the report equals the one process's, bad samples and histograms included."""
+    from vidgen.data import inspect as inspect_mod
+
+    root = tmp_path / "many"
+    good, odd = tmp_path / "good.png", tmp_path / "odd.png"
+    _png(good)
+    _png(odd, size=(40, 24))
+    for k in range(600):
+        folder = root / f"s{k}"
+        folder.mkdir(parents=True)
+        n = 3 if k % 97 == 0 else 8  # some too short
+        for i in range(n):
+            (folder / f"{i}.png").hardlink_to(odd if k % 50 == 7 else good)
+        if k % 101 != 3:  # some without a prompt
+            (folder / "prompt.txt").write_text(f"clip {k}")
+    (root / "s5" / "2.png").unlink()
+    (root / "s5" / "2.png").write_bytes(b"not a png")
+
+    monkeypatch.setattr(inspect_mod, "FORK_FROM", 10**9)
+    one = inspect_source(str(root), "hotshot", num_frames=6, workers=1)
+    monkeypatch.setattr(inspect_mod, "FORK_FROM", 100)
+    forked = inspect_source(str(root), "hotshot", num_frames=6, workers=1)  # 3 spans of 256
+    one.pop("seconds"), forked.pop("seconds")
+    assert forked == one
+    assert one["samples"] == 600 and one["reasons"] == {"too few frames": 7, "missing prompt": 6, "corrupt image": 1}
+    assert one["sizes"] == {"32x24": 575, "40x24": 11}  # s407 is odd-sized but has no prompt
