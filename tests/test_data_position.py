@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from vidgen.data.pipeline import read_clips
-from vidgen.data.position import DataPosition, epoch_order
+from vidgen.data.position import DataPosition, epoch_order, rank_rows
 from vidgen.errors import DataError
 
 # ---- pure ---------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_rank_shares_cover_the_epoch_once_and_a_resume_with_other_ranks_reads_th
     assert len(epoch) == 15 and set(epoch.values()) == {1}  # 7 samples x 2 clips + v06's one
 
     pos = [DataPosition(9, 2) for _ in range(2)]
-    ranks = [stream.rank_rows(pos[r], r, 2) for r in range(2)]
+    ranks = [rank_rows(stream, pos[r], r, 2) for r in range(2)]
     first = [[next(ranks[r]) for _ in range(3)] for r in range(2)]  # 3 clips each, "trained"
     for r in range(2):
         pos[r].mark([row["_epoch"] for row in first[r]], [row["_slot"] for row in first[r]])
@@ -99,7 +99,7 @@ def test_rank_shares_cover_the_epoch_once_and_a_resume_with_other_ranks_reads_th
         merged.set_done(e, pos[0].done(e) | pos[1].done(e))
     resumed = DataPosition.from_state(merged.state(), 9, 2)
     rest = []
-    for row in stream.rank_rows(resumed, 0, 1):  # one rank now, to the end of epoch 0
+    for row in rank_rows(stream, resumed, 0, 1):  # one rank now, to the end of epoch 0
         if row["_epoch"] > 0:
             break
         rest.append(row)
@@ -113,7 +113,7 @@ def test_a_rank_whose_samples_are_all_bad_says_so(ray_session, tmp_path):
     root = make_tree(tmp_path / "d", 2, bad=(0, 1))
     stream = read_clips(root, "frames", num_frames=4, height=32, width=32, report_dir=str(tmp_path / "r"))
     with pytest.raises(DataError, match=r"rank 0 of 1: no usable clip among its 2 samples of epochs 0 and 1 of /"):
-        next(stream.rank_rows(DataPosition(2, 1), 0, 1))
+        next(rank_rows(stream, DataPosition(2, 1), 0, 1))
 
 
 # ---- through Ray Train ---------------------------------------------------------------------------------------

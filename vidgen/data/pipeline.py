@@ -36,7 +36,6 @@ from vidgen import storage
 from vidgen.data.buckets import Bucket, parse_buckets
 from vidgen.data.layouts import list_samples
 from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample, SampleTable, as_table
-from vidgen.data.position import DataPosition, rank_rows
 from vidgen.data.worker import BadSample, ClipSpec, resolve_prompt, sample_clips
 from vidgen.errors import ConfigError, DataError
 
@@ -223,11 +222,6 @@ class ClipStream:
         ds = ds.flat_map(fn, num_cpus=self.num_cpus)
         ds.context.execution_options.preserve_order = True
         return ds
-
-    def rank_rows(self, position: DataPosition, rank: int, world: int) -> Iterator[dict]:
-        """This rank's clip rows from where `position` stands, epoch after epoch (vidgen.data.position.rank_rows;
-        skipped samples are in `report()`)."""
-        return rank_rows(self, position, rank, world)
 
     def iter_local(self) -> Iterator[dict]:
         """The same rows as `dataset`, in sample order, computed in this process."""

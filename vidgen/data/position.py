@@ -5,7 +5,7 @@ slot i*K + k. A sample may make fewer clips than K (a short video) or none (a ba
 
 Order: epoch e visits the samples in `epoch_order(S, seed, e)`, a seeded permutation that depends on nothing else
 (not on the number of workers, not on timing). Position q of that order goes to rank q % world, and each rank
-reads its share in order, clip by clip (vidgen.data.pipeline.ClipStream.rank_rows).
+reads its share in order, clip by clip (`rank_rows`).
 
 Position: `DataPosition` holds the epoch floor (every epoch below it is consumed) and, per open epoch, a bitmap
 of the slots that were trained or found empty. A checkpoint stores it merged over all ranks; a resume, with

@@ -146,17 +146,13 @@ def share_columns(cfg: VidgenConfig) -> list[str]:
 
 
 def train_columns(cfg: VidgenConfig, dataset: ray.data.Dataset) -> list[str]:
-    """Clips: frames + fps (+ the recipe's optional columns). A latent cache (data.latents): the recipe's
-    ENCODED tensors in place of frames."""
-    from vidgen.train.recipes import recipe_class
-
-    inputs = list(recipe_class(cfg.train.recipe).ENCODED) if cfg.data.latents else ["frames"]
-    wanted = RECIPE_COLUMNS.get(cfg.train.recipe, [])
-    if not wanted:
-        return [*inputs, "fps"]
+    """`share_columns`, less the recipe's optional columns that a dataset of the caller's own does not have."""
+    columns, optional = share_columns(cfg), RECIPE_COLUMNS.get(cfg.train.recipe, [])
+    if not optional:
+        return columns
     schema = dataset.schema()  # reads one block at most
     have = set(schema.names) if schema is not None else set()
-    return [*inputs, "fps", *[c for c in wanted if c in have]]
+    return [c for c in columns if c not in optional or c in have]
 
 
 def storage_root(cfg: VidgenConfig) -> str:
