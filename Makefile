@@ -45,8 +45,10 @@ browser:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "chromium missing and not root (or no apt-get): install Debian's chromium to run the report test"; fi
 
+# ruff, and the architecture's import rules ([tool.importlinter] in pyproject.toml: layers, independent families)
 lint: setup
 	$(VENV)/bin/ruff check vidgen tests jobs benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf work .pytest_cache

@@ -35,10 +35,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from vidgen.generate.denoisers import SVDDenoiser
-    from vidgen.generate.fifo import FifoPlan, fifo_iterate, init_queue
-    from vidgen.generate.samplers import base_sample, sampling_sigmas
-    from vidgen.models.svd import tiny
+    from vidgen.diffusion.fifo import FifoPlan, fifo_iterate, init_queue
+    from vidgen.diffusion.samplers import base_sample, sampling_sigmas
+    from vidgen.models.svd.model import tiny
+    from vidgen.models.svd.pipeline import SVDDenoiser
 
     model = tiny(num_frames=args.window)
     evaluations = 0

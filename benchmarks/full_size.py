@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 GIB = 1024**3
-SHAPE = ["model.num_frames=4", "data.num_frames=4", "data.height=64", "data.width=64"]
+SHAPE = ["model.num_frames=4", "data.height=64", "data.width=64"]
 COMMON = ["model.flavor=full", "train.precision=bf16", "train.activation_checkpointing=true",
           "train.max_failures=1", "train.checkpoint_every=1", "train.lr=1e-4"]
 RUNS = {
@@ -156,7 +156,7 @@ def train_run(name: str, work: Path, data: str, out: dict) -> dict:
     marker = run_dir / "fault-marker"
     env = {loop.DUMP_ENV: str(dump)} if check == "lora" else {}
     if kill:  # rank 1 dies right after step 2, before its checkpoint: the restart resumes from step 1's
-        env[loop.FAULT_ENV] = f"{workers - 1}:2:{marker}"
+        env["VIDGEN_FAULT_TRAIN"] = f"{workers - 1}:2@{marker}"  # vidgen/faults.py
     os.environ.update(env)
     t0 = time.perf_counter()
     try:
@@ -301,14 +301,15 @@ def check_hotshot_export(summary: dict) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from vidgen.models import hotshot_weights as hw
+    from vidgen.models.hotshot import model as hotshot
+    from vidgen.models.hotshot import weights as hw
 
     unet_dir = next(Path(summary["export_dir"]).rglob(hw.TEMPORAL_FILE)).parent
     config = json.loads((unet_dir / "config.json").read_text())
     state = load_file(str(unet_dir / hw.TEMPORAL_FILE))
     expected = hotshot_key_set(config)
     t0 = time.perf_counter()
-    unet = hw.load_hotshot_unet_dir(unet_dir, temporal_layers=unet_dir / hw.TEMPORAL_FILE)
+    unet = hotshot.load_hotshot_unet_dir(unet_dir, temporal_layers=unet_dir / hw.TEMPORAL_FILE)
     back = hw.temporal_state_dict(unet)
     return {"file": str(unet_dir / hw.TEMPORAL_FILE), "keys": len(state), "hotshot_keys": len(expected),
             "equals_hotshot_key_set": set(state) == expected,

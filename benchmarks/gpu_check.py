@@ -142,7 +142,7 @@ class Run:
 
         model = ["model.flavor=pretrained", "model.path=(built-in full-size configs)"] if self.full else [
             "model.flavor=tiny"]
-        overrides = [f"train.recipe={recipe}", *model, f"model.num_frames={frames}", f"data.num_frames={frames}",
+        overrides = [f"train.recipe={recipe}", *model, f"model.num_frames={frames}",
                      f"data.height={height}", f"data.width={width}", "train.batch_size=1", "train.num_workers=1",
                      "train.zero_stage=0", f"train.precision={self.precision}", "train.activation_checkpointing=true",
                      "model.attention=sdpa", *extra]
@@ -176,8 +176,7 @@ class Run:
         """A stand-in for `svd.build`: SVD-XT from `svd.full_size_configs(25)`, random init on the device."""
         from diffusers import EulerDiscreteScheduler
 
-        from vidgen.models import svd
-        from vidgen.models.attention import apply
+        from vidgen.models.svd import model as svd
 
         def build(flavor: str, *, seed: int = 0, attention: str = "sdpa", **_):
             torch.manual_seed(seed)
@@ -188,7 +187,7 @@ class Run:
             model.scheduler = EulerDiscreteScheduler(**svd.SVD_SCHEDULER)
             for m in (model.unet, model.vae, model.image_encoder):
                 m.eval()
-            return apply(model, attention)
+            return model.set_attention(attention)
 
         return build
 
@@ -197,8 +196,7 @@ class Run:
         layers), random init on the device; its tokenizers are vidgen's offline byte-level ones (77 tokens)."""
         from diffusers import DDPMScheduler
 
-        from vidgen.models import hotshot
-        from vidgen.models.attention import apply
+        from vidgen.models.hotshot import model as hotshot
 
         def build(flavor: str, *, seed: int = 0, attention: str = "sdpa", prediction_type: str | None = None,
                   max_frames: int | None = None, spatial_norm: str = "clip", **_):
@@ -209,7 +207,7 @@ class Run:
                                              prediction_type=prediction_type or "epsilon")
             model.to(self.device)
             model.scheduler = DDPMScheduler.from_config(model.scheduler.config)  # its tables on the CPU, as loaded
-            return apply(model, attention)
+            return model.set_attention(attention)
 
         return build
 
@@ -226,19 +224,19 @@ class Run:
                 "trainable": _count(r.trainable_parameters())}
 
     def recipe(self, cfg):
-        from vidgen.models import svd
-        from vidgen.train.recipes import build_recipe
+        from vidgen.models.registry import build_recipe
+        from vidgen.models.svd import model as svd
 
         if not self.full:
-            return build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
+            return build_recipe(cfg.model, cfg.train, cfg.run.seed)
         if cfg.model.family == "hotshot":
-            from vidgen.models import hotshot
+            from vidgen.models.hotshot import model as hotshot
 
             patch = mock.patch.object(hotshot, "build", self.hotshot_builder())
         else:
             patch = mock.patch.object(svd, "build", self.svd_builder())
         with patch:
-            return build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
+            return build_recipe(cfg.model, cfg.train, cfg.run.seed)
 
     # -- one training setup ----------------------------------------------------------------------
 
@@ -330,11 +328,11 @@ class Run:
         yield self.train_check("svd_full_temporal", cfg, ov)[0]
 
     def hotshot_temporal(self):
-        from vidgen.models import hotshot
+        from vidgen.models.hotshot import model as hotshot
 
         if not hasattr(hotshot, "full_size_configs"):
             yield {"check": "hotshot_temporal", "ok": None,
-                   "skipped": "skipped: no full-size hotshot configs (vidgen.models.hotshot.full_size_configs)"}
+                   "skipped": "skipped: no full-size hotshot configs (vidgen.models.hotshot.model.full_size_configs)"}
             return
         extra = {} if self.full else {"full_size_meta_params": self.meta_build("hotshot_temporal",
                                                                                "model.family=hotshot")}
@@ -343,10 +341,10 @@ class Run:
         yield {**rec, **extra}
 
     def fifo_svd(self):
-        from vidgen.generate.denoisers import SVDDenoiser
-        from vidgen.generate.fifo import FifoPlan
-        from vidgen.generate.samplers import fifo_sample, sampling_sigmas
-        from vidgen.models import svd
+        from vidgen.diffusion.fifo import FifoPlan
+        from vidgen.diffusion.samplers import fifo_sample, sampling_sigmas
+        from vidgen.models.svd import model as svd
+        from vidgen.models.svd.pipeline import SVDDenoiser
 
         f, h, w = self.shapes.fifo
         t = time.perf_counter()

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from vidgen.config import load_config
-from vidgen.data import latents
 from vidgen.data.pipeline import read_clips, read_clips_local
 from vidgen.data.synth import make_moving_shapes
-from vidgen.train.recipes import build_recipe
+from vidgen.models.registry import build_recipe
+from vidgen.train import latents
 
 FAMILY = {"svd": ["train.recipe=svd_full"], "hotshot": ["model.family=hotshot", "train.recipe=hotshot_temporal"]}
 
@@ -54,7 +54,7 @@ def main() -> None:
     cfg = load_config(None, [f"run.workdir={tmp}", f"data.source={tmp}/clips", f"data.height={a.size}",
                              f"data.width={a.size}", f"model.num_frames={a.frames}", f"latents.batch_size={a.batch}",
                              f"latents.shard_size={a.clips}", *FAMILY[a.family]])
-    recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, 0)
+    recipe = build_recipe(cfg.model, cfg.train, 0)
     unet = recipe.unet
     unet_fn = lambda *x, **k: unet(*x, return_dict=False, **k)[0]  # noqa: E731
     d = cfg.data

@@ -38,10 +38,10 @@ import numpy as np
 def plain(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int) -> list[float]:
     import torch
 
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
     torch.set_num_threads(threads)
-    recipe = build_recipe("svd_full", cfg.model, cfg.train, 0)
+    recipe = build_recipe(cfg.model, cfg.train, 0)
     unet, params = recipe.unet, recipe.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     gen = torch.Generator().manual_seed(0)
@@ -71,13 +71,13 @@ def deepspeed_loop(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int,
     import deepspeed
     import torch
 
+    from vidgen.models.registry import build_recipe
     from vidgen.train import loop
-    from vidgen.train.recipes import build_recipe
 
     loop._skip_cpu_shm_build()
     torch.set_num_threads(threads)
     deepspeed.init_distributed("gloo")
-    recipe = build_recipe("svd_full", cfg.model, cfg.train, 0)
+    recipe = build_recipe(cfg.model, cfg.train, 0)
     optimizer = loop._optimizer(recipe.trainable_parameters(), cfg.train)
     ds_config = loop.deepspeed_config(cfg.train.model_dump(), 1, True, getattr(recipe, "deepspeed_overrides", dict)())
     engine, _, _, _ = deepspeed.initialize(model=recipe.unet, optimizer=optimizer, config=ds_config)

@@ -133,7 +133,7 @@ def offload_runs(ray_session, tmp_path_factory):
 def test_offload_optimizer_fits_and_trains_like_a_plain_step(offload_runs, stage):
     """DeepSpeed refuses a client torch optimizer under ZeRO-Offload; vidgen gives it DeepSpeed's CPU Adam. The
     update must match a plain PyTorch AdamW step (same data, same noise), as the runs without offload do."""
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
 
     cfg, result, clip = offload_runs(stage)
     assert [r["step"] for r in result.metrics] == [1]
@@ -163,7 +163,7 @@ def test_export_of_an_xformers_run_needs_no_cuda(offload_runs, tmp_path, monkeyp
     consolidation function is broken here, and the export still succeeds."""
     from ray.train import Checkpoint
 
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
     from vidgen.train import launch
     from vidgen.train.launch import export_on_worker
 
@@ -194,9 +194,9 @@ def _gone(pid: int, within_s: float) -> bool:
 
 
 def _plain_step_update(cfg, clip) -> dict[str, torch.Tensor]:
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
-    recipe = build_recipe("svd_full", cfg.model, cfg.train, cfg.run.seed)
+    recipe = build_recipe(cfg.model, cfg.train, cfg.run.seed)
     unet, params = recipe.unet, recipe.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, eps=1e-8)
     gens = [torch.Generator().manual_seed(loop.rank_seed(cfg.run.seed, r, 0)) for r in range(2)]
@@ -257,10 +257,10 @@ def test_the_latent_cache_driver_builds_no_xformers_model(monkeypatch, tmp_path)
     GPU-less head it must build with a kernel it can run (the actors, on GPUs, use the configured one)."""
     import ray
 
-    from vidgen.data import latents
     from vidgen.data.synth import make_moving_shapes
     from vidgen.errors import ConfigError
     from vidgen.models import attention
+    from vidgen.train import latents
 
     seen = []
     real = latents.load_encoders

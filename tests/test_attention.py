@@ -12,8 +12,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from vidgen.config import ModelConfig, TrainConfig
 from vidgen.errors import ConfigError
-from vidgen.models import attention, svd
-from vidgen.train.recipes import build_recipe
+from vidgen.models import attention
+from vidgen.models.registry import build_recipe
+from vidgen.models.svd import model as svd
 
 FAMILIES = {  # recipe, model overrides, batch
     "svd": ("svd_full", {"family": "svd", "num_frames": 4}, {}),
@@ -23,7 +24,7 @@ FAMILIES = {  # recipe, model overrides, batch
 
 def _recipe(family: str, **model):
     name, base, _ = FAMILIES[family]
-    return build_recipe(name, ModelConfig(**{**base, **model}), TrainConfig(recipe=name), 0)
+    return build_recipe(ModelConfig(**{**base, **model}), TrainConfig(recipe=name), 0)
 
 
 def _batch(family: str) -> dict:

@@ -96,7 +96,7 @@ def test_prepare_synth_writes_a_dataset(tmp_path, capsys):
 
 
 def test_missing_weights_error_says_no_download(tmp_path, capsys):
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
 
     with pytest.raises(Exception) as e:
         svd.build("pretrained", path="stabilityai/stable-video-diffusion-img2vid-xt")

@@ -54,6 +54,17 @@ def test_bad_values_name_key_value_and_what_is_allowed(override, message):
     assert "\n" not in str(e.value)
 
 
+def test_bad_buckets_are_refused_at_load_naming_the_key_and_the_forms(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.buckets=512by320"])
+    assert str(e.value) == ("data.buckets=512by320: '512by320' in '512by320' is not WxH; expected a preset "
+                            "(hotshot-512, svd) or a list like '512x320,320x512'")
+    with pytest.raises(ConfigError, match=r"c.yaml: data.buckets=500x320: 500x320 \(WxH\) must be .* multiples of 8"):
+        load_config(write(tmp_path, "data:\n  buckets: 500x320\n"))
+    assert load_config(None, ["data.buckets=hotshot-512"]).data.buckets == "hotshot-512"  # kept as written
+    assert load_config(None, ["data.buckets=64x32,96x64"]).data.largest_size() == (64, 96)
+
+
 def test_unknown_keys_list_the_allowed_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: train.zero: unknown key; allowed under train: .*zero_stage"):
         load_config(write(tmp_path, "train:\n  zero: 2\n"))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vidgen import storage
 from vidgen.data import detect_layout, list_samples, prepare_opv2v, read_clips, read_clips_local, write_video
-from vidgen.data.opv2v import contiguous_runs, cut_clips
+from vidgen.data.opv2v_prepare import contiguous_runs, cut_clips
 from vidgen.errors import ConfigError, DataError
 
 SCENARIO = "2021_08_16_22_26_54"

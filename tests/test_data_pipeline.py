@@ -173,7 +173,7 @@ def test_videos_layout_strides_by_the_file_fps(tmp_path: Path):
 
 
 def test_bad_arguments_are_config_errors(corpus: Path):
-    with pytest.raises(ConfigError, match="data.num_frames: must be >= 1"):
+    with pytest.raises(ConfigError, match="model.num_frames: must be >= 1"):
         read_clips(str(corpus), num_frames=0, height=32, width=32)
     with pytest.raises(ConfigError, match="data.fps"):
         read_clips(str(corpus), num_frames=2, height=32, width=32, fps=0)

@@ -119,7 +119,7 @@ def test_noise_draws_on_the_generator_device_and_keeps_cpu_numbers():
 
 @pytest.fixture(scope="module")
 def svd_meta():
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
 
     return svd.tiny(num_frames=4).to(META)
 
@@ -132,7 +132,7 @@ def _svd_cond(den, generator: torch.Generator | None = None):
 
 @torch.no_grad()
 def test_svd_denoiser_condition_and_call_stay_on_the_model_device(svd_meta):
-    from vidgen.generate.denoisers import SVDDenoiser
+    from vidgen.models.svd.pipeline import SVDDenoiser
 
     den = SVDDenoiser(svd_meta, 1.0, 3.0)  # guided: the linspace ramp too
     with CudaLikeDevices() as mode:
@@ -146,9 +146,9 @@ def test_svd_denoiser_condition_and_call_stay_on_the_model_device(svd_meta):
 @torch.no_grad()
 @pytest.mark.parametrize("sampler", ["base", "fifo", "autoregressive"])
 def test_svd_samplers_return_latents_on_the_model_device(svd_meta, sampler):
-    from vidgen.generate.denoisers import SVDDenoiser
-    from vidgen.generate.fifo import FifoPlan
-    from vidgen.generate.samplers import autoregressive_sample, base_sample, fifo_sample
+    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.diffusion.samplers import autoregressive_sample, base_sample, fifo_sample
+    from vidgen.models.svd.pipeline import SVDDenoiser
 
     den = SVDDenoiser(svd_meta, 1.0, 3.0)
     sched, shape = svd_meta.scheduler, (1, 4, 4, 8, 8)
@@ -170,9 +170,9 @@ def test_svd_samplers_return_latents_on_the_model_device(svd_meta, sampler):
 @torch.no_grad()
 def test_fifo_accepts_a_base_video_from_another_device(svd_meta):
     """A cached base video (read onto the CPU) still gives a queue on the denoiser's device."""
-    from vidgen.generate.denoisers import SVDDenoiser
-    from vidgen.generate.fifo import FifoPlan
-    from vidgen.generate.samplers import fifo_sample
+    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.diffusion.samplers import fifo_sample
+    from vidgen.models.svd.pipeline import SVDDenoiser
 
     den = SVDDenoiser(svd_meta, 1.0, 1.0)
     with CudaLikeDevices():
@@ -187,8 +187,8 @@ def test_fifo_accepts_a_base_video_from_another_device(svd_meta):
 
 @pytest.fixture(scope="module")
 def hotshot_meta():
-    from vidgen.generate.hotshot import controlnet_from_spatial
-    from vidgen.models import hotshot
+    from vidgen.models.hotshot import model as hotshot
+    from vidgen.models.hotshot.pipeline import controlnet_from_spatial
 
     model = hotshot.tiny(0)
     controlnet = controlnet_from_spatial(model)
@@ -197,7 +197,7 @@ def hotshot_meta():
 
 @torch.no_grad()
 def test_hotshot_denoiser_with_control_frames_stays_on_the_model_device(hotshot_meta):
-    from vidgen.generate.hotshot import HotshotDenoiser
+    from vidgen.models.hotshot.pipeline import HotshotDenoiser
 
     model, controlnet = hotshot_meta
     den = HotshotDenoiser(model, guidance_scale=2.0, controlnet=controlnet)
@@ -213,9 +213,9 @@ def test_hotshot_denoiser_with_control_frames_stays_on_the_model_device(hotshot_
 @torch.no_grad()
 @pytest.mark.parametrize("sampler", ["base", "fifo"])
 def test_hotshot_samplers_return_latents_on_the_model_device(hotshot_meta, sampler):
-    from vidgen.generate.fifo import FifoPlan
-    from vidgen.generate.hotshot import DDIMSigmas, HotshotDenoiser
-    from vidgen.generate.samplers import base_sample, fifo_sample
+    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.diffusion.samplers import base_sample, fifo_sample
+    from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser
 
     model, _ = hotshot_meta
     den = HotshotDenoiser(model, guidance_scale=1.0)
@@ -244,7 +244,9 @@ def _decode_checker(model, seen: list):
 
 @pytest.mark.parametrize("family", ["svd", "hotshot"])
 def test_validation_videos_sample_on_the_model_device(family, svd_meta, hotshot_meta, tmp_path, monkeypatch):
-    from vidgen.generate.validation import validation_videos
+    from vidgen.config import ModelConfig
+    from vidgen.models import registry
+    from vidgen.train.validation import validation_videos
 
     model = svd_meta if family == "svd" else hotshot_meta[0]
     seen: list[torch.device] = []
@@ -253,7 +255,7 @@ def test_validation_videos_sample_on_the_model_device(family, svd_meta, hotshot_
     validation = dict(images=images, out_dir=str(tmp_path), fps=8, motion_bucket_id=127, num_frames=4 if
                       family == "svd" else 2, height=64, width=64)
     with CudaLikeDevices():
-        paths = validation_videos(model, validation, step=3, num_steps=2)
+        paths = validation_videos(registry.spec(ModelConfig(family=family)), model, validation, step=3, num_steps=2)
     assert len(paths) == 1 and seen == [META]
 
 
@@ -261,8 +263,8 @@ def test_validation_videos_sample_on_the_model_device(family, svd_meta, hotshot_
 
 
 def test_training_draws_land_on_the_requested_device():
+    from vidgen.diffusion.objectives import caption_keep_mask, conditioning_dropout_masks, offset_noise, rand_log_normal
     from vidgen.models.vae import LatentVideoModel
-    from vidgen.train.objectives import caption_keep_mask, conditioning_dropout_masks, offset_noise, rand_log_normal
 
     class Latent(LatentVideoModel):
         vae = type("V", (), {"config": type("C", (), {"scaling_factor": 0.18215})})()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from vidgen.generate.fifo import FifoPlan, fifo_iterate, init_queue, slot_levels
-from vidgen.generate.samplers import fifo_sample, sampling_sigmas
-from vidgen.models.svd import SVD_SCHEDULER
+from vidgen.diffusion.fifo import FifoPlan, fifo_iterate, init_queue, slot_levels
+from vidgen.diffusion.samplers import fifo_sample, sampling_sigmas
+from vidgen.models.svd.model import SVD_SCHEDULER
 
 PLANS = [FifoPlan(4, 2, lookahead=True), FifoPlan(4, 2, lookahead=False)]
 ids = ["LD", "noLD"]
@@ -301,7 +301,7 @@ def test_seed_frame_reconditions_once_from_the_first_emitted_frame(plan):
 
 
 def _tiny_unet_inputs(seed=0):
-    from vidgen.models.svd import tiny
+    from vidgen.models.svd.model import tiny
 
     model = tiny(num_frames=4)
     g = _gen(seed)
@@ -313,8 +313,8 @@ def _tiny_unet_inputs(seed=0):
 
 
 def test_qcache_mixes_only_up_block_temporal_queries():
-    from vidgen.generate.denoisers import unet_forward_per_frame
-    from vidgen.generate.qcache import install_qcache
+    from vidgen.models.svd.pipeline import unet_forward_per_frame
+    from vidgen.models.svd.qcache import install_qcache
 
     model, args = _tiny_unet_inputs()
     unet = model.unet
@@ -342,7 +342,7 @@ def test_qcache_mixes_only_up_block_temporal_queries():
 
 
 def test_svd_recondition_weight_mixes_image_condition_only():
-    from vidgen.generate.denoisers import SVDDenoiser
+    from vidgen.models.svd.pipeline import SVDDenoiser
 
     model, _ = _tiny_unet_inputs()
     den = SVDDenoiser(model, 1.0, 1.0)
@@ -364,7 +364,7 @@ def test_svd_recondition_weight_mixes_image_condition_only():
 
 @pytest.mark.parametrize("overlap,num_frames", [(0, 10), (1, 10), (2, 9)])
 def test_autoregressive_clips_condition_on_the_last_frame_and_blend_overlaps(overlap, num_frames):
-    from vidgen.generate.samplers import autoregressive_clips, autoregressive_sample
+    from vidgen.diffusion.samplers import autoregressive_clips, autoregressive_sample
 
     scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER)
     f = 4

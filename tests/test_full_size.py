@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vidgen.config import load_config
-from vidgen.models import svd
+from vidgen.models.svd import model as svd
 
 FULL_SIZE_CONFIGS = svd.full_size_configs
 
@@ -56,11 +56,11 @@ def test_the_full_flavor_builds_in_the_base_dtype_and_is_reproducible_without_vi
 def test_the_full_flavor_trains_a_lora_step_in_bf16(small_full):
     import numpy as np
 
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
     cfg = load_config(None, ["model.flavor=full", "model.num_frames=4", "train.recipe=svd_lora",
                              "train.precision=bf16"])
-    recipe = build_recipe("svd_lora", cfg.model, cfg.train, 0)
+    recipe = build_recipe(cfg.model, cfg.train, 0)
     assert recipe.base_dtype == torch.bfloat16
     assert {p.dtype for p in recipe.trainable_parameters()} == {torch.float32}  # adapters stay fp32
     clip = np.random.default_rng(0).integers(0, 256, (1, 4, 64, 64, 3), dtype=np.uint8)
@@ -74,11 +74,11 @@ def test_the_full_flavor_trains_a_lora_step_in_bf16(small_full):
 def test_a_lora_merged_into_a_bf16_base_keeps_its_update(small_full, tmp_path):
     """merged(x) == base(x) + LoRA(x) in fp32, for a base that trained in bf16."""
     from vidgen.models.lora import ADAPTER
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
     cfg = load_config(None, ["model.flavor=full", "model.num_frames=4", "train.recipe=svd_lora",
                              "train.precision=bf16"])
-    recipe = build_recipe("svd_lora", cfg.model, cfg.train, 0)
+    recipe = build_recipe(cfg.model, cfg.train, 0)
     g = torch.Generator().manual_seed(1)
     state = {}
     for name, p in recipe.unet.named_parameters():
@@ -86,7 +86,7 @@ def test_a_lora_merged_into_a_bf16_base_keeps_its_update(small_full, tmp_path):
             state[name] = torch.randn(p.shape, generator=g) * 1e-3
     recipe.export_merged(state, tmp_path / "merged")
 
-    reference = build_recipe("svd_lora", cfg.model, cfg.train, 0).unet
+    reference = build_recipe(cfg.model, cfg.train, 0).unet
     reference.load_state_dict({k: v for k, v in state.items()}, strict=False)
     merged = svd.load_unet(str(tmp_path / "merged"))
     assert next(merged.parameters()).dtype == torch.float32
@@ -97,7 +97,7 @@ def test_a_lora_merged_into_a_bf16_base_keeps_its_update(small_full, tmp_path):
     with torch.no_grad():
         want = reference.float().eval()(*args, return_dict=False)[0]
         got = merged.eval()(*args, return_dict=False)[0]
-        base = build_recipe("svd_lora", cfg.model, cfg.train, 0).unet.float().eval()(*args, return_dict=False)[0]
+        base = build_recipe(cfg.model, cfg.train, 0).unet.float().eval()(*args, return_dict=False)[0]
     assert (want - base).abs().max() > 1e-4, "the LoRA update must be visible in the output"
     # fp32 reassociation (W + BA)x vs Wx + B(Ax) leaves ~4e-5 here; merged into the bf16 base it was 2.7e-3
     assert (got - want).abs().max() < 2e-4 * want.abs().max()

@@ -152,7 +152,7 @@ def test_generator_writes_a_video_then_skips_it(fifo_generator, tmp_path):
     assert len(os.listdir(cache)) == 1
     import torch
 
-    from vidgen.generate.fifo import FifoPlan
+    from vidgen.diffusion.fifo import FifoPlan
 
     other = {**_batch([row]), "seed": np.array([6])}
     other = {k: v[0].item() for k, v in other.items()}
@@ -280,7 +280,7 @@ def test_generator_applies_a_lora_with_its_scale(tmp_path):
 
     from vidgen.config import LoraConfig
     from vidgen.models.lora import inject_lora, lora_layers, save_lora
-    from vidgen.models.svd import tiny
+    from vidgen.models.svd.model import tiny
 
     unet = tiny(num_frames=WINDOW).unet
     targets = inject_lora(unet, LoraConfig())

@@ -20,7 +20,7 @@ def positive(x) -> bool:
 
 
 def test_gpu_check_tiny_cpu(tmp_path):
-    from vidgen.models import hotshot
+    from vidgen.models.hotshot import model as hotshot
 
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny ops: a second thread only fights the other tests for cores

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from vidgen.config import load_config
-from vidgen.data import latents
 from vidgen.data.synth import make_moving_shapes
 from vidgen.errors import ConfigError
+from vidgen.train import latents
 
 
 class Reserved(Exception):
@@ -48,6 +48,7 @@ def gpu_cluster(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
     monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: FakeDataset())
+    monkeypatch.setattr(ray, "put", lambda value: value)  # no object store: the value itself stands for its ref
 
 
 def test_compute_device_follows_the_reservation(cuda_visible, monkeypatch):
@@ -84,7 +85,7 @@ def test_latent_encoders_use_cpu_unless_a_gpu_is_reserved(tmp_path, clips_dir, c
     cfg = latents_config(tmp_path, clips_dir)
     assert cfg.latents.gpus_per_actor == 0  # the default: no GPU, whatever the cluster has
     recipe, _ = latents.load_encoders(cfg)
-    for module in latents.encoder_modules(recipe):
+    for module in recipe.encoders():
         assert {p.device.type for p in module.parameters()} == {"cpu"}
 
 

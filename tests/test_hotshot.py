@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from vidgen.errors import ModelError
-from vidgen.models import hotshot
-from vidgen.models import hotshot_weights as hw
+from vidgen.models.hotshot import model as hotshot
+from vidgen.models.hotshot import weights as hw
 
 # ---- an independent Hotshot temporal layer, written from the description (Hotshot's parameter names) ----------
 
@@ -177,7 +177,7 @@ def test_full_unet_dir_round_trip_and_spatial_swap(tmp_path):
     saved = load_file(str(tmp_path / "unet" / hw.WEIGHTS_FILE))
     unet2d = hotshot.tiny_unet2d(0)
     assert set(saved) == set(unet2d.state_dict()) | set(state)  # SDXL 2-D names + Hotshot temporal names
-    loaded = hw.load_hotshot_unet_dir(tmp_path / "unet")
+    loaded = hotshot.load_hotshot_unet_dir(tmp_path / "unet")
     a, b = unet.state_dict(), loaded.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     hw.save_hotshot_unet_dir(loaded, tmp_path / "again")
@@ -186,12 +186,12 @@ def test_full_unet_dir_round_trip_and_spatial_swap(tmp_path):
 
     other = hotshot.tiny_unet2d(seed=7)  # any SDXL UNet as the spatial base (Hotshot's --spatial_unet_base)
     other.save_pretrained(tmp_path / "sdxl_unet")
-    swapped = hw.load_hotshot_unet_dir(tmp_path / "unet", spatial_unet_base=tmp_path / "sdxl_unet")
+    swapped = hotshot.load_hotshot_unet_dir(tmp_path / "unet", spatial_unet_base=tmp_path / "sdxl_unet")
     s = swapped.state_dict()
     assert all(torch.equal(s[k], v) for k, v in other.state_dict().items())
     assert all(torch.equal(s[k], a[k]) for k in a if ".motion_modules." in k)
     hw.write_temporal_file(unet, tmp_path / "t.safetensors")
-    swapped2 = hw.load_hotshot_unet_dir(None, spatial_unet_base=tmp_path / "sdxl_unet",
+    swapped2 = hotshot.load_hotshot_unet_dir(None, spatial_unet_base=tmp_path / "sdxl_unet",
                                         temporal_layers=tmp_path / "t.safetensors")
     assert all(torch.equal(swapped2.state_dict()[k], v) for k, v in s.items())
     saved.pop("conv_in.bias")
@@ -199,7 +199,7 @@ def test_full_unet_dir_round_trip_and_spatial_swap(tmp_path):
 
     save_file(saved, str(tmp_path / "unet" / hw.WEIGHTS_FILE))
     with pytest.raises(ModelError, match="missing keys conv_in.bias"):
-        hw.load_hotshot_unet_dir(tmp_path / "unet")
+        hotshot.load_hotshot_unet_dir(tmp_path / "unet")
 
 
 def _inputs(b=2, f=3, seed=0):
@@ -247,7 +247,7 @@ def test_clip_group_norm_is_group_norm_over_the_clip():
 
 
 def test_snr_and_min_snr_weights_by_hand():
-    from vidgen.train.objectives import compute_snr, min_snr_weight
+    from vidgen.diffusion.objectives import compute_snr, min_snr_weight
 
     snr = compute_snr(torch.tensor([0.8, 0.5, 0.2]), torch.tensor([0, 1, 2]))
     assert snr.tolist() == pytest.approx([4.0, 1.0, 0.25])
@@ -260,7 +260,7 @@ def test_snr_and_min_snr_weights_by_hand():
 def test_forward_process_targets_and_weighted_loss_by_hand():
     from diffusers import DDPMScheduler
 
-    from vidgen.train.objectives import ddpm_noisy, ddpm_target, weighted_mse
+    from vidgen.diffusion.objectives import ddpm_noisy, ddpm_target, weighted_mse
 
     ac, t = torch.tensor([0.64]), torch.tensor([0])
     x0, n = torch.ones(1, 2, 1, 1, 1), torch.full((1, 2, 1, 1, 1), 2.0)
@@ -277,7 +277,7 @@ def test_forward_process_targets_and_weighted_loss_by_hand():
 
 
 def test_noise_offset_is_one_draw_per_video_and_channel():
-    from vidgen.train.objectives import offset_noise
+    from vidgen.diffusion.objectives import offset_noise
 
     shape = (3, 4, 2, 5, 5)  # B F C h w
     plain = offset_noise(shape, 0.0, torch.Generator().manual_seed(1))
@@ -295,11 +295,11 @@ def test_noise_offset_is_one_draw_per_video_and_channel():
 
 def _recipe(*overrides):
     from vidgen.config import load_config
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
     cfg = load_config(None, ["model.family=hotshot", "model.num_frames=3", "train.recipe=hotshot_temporal",
                              *overrides])
-    return build_recipe("hotshot_temporal", cfg.model, cfg.train, 0)
+    return build_recipe(cfg.model, cfg.train, 0)
 
 
 def test_a_training_step_changes_only_temporal_parameters():
@@ -350,8 +350,8 @@ def tiny_model():
 def test_euler_over_ddim_sigmas_is_diffusers_ddim(tiny_model):
     from diffusers import DDIMScheduler
 
-    from vidgen.generate.hotshot import DDIMSigmas, HotshotDenoiser
-    from vidgen.generate.samplers import base_sample
+    from vidgen.diffusion.samplers import base_sample
+    from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser
 
     m = tiny_model
     den = HotshotDenoiser(m, guidance_scale=3.0)
@@ -374,7 +374,7 @@ def test_euler_over_ddim_sigmas_is_diffusers_ddim(tiny_model):
 
 def test_text_to_video_frames_image_mode_and_sizes(tiny_model):
     from vidgen.errors import ConfigError
-    from vidgen.generate.hotshot import text_to_video
+    from vidgen.models.hotshot.pipeline import text_to_video
 
     video = text_to_video(tiny_model, ["a car"], num_frames=3, height=64, width=64, num_steps=2, guidance_scale=2.0,
                           allow_any_size=True)
@@ -391,7 +391,7 @@ def test_text_to_video_frames_image_mode_and_sizes(tiny_model):
 def test_sdxl_lora_lands_on_the_spatial_layers(tiny_model):
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from vidgen.generate.hotshot import load_sdxl_lora
+    from vidgen.models.hotshot.pipeline import load_sdxl_lora
 
     unet2d = hotshot.tiny_unet2d(0)
     unet2d.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -418,7 +418,12 @@ def test_sdxl_lora_lands_on_the_spatial_layers(tiny_model):
 
 
 def test_controlnet_per_frame_and_control_frames(tiny_model):
-    from vidgen.generate.hotshot import HotshotDenoiser, control_frames_from, controlnet_from_spatial, text_to_video
+    from vidgen.models.hotshot.pipeline import (
+        HotshotDenoiser,
+        control_frames_from,
+        controlnet_from_spatial,
+        text_to_video,
+    )
 
     controlnet = controlnet_from_spatial(tiny_model)
     torch.manual_seed(1)
@@ -447,9 +452,9 @@ def test_controlnet_per_frame_and_control_frames(tiny_model):
 
 @torch.no_grad()
 def test_fifo_runs_on_the_hotshot_denoiser(tiny_model):
-    from vidgen.generate.fifo import FifoPlan
-    from vidgen.generate.hotshot import DDIMSigmas, HotshotDenoiser
-    from vidgen.generate.samplers import fifo_sample
+    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.diffusion.samplers import fifo_sample
+    from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser
 
     den = HotshotDenoiser(tiny_model)
     cond = den.condition(["a car"], 64, 64)

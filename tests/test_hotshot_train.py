@@ -29,8 +29,8 @@ def test_trains_and_exports_hotshot_weights(ray_session, tmp_path):
     from safetensors.torch import load_file
 
     from vidgen.data.video import read_video
-    from vidgen.models import hotshot
-    from vidgen.models import hotshot_weights as hw
+    from vidgen.models.hotshot import model as hotshot
+    from vidgen.models.hotshot import weights as hw
 
     cfg = load_config(None, [f"run.workdir={tmp_path}", f"run.name=hs-{uuid.uuid4().hex[:8]}",
                              "model.family=hotshot", "model.num_frames=3", "train.recipe=hotshot_temporal",
@@ -49,7 +49,7 @@ def test_trains_and_exports_hotshot_weights(ray_session, tmp_path):
     assert read_video(videos[0])[0].shape == (3, 32, 32, 3)
 
     # the export is a Hotshot-XL unet/ directory plus the temporal-layer file; only temporal weights moved
-    trained = hw.load_hotshot_unet_dir(result.export_dir)
+    trained = hotshot.load_hotshot_unet_dir(result.export_dir)
     base = hotshot.tiny_unet(0)
     t, b = trained.state_dict(), base.state_dict()
     moved = {k for k in b if not torch.equal(t[k], b[k])}

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from vidgen.config import load_config
-from vidgen.data import latents
 from vidgen.data.pipeline import read_clips_local
 from vidgen.data.synth import make_moving_shapes
 from vidgen.errors import ConfigError, DataError
-from vidgen.train.recipes import build_recipe
+from vidgen.models.registry import build_recipe
+from vidgen.train import latents
 
 FAMILY = {"svd": ["train.recipe=svd_full"],
           "hotshot": ["model.family=hotshot", "train.recipe=hotshot_temporal", "train.ddpm.caption_dropout=0.5"]}
@@ -67,7 +67,7 @@ def test_cache_is_bit_exact_and_gives_the_same_loss(tmp_path, clips_dir, family)
     clips = on_the_fly(cfg)
     assert [r["clip_id"] for r in cached] == [c["clip_id"] for c in clips]
 
-    recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
+    recipe = build_recipe(cfg.model, cfg.train, cfg.run.seed)
     keys = type(recipe).ENCODED
     unet = recipe.unet
     unet_fn = lambda *a, **k: unet(*a, return_dict=False, **k)[0]  # noqa: E731
@@ -102,7 +102,7 @@ def test_killed_prepare_resumes_without_redoing_finished_shards(tmp_path, clips_
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(cfg.to_yaml())
     out = Path(latents.cache_uri(cfg))
-    env = {**os.environ, latents.FAULT_ENV: "1"}  # dies in the middle of its second shard
+    env = {**os.environ, "VIDGEN_FAULT_LATENTS": "1"}  # dies in the middle of its second shard (vidgen/faults.py)
     proc = subprocess.run([sys.executable, "-m", "vidgen.cli", "prepare", "latents", "--config", str(cfg_file),
                            "--local"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]

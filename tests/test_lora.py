@@ -13,7 +13,8 @@ import torch
 
 from vidgen.config import load_config
 from vidgen.errors import ConfigError, ModelError
-from vidgen.models import lora, svd
+from vidgen.models import lora
+from vidgen.models.svd import model as svd
 from vidgen.train import loop
 
 LORA_CFG = load_config(None, []).train.lora  # rank 4, alpha = rank, to_q/to_k/to_v/to_out.0

@@ -23,12 +23,10 @@ from vidgen import storage
 from vidgen.config import load_config
 from vidgen.data.video import write_video
 from vidgen.errors import JobError
+from vidgen.eval.compare import Night, compare, last_good
 from vidgen.eval.nightly import (
     Measured,
-    Night,
-    compare,
     exit_status,
-    last_good,
     past_nights,
     result_metrics,
     run_nightly,

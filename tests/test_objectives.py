@@ -12,15 +12,15 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from vidgen.generate.samplers import initial_noise_scale, sampling_sigmas
-from vidgen.models.svd import SVD_SCHEDULER
-from vidgen.train.objectives import (
+from vidgen.diffusion.objectives import (
     conditioning_dropout_masks,
     edm_denoised,
     edm_loss,
     edm_scalings,
     rand_log_normal,
 )
+from vidgen.diffusion.samplers import initial_noise_scale, sampling_sigmas
+from vidgen.models.svd.model import SVD_SCHEDULER
 
 SIGMAS = [0.002, 0.05, 0.5, 1.0, 2.0, 14.6, 80.0, 700.0]
 

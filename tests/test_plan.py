@@ -23,8 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from vidgen import cli, plan
 from vidgen.config import load_config
 from vidgen.errors import ConfigError
-from vidgen.models import hotshot, lora, svd
-from vidgen.train.recipes import build_recipe
+from vidgen.models import lora
+from vidgen.models.hotshot import model as hotshot
+from vidgen.models.registry import build_recipe
+from vidgen.models.svd import model as svd
 
 SVD_UNET_PARAMS = 1_524_623_082  # stabilityai/stable-video-diffusion-img2vid(-xt) UNet (~1.5B)
 # stabilityai/stable-diffusion-xl-base-1.0, the parameter counts of its checkpoint's parts (unet/, vae/,
@@ -61,7 +63,7 @@ def counts(module: torch.nn.Module) -> tuple[int, int]:
 def test_parameter_counts_equal_the_instantiated_model(overrides):
     cfg = tiny_cfg(*overrides)
     p = tiny_plan(*overrides)
-    real = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
+    real = build_recipe(cfg.model, cfg.train, cfg.run.seed)
     for name, module in (("unet", real.unet), ("vae", real.model.vae), ("image_encoder", real.model.image_encoder)):
         assert (p["parameters"][name]["total"], p["parameters"][name]["trainable"]) == counts(module), name
     assert p["parameters"]["trainable"] == sum(q.numel() for q in real.trainable_parameters())
@@ -77,7 +79,7 @@ def measured_step_peak(cfg) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     t = cfg.train
-    recipe = build_recipe(t.recipe, cfg.model, t, 0)
+    recipe = build_recipe(cfg.model, t, 0)
     if t.activation_checkpointing:
         recipe.unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(recipe.trainable_parameters(), lr=1e-5)
@@ -249,8 +251,8 @@ def test_feed_plan_cores_and_cache_size_against_a_real_cache(tmp_path):
     import numpy as np
 
     from vidgen import feed
-    from vidgen.data import latents
     from vidgen.data.synth import make_moving_shapes
+    from vidgen.train import latents
 
     make_moving_shapes(str(tmp_path / "clips"), 3, 6, 48, 64)
     cfg = tiny_cfg(f"run.workdir={tmp_path}", f"data.source={tmp_path / 'clips'}", "data.height=32",
@@ -286,7 +288,7 @@ def test_feed_plan_cores_and_cache_size_against_a_real_cache(tmp_path):
 def test_hotshot_full_size_parameter_counts_match_the_published_ones():
     from diffusers import UNet2DConditionModel
 
-    from vidgen.models.hotshot_weights import temporal_state_dict
+    from vidgen.models.hotshot.weights import temporal_state_dict
 
     configs = hotshot.full_size_configs()
     with torch.device("meta"):
@@ -396,7 +398,7 @@ def test_host_section_of_a_cpu_config_sums_to_its_total(overrides):
 def test_host_memory_of_svd_lora_in_bf16_keeps_the_frozen_base_fp32_on_cpu():
     p = tiny_plan("train.recipe=svd_lora", "train.precision=bf16")
     cfg = tiny_cfg("train.recipe=svd_lora", "train.precision=bf16")
-    real = build_recipe(cfg.train.recipe, cfg.model, cfg.train, 0).to(torch.device("cpu"))
+    real = build_recipe(cfg.model, cfg.train, 0).to(torch.device("cpu"))
     assert {q.dtype for q in real.unet.parameters()} == {torch.float32}  # what the CPU worker holds
     unet = p["parameters"]["unet"]
     lora_params = p["parameters"]["trainable"]
@@ -662,7 +664,7 @@ def test_full_size_svd_lora_host_memory_matches_measured_zero2_and_zero3_runs():
     peak RSS per worker 5.27-5.30 GiB with ZeRO-2; 7.28-7.71 GiB with ZeRO-3 (each worker ran one step after
     DeepSpeed's trace)."""
     common = ["model.flavor=full", "train.num_workers=2", "train.precision=bf16", "train.activation_checkpointing=true",
-              "model.num_frames=4", "data.num_frames=4", "data.height=64", "data.width=64", "train.recipe=svd_lora"]
+              "model.num_frames=4", "data.height=64", "data.width=64", "train.recipe=svd_lora"]
     for stage, measured in ((2, (5.27, 5.30)), (3, (7.28, 7.71))):
         host = plan.plan(load_config(None, [*common, f"train.zero_stage={stage}"]))["host"]
         planned = host["per_worker_bytes"] / 2**30
@@ -679,7 +681,7 @@ def test_full_size_temporal_runs_host_memory_matches_measured_one_worker_runs(ru
     """benchmarks/full_size.py, one worker (two do not fit in 24 GiB by the plan), bf16 bases, checkpointing,
     4x64x64: peak RSS of the worker's process tree, in the forward/backward after the first optimizer step."""
     cfg = load_config(None, ["model.flavor=full", "train.num_workers=1", "train.zero_stage=3", "train.precision=bf16",
-                             "train.activation_checkpointing=true", "model.num_frames=4", "data.num_frames=4",
+                             "train.activation_checkpointing=true", "model.num_frames=4",
                              "data.height=64", "data.width=64", *overrides])
     host = plan.plan(cfg)["host"]
     planned = host["per_worker_bytes"] / 2**30

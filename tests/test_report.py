@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from vidgen.data.video import write_video
-from vidgen.eval.nightly import Night, compare
+from vidgen.eval.compare import Night, compare
 from vidgen.eval.report import metric_rows, render_html, trend_plot, write_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from vidgen import storage
+from vidgen.diffusion.samplers import base_sample
 from vidgen.errors import ModelError
-from vidgen.generate.denoisers import SVDCondition, SVDDenoiser, unet_forward_per_frame
-from vidgen.generate.samplers import base_sample
-from vidgen.models import svd
+from vidgen.models.svd import model as svd
+from vidgen.models.svd.pipeline import SVDCondition, SVDDenoiser, unet_forward_per_frame
 
 F = 4  # frame window of the tiny models here
 

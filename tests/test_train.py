@@ -25,10 +25,10 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 
 
 def test_temporal_recipe_trains_only_temporal_blocks():
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
     cfg = load_config(None, ["model.num_frames=4", "train.trainable=temporal"])
-    recipe = build_recipe("svd_full", cfg.model, cfg.train, seed=0)
+    recipe = build_recipe(cfg.model, cfg.train, seed=0)
     names = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
     assert names and all("temporal_transformer_block" in n for n in names)
     assert not any(p.requires_grad for p in recipe.model.vae.parameters())
@@ -37,10 +37,10 @@ def test_temporal_recipe_trains_only_temporal_blocks():
 
 
 def test_loss_is_deterministic_and_reacts_to_the_data():
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
     cfg = load_config(None, ["model.num_frames=4"])
-    recipe = build_recipe("svd_full", cfg.model, cfg.train, seed=0)
+    recipe = build_recipe(cfg.model, cfg.train, seed=0)
     unet = recipe.unet
 
     def unet_fn(x, t, ehs, ids):

@@ -60,8 +60,21 @@ def test_config_hash_ignores_bookkeeping_only():
     a = load_config(None, []).to_dict()
     b = load_config(None, ["train.max_steps=999", "train.checkpoint_every=3", "train.num_workers=8"]).to_dict()
     c = load_config(None, ["train.lr=0.5"]).to_dict()
-    assert loop.config_hash(a["model"], a["train"]) == loop.config_hash(b["model"], b["train"])
-    assert loop.config_hash(a["model"], a["train"]) != loop.config_hash(c["model"], c["train"])
+    sections = ("edm",)  # svd_full's
+    assert loop.config_hash(a["model"], a["train"], sections) == loop.config_hash(b["model"], b["train"], sections)
+    assert loop.config_hash(a["model"], a["train"], sections) != loop.config_hash(c["model"], c["train"], sections)
+
+
+def test_config_hash_keeps_only_the_sections_the_recipe_reads():
+    a = load_config(None, []).to_dict()
+    other = load_config(None, ["train.ddpm.noise_offset=0.1", "train.lora.rank=8"]).to_dict()
+    own = load_config(None, ["train.edm.p_mean=0.5"]).to_dict()
+    lora = load_config(None, ["train.lora.export_merged=true"]).to_dict()
+    h = loop.config_hash
+    assert h(a["model"], a["train"], ("edm",)) == h(other["model"], other["train"], ("edm",))
+    assert h(a["model"], a["train"], ("edm",)) != h(own["model"], own["train"], ("edm",))
+    assert h(a["model"], a["train"], ("edm", "lora")) != h(other["model"], other["train"], ("edm", "lora"))
+    assert h(a["model"], a["train"], ("edm", "lora")) == h(lora["model"], lora["train"], ("edm", "lora"))
 
 
 def test_bad_training_configs_fail_before_any_worker(tmp_path):
@@ -71,8 +84,13 @@ def test_bad_training_configs_fail_before_any_worker(tmp_path):
         config(tmp_path, "train.offload_params=true")
     with pytest.raises(ConfigError, match="train.ema: not supported with train.zero_stage=3"):
         config(tmp_path, "train.ema=true", "train.zero_stage=3")
-    with pytest.raises(ConfigError, match="train.recipe=lora: expected one of svd_full"):
-        config(tmp_path, "train.recipe=lora")
+    with pytest.raises(ConfigError, match="train.recipe=lora: model.family=svd trains svd_full, svd_lora$"):
+        check(config(tmp_path, "train.recipe=lora"))
+    with pytest.raises(ConfigError, match=r"train.recipe=hotshot_temporal: .* \(train.recipe=hotshot_temporal trains "
+                       r"model.family=hotshot\)"):
+        check(config(tmp_path, "train.recipe=hotshot_temporal"))
+    with pytest.raises(ConfigError, match="model.family=wan: expected one of hotshot, svd"):
+        check(config(tmp_path, "model.family=wan"))
     bad = tmp_path / "ds.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"train.deepspeed_config=.*ds.json: not JSON \(line 1"):
@@ -80,14 +98,14 @@ def test_bad_training_configs_fail_before_any_worker(tmp_path):
 
 
 def test_trainable_patterns(tmp_path):
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
     cfg = config(tmp_path, "train.trainable=patterns", "train.trainable_patterns=[conv_in, time_embedding]")
-    recipe = build_recipe("svd_full", cfg.model, cfg.train, 0)
+    recipe = build_recipe(cfg.model, cfg.train, 0)
     names = {n for n, p in recipe.unet.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("conv_in", "time_embedding")) for n in names)
     with pytest.raises(ConfigError, match="no UNet parameter name contains"):
-        build_recipe("svd_full", cfg.model, cfg.train.model_copy(update={"trainable_patterns": ["nope"]}), 0)
+        build_recipe(cfg.model, cfg.train.model_copy(update={"trainable_patterns": ["nope"]}), 0)
 
 
 # ---- on the real stack -------------------------------------------------------------------------
@@ -95,9 +113,9 @@ def test_trainable_patterns(tmp_path):
 
 def plain_steps(cfg, clip: np.ndarray, steps: int) -> tuple[list[float], dict]:
     """The same training without Ray or DeepSpeed: both ranks' micro-batches in one process."""
-    from vidgen.train.recipes import build_recipe
+    from vidgen.models.registry import build_recipe
 
-    recipe = build_recipe("svd_full", cfg.model, cfg.train, cfg.run.seed)
+    recipe = build_recipe(cfg.model, cfg.train, cfg.run.seed)
     unet = recipe.unet
     params = recipe.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, eps=1e-8)
@@ -139,7 +157,7 @@ def one_step_runs(ray_session, tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.parametrize("stage", [2, 3])
 def test_one_step_under_zero_equals_a_plain_pytorch_step(one_step_runs, stage):
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
 
     cfg, result, clip, export = one_step_runs(stage)
     losses, plain = plain_steps(cfg, clip, 1)
@@ -168,7 +186,7 @@ def test_changed_config_refuses_to_resume(one_step_runs):
 @pytest.mark.ray
 def test_validation_ema_accumulation_and_schedule(ray_session, tmp_path):
     from vidgen.data.video import read_video
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
 
     ds, clip = constant_clips()
     cfg = config(tmp_path, "train.zero_stage=2", "train.max_steps=4", "train.checkpoint_every=2",
@@ -197,7 +215,7 @@ def test_exported_unet_generates_in_the_diffusers_pipeline(one_step_runs):
     from diffusers import StableVideoDiffusionPipeline
     from PIL import Image
 
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
 
     _, _, clip, export = one_step_runs(2)
     m = svd.tiny(num_frames=4, cfg=svd.TinySVDConfig(clip_image_size=224, clip_patch_size=32))
@@ -212,9 +230,9 @@ def test_exported_unet_generates_in_the_diffusers_pipeline(one_step_runs):
 def test_fault_env_is_forwarded_to_workers(monkeypatch):
     from vidgen.train.launch import worker_runtime_env
 
-    assert os.environ.get(loop.FAULT_ENV) is None
-    monkeypatch.setenv(loop.FAULT_ENV, "0:1:/shared/marker")
-    assert worker_runtime_env(False)[loop.FAULT_ENV] == "0:1:/shared/marker"
+    assert os.environ.get("VIDGEN_FAULT_TRAIN") is None
+    monkeypatch.setenv("VIDGEN_FAULT_TRAIN", "0:1@/shared/marker")
+    assert worker_runtime_env(False)["VIDGEN_FAULT_TRAIN"] == "0:1@/shared/marker"
 
 
 def test_missing_data_fails_before_any_worker(tmp_path):

@@ -299,8 +299,8 @@ def _prepare(args) -> None:
         print(f"{manifest.get('clips')} clips in {len(manifest.get('shards', []))} shards under {args.out}")
     elif args.prepare_command == "latents":
         from vidgen.config import load_config
-        from vidgen.data.latents import cache_uri, prepare_latents
         from vidgen.ray_env import init_ray
+        from vidgen.train.latents import cache_uri, prepare_latents
 
         cfg = load_config(args.config, args.overrides)
         if not args.local:
@@ -316,7 +316,7 @@ def _prepare(args) -> None:
         print(f"\n{m['clips']} clips in {len(m['shards'])} shards under {cache_uri(cfg)}: {m['written']} written, "
               f"{m['existing']} already there, {m['report']['skipped']} samples skipped, {m['seconds']} s")
     elif args.prepare_command == "opv2v":
-        from vidgen.data.opv2v import prepare_opv2v
+        from vidgen.data.opv2v_prepare import prepare_opv2v
 
         kw = {"prompt_template": args.prompt_template} if args.prompt_template else {}
         result = prepare_opv2v(args.root, args.out, camera=args.camera, min_seconds=args.min_seconds,

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidgen.errors import ConfigError
+from vidgen.sizes import parse_buckets
 
 
 class Section(BaseModel):
@@ -69,7 +70,6 @@ Layout = Literal["auto", "hotshot", "frames", "videos", "opv2v", "sthv2", "shard
 class DataConfig(Section):
     source: str = Field("", description="Dataset root: local path, file://, s3://, gs:// or any fsspec URI.")
     layout: Layout = Field("auto", description="How samples are laid out under `source`.")
-    num_frames: int = Field(8, ge=1, description="Frames per clip.")
     height: int = Field(64, ge=8, description="Clip height in pixels after resize and crop.")
     width: int = Field(64, ge=8, description="Clip width in pixels after resize and crop.")
     fps: float | None = Field(
@@ -117,18 +117,31 @@ class DataConfig(Section):
             raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
         return v
 
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_sizes(cls, v: str | None) -> str | None:
+        """Refuse a spec `parse_buckets` would refuse later, naming the expected forms; the string is kept."""
+        try:
+            parse_buckets(v)
+        except ConfigError as e:  # its message starts with "data.buckets: "; load_config names the key itself
+            raise ValueError(str(e).removeprefix("data.buckets: ")) from None
+        return v
+
     def largest_size(self) -> tuple[int, int]:
         """(height, width) of the biggest clip: height x width, or with buckets the largest bucket by area.
         What `vidgen plan` sizes memory, FLOPs and the latent cache by, and what validation samples at."""
-        from vidgen.data.buckets import parse_buckets
-
         sizes = parse_buckets(self.buckets)
         return max(sizes, key=lambda hw: (hw[0] * hw[1], hw[1])) if sizes else (self.height, self.width)
 
 
 class ModelConfig(Section):
-    family: Literal["svd", "hotshot"] = Field(
-        "svd", description="Model family: svd (Stable Video Diffusion) or hotshot (SDXL + Hotshot-XL temporal layers)."
+    family: str = Field(
+        "svd", description="Model family (vidgen.models.registry): svd (Stable Video Diffusion) or hotshot (SDXL + "
+        "Hotshot-XL temporal layers), or one that model.family_module registers."
+    )
+    family_module: str | None = Field(
+        None, description="An importable module defining model families of your own (it calls "
+        "vidgen.models.registry.register on import); it must be on the Python path of the driver and every Ray node."
     )
     flavor: Literal["tiny", "full", "pretrained"] = Field(
         "tiny", description="tiny: random init from a small config (tests, demo); full: the published architecture "
@@ -142,7 +155,9 @@ class ModelConfig(Section):
     cache_dir: str = Field(
         "~/.cache/vidgen/models", description="Where remote model directories are copied once, keyed by URI."
     )
-    num_frames: int = Field(8, ge=2, description="The model's frame window (frames per UNet call).")
+    num_frames: int = Field(
+        8, ge=2, description="The model's frame window: frames per UNet call, and per training clip."
+    )
     # Hotshot-XL (family=hotshot)
     temporal_layers: str | None = Field(
         None, description="hotshot: a Hotshot-XL temporal-layer file (hsxl_temporal_layers.safetensors, Hotshot key "
@@ -227,14 +242,32 @@ class DDPMConfig(Section):
     default_prompt: str = Field("", description="Caption of clips whose rows carry no `prompt`.")
 
 
+class EDMConfig(Section):
+    """EDM objective of recipes svd_full and svd_lora (SVD Xtend's constants): sigma ~ LogNormal(p_mean, p_std)."""
+
+    p_mean: float = Field(0.7, description="Mean of log sigma for training noise.")
+    p_std: float = Field(1.6, gt=0, description="Std of log sigma for training noise.")
+    cond_aug_mean: float = Field(-3.0, description="Mean of log sigma of the conditioning-frame noise.")
+    cond_aug_std: float = Field(0.5, gt=0, description="Std of log sigma of the conditioning-frame noise.")
+    conditioning_dropout: float = Field(
+        0.1, ge=0, le=1 / 3, description="p of the InstructPix2Pix-style dropout of image and frame conditions."
+    )
+    motion_bucket_id: int = Field(
+        127, ge=0, le=255, description="SVD motion bucket conditioning (a clip's own `motion_bucket_id` wins)."
+    )
+
+
 class TrainConfig(Section):
-    recipe: Literal["svd_full", "svd_lora", "hotshot_temporal"] = Field(
-        "svd_full", description="What trains and with which objective: svd_full (all or part of the UNet) or "
-        "svd_lora (LoRA adapters from train.lora on a frozen UNet)."
+    recipe: str = Field(
+        "svd_full", description="What trains and with which objective, one of model.family's recipes: svd_full (all "
+        "or part of the SVD UNet), svd_lora (LoRA adapters from train.lora on a frozen SVD UNet), hotshot_temporal "
+        "(Hotshot-XL's temporal layers on a frozen SDXL)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (recipe svd_lora).")
     ddpm: DDPMConfig = Field(default_factory=lambda: DDPMConfig(),
                              description="DDPM objective settings (recipe hotshot_temporal).")
+    edm: EDMConfig = Field(default_factory=lambda: EDMConfig(),
+                           description="EDM objective settings (recipes svd_full, svd_lora).")
     trainable: Literal["all", "temporal", "patterns"] = Field(
         "all",
         description="all: every UNet parameter; temporal: temporal transformer blocks only (SVD Xtend); "
@@ -291,18 +324,6 @@ class TrainConfig(Section):
     )
     validation_count: int = Field(2, ge=1, description="Validation videos when validation_images is empty.")
     validation_steps: int = Field(8, ge=1, description="Sampler steps of a validation video.")
-    # EDM objective of SVD (SVD Xtend's constants): sigma ~ LogNormal(p_mean, p_std).
-    p_mean: float = Field(0.7, description="Mean of log sigma for training noise.")
-    p_std: float = Field(1.6, gt=0, description="Std of log sigma for training noise.")
-    cond_aug_mean: float = Field(-3.0, description="Mean of log sigma of the conditioning-frame noise.")
-    cond_aug_std: float = Field(0.5, gt=0, description="Std of log sigma of the conditioning-frame noise.")
-    conditioning_dropout: float = Field(
-        0.1, ge=0, le=1 / 3, description="p of the InstructPix2Pix-style dropout of image and frame conditions."
-    )
-    motion_bucket_id: int = Field(
-        127, ge=0, le=255, description="SVD motion bucket conditioning (a clip's own `motion_bucket_id` wins)."
-    )
-
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.trainable == "patterns" and not self.trainable_patterns:

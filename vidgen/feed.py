@@ -22,23 +22,17 @@ import numpy as np
 
 from vidgen.config import VidgenConfig
 from vidgen.errors import ConfigError, VidgenError
+from vidgen.models import registry
 
 MAX_WAIT = 0.02
-CLIP_EMBED, SDXL_TOKENS, SDXL_WIDTH, SDXL_POOLED = 1024, 77, 2048, 1280  # real SVD / SDXL encoder widths
-LATENT_CHANNELS = 4
 
 
-def cache_bytes_per_clip(cfg: VidgenConfig, clip_embed: int = CLIP_EMBED,
-                         text: tuple[int, int, int] = (SDXL_TOKENS, SDXL_WIDTH, SDXL_POOLED)) -> int:
-    """Tensor bytes of one clip in a latent cache (vidgen.data.latents' layout) at the largest clip size (with
-    buckets, an upper bound); encoder widths of the real models unless given."""
+def cache_bytes_per_clip(cfg: VidgenConfig, **widths) -> int:
+    """Tensor bytes of one clip in a latent cache (vidgen.train.latents' layout) at the largest clip size (with
+    buckets, an upper bound), by the family's planner; encoder widths of the real models unless given in `widths`
+    (e.g. clip_embed for SVD, text for Hotshot-XL)."""
     f, (h, w) = cfg.model.num_frames, cfg.data.largest_size()
-    lat = LATENT_CHANNELS * (h // 8) * (w // 8)
-    params = f * 2 * lat * 4  # posterior mean + logvar, fp32
-    if cfg.model.family == "hotshot":
-        tokens, width, pooled = text
-        return params + (tokens * width + pooled) * 4
-    return params + clip_embed * 4 + h * w * 3 + lat * 4  # + CLIP embedding, first frame, clean cond latent
+    return registry.spec(cfg.model).planner.cache_bytes_per_clip(f, h, w, **widths)
 
 
 def probe_decode(cfg: VidgenConfig, clips: int = 4) -> tuple[float, str]:

@@ -2,8 +2,8 @@
 
 Shapes: B batch per GPU, F frames, C channels, H/W pixels, h/w latents (H/8, W/8).
 
-Nothing is allocated and no weight is read. The recipe of the config builds its models with its family's `build`
-(`svd.build`, `hotshot.build`) swapped for a meta-device builder (config.json files under a local model.path,
+Nothing is allocated and no weight is read. The recipe of the config builds its models with its family's meta-device
+builder (the family's planner hooks, `vidgen.models.base.Planner`: config.json files under a local model.path,
 else the family's `full_size_configs`), so the trainable set is the recipe's own (train.trainable, the LoRA that
 `inject_lora` adds, Hotshot's temporal layers). Then one training micro-step runs on meta tensors at the
 config's B, F, H, W and dtypes, with the frozen encoders (VAE + CLIP image, or VAE + the SDXL text encoders)
@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_leaves
 
 from vidgen.config import VidgenConfig
 from vidgen.errors import ConfigError
+from vidgen.models import registry
 
 GIB = 1024**3
 
@@ -80,115 +81,17 @@ METHOD = ("activations: storage bytes alive during one meta-device step (weakref
 # -- meta-device models ---------------------------------------------------------------------------
 
 
-def _read_configs(path: str | None, parts: tuple[str, ...] = ("unet", "vae", "image_encoder"),
-                  ) -> tuple[dict[str, dict] | None, str]:
-    """Config dicts from a local diffusers directory (`part/config.json`; part "" is the directory's own), or
-    None (remote URIs are not read: no network)."""
-    if not path or ("://" in path and not path.startswith("file://")):
-        return None, "remote model.path not read"
-    root = Path(path.removeprefix("file://")).expanduser()
-    found = {}
-    for part in parts:
-        f = root / part / "config.json"
-        if f.is_file():
-            try:
-                found[part] = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{f}: not a readable JSON config ({e})") from None
-    return (found, f"config.json files under {root}") if found else (None, f"no config.json under {root}")
-
-
-def _configs_source(flavor: str, path: str | None, parts: tuple[str, ...], built_in: str):
-    """(config dicts read under a local model.path or None, what the model's shapes come from)."""
-    if flavor == "full":
-        return None, f"{built_in} (model.flavor=full: random init)"
-    read, source = _read_configs(path, parts)
-    return read, source if read is not None else f"{built_in} ({source})"
-
-
-def meta_builder(num_frames: int):
-    """A stand-in for `svd.build` that returns the model on the meta device, weights never read, in the dtype the
-    real build gives it (fp32; flavor=full builds in `dtype`, the frozen base's training dtype)."""
-    from vidgen.models import svd
-
-    def build(flavor: str, *, path: str | None = None, seed: int = 0, num_frames: int = num_frames,
-              dtype: torch.dtype = torch.float32, **_):
-        if flavor == "tiny":  # tiny is small: build it for real (its scheduler needs real tensors), then drop data
-            model = svd.tiny(seed=seed, num_frames=num_frames)
-            for m in (model.unet, model.vae, model.image_encoder):
-                m.to("meta")
-            build.source = "tiny flavor"
-            return model
-        configs = svd.full_size_configs(num_frames)
-        read, build.source = _configs_source(flavor, path, ("unet", "vae", "image_encoder"),
-                                             f"built-in SVD{'-XT' if num_frames == 25 else ''} full-size configs")
-        for part, cfg in (read or {}).items():
-            configs[part] = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        with torch.device("meta"):
-            model = svd.from_configs(configs)
-        for m in (model.unet, model.vae, model.image_encoder):
-            # a few parameters (AlphaBlender.mix_factor) use torch.Tensor(), which ignores the device
-            m.to(device="meta", dtype=dtype if flavor == "full" else None)
-        return model
-
-    build.source = ""
-    return build
-
-
-def hotshot_meta_builder():
-    """A stand-in for `hotshot.build` on the meta device: config.json files under a local model.path (a Hotshot-XL
-    or SDXL directory; model.spatial_unet_base's for the UNet), else `hotshot.full_size_configs()`; in the dtype
-    the real build gives it (fp32; flavor=full builds in `dtype`)."""
-    from vidgen.models import hotshot
-
-    def build(flavor: str, *, path: str | None = None, seed: int = 0, max_frames: int | None = None,
-              spatial_norm: str = "clip", prediction_type: str | None = None, spatial_unet_base: str | None = None,
-              dtype: torch.dtype = torch.float32, **_):
-        frames, prediction = max_frames or hotshot.HOTSHOT_MAX_FRAMES, prediction_type or "epsilon"
-        if flavor == "tiny":
-            model, build.source = hotshot.tiny(seed, frames, spatial_norm, prediction), "tiny flavor"
-        else:
-            configs = hotshot.full_size_configs()
-            read, build.source = _configs_source(flavor, path, ("unet", "vae", "text_encoder", "text_encoder_2"),
-                                                 "built-in SDXL base 1.0 + Hotshot-XL temporal layers configs")
-            base, _ = _read_configs(spatial_unet_base, ("",)) if flavor == "pretrained" else (None, "")
-            configs.update(read or {}, **({"unet": base[""]} if base else {}))
-            with torch.device("meta"):
-                model = hotshot.from_configs(configs, frames, spatial_norm, prediction)
-        for m in (model.unet, model.vae, model.text.text_encoder, model.text.text_encoder_2):
-            m.to(device="meta", dtype=dtype if flavor == "full" else None)
-        return model
-
-    build.source = ""
-    return build
-
-
-PLANNED = {"svd": ("svd_full", "svd_lora"), "hotshot": ("hotshot_temporal",)}  # family -> recipes plan knows
-
-
 def meta_recipe(cfg: VidgenConfig):
-    """The config's recipe with its models on the meta device (trainable flags set by the recipe itself)."""
-    from vidgen.models import hotshot, svd
-    from vidgen.train.recipes import build_recipe
-
-    family, name = cfg.model.family, cfg.train.recipe
-    if name not in PLANNED.get(family, ()):
-        known = "; ".join(f"model.family={f}: {', '.join(r)}" for f, r in PLANNED.items())
-        raise ConfigError(f"train.recipe={name} with model.family={family}: vidgen plan supports {known}")
-    module, builder = ((svd, meta_builder(cfg.model.num_frames)) if family == "svd"
-                       else (hotshot, hotshot_meta_builder()))
-    with mock.patch.object(module, "build", builder):
-        recipe = build_recipe(name, cfg.model, cfg.train, cfg.run.seed)
+    """The config's recipe with its models on the meta device (trainable flags set by the recipe itself), and its
+    family's planner hooks."""
+    registry.check(cfg.model, cfg.train.recipe)
+    family = registry.spec(cfg.model)
+    if family.planner is None:
+        raise ConfigError(f"model.family={cfg.model.family}: its family defines no planner hooks (FamilySpec.planner)")
+    builder = family.planner.meta_builder(cfg.model)
+    recipe = registry.build_recipe(cfg.model, cfg.train, cfg.run.seed, build=builder)
     recipe.plan_as_built = {n: p.dtype for n, p in recipe.unet.named_parameters()}  # see _cast_like_training
-    return recipe, builder.source
-
-
-def model_parts(recipe) -> dict[str, torch.nn.Module]:
-    """The UNet and the frozen encoders of a recipe's model, by the names the plan reports them under."""
-    m = recipe.model
-    if hasattr(m, "image_encoder"):  # SVD
-        return {"unet": m.unet, "vae": m.vae, "image_encoder": m.image_encoder}
-    return {"unet": m.unet, "vae": m.vae, "text_encoder": m.text.text_encoder, "text_encoder_2": m.text.text_encoder_2}
+    return recipe, family.planner, builder.source
 
 
 # -- measuring a meta step -------------------------------------------------------------------------
@@ -246,41 +149,6 @@ def _storage_keys(*modules: torch.nn.Module) -> set[int]:
     return {t.untyped_storage()._cdata for m in modules for t in (*m.parameters(), *m.buffers())}
 
 
-def _encode(m, b: int, f: int, h: int, w: int) -> dict[str, torch.Tensor]:
-    """The frozen encoders' pass over one micro-batch (the caller holds no_grad): the VAE over every frame, then
-    SVD's conditioning frame and CLIP image embedding, or Hotshot's two SDXL text encoders at the tokenizer length."""
-    meta = torch.device("meta")
-    frames = torch.empty(b * f, 3, h, w, device=meta, dtype=next(m.vae.parameters()).dtype)
-    out = {"latents": m.vae.encode(frames).latent_dist.sample()}  # [B*F, C, h, w]
-    if hasattr(m, "image_encoder"):
-        out["cond"] = m.vae.encode(frames[::f]).latent_dist.mode()  # [B, C, h, w], first frames
-        size = m.image_encoder.config.image_size
-        pixels = torch.empty(b, 3, size, size, device=meta, dtype=next(m.image_encoder.parameters()).dtype)
-        out["emb"] = m.image_encoder(pixels).image_embeds  # [B, D]
-        return out
-    ids = torch.zeros(b, m.text.tokenizer.model_max_length, dtype=torch.long, device=meta)  # [B, S]
-    one, two = (enc(ids, output_hidden_states=True) for enc in (m.text.text_encoder, m.text.text_encoder_2))
-    out["embeds"] = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], -1)  # [B, S, D1 + D2]
-    out["pooled"] = two.text_embeds  # [B, P]
-    return out
-
-
-def _unet_loss(unet: torch.nn.Module, enc: dict[str, torch.Tensor], b: int, f: int) -> torch.Tensor:
-    """The UNet's forward on encoded inputs, as the recipe calls it, and an MSE of the same shapes as its loss."""
-    meta, dtype = torch.device("meta"), next(unet.parameters()).dtype
-    latents = enc["latents"].unflatten(0, (b, f)).float()  # [B, F, C, h, w]
-    if "emb" in enc:  # SVD: noisy latents + the conditioning latent on channels, one CLIP token, 3 time ids
-        sample = torch.cat([latents, enc["cond"].unsqueeze(1).expand(-1, f, -1, -1, -1)], 2).to(dtype)
-        t, ids = torch.empty(b, device=meta, dtype=dtype), torch.empty(b, 3, device=meta, dtype=dtype)
-        out = unet(sample, t, enc["emb"].unsqueeze(1).to(dtype), ids, return_dict=False)[0]
-    else:  # Hotshot: [B, C, F, h, w], integer timesteps, SDXL text and micro-conditioning
-        latents = latents.transpose(1, 2)
-        cond = {"text_embeds": enc["pooled"].to(dtype), "time_ids": torch.empty(b, 6, device=meta, dtype=dtype)}
-        out = unet(latents.to(dtype), torch.zeros(b, dtype=torch.long, device=meta),
-                   encoder_hidden_states=enc["embeds"].to(dtype), added_cond_kwargs=cond, return_dict=False)[0]
-    return (out.float() - latents).pow(2).mean()  # the objective's elementwise cost, same shapes
-
-
 class _CallOrder:
     """Records, for one forward of `module`, the order in which its submodules return and which of them were
     called with a positional tensor that requires grad, to tell which checkpointed blocks ZeRO-3 keeps gathered.
@@ -326,7 +194,7 @@ class _CallOrder:
         return module_id is not None and not self.positional.get(module_id, True)
 
 
-def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkpointing: bool,
+def run_step(recipe, planner, batch: int, frames: int, height: int, width: int, *, checkpointing: bool,
              keep_grads: bool) -> dict:
     """One micro-step on meta tensors: encoders (no_grad), UNet forward, loss, backward.
 
@@ -338,7 +206,7 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
     from torch.utils.flop_counter import FlopCounterMode
 
     m, unet = recipe.model, recipe.unet
-    encoders = [v for k, v in model_parts(recipe).items() if k != "unet"]
+    encoders = [v for k, v in planner.parts(m).items() if k != "unet"]
     recomputed = []  # FLOPs of each checkpointed segment's recompute (counted apart: not model FLOPs)
 
     class CountRecompute:
@@ -375,12 +243,12 @@ def run_step(recipe, batch: int, frames: int, height: int, width: int, *, checkp
     try:
         with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa):
             with live, torch.no_grad(), FlopCounterMode(display=False) as enc:
-                encoded = _encode(m, batch, frames, height, width)
+                encoded = planner.encode(m, batch, frames, height, width)
             res["encoder_peak"] = live.peak
             live.peak = live.now
             calls = _CallOrder(unet)  # the forward only: checkpointing's recompute runs modules again
             with live, FlopCounterMode(display=False) as fwd, calls:
-                loss = _unet_loss(unet, encoded, batch, frames)
+                loss = planner.unet_loss(unet, encoded, batch, frames)
                 del encoded
             with live, FlopCounterMode(display=False) as bwd:
                 loss.backward()
@@ -608,24 +476,6 @@ HOST_METHOD = ("peak RSS per worker = fixed process cost (measured, PROCESS_BYTE
                "optimizer step (AdamW's temporaries)")
 
 
-def _unet_file_bytes(cfg: VidgenConfig, unet: torch.nn.Module) -> int:
-    """What loading a pretrained Hotshot UNet holds besides the model: `load_hotshot_unet_dir` builds the UNet
-    (random init, fp32), then copies its weight file in, whose pages are resident while safetensors maps it. The
-    local file's size (a stat, nothing read), else the UNet at fp32. 0 for the other families and flavors:
-    diffusers' and transformers' `from_pretrained` use the mapped tensors as the parameters themselves."""
-    m = cfg.model
-    if m.family != "hotshot" or m.flavor != "pretrained":
-        return 0
-    from vidgen.models.hotshot_weights import WEIGHTS_FILE
-
-    root = m.spatial_unet_base or (m.path and f"{m.path}/unet")
-    if root and ("://" not in root or root.startswith("file://")):
-        f = Path(root.removeprefix("file://")).expanduser() / WEIGHTS_FILE
-        if f.is_file():
-            return f.stat().st_size
-    return 4 * _params(unet)
-
-
 def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, largest_layer: int,
               built_bytes: int, unet_file_bytes: int = 0, zero: dict[str, int] | None = None) -> dict:
     """Peak resident host memory of one worker process of a CPU run (train.use_gpu=false), from `parts` cast as a
@@ -635,7 +485,8 @@ def host_plan(t, parts: dict[str, torch.nn.Module], step: dict, master: bool, la
     - build: the recipe's models as built (`built_bytes`: fp32 for random init and `from_pretrained` without a
       torch_dtype alike; model.flavor=full builds in the frozen base's training dtype), whole in every worker:
       ZeRO-3 partitions only in deepspeed.initialize (vidgen builds outside zero.Init);
-      while a pretrained Hotshot UNet loads, also its weight file (`_unet_file_bytes`);
+      while pretrained weights load, what the family's loader holds besides the model (`load_overhead_bytes`:
+      a pretrained Hotshot UNet's weight file);
     - deepspeed.initialize: the UNet as DeepSpeed casts it, the encoders, and under ZeRO 1/2 the flat copy of the
       trainable parameters it makes before pointing them into it (ZeRO-3: of their partitions, `defragment`), plus
       its fp32 partition. ZeRO-3's partitions are not on top: `Init._partition_param` frees each whole parameter
@@ -705,15 +556,15 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     t, n = cfg.train, cfg.train.num_workers
     b, f = t.batch_size, cfg.model.num_frames
     h, w = cfg.data.largest_size()
-    recipe, source = meta_recipe(cfg)
-    parts = model_parts(recipe)
+    recipe, planner, source = meta_recipe(cfg)
+    parts = planner.parts(recipe.model)
     unet, built_bytes = parts["unet"], _bytes(*parts.values())
     master = _cast_like_training(recipe, t.precision) or t.zero_stage >= 1
     trainable = _params(unet, True)
     grad_size = next((p.element_size() for p in unet.parameters() if p.requires_grad), 2)
     params = {k: {"total": _params(v), "trainable": _params(v, True)} for k, v in parts.items()}
 
-    step = run_step(recipe, b, f, h, w, checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2)
+    step = run_step(recipe, planner, b, f, h, w, checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2)
     micro = step["encoder_flops"] + step["unet_forward_flops"] + step["unet_backward_flops"]
     per_step = micro * t.gradient_accumulation
 
@@ -733,9 +584,10 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         dtypes = [p.dtype for p in unet.parameters()]
         _cast_like_training(recipe, t.precision, on_gpu=False)
         same = dtypes == [p.dtype for p in unet.parameters()]
-        cpu_step = step if same else run_step(recipe, b, f, h, w, checkpointing=t.activation_checkpointing,
-                                              keep_grads=t.zero_stage < 2)
-        cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, _unet_file_bytes(cfg, unet), zero)
+        cpu_step = step if same else run_step(recipe, planner, b, f, h, w,
+                                              checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2)
+        load_bytes = planner.load_overhead_bytes(cfg.model, unet)
+        cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, load_bytes, zero)
 
     gpus, step_times = [], {}
     for g in GPUS:

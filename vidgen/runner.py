@@ -13,6 +13,7 @@ from pathlib import Path
 from vidgen import storage
 from vidgen.config import VidgenConfig
 from vidgen.errors import JobError
+from vidgen.models import registry
 from vidgen.ray_env import require_shared
 from vidgen.tracking import Tracker, resolve_tracking_uri
 
@@ -29,8 +30,8 @@ def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
 
 def check_outputs_shared(cfg: VidgenConfig, job: str) -> None:
     """Before anything starts: where `job`'s remote processes write must be storage every node shares."""
-    from vidgen.data.latents import cache_uri
     from vidgen.generate.outputs import job_root
+    from vidgen.train.latents import cache_uri
     from vidgen.train.launch import storage_root
 
     w = {"run.workdir": cfg.run.workdir}
@@ -89,7 +90,7 @@ def _fit(cfg: VidgenConfig, tracker: Tracker, progress, dataset, images):
 
 def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
     """Training on a latent cache (`vidgen prepare latents`): no decoding, no frozen-encoder forward."""
-    from vidgen.data import latents
+    from vidgen.train import latents
 
     manifest = latents.open_cache(cfg)  # refuses a cache of another config, in one line
     t = cfg.train
@@ -97,7 +98,7 @@ def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
     images = None
     if t.validation_every:  # held-out inputs: the configured ones, else the cache's first clips
         rows = [r for r, _ in zip(latents.read_rows(cfg.data.latents, manifest), range(t.validation_count))]
-        if cfg.model.family == "hotshot":
+        if registry.spec(cfg.model).conditioning == "text":
             images = list(t.validation_prompts) or [r["prompt"] or "a video" for r in rows]
         else:
             images = validation_images(cfg, []) if t.validation_images else [r["first_frame"] for r in rows]
@@ -132,7 +133,7 @@ def validation_images(cfg: VidgenConfig, samples) -> list:
     from vidgen.data.clips import resize_cover_crop
     from vidgen.data.decode import decode_image
 
-    if cfg.model.family == "hotshot":
+    if registry.spec(cfg.model).conditioning == "text":
         from vidgen.data.worker import resolve_prompt
 
         return list(cfg.train.validation_prompts) or [
@@ -161,7 +162,7 @@ def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = 
     """Batch generation; logs counts, videos/hour, frames/s, the manifest and a grid of sample videos."""
     import time
 
-    from vidgen.generate.fifo import FifoPlan
+    from vidgen.diffusion.fifo import FifoPlan
     from vidgen.generate.job import output_dir, run_generation, summarize
     from vidgen.generate.outputs import job_root, video_grid
 

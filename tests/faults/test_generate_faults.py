@@ -1,6 +1,6 @@
 """Generation actors killed mid-video: no partial file under a video name, and exactly the missing videos made.
 
-The hook VIDGEN_FAULT_KILL_GENERATE (vidgen/generate/job.py) kills an actor's process while it writes a video.
+The hook VIDGEN_FAULT_GENERATE (vidgen/faults.py) kills an actor's process while it writes a video.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ def test_actor_killed_mid_job_then_rerun_makes_exactly_the_missing_videos(ray_se
     root = tmp_path / "out"
     cfg = VidgenConfig(model=MODEL, generate={**GEN, "prompts": prompts, "output": str(root), "actor_restarts": 0})
     marker = tmp_path / "killed"
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_GENERATE", str(marker))
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_AFTER", "1")  # dies while writing its second video
+    monkeypatch.setenv("VIDGEN_FAULT_GENERATE", f"1@{marker}")  # dies while writing its second video
     with pytest.raises(JobError, match="rerun to do the rest"):
         run_generation(cfg)
     assert marker.exists()
@@ -59,8 +58,7 @@ def test_killed_actor_is_restarted_and_its_video_retried_by_default(ray_session,
     cfg = VidgenConfig(model=MODEL, generate={**GEN, "prompts": prompts, "output": str(root)})
     assert cfg.generate.actor_restarts == -1
     marker = tmp_path / "killed"
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_GENERATE", str(marker))
-    monkeypatch.setenv("VIDGEN_FAULT_KILL_AFTER", "0")  # dies while writing its first video
+    monkeypatch.setenv("VIDGEN_FAULT_GENERATE", f"0@{marker}")  # dies while writing its first video
     results = run_generation(cfg)
     assert marker.exists()  # it did die once
     assert summarize(results) == {"generated": 2}

@@ -377,8 +377,8 @@ def test_hostile_i3d_weights(tmp_path, faults):
 
 def test_hostile_lora_weights(tmp_path, faults):
     from vidgen.config import LoraConfig
-    from vidgen.models import svd
     from vidgen.models.lora import inject_lora, load_lora, lora_state_dict
+    from vidgen.models.svd import model as svd
 
     donor = svd.tiny(num_frames=4).unet
     inject_lora(donor, LoraConfig(rank=2))
@@ -393,8 +393,8 @@ def test_hostile_lora_weights(tmp_path, faults):
 
 
 def test_hostile_hotshot_temporal_weights(tmp_path, faults):
-    from vidgen.models.hotshot import tiny_unet
-    from vidgen.models.hotshot_weights import read_temporal_file, temporal_state_dict
+    from vidgen.models.hotshot.model import tiny_unet
+    from vidgen.models.hotshot.weights import read_temporal_file, temporal_state_dict
 
     unet = tiny_unet()
     good = temporal_state_dict(unet)
@@ -407,7 +407,7 @@ def test_hostile_hotshot_temporal_weights(tmp_path, faults):
 
 def test_hostile_unet_directory(tmp_path, faults):
     """generate.unet / a trained export: config.json and weights damaged in turn."""
-    from vidgen.models import svd
+    from vidgen.models.svd import model as svd
 
     good = tmp_path / "unet"
     svd.tiny(num_frames=4).unet.save_pretrained(good)

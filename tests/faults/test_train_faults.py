@@ -1,7 +1,7 @@
 """Training under faults: workers killed at random steps, a damaged checkpoint.
 
 Kill points (rank, step) are drawn from fixed seeds (reproducible, but not picked by hand) and injected with
-the VIDGEN_FAULT_KILL hook (vidgen/train/loop.py): the rank's process exits right after that optimizer step.
+the VIDGEN_FAULT_TRAIN hook (vidgen/faults.py): the rank's process exits right after that optimizer step.
 Each fit is a real Ray Train + DeepSpeed ZeRO-2 run of the tiny SVD UNet on 2 CPU workers; each attempt (the
 first and one per kill) costs ~35 s on 2 cores, so the two fits check everything between them.
 """
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from vidgen import faults as fault_hooks
 from vidgen.config import load_config
 from vidgen.errors import ModelError
-from vidgen.train import loop
 from vidgen.train.manifest import verify_manifest, write_manifest
 
 SEEDS = (11, 23)  # fit 1, fit 2 (the rerun after the damaged checkpoint)
@@ -34,7 +34,7 @@ def kill_points(seed: int, kills: int, first: int, last: int, world: int = 2) ->
 
 
 def kill_spec(points: list[tuple[int, int]], marker) -> str:
-    return ",".join(f"{r}:{s}" for r, s in points) + f":{marker}"
+    return ",".join(f"{r}:{s}" for r, s in points) + f"@{marker}"
 
 
 def clips(n: int = 8):
@@ -60,11 +60,12 @@ def lost_steps(steps: list[int], first: int, last: int) -> int:
 # ---- pure parts -------------------------------------------------------------------------------------------
 
 
-def test_fault_spec_parses_several_points_and_the_old_form():
-    assert loop.fault_points("1:3:/tmp/k") == ([(1, 3)], "/tmp/k")
-    assert loop.fault_points("0:2,1:5,0:6:/tmp/a:b") == ([(0, 2), (1, 5), (0, 6)], "/tmp/a:b")
-    with pytest.raises(ValueError, match="VIDGEN_FAULT_KILL='1:x:/m': expected <rank>:<step>"):
-        loop.fault_points("1:x:/m")
+def test_fault_spec_parses_several_points_with_and_without_a_marker():
+    assert fault_hooks.parse("TRAIN", "1:3@/tmp/k") == ([(1, 3)], "/tmp/k")
+    assert fault_hooks.parse("TRAIN", "0:2,1:5,0:6@/tmp/a:b@c") == ([(0, 2), (1, 5), (0, 6)], "/tmp/a:b@c")
+    assert fault_hooks.parse("LATENTS", "2") == ([(2,)], None)
+    with pytest.raises(ValueError, match="VIDGEN_FAULT_TRAIN='1:x@/m': expected <point>"):
+        fault_hooks.parse("TRAIN", "1:x@/m")
     points = kill_points(SEEDS[0], 3, 1, 6)
     assert points == kill_points(SEEDS[0], 3, 1, 6) and len({s for _, s in points}) == 3
     assert all(r in (0, 1) and 1 <= s <= 6 for r, s in points)
@@ -125,12 +126,12 @@ def first_run(ray_session, tmp_path_factory):
     points = kill_points(SEEDS[0], KILLS, 1, MAX_STEPS)
     cfg = config(tmp)
     logged: list[int] = []
-    os.environ[loop.FAULT_ENV] = kill_spec(points, marker)
+    os.environ[fault_hooks.env_name("TRAIN")] = kill_spec(points, marker)
     try:
         result = fit(cfg, clips(), on_metrics=lambda rows: logged.extend(r["step"] for r in rows))
     finally:
-        del os.environ[loop.FAULT_ENV]
-    return {"cfg": cfg, "result": result, "points": points, "fired": loop.fired_faults(str(marker)),
+        del os.environ[fault_hooks.env_name("TRAIN")]
+    return {"cfg": cfg, "result": result, "points": points, "fired": fault_hooks.fired(str(marker)),
             "logged": logged}
 
 
@@ -175,11 +176,11 @@ def test_truncated_checkpoint_is_rejected_and_the_previous_used(first_run, tmp_p
     first, end = MAX_STEPS - EVERY + 1, MAX_STEPS + 2  # resumes after the previous checkpoint
     points = kill_points(SEEDS[1], RERUN_KILLS, first, end)
     marker = tmp_path / "killed"
-    monkeypatch.setenv(loop.FAULT_ENV, kill_spec(points, marker))
+    monkeypatch.setenv(fault_hooks.env_name("TRAIN"), kill_spec(points, marker))
     more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": end})})
     rerun = fit(more, clips())
     steps = [r["step"] for r in rerun.metrics]
-    assert loop.fired_faults(str(marker)) == set(range(RERUN_KILLS)), f"kills {points} were not all injected"
+    assert fault_hooks.fired(str(marker)) == set(range(RERUN_KILLS)), f"kills {points} were not all injected"
     assert steps == list(range(first, end + 1)), "did not resume from the previous checkpoint"
     assert verify_manifest(rerun.checkpoint_dir) == []
     faults.record("newest checkpoint truncated on disk (half an optimizer shard), export + rerun", injected=1,

@@ -2,7 +2,8 @@
 
     listing   Sample, Listing (one grouped walk of a root), LayoutOptions, SampleTable (samples as columns)
     layouts   root -> SampleTable   (hotshot | frames | videos | opv2v | sthv2 | shards; detect_layout picks one)
-    opv2v     the OpenCOOD camera tree as a layout, and prepare_opv2v into hotshot scene folders
+    opv2v     the OpenCOOD camera tree as a layout (listing, prompts, timestamps)
+    opv2v_prepare  prepare_opv2v: OPV2V camera sequences -> hotshot scene folders (vidgen prepare opv2v)
     seer      Something-Something v2 / Bridge / Epic-Kitchens frame trees (the sthv2 layout)
     shards    the packed parquet clip format; pack writes it (vidgen prepare pack)
     decode    image bytes -> uint8 [H, W, 3] RGB; natural frame order
@@ -22,7 +23,7 @@ from vidgen.data.decode import decode_image, natural_key
 from vidgen.data.inspect import format_report, inspect_source
 from vidgen.data.layouts import LAYOUTS, detect_layout, list_samples
 from vidgen.data.listing import LayoutOptions, Sample, SampleTable
-from vidgen.data.opv2v import prepare_opv2v
+from vidgen.data.opv2v_prepare import prepare_opv2v
 from vidgen.data.pack import pack
 from vidgen.data.pipeline import ClipSpec, ClipStream, check_bad_fraction, read_clips, read_clips_local
 from vidgen.data.synth import make_moving_shapes

@@ -87,10 +87,10 @@ def read_clips(
     if bucket_list is None and (height is None or width is None):
         raise ConfigError("data.height and data.width: required unless data.buckets is set")
     height, width = (height, width) if bucket_list is None else bucket_list[0]
-    for key, value in (("num_frames", num_frames), ("height", height), ("width", width),
-                       ("clips_per_video", clips_per_video), ("samples_per_task", samples_per_task)):
+    for key, value in (("model.num_frames", num_frames), ("data.height", height), ("data.width", width),
+                       ("data.clips_per_video", clips_per_video), ("data.samples_per_task", samples_per_task)):
         if value < 1:
-            raise ConfigError(f"data.{key}: must be >= 1, got {value}")
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
     if fps is not None and not fps > 0:
         raise ConfigError(f"data.fps: must be > 0 or unset, got {fps}")
     if not source_fps > 0:

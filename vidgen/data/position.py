@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 class Shares(Protocol):
     """A training input that each rank reads its own share of: the clips of data.source (`ClipStream`), or a
-    latent cache (`vidgen.data.latents.CacheStream`, whose "samples" are its shards)."""
+    latent cache (`vidgen.train.latents.CacheStream`, whose "samples" are its shards)."""
 
     source: str
     seed: int

@@ -10,7 +10,7 @@ of the same suite and checkpoint label; the run then carries `nightly.regressed=
 
 Idempotent per date: tonight's run is found by its tags (suite, date, label) and reused, and the output
 folder `<output>/<suite>/<date>/<label>/` is the same, so generation skips the videos already written.
-The comparison logic is pure (`compare`, `last_good`); MLflow and Ray live in the thin shells around it.
+The comparison logic is pure (`vidgen.eval.compare`); MLflow and Ray live in the thin shells around it.
 `vidgen.eval.nightly_job` is the entrypoint and the `ray job submit` side (one submission id per suite and
 date; only SUCCEEDED counts as success). The report is `vidgen.eval.report`.
 """
@@ -28,6 +28,8 @@ from typing import Any
 from vidgen import storage
 from vidgen.config import VidgenConfig
 from vidgen.errors import ConfigError, JobError
+from vidgen.eval.compare import Comparison, Night, compare, last_good
+from vidgen.eval.report import write_report
 from vidgen.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -40,32 +42,6 @@ EXIT_OK, EXIT_REGRESSED = 0, 1
 # ------------------------------------------------------------------------------------------- pure core
 
 
-@dataclass
-class Night:
-    """One night of one (suite, checkpoint label): what the report and the comparison need."""
-
-    date: str
-    metrics: dict[str, float]
-    run_id: str = ""
-    status: str = "FINISHED"  # MLflow run status
-    regressed: bool = False
-
-    @property
-    def good(self) -> bool:
-        return self.status == "FINISHED" and not self.regressed
-
-
-@dataclass
-class Comparison:
-    baseline: Night | None
-    deltas: dict[str, float]  # relative change (tonight - baseline) / |baseline| per shared metric
-    regressed: list[str]  # judged metrics that moved for the worse beyond their threshold
-
-    @property
-    def verdict(self) -> str:
-        return "first" if self.baseline is None else "regressed" if self.regressed else "ok"
-
-
 def night_date(date: str | None, now: dt.datetime | None = None) -> str:
     """The night being evaluated: the configured date, else today's UTC date."""
     return date or (now or dt.datetime.now(dt.UTC)).date().isoformat()
@@ -73,43 +49,6 @@ def night_date(date: str | None, now: dt.datetime | None = None) -> str:
 
 def submission_id(suite: str, date: str) -> str:
     return f"nightly-{suite}-{date}"
-
-
-def last_good(nights: Iterable[Night], date: str) -> Night | None:
-    """The latest good night strictly before `date` (ISO dates sort as strings)."""
-    earlier = [n for n in nights if n.good and n.date < date]
-    return max(earlier, key=lambda n: n.date, default=None)
-
-
-def relative_change(value: float, base: float) -> float:
-    if base == value:
-        return 0.0
-    return (value - base) / abs(base) if base else math.copysign(math.inf, value - base)
-
-
-def compare(tonight: Mapping[str, float], baseline: Night | None, thresholds: Mapping[str, float],
-            higher_is_better: Iterable[str] = ()) -> Comparison:
-    """Relative deltas for every metric both nights have; the judged ones beyond threshold are regressions.
-
-    A judged metric that is NaN tonight (a failed computation) regresses; one missing tonight too, since a
-    metric that silently disappears must not pass.
-    """
-    if baseline is None:
-        return Comparison(None, {}, [])
-    up = set(higher_is_better)
-    deltas = {k: relative_change(v, baseline.metrics[k]) for k, v in tonight.items()
-              if k in baseline.metrics and not (math.isnan(v) or math.isnan(baseline.metrics[k]))}
-    regressed = []
-    for name, limit in sorted(thresholds.items()):
-        if name not in baseline.metrics:
-            continue  # nothing to compare with
-        if name not in deltas:
-            regressed.append(name)  # missing or NaN tonight
-            continue
-        worse = -deltas[name] if name in up else deltas[name]
-        if worse > limit:
-            regressed.append(name)
-    return Comparison(baseline, deltas, regressed)
 
 
 def result_metrics(result: Any) -> dict[str, float]:
@@ -310,8 +249,6 @@ def run_nightly(cfg: VidgenConfig, measure: Measure = measure_checkpoint,
 
 
 def run_night(cfg: VidgenConfig, label: str, unet: str | None, date: str, measure: Measure) -> NightResult:
-    from vidgen.eval.report import write_report
-
     n = cfg.nightly
     night_dir = storage.join(nightly_root(cfg), n.suite, date, label)
     night_cfg = cfg.model_copy(deep=True)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from vidgen import storage
 
 if TYPE_CHECKING:
-    from vidgen.eval.nightly import Comparison, Night
+    from vidgen.eval.compare import Comparison, Night
 
 PLOT = "fvd_trend.png"
 PAGE = "index.html"

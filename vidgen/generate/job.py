@@ -6,8 +6,7 @@ The driver reads the prompt source (vidgen.data.prompts), expands samples and se
 counts failures as rows come back, stops with a JobError once they pass generate.max_failed_fraction, and
 rewrites manifest.jsonl at the end, also when the job fails. A rerun therefore does exactly the missing work.
 
-Fault injection for tests: VIDGEN_FAULT_KILL_GENERATE=<marker file> kills the first actor that finishes
-VIDGEN_FAULT_KILL_AFTER (default 1) videos and reaches the next one's write, once (the marker remembers).
+Fault injection for tests: VIDGEN_FAULT_GENERATE (vidgen/faults.py) kills an actor in the middle of a video's write.
 """
 
 from __future__ import annotations
@@ -16,13 +15,12 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from typing import Any
 
 import numpy as np
 
-from vidgen import storage
+from vidgen import faults, storage
 from vidgen.config import GenerateConfig, ModelConfig, VidgenConfig
 from vidgen.data.prompts import expand_samples, load_rows, read_jsonl
 from vidgen.errors import ConfigError, DataError, JobError, raised_remotely
@@ -40,7 +38,7 @@ from vidgen.generate.outputs import (
     write_extras,
     write_manifest,
 )
-from vidgen.generate.pipelines import IMAGE_CONDITIONED, build_pipeline, check_family
+from vidgen.generate.pipelines import build_pipeline, check_family, image_conditioned
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ def prepare_rows(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[dict
         rows = [{"id": str(r.get("id") or f"row{i}"), "prompt": r.get("prompt", ""),
                  "sample_prompt": r.get("sample_prompt", r.get("prompt", "")), "image": r.get("image", ""),
                  "seed": r.get("seed"), "vbench": bool(r.get("vbench"))} for i, r in enumerate(rows)]
-    missing = [r for r in rows if not r["image"]] if cfg.model.family in IMAGE_CONDITIONED else []
+    missing = [r for r in rows if not r["image"]] if image_conditioned(cfg.model) else []
     if missing:
         raise ConfigError(f"generate.images: SVD is image-conditioned, and {len(missing)} prompts have no image "
                           f"(first: {missing[0]['prompt'][:60]!r}); set generate.images or use an i2v source")
@@ -79,23 +77,6 @@ def prepare_rows(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[dict
         v["name"] = output_name(v, g, cfg.model, naming)
     unique = {v["name"]: v for v in reversed(videos)}  # same name = same video: keep the first
     return [v for v in videos if unique.get(v["name"]) is v]
-
-
-def _fault_from_env() -> str | None:
-    """`marker:after` from the driver's environment (actors do not inherit it), or None."""
-    marker = os.environ.get("VIDGEN_FAULT_KILL_GENERATE")
-    return f"{marker}:{int(os.environ.get('VIDGEN_FAULT_KILL_AFTER', '1'))}" if marker else None
-
-
-def _fault_point(fault: str | None, done: int) -> None:
-    if not fault:
-        return
-    marker, _, after_s = fault.rpartition(":")
-    after = int(after_s)
-    if marker and done >= after and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(1)  # a crash mid-write: the temp file exists, the video does not
 
 
 class VideoGenerator:
@@ -169,14 +150,14 @@ class VideoGenerator:
         stem = row["name"].removesuffix(".mp4")
         with storage.atomic_local(path, ".mp4") as tmp:
             write_video(tmp, video, fps=g.fps)
-            _fault_point(self.fault, self.done)
+            faults.maybe_exit("GENERATE", self.fault, self.done)  # test hook (vidgen/faults.py)
         write_extras(self.root, stem, video, g.fps, g.extra_outputs)
 
     def sample(self, row: dict, cond, shape: tuple[int, ...], gen):
         import torch
 
-        from vidgen.generate.fifo import FifoPlan
-        from vidgen.generate.samplers import autoregressive_sample, base_sample, fifo_sample
+        from vidgen.diffusion.fifo import FifoPlan
+        from vidgen.diffusion.samplers import autoregressive_sample, base_sample, fifo_sample
 
         g, window = self.gen, self.model_cfg.num_frames
         sched = self.pipe.scheduler
@@ -209,7 +190,7 @@ class VideoGenerator:
         """
         import torch
 
-        from vidgen.generate.samplers import base_sample
+        from vidgen.diffusion.samplers import base_sample
 
         g = self.gen
         key_src = {"model": self.model_cfg.model_dump(exclude={"cache_dir"}), "checkpoint": self.checkpoint,
@@ -264,7 +245,7 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
                 VideoGenerator,
                 fn_constructor_kwargs=dict(model_cfg=cfg.model.model_dump(), gen_cfg=g.model_dump(), root=root,
                                            device="cuda" if g.use_gpu else "cpu",
-                                           fault=_fault_from_env()),
+                                           fault=faults.from_env("GENERATE")),
                 compute=ray.data.ActorPoolStrategy(min_size=g.min_actors or g.num_actors, max_size=g.num_actors),
                 batch_size=1, num_gpus=g.gpus_per_actor if g.use_gpu else 0, num_cpus=1, **remote_args,
             )

@@ -72,22 +72,18 @@ def set_attention(module: torch.nn.Module, backend: str) -> int:
     return len(layers)
 
 
-def _set_encoder(encoder: torch.nn.Module, backend: str) -> None:
-    setter = getattr(encoder, "set_attn_implementation", None)
+def set_encoder(encoder: torch.nn.Module, backend: str) -> None:
+    """A transformers encoder (CLIP) on `backend`: its own attention switch (eager or sdpa; xformers: sdpa)."""
+    setter = getattr(encoder, "set_attn_implementation", None)  # transformers releases without it: left as is
     if setter is not None:
         setter("eager" if backend == "eager" else "sdpa")
 
 
-def apply(model: object, backend: str) -> object:
-    """Switch a model family object (svd.SVD, hotshot.Hotshot) to `backend`; returns it."""
+def apply(backend: str, diffusers_modules: list[torch.nn.Module], encoders: list[torch.nn.Module] = ()) -> None:
+    """Switch a model's diffusers modules (UNet, VAE) and transformers encoders to `backend` (each family's model
+    names its own parts: `SVD.set_attention`, `Hotshot.set_attention`)."""
     check_backend(backend)
-    n = sum(set_attention(getattr(model, part), backend) for part in ("unet", "vae") if hasattr(model, part))
-    for part in ("image_encoder",):
-        if hasattr(model, part):
-            _set_encoder(getattr(model, part), backend)
-    text = getattr(model, "text", None)  # hotshot: sdxl.SDXLText holds both text encoders
-    for part in ("text_encoder", "text_encoder_2"):
-        if text is not None and hasattr(text, part):
-            _set_encoder(getattr(text, part), backend)
+    n = sum(set_attention(m, backend) for m in diffusers_modules)
+    for encoder in encoders:
+        set_encoder(encoder, backend)
     log.debug("attention: %d diffusers layers on %s", n, backend)
-    return model

@@ -20,20 +20,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ray
 import ray.train
 
+from vidgen import faults
 from vidgen.config import VidgenConfig
+from vidgen.data.position import Shares
 from vidgen.errors import ConfigError, JobError, raised_remotely
-
-if TYPE_CHECKING:
-    from vidgen.data.position import Shares
+from vidgen.models import registry
 
 log = logging.getLogger(__name__)
 
-TEST_HOOK_ENV = ("VIDGEN_FAULT_KILL", "VIDGEN_DUMP_STATE", "VIDGEN_CLIP_LOG")  # vidgen/train/loop.py
+TEST_HOOK_ENV = ("VIDGEN_DUMP_STATE", "VIDGEN_CLIP_LOG")  # vidgen/train/loop.py; faults: vidgen/faults.py
 
 
 @ray.remote(num_cpus=0)
@@ -100,6 +99,7 @@ class TrainResult:
 def check(cfg: VidgenConfig) -> None:
     """Refuse combinations that would only fail inside the workers, before any worker starts."""
     t = cfg.train
+    registry.check(cfg.model, t.recipe)
     if cfg.model.attention == "xformers" and not t.use_gpu:
         raise ConfigError("model.attention=xformers: needs train.use_gpu=true (a CUDA GPU per worker); "
                           "use model.attention=sdpa")
@@ -132,22 +132,17 @@ def user_deepspeed_config(cfg: VidgenConfig) -> dict:
     return data
 
 
-# What each recipe reads from a clip row; optional columns are passed when the dataset has them.
-RECIPE_COLUMNS = {"hotshot_temporal": ["prompt", "orig_height", "orig_width", "crop_top", "crop_left"]}
-
-
 def share_columns(cfg: VidgenConfig) -> list[str]:
     """What the recipe reads from a row of data.source's clips or of the latent cache (both have every optional
-    column)."""
-    from vidgen.train.recipes import recipe_class
-
-    inputs = list(recipe_class(cfg.train.recipe).ENCODED) if cfg.data.latents else ["frames"]
-    return [*inputs, "fps", *RECIPE_COLUMNS.get(cfg.train.recipe, [])]
+    column); the recipe's optional columns (`Recipe.OPTIONAL_COLUMNS`) are passed when the dataset has them."""
+    recipe = registry.recipe_class(cfg.model, cfg.train.recipe)
+    inputs = list(recipe.ENCODED) if cfg.data.latents else ["frames"]
+    return [*inputs, "fps", *recipe.OPTIONAL_COLUMNS]
 
 
 def train_columns(cfg: VidgenConfig, dataset: ray.data.Dataset) -> list[str]:
     """`share_columns`, less the recipe's optional columns that a dataset of the caller's own does not have."""
-    columns, optional = share_columns(cfg), RECIPE_COLUMNS.get(cfg.train.recipe, [])
+    columns, optional = share_columns(cfg), registry.recipe_class(cfg.model, cfg.train.recipe).OPTIONAL_COLUMNS
     if not optional:
         return columns
     schema = dataset.schema()  # reads one block at most
@@ -202,7 +197,8 @@ def check_resume(cfg: VidgenConfig) -> None:
         written = json.loads(storage.read_text(manifests[0])).get("meta", {}).get("config_hash") if manifests else None
     except ValueError:  # a damaged manifest: the workers' checkpoint check names it and falls back
         return
-    if written and written != config_hash(cfg.model.model_dump(), cfg.train.model_dump()):
+    sections = registry.recipe_class(cfg.model, cfg.train.recipe).TRAIN_SECTIONS
+    if written and written != config_hash(cfg.model.model_dump(), cfg.train.model_dump(), sections):
         raise JobError(f"run.name={cfg.run.name!r}: the checkpoint {newest} was written with another model/training "
                        "config; start a new run.name to train with this one (or restore the config it was made with)")
 
@@ -234,7 +230,7 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     loop_config = {"train": t.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.run.seed,
                    "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg)}
-    if hasattr(data, "share_dataset"):  # vidgen.data.position.Shares
+    if not isinstance(data, ray.data.Dataset):  # Shares: each worker reads its own rows
         if data.num_samples < t.num_workers:
             raise ConfigError(f"train.num_workers={t.num_workers}: more workers than the {data.num_samples} samples "
                               f"of {data.source}; each worker needs samples of its own")
@@ -245,7 +241,7 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
     if t.validation_every and validation_images:
         height, width = cfg.data.largest_size()
         loop_config["validation"] = {
-            "images": validation_images, "fps": round(cfg.data.fps or 7), "motion_bucket_id": t.motion_bucket_id,
+            "images": validation_images, "fps": round(cfg.data.fps or 7), "motion_bucket_id": t.edm.motion_bucket_id,
             "num_frames": cfg.model.num_frames, "height": height, "width": width,
             "out_dir": storage.join(cfg.run.workdir, "validation", cfg.run.name),
         }
@@ -300,9 +296,10 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
         raise lost[0]
     if result.checkpoint is None:
         raise JobError(f"training run {cfg.run.name!r} finished without a checkpoint")
-    lora = t.recipe == "svd_lora"
-    export_dir = os.path.join(cfg.run.workdir, "export", "lora" if lora else "unet")
-    merged_dir = os.path.join(cfg.run.workdir, "export", "unet") if lora and t.lora.export_merged else None
+    recipe = registry.recipe_class(cfg.model, t.recipe)
+    export_dir = os.path.join(cfg.run.workdir, "export", recipe.EXPORT_NAME)
+    merged = "lora" in recipe.TRAIN_SECTIONS and t.lora.export_merged  # the base UNet with the adapters merged in
+    merged_dir = os.path.join(cfg.run.workdir, "export", "unet") if merged else None
     t_export = time.perf_counter()
     export_on_worker(cfg, result.checkpoint, export_dir, merged_dir)
     rows.sort(key=lambda r: r["step"])
@@ -316,7 +313,7 @@ def worker_runtime_env(use_gpu: bool) -> dict[str, str]:
     test hooks when set."""
     from vidgen.ray_env import shared_env, worker_env
 
-    hooks = {k: os.environ[k] for k in TEST_HOOK_ENV if k in os.environ}
+    hooks = {**{k: os.environ[k] for k in TEST_HOOK_ENV if k in os.environ}, **faults.all_from_env()}
     return {**shared_env(), **hooks, **worker_env(use_gpu)}
 
 
@@ -406,7 +403,7 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str 
     if ema is not None:  # the EMA weights, exported beside the raw ones
         _export(cfg, {**state, **ema}, export_dir + "_ema")
     _export(cfg, state, export_dir)
-    log.info("exported %s to %s", "LoRA" if cfg.train.recipe == "svd_lora" else "UNet", export_dir)
+    log.info("exported %s's weights to %s", cfg.train.recipe, export_dir)
     if merged_dir:
         _export(cfg, state, merged_dir, merged=True)
         log.info("exported the merged UNet to %s", merged_dir)
@@ -415,11 +412,9 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str 
 def _export(cfg: VidgenConfig, state: dict, export_dir: str, merged: bool = False) -> None:
     from vidgen import storage
     from vidgen.models.attention import portable
-    from vidgen.train.recipes import build_recipe
-
     # Weights do not depend on the attention kernel: the export computes nothing, so it builds with sdpa, which
     # runs anywhere (xformers needs CUDA, which the process exporting may not have).
-    recipe = build_recipe(cfg.train.recipe, portable(cfg.model), cfg.train, cfg.run.seed)
+    recipe = registry.build_recipe(portable(cfg.model), cfg.train, cfg.run.seed)
     with tempfile.TemporaryDirectory(prefix="vidgen-export-") as tmp:
         (recipe.export_merged if merged else recipe.export)(state, tmp)
         if storage.is_remote(export_dir):

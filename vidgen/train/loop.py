@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidgen import faults
 from vidgen.errors import JobError
+from vidgen.models import registry
 from vidgen.train.manifest import verify_manifest, write_manifest
+from vidgen.train.validation import validation_videos
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "VIDGEN_FAULT_KILL"  # "<rank>:<step>[,<rank>:<step>...]:<marker file>": test hook, see below
 DUMP_ENV = "VIDGEN_DUMP_STATE"  # "<file>": test hook, rank 0 saves the final UNet state dict there
 CLIP_LOG_ENV = "VIDGEN_CLIP_LOG"  # "<dir>": test hook, every rank records the clips it trains on (ClipLog)
 
@@ -83,13 +84,16 @@ def lr_lambda(schedule: str, warmup: int, max_steps: int):
     return f
 
 
-def config_hash(model: dict, train: dict) -> str:
-    """What a checkpoint's weights depend on; bookkeeping (step counts, validation) may change on resume."""
-    keep = {k: v for k, v in train.items() if k not in RESUMABLE_KEYS}
-    if keep.get("recipe") == "svd_lora":  # what is exported besides the LoRA does not change the weights
+def config_hash(model: dict, train: dict, sections: tuple[str, ...]) -> str:
+    """What a checkpoint's weights depend on; bookkeeping (step counts, validation) may change on resume.
+    `sections`: the train.* sub-sections the recipe reads (`Recipe.TRAIN_SECTIONS`); the others are left out."""
+    from vidgen.config import Section, TrainConfig
+
+    owned = {n for n, f in TrainConfig.model_fields.items() if isinstance(f.annotation, type)
+             and issubclass(f.annotation, Section)}
+    keep = {k: v for k, v in train.items() if k not in RESUMABLE_KEYS and (k not in owned or k in sections)}
+    if "lora" in keep:  # what is exported besides the LoRA does not change the weights
         keep["lora"] = {k: v for k, v in keep["lora"].items() if k != "export_merged"}
-    else:  # other recipes ignore the LoRA section (and keep the hashes of runs started before it existed)
-        keep.pop("lora", None)
     blob = json.dumps({"model": {k: v for k, v in model.items() if k != "cache_dir"}, "train": keep},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -153,26 +157,6 @@ def _maybe_dump_state(engine, zero_stage: int, rank: int) -> None:
             torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, path)  # no copy on CPU
 
 
-_FAULT_SPEC = re.compile(r"^(\d+:\d+(?:,\d+:\d+)*):(.+)$")
-
-
-def fault_points(spec: str) -> tuple[list[tuple[int, int]], str]:
-    """Parse VIDGEN_FAULT_KILL into its kill points [(rank, step), ...] and the marker file."""
-    m = _FAULT_SPEC.match(spec)
-    if not m:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <rank>:<step>[,<rank>:<step>...]:<marker file>")
-    points = [(int(r), int(s)) for r, s in (p.split(":") for p in m.group(1).split(","))]
-    return points, m.group(2)
-
-
-def fired_faults(marker: str) -> set[int]:
-    """Indices of the kill points already injected: the marker file has one line "<index> <rank> <step>" each."""
-    try:
-        return {int(line.split()[0]) for line in Path(marker).read_text().splitlines() if line.strip()}
-    except FileNotFoundError:
-        return set()
-
-
 class ClipLog:
     """Test hook, VIDGEN_CLIP_LOG="<dir>" (on a filesystem every worker sees): each attempt of each rank writes
     `<dir>/<time ns>-<rank>-<start step>.jsonl`, a line {"step": s, "clips": [ids], "buckets": [...]} per batch it
@@ -189,34 +173,12 @@ class ClipLog:
                 f.write(json.dumps({"step": step, "clips": clip_ids, "buckets": buckets}) + "\n")
 
 
-def _maybe_inject_fault(rank: int, step: int) -> None:
-    """Test hook: VIDGEN_FAULT_KILL="<rank>:<step>[,<rank>:<step>...]:<marker file>".
-
-    The process of `rank` exits at once (os._exit: no cleanup, as an OOM kill or a lost node would) right
-    after optimizer step `step`, before that step's checkpoint. Each point fires once per run, in any order:
-    the kill appends "<index> <rank> <step>" to the marker file first, and a point listed there is skipped
-    when its step is trained again after the restart. The marker must be on a filesystem every worker sees.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    points, marker = fault_points(spec)
-    fired = fired_faults(marker)
-    for i, (r, s) in enumerate(points):
-        if r == rank and s == step and i not in fired:
-            with open(marker, "a") as f:  # one short O_APPEND write: two ranks dying at once both get a line
-                f.write(f"{i} {rank} {step}\n")
-            log.warning("fault injection: killing rank %d at step %d", rank, step)
-            os._exit(1)
-
-
 def train_func(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
     from vidgen.config import ModelConfig, TrainConfig
     from vidgen.ray_env import apply_worker_env
-    from vidgen.train.recipes import build_recipe
 
     t, model_cfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
     apply_worker_env(t.use_gpu)  # before DeepSpeed picks its accelerator: this worker's, not the driver's
@@ -225,6 +187,7 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed, sink = config["seed"], config.get("metrics_sink")
+    fault = faults.from_env("TRAIN")
     on_cpu = not t.use_gpu
     device = torch.device("cpu") if on_cpu else torch.device("cuda", ctx.get_local_rank())
     if on_cpu:
@@ -236,7 +199,7 @@ def train_func(config: dict) -> None:
     # -- setup --------------------------------------------------------------------------------
     t_setup = time.perf_counter()
     timings: dict[str, float] = {}  # figures of this attempt, sent with the next metrics row
-    my_hash = config_hash(config["model"], config["train"])
+    my_hash = config_hash(config["model"], config["train"], registry.recipe_class(model_cfg, t.recipe).TRAIN_SECTIONS)
     step, batches_seen, client = 0, 0, {}
     with contextlib.ExitStack() as stack:
         ckpt = ray.train.get_checkpoint()
@@ -244,19 +207,19 @@ def train_func(config: dict) -> None:
         # altered file from being loaded.
         ckpt_dir = stack.enter_context(valid_checkpoint(ckpt)) if ckpt else None
         written_by = checkpoint_world(ckpt_dir) if ckpt_dir else world
-        recipe = build_recipe(t.recipe, model_cfg, t, seed).to(device)
+        recipe = registry.build_recipe(model_cfg, t, seed).to(device)
         if t.activation_checkpointing:
             recipe.unet.enable_gradient_checkpointing()
         params = recipe.trainable_parameters()
         optimizer = _optimizer(params, t)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.max_steps))
         ds_config = deepspeed_config(config["train"], world, on_cpu, deep_merge(
-            getattr(recipe, "deepspeed_overrides", dict)(), config.get("deepspeed_user") or {}))
+            recipe.deepspeed_overrides(), config.get("deepspeed_user") or {}))
         if written_by != world:  # ZeRO's partitions of another world size: through DeepSpeed's universal format
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         engine, _, _, _ = deepspeed.initialize(model=recipe.unet, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
-        trainable_only = getattr(recipe, "checkpoint_trainable_only", False)  # LoRA: the base is not saved
+        trainable_only = recipe.checkpoint_trainable_only  # LoRA, temporal layers: the frozen base is not saved
         names = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
         ema = {n: p.detach().float().clone() for n, p in zip(names, params, strict=True)} \
             if t.ema and rank == 0 else None
@@ -316,7 +279,7 @@ def train_func(config: dict) -> None:
         if not boundary:
             continue
         step += 1
-        _maybe_inject_fault(rank, step)
+        faults.maybe_exit("TRAIN", fault, rank, step)  # test hook (vidgen/faults.py)
         if ema is not None:
             _ema_update(ema, names, params, t.ema_decay)
         mean_loss = mean_over_ranks(losses, device)
@@ -332,7 +295,7 @@ def train_func(config: dict) -> None:
         timings = {}
         t_step, wait = now, 0.0
         if t.validation_every and step % t.validation_every == 0 and config.get("validation"):
-            _validate(recipe, engine, t, config, rank, step, sink)
+            _validate(recipe, registry.spec(model_cfg), engine, t, config, rank, step, sink)
         if step >= t.max_steps or step % t.checkpoint_every == 0:
             if t.zero_stage < 3:
                 check_ranks_agree(params, step, device)
@@ -545,12 +508,8 @@ def _check_same_step(step: int, device: torch.device) -> None:
         raise RuntimeError(f"ranks resumed from different checkpoints (steps {-int(both[1])} to {int(both[0])})")
 
 
-def _validate(recipe, engine, t, config: dict, rank: int, step: int, sink) -> None:
-    """Videos from held-out first frames with the current weights; rank 0 writes, the driver logs."""
-    import contextlib
-
-    from vidgen.generate.validation import validation_videos
-
+def _validate(recipe, family, engine, t, config: dict, rank: int, step: int, sink) -> None:
+    """Videos from held-out inputs with the current weights; rank 0 writes, the driver logs."""
     gather = contextlib.nullcontext()
     if t.zero_stage == 3:
         import deepspeed
@@ -559,7 +518,7 @@ def _validate(recipe, engine, t, config: dict, rank: int, step: int, sink) -> No
     with gather:
         if rank == 0:
             recipe.unet.eval()
-            paths = validation_videos(recipe.model, config["validation"], step, t.validation_steps)
+            paths = validation_videos(family, recipe.model, config["validation"], step, t.validation_steps)
             recipe.unet.train()
             if sink is not None:
                 sink.put_artifacts.remote(step, paths)

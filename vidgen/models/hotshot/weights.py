@@ -116,7 +116,7 @@ def spatial_state_dict(unet) -> dict[str, torch.Tensor]:
 # -- files ----------------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"{path}: no such weights file")
     try:
@@ -135,7 +135,7 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -155,7 +155,7 @@ def _write(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def read_temporal_file(unet, path: str | Path) -> None:
-    load_temporal(unet, _read(Path(path)), str(path))
+    load_temporal(unet, read_tensors(Path(path)), str(path))
 
 
 def write_temporal_file(unet, path: str | Path) -> None:
@@ -193,43 +193,3 @@ def save_hotshot_unet_dir(unet, out_dir: str | Path) -> None:
     tmp = out / "config.json.tmp"
     tmp.write_text(json.dumps(hotshot_config(unet), indent=2, sort_keys=True))
     tmp.replace(out / "config.json")
-
-
-def load_hotshot_unet_dir(path: str | Path, spatial_unet_base: str | Path | None = None,
-                          temporal_layers: str | Path | None = None, max_frames: int | None = None,
-                          spatial_norm: str = "clip"):
-    """A HotshotUNet from a Hotshot `unet/` directory, or from any SDXL UNet directory (`spatial_unet_base`, a
-    diffusers UNet2DConditionModel dir) plus the temporal layers of `path` or of a `temporal_layers` file."""
-    from vidgen.models.hotshot import HOTSHOT_MAX_FRAMES, HotshotUNet
-
-    root = Path(path) if path else None
-    state: dict[str, torch.Tensor] = {}
-    if root is not None:
-        if not (root / "config.json").is_file():
-            raise ModelError(f"{root}: not a Hotshot-XL unet directory (expected config.json and {WEIGHTS_FILE})")
-        cfg_2d = config_2d_from_hotshot(_read_config(root / "config.json"), str(root / "config.json"))
-        weights = root / WEIGHTS_FILE
-        state = _read(weights if weights.is_file() else root / "diffusion_pytorch_model.bin")
-    spatial_what = str(root)
-    if spatial_unet_base is not None:  # Hotshot's --spatial_unet_base: only the temporal keys of `path` are kept
-        base = Path(spatial_unet_base)
-        if not (base / "config.json").is_file():
-            raise ModelError(f"{base}: not a diffusers UNet directory (expected config.json)")
-        cfg_2d = {k: v for k, v in _read_config(base / "config.json").items() if not k.startswith("_")}
-        bw = base / WEIGHTS_FILE
-        state = {**_read(bw if bw.is_file() else base / "diffusion_pytorch_model.bin"),
-                 **{k: v for k, v in state.items() if is_temporal(k)}}
-        spatial_what = str(base)
-    if root is None and spatial_unet_base is None:
-        raise ModelError("a Hotshot UNet needs a unet directory or a spatial_unet_base")
-    if temporal_layers is not None:
-        state = {k: v for k, v in state.items() if not is_temporal(k)}
-        state.update(_read(Path(temporal_layers)))
-    pe = next((v for k, v in state.items() if k.endswith("pos_encoder.positional_encoding")), None)
-    frames = max_frames or (pe.shape[1] if pe is not None else HOTSHOT_MAX_FRAMES)
-    unet = HotshotUNet.from_config_2d(cfg_2d, max_frames=frames, spatial_norm=spatial_norm)
-    unet.config_2d = cfg_2d
-    load_spatial(unet, state, spatial_what)
-    if any(is_temporal(k) for k in state):
-        load_temporal(unet, state, str(temporal_layers or root))
-    return unet.eval()

@@ -21,11 +21,7 @@ import torch
 
 from vidgen.config import ModelConfig, TrainConfig
 from vidgen.diffusion.noise import randint
-from vidgen.errors import ConfigError, ModelError
-from vidgen.models import hotshot
-from vidgen.models.hotshot_weights import TEMPORAL_FILE, load_temporal, save_hotshot_unet_dir, write_temporal_file
-from vidgen.models.sdxl import add_time_ids
-from vidgen.train.objectives import (
+from vidgen.diffusion.objectives import (
     caption_keep_mask,
     compute_snr,
     ddpm_noisy,
@@ -34,33 +30,41 @@ from vidgen.train.objectives import (
     offset_noise,
     weighted_mse,
 )
-from vidgen.train.recipes import UNetRecipe
+from vidgen.errors import ConfigError, ModelError
+from vidgen.models.hotshot import model as hotshot
+from vidgen.models.hotshot.sdxl import add_time_ids
+from vidgen.models.hotshot.weights import TEMPORAL_FILE, load_temporal, save_hotshot_unet_dir, write_temporal_file
 
 
 def build_model(model_cfg: ModelConfig, seed: int, prediction_type: str | None = None,
-                precision: str = "fp32") -> hotshot.Hotshot:
-    """flavor=full builds its random weights in the training precision (bf16: no fp32 copy first)."""
+                precision: str = "fp32", build=None) -> hotshot.Hotshot:
+    """flavor=full builds its random weights in the training precision (bf16: no fp32 copy first). `build`: a
+    stand-in for `hotshot.build` (vidgen plan's meta-device builder)."""
     m = model_cfg
-    if m.family != "hotshot":
-        raise ConfigError(f"model.family={m.family}: recipe hotshot_temporal needs model.family=hotshot")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, temporal_layers=m.temporal_layers,
-                         spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames, spatial_norm=m.spatial_norm,
-                         prediction_type=prediction_type, attention=m.attention, dtype=dtype)
+    return (build or hotshot.build)(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed,
+                                    temporal_layers=m.temporal_layers, spatial_unet_base=m.spatial_unet_base,
+                                    max_frames=m.max_frames, spatial_norm=m.spatial_norm,
+                                    prediction_type=prediction_type, attention=m.attention, dtype=dtype)
 
 
 @dataclass
-class HotshotTemporalRecipe(UNetRecipe):
+class HotshotTemporalRecipe:
     model_cfg: ModelConfig
     train_cfg: TrainConfig
     seed: int = 0
+    build: object = None  # a stand-in for hotshot.build (vidgen plan's meta-device builder)
+
+    OPTIONAL_COLUMNS = ("prompt", "orig_height", "orig_width", "crop_top", "crop_left")
+    TRAIN_SECTIONS = ("ddpm",)
+    EXPORT_NAME = "unet"
     checkpoint_trainable_only = True  # checkpoints hold the temporal layers; the frozen SDXL is rebuilt on resume
 
     def __post_init__(self):
         d = self.train_cfg.ddpm
         self.model = build_model(self.model_cfg, self.seed,
                                  None if d.prediction_type == "scheduler" else d.prediction_type,
-                                 self.train_cfg.precision)
+                                 self.train_cfg.precision, self.build)
         frames, limit = self.model_cfg.num_frames, self.model.unet.config.motion_max_seq_length
         if frames > limit:
             raise ConfigError(f"model.num_frames={frames}: the temporal positional table holds {limit} frames; "
@@ -76,10 +80,23 @@ class HotshotTemporalRecipe(UNetRecipe):
         self.alphas_cumprod = ac.float()
         unet.train()
 
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
     def to(self, device: torch.device) -> HotshotTemporalRecipe:
         self.model.vae.to(device)
         self.model.text.to(device)
         return self
+
+    def deepspeed_overrides(self) -> dict:
+        return {}
+
+    def encoders(self) -> list[torch.nn.Module]:
+        return [self.model.vae, self.model.text.text_encoder, self.model.text.text_encoder_2]
 
     # What the frozen encoders make of a clip, deterministic: `vidgen prepare latents` caches it.
     ENCODED = ("latent_params", "prompt_embeds", "pooled_embeds")
@@ -148,6 +165,9 @@ class HotshotTemporalRecipe(UNetRecipe):
         self.unet.load_state_dict(temporal, strict=False)  # the spatial layers are frozen: the base model's
         save_hotshot_unet_dir(self.unet, out_dir)
         write_temporal_file(self.unet, Path(out_dir) / TEMPORAL_FILE)
+
+    def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        self.export(state_dict, out_dir)  # no adapters: the export is already the whole UNet
 
 
 def load_exported_temporal(model: hotshot.Hotshot, export_dir: str | Path) -> None:

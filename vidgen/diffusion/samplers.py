@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from vidgen.diffusion.fifo import FifoPlan, fifo_iterate, init_queue
 from vidgen.diffusion.noise import randn
-from vidgen.generate.fifo import FifoPlan, fifo_iterate, init_queue
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def fifo_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_fram
 
     The base video uses the same nf-step sigma table as the queue, as the original does. Pass `base`
     (e.g. from a cache) to skip sampling it; `generator` then only draws the queue noise.
-    `uniform` and `reseed` are the FIFO+ options (see `vidgen.generate.fifo`).
+    `uniform` and `reseed` are the FIFO+ options (see `vidgen.diffusion.fifo`).
     """
     sigmas = sampling_sigmas(scheduler, plan.steps)  # descending, nf + 1
     if base is None:

@@ -25,26 +25,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 
 import numpy as np
 
-from vidgen import storage
+from vidgen import faults, storage
 from vidgen.config import VidgenConfig
 from vidgen.data.listing import Sample
 from vidgen.data.pack import done_uri, shard_name
 from vidgen.data.pipeline import check_bad_fraction, read_config_clips
 from vidgen.data.worker import BadSample, ClipSpec, sample_clips
 from vidgen.errors import ConfigError, DataError
+from vidgen.models import registry
 
 log = logging.getLogger(__name__)
 
 KEY_FILE, MANIFEST = "_latents.json", "_manifest.json"
 FORMAT = 1
 META = ("clip_id", "prompt", "fps", "orig_height", "orig_width", "crop_top", "crop_left")
-FAULT_ENV = "VIDGEN_FAULT_KILL_LATENTS"  # "<n>": test hook, the process dies mid-shard after n shards
 
 
 def cache_uri(cfg: VidgenConfig) -> str:
@@ -60,15 +59,8 @@ def config_key(cfg: VidgenConfig) -> dict:
             "data.buckets": d.buckets, "data.fps": d.fps, "data.source_fps": d.source_fps,
             "data.clips_per_video": d.clips_per_video, "data.camera": d.camera,
             "data.prompt_template": d.prompt_template, "data.default_prompt": d.default_prompt,
-            "train.ddpm.default_prompt": cfg.train.ddpm.default_prompt if m.family == "hotshot" else None,
-            "latents.dtype": cfg.latents.dtype, "run.seed": cfg.run.seed if m.flavor == "tiny" else None}
-
-
-def encoder_modules(recipe) -> list:
-    model = recipe.model
-    if hasattr(model, "image_encoder"):
-        return [model.vae, model.image_encoder]
-    return [model.vae, model.text.text_encoder, model.text.text_encoder_2]
+            "latents.dtype": cfg.latents.dtype, "run.seed": cfg.run.seed if m.flavor == "tiny" else None,
+            **registry.spec(m).cache_key(cfg)}
 
 
 def weights_hash(modules) -> str:
@@ -119,7 +111,7 @@ def non_finite(encoded: dict[str, np.ndarray], i: int) -> tuple[str, int] | None
 
 
 def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: ClipSpec, batch_size: int,
-                 die_midway: bool = False) -> dict:
+                 fault: str | None = None, finished: int = 0) -> dict:
     """Decode, encode and write shard `index` atomically, then its done marker; returns the marker.
 
     A sample whose clips cannot be decoded, or any of whose encodings holds NaN or inf (an encoder overflowing
@@ -160,9 +152,8 @@ def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: Clip
                               f"{found[1]} NaN/inf values (an encoder overflow; latents.dtype=fp32 avoids it)")
                     log.warning("%s", detail)
                     bad.append({"uri": c["_uri"], "reason": "non-finite encoding", "detail": detail})
-        if die_midway:  # the test hook: work done, nothing written
-            log.warning("fault injection: dying in the middle of shard %d", index)
-            os._exit(1)
+        # test hook (vidgen/faults.py): `finished` shards written by this process, this one encoded, none written
+        faults.maybe_exit("LATENTS", fault, finished)
     rows = [r for uri, r in encoded_rows if uri not in nan_uris]  # a sample is cached whole or not at all
     with storage.atomic_local(storage.join(out, shard_name(index)), ".parquet") as path:
         pq.write_table(pa.Table.from_pylist(rows), path) if rows else open(path, "wb").close()
@@ -186,13 +177,12 @@ def load_encoders(cfg: VidgenConfig, gpus_reserved: float = 0.0):
     import torch
 
     from vidgen.devices import compute_device
-    from vidgen.train.recipes import build_recipe
 
-    recipe = build_recipe(cfg.train.recipe, cfg.model, cfg.train, cfg.run.seed)
-    digest = weights_hash(encoder_modules(recipe))
+    recipe = registry.build_recipe(cfg.model, cfg.train, cfg.run.seed)
+    digest = weights_hash(recipe.encoders())
     device = compute_device(gpus_reserved, "latents.gpus_per_actor")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.latents.dtype]  # fp32: as built
-    for m in encoder_modules(recipe):
+    for m in recipe.encoders():
         if upcast_vae(m, dtype):
             log.info("latents.dtype=fp16: the VAE stays fp32 (its config says force_upcast: fp16 overflows it "
                      "to NaN); the other encoders run in fp16")
@@ -207,7 +197,7 @@ class ShardEncoder:
     `gpus_reserved`, the same number as its num_gpus), then writes every shard it is handed."""
 
     def __init__(self, cfg_dict: dict, out: str, spec: ClipSpec, key_hash: str, table_ref: list, per_shard: int,
-                 gpus_reserved: float = 0.0):
+                 gpus_reserved: float = 0.0, fault: str | None = None):
         import ray
 
         self.cfg = VidgenConfig(**cfg_dict)
@@ -217,17 +207,14 @@ class ShardEncoder:
             raise DataError(f"{out}: the encoders on this worker differ from the driver's (weights hash): "
                             "is model.path the same on every node?")
         self.out, self.spec = out, spec
-        kill = os.environ.get(FAULT_ENV)
-        self.kill_after = int(kill) if kill else None
-        self.written = 0
+        self.fault, self.written = fault, 0
 
     def __call__(self, batch: dict) -> dict:
         marks = []
         for index in batch["index"]:
             samples = list(self.table[int(index) * self.per_shard:(int(index) + 1) * self.per_shard])
-            die = self.kill_after is not None and self.written >= self.kill_after
             done = encode_shard(self.recipe, self.out, int(index), samples, self.spec,
-                                self.cfg.latents.batch_size, die)
+                                self.cfg.latents.batch_size, self.fault, self.written)
             self.written += 1
             marks.append(json.dumps(done))
         return {"index": batch["index"], "done": marks}
@@ -276,15 +263,15 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(ShardEncoder, batch_size=1, concurrency=lat.actors, num_gpus=gpus, num_cpus=1,
                             fn_constructor_args=(cfg.model_dump(mode="json"), out, stream.spec, key["encoders"],
-                                                 [ray.put(stream.samples)], per_shard, gpus))
+                                                 [ray.put(stream.samples)], per_shard, gpus),
+                            fn_constructor_kwargs={"fault": faults.from_env("LATENTS")})
         for n, row in enumerate(ds.iter_rows(), 1):
             if progress:
                 progress(n, len(pending), int(row["index"]))
     elif pending:
-        kill = os.environ.get(FAULT_ENV)
+        fault = faults.from_env("LATENTS")
         for n, k in enumerate(pending):
-            encode_shard(recipe, out, k, groups[k], stream.spec, lat.batch_size,
-                         kill is not None and n >= int(kill))
+            encode_shard(recipe, out, k, groups[k], stream.spec, lat.batch_size, fault, n)
             if progress:
                 progress(n + 1, len(pending), k)
 
@@ -312,8 +299,10 @@ def open_cache(cfg: VidgenConfig) -> dict:
             raise ConfigError(f"data.latents={uri}: no {name} there; write the cache with "
                               "`vidgen prepare latents` (an unfinished one lacks _manifest.json: rerun it)")
     manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
-    found = {k: v for k, v in manifest["key"].items() if k not in ("encoders", "samples")}
     expected = config_key(cfg)
+    # a field another family's key has, unset in this one's (older caches carry it as null)
+    found = {k: v for k, v in manifest["key"].items()
+             if k not in ("encoders", "samples") and (v is not None or k in expected)}
     expected.pop("data.source"), found.pop("data.source", None)  # the cache stands in for the source
     refuse(uri, expected, found, "this config")
     return manifest

@@ -11,12 +11,13 @@ output norm) work on 5-D tensors, so their statistics span the clip's frames; `s
 reproduces that with `ClipGroupNorm`, `"frame"` gives diffusers' per-frame 2-D behaviour. With one frame both agree.
 
 `HotshotUNet.forward` takes a timestep per video [B] or per frame [B, F] (the denoiser interface) and text
-conditioning per video [B, S, D]. Weight conversion to and from Hotshot's own key names is in `hotshot_weights`.
+conditioning per video [B, S, D]. Weight conversion to and from Hotshot's own key names is in `weights`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,12 @@ from diffusers import UNet2DConditionModel, UNetMotionModel
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
+from vidgen.errors import ModelError, brief
+from vidgen.models import attention
+from vidgen.models.attention import check_backend
+from vidgen.models.hotshot import sdxl
+from vidgen.models.hotshot import weights as hw
+from vidgen.models.loading import resolve_model_dir
 from vidgen.models.vae import LatentVideoModel
 
 HOTSHOT_HEADS = 8
@@ -107,10 +114,8 @@ class HotshotUNet(UNetMotionModel):
                             heads: int = HOTSHOT_HEADS, spatial_norm: str = "clip") -> HotshotUNet:
         """Every weight of `unet2d` (all of them, unlike `UNetMotionModel.from_unet2d`, which skips the SDXL
         `add_embedding`) plus freshly initialised temporal layers."""
-        from vidgen.models.hotshot_weights import load_spatial
-
         model = cls.from_config_2d(dict(unet2d.config), max_frames, heads, spatial_norm)
-        load_spatial(model, unet2d.state_dict(), "the SDXL UNet")
+        hw.load_spatial(model, unet2d.state_dict(), "the SDXL UNet")
         return model.to(unet2d.dtype)
 
     def _hotshotify(self, spatial_norm: str) -> None:
@@ -246,12 +251,16 @@ def tiny_unet(seed: int = 0, cfg: TinyUNetConfig = TinyUNetConfig(), max_frames:
 class Hotshot(LatentVideoModel):
     unet: HotshotUNet
     vae: torch.nn.Module  # AutoencoderKL
-    text: object  # vidgen.models.sdxl.SDXLText
+    text: object  # vidgen.models.hotshot.sdxl.SDXLText
     scheduler: object  # DDPMScheduler (training); samplers derive DDIM from its config
 
     @property
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
+
+    def set_attention(self, backend: str) -> Hotshot:
+        attention.apply(backend, [self.unet, self.vae], [self.text.text_encoder, self.text.text_encoder_2])
+        return self
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Hotshot:
         for m in (self.unet, self.vae):
@@ -276,8 +285,6 @@ def tiny(seed: int = 0, max_frames: int = HOTSHOT_MAX_FRAMES, spatial_norm: str 
          prediction_type: str = "epsilon") -> Hotshot:
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from vidgen.models import sdxl
-
     unet = tiny_unet(seed, max_frames=max_frames, spatial_norm=spatial_norm)
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -287,6 +294,44 @@ def tiny(seed: int = 0, max_frames: int = HOTSHOT_MAX_FRAMES, spatial_norm: str 
     return Hotshot(unet, vae, sdxl.tiny_text(seed), scheduler)
 
 
+def load_hotshot_unet_dir(path: str | Path, spatial_unet_base: str | Path | None = None,
+                          temporal_layers: str | Path | None = None, max_frames: int | None = None,
+                          spatial_norm: str = "clip"):
+    """A HotshotUNet from a Hotshot `unet/` directory, or from any SDXL UNet directory (`spatial_unet_base`, a
+    diffusers UNet2DConditionModel dir) plus the temporal layers of `path` or of a `temporal_layers` file."""
+    root = Path(path) if path else None
+    state: dict[str, torch.Tensor] = {}
+    if root is not None:
+        if not (root / "config.json").is_file():
+            raise ModelError(f"{root}: not a Hotshot-XL unet directory (expected config.json and {hw.WEIGHTS_FILE})")
+        cfg_2d = hw.config_2d_from_hotshot(hw.read_config(root / "config.json"), str(root / "config.json"))
+        weights = root / hw.WEIGHTS_FILE
+        state = hw.read_tensors(weights if weights.is_file() else root / "diffusion_pytorch_model.bin")
+    spatial_what = str(root)
+    if spatial_unet_base is not None:  # Hotshot's --spatial_unet_base: only the temporal keys of `path` are kept
+        base = Path(spatial_unet_base)
+        if not (base / "config.json").is_file():
+            raise ModelError(f"{base}: not a diffusers UNet directory (expected config.json)")
+        cfg_2d = {k: v for k, v in hw.read_config(base / "config.json").items() if not k.startswith("_")}
+        bw = base / hw.WEIGHTS_FILE
+        state = {**hw.read_tensors(bw if bw.is_file() else base / "diffusion_pytorch_model.bin"),
+                 **{k: v for k, v in state.items() if hw.is_temporal(k)}}
+        spatial_what = str(base)
+    if root is None and spatial_unet_base is None:
+        raise ModelError("a Hotshot UNet needs a unet directory or a spatial_unet_base")
+    if temporal_layers is not None:
+        state = {k: v for k, v in state.items() if not hw.is_temporal(k)}
+        state.update(hw.read_tensors(Path(temporal_layers)))
+    pe = next((v for k, v in state.items() if k.endswith("pos_encoder.positional_encoding")), None)
+    frames = max_frames or (pe.shape[1] if pe is not None else HOTSHOT_MAX_FRAMES)
+    unet = HotshotUNet.from_config_2d(cfg_2d, max_frames=frames, spatial_norm=spatial_norm)
+    unet.config_2d = cfg_2d
+    hw.load_spatial(unet, state, spatial_what)
+    if any(hw.is_temporal(k) for k in state):
+        hw.load_temporal(unet, state, str(temporal_layers or root))
+    return unet.eval()
+
+
 def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", temporal_layers: str | None = None,
                spatial_unet_base: str | None = None, max_frames: int | None = None,
                spatial_norm: str = "clip") -> Hotshot:
@@ -294,12 +339,8 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", temporal_la
     text_encoder(_2)/. `spatial_unet_base` swaps in another SDXL UNet, keeping the temporal layers."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from vidgen.errors import ModelError, brief
-    from vidgen.models import sdxl
-    from vidgen.models.hotshot_weights import load_hotshot_unet_dir
-    from vidgen.models.svd import resolve_model_dir
-
-    root = resolve_model_dir(path, cache_dir)
+    root = resolve_model_dir(path, cache_dir, "Hotshot-XL (or SDXL) diffusers-format",
+                             ("unet", "vae", "scheduler", "text_encoder", "text_encoder_2"))
     missing = [s for s in ("unet", "vae", "scheduler") if not (root / s).is_dir()]
     if missing:
         raise ModelError(f"{path}: missing subfolder(s) {', '.join(missing)} of a Hotshot-XL/SDXL directory")
@@ -331,10 +372,8 @@ def full_size_configs() -> dict[str, dict]:
     unet: its `unet/config.json` (a UNet2DConditionModel, 2,567,463,684 parameters); `from_configs` adds the
     temporal layers vidgen builds (`HotshotUNet.from_config_2d`: one 8-head temporal transformer per down/up resnet,
     none in the mid block; Hotshot's `hsxl_temporal_layers.safetensors` holds them). vae: its `vae/` AutoencoderKL
-    (83,653,863, force_upcast, scaling 0.13025). text_encoder(_2): `vidgen.models.sdxl.full_size_text_configs`.
+    (83,653,863, force_upcast, scaling 0.13025). text_encoder(_2): `vidgen.models.hotshot.sdxl.full_size_text_configs`.
     """
-    from vidgen.models import sdxl
-
     return {
         "unet": dict(
             sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -364,16 +403,13 @@ def from_configs(configs: dict[str, dict], max_frames: int = HOTSHOT_MAX_FRAMES,
     UNet, + 1: the VAE, + 2: the text encoders). The scheduler is SDXL's DDPM config, always in fp32."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from vidgen.models import sdxl
-    from vidgen.models.hotshot_weights import config_2d_from_hotshot
-
     def seeded(i: int) -> None:
         if seed is not None:
             torch.manual_seed(seed + i)
 
     unet_cfg = {k: v for k, v in configs["unet"].items() if not k.startswith("_")}
     if any(t.endswith("3D") for t in unet_cfg["down_block_types"]):  # Hotshot's own UNet3DConditionModel config
-        unet_cfg = config_2d_from_hotshot(unet_cfg, "unet config")
+        unet_cfg = hw.config_2d_from_hotshot(unet_cfg, "unet config")
     seeded(0)
     unet = HotshotUNet.from_config_2d(unet_cfg, max_frames=max_frames, spatial_norm=spatial_norm).eval()
     seeded(1)
@@ -408,19 +444,16 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
           dtype: torch.dtype = torch.float32) -> Hotshot:
     """The entry point configs use (model.family=hotshot). `dtype`: what flavor=full builds its weights in (the
     recipe's frozen-base dtype)."""
-    from vidgen.errors import ModelError
-    from vidgen.models.attention import apply, check_backend
-    from vidgen.models.hotshot_weights import read_temporal_file
 
     check_backend(attention)  # before loading gigabytes of weights
     if flavor == "tiny":
         model = tiny(seed, max_frames or HOTSHOT_MAX_FRAMES, spatial_norm, prediction_type or "epsilon")
         if temporal_layers:
-            read_temporal_file(model.unet, temporal_layers)
+            hw.read_temporal_file(model.unet, temporal_layers)
     elif flavor == "full":
         model = full(seed, max_frames or HOTSHOT_MAX_FRAMES, spatial_norm, prediction_type or "epsilon", dtype)
         if temporal_layers:
-            read_temporal_file(model.unet, temporal_layers)
+            hw.read_temporal_file(model.unet, temporal_layers)
     elif flavor == "pretrained":
         if not path:
             raise ModelError("model.path: required for model.flavor=pretrained (a Hotshot-XL or SDXL directory)")
@@ -430,4 +463,4 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
                                                                     prediction_type=prediction_type)
     else:
         raise ModelError(f"model.flavor={flavor}: expected one of tiny, full, pretrained")
-    return apply(model, attention)
+    return model.set_attention(attention)

@@ -12,7 +12,6 @@ stable-video-diffusion-img2vid-xt) from a path or fsspec URI. Weights are never 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from vidgen.errors import ModelError, brief
+from vidgen.models import attention, loading
+from vidgen.models.attention import check_backend
+from vidgen.models.loading import missing_weights
 from vidgen.models.vae import LatentVideoModel
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,10 @@ class SVD(LatentVideoModel):
     image_encoder: torch.nn.Module  # CLIPVisionModelWithProjection
     feature_extractor: object  # CLIPImageProcessor (mean/std only)
     scheduler: object  # EulerDiscreteScheduler (sigma schedule only)
+
+    def set_attention(self, backend: str) -> SVD:
+        attention.apply(backend, [self.unet, self.vae], [self.image_encoder])
+        return self
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SVD:
         for m in (self.unet, self.vae, self.image_encoder):
@@ -199,31 +205,11 @@ SVD_SCHEDULER = dict(
 
 
 def _missing_weights(path: str, why: str) -> ModelError:
-    return ModelError(
-        f"{path}: {why}. vidgen never downloads weights from a hub: copy a diffusers-format SVD directory "
-        f"(with {', '.join(SUBFOLDERS)}/) to local disk or object storage and pass model.path=<that dir>"
-    )
+    return missing_weights(path, why, "diffusers-format SVD", SUBFOLDERS)
 
 
 def resolve_model_dir(path: str, cache_dir: str) -> Path:
-    """A local directory for `path`: local paths as is, remote URIs copied once into `cache_dir`."""
-    if "://" in path and not path.startswith("file://"):
-        from vidgen import storage
-
-        try:
-            if not storage.isdir(path):
-                raise _missing_weights(path, "no such directory")
-            return Path(storage.cached_local_dir(path, os.path.expanduser(cache_dir)))
-        except ModelError:
-            raise
-        except Exception as e:  # storage errors name the URI already
-            raise _missing_weights(path, f"cannot copy it ({e})") from None
-    local = Path(path.removeprefix("file://")).expanduser()
-    if not local.is_dir():
-        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-        why = "not a local directory (hub ids are not fetched)" if looks_like_hub_id else "no such directory"
-        raise _missing_weights(path, why)
-    return local
+    return loading.resolve_model_dir(path, cache_dir, "diffusers-format SVD", SUBFOLDERS)
 
 
 def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", unet_path: str | None = None) -> SVD:
@@ -277,8 +263,6 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
           dtype: torch.dtype = torch.float32) -> SVD:
     """The entry point configs use: `model.flavor`, `model.path`, `model.cache_dir`, `model.attention`.
     `dtype`: what flavor=full builds its weights in (the recipe's frozen-base dtype)."""
-    from vidgen.models.attention import apply, check_backend
-
     check_backend(attention)  # before loading gigabytes of weights
     if flavor == "tiny":
         model = tiny(seed=seed, num_frames=num_frames)
@@ -294,7 +278,7 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
             model.unet = load_unet(unet_path, cache_dir).to(dtype)
     else:
         raise ModelError(f"model.flavor={flavor}: expected one of tiny, full, pretrained")
-    return apply(model, attention)
+    return model.set_attention(attention)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Hotshot-XL text-to-video: the per-frame denoiser, DDIM, SDXL LoRAs and a per-frame SDXL ControlNet.
+"""Hotshot-XL text-to-video: the per-frame denoiser, DDIM, the pipeline, SDXL LoRAs and a per-frame SDXL ControlNet.
 
 Shapes: B batch, F frames, C latent channels, h/w latents, H/W pixels, S text tokens.
 
@@ -19,12 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import safetensors.torch
 import torch
 
+from vidgen import storage
+from vidgen.config import GenerateConfig, ModelConfig
+from vidgen.data.clips import resize_cover_crop
+from vidgen.diffusion.objectives import append_dims
+from vidgen.diffusion.samplers import base_sample
 from vidgen.errors import ConfigError
-from vidgen.models.hotshot import Hotshot
-from vidgen.models.sdxl import time_ids_for
-from vidgen.train.objectives import append_dims
+from vidgen.models.hotshot import model as hotshot
+from vidgen.models.hotshot.model import Hotshot
+from vidgen.models.hotshot.sdxl import time_ids_for
+from vidgen.models.hotshot.weights import TEMPORAL_FILE, spatial_state_dict
 
 # Hotshot-XL's training sizes at 512 (README "Supported Aspect Ratios"), as (height, width)
 ASPECTS_512 = ((768, 320), (672, 384), (608, 416), (512, 512), (416, 608), (384, 672), (320, 768))
@@ -46,7 +53,7 @@ def check_size(height: int, width: int, model: Hotshot, allow_any: bool = False)
 
 
 class DDIMSigmas:
-    """A scheduler stand-in for vidgen.generate.samplers: DDIM's timesteps as a descending sigma table + 0."""
+    """A scheduler stand-in for vidgen.diffusion.samplers: DDIM's timesteps as a descending sigma table + 0."""
 
     def __init__(self, config):
         from diffusers import DDIMScheduler
@@ -159,8 +166,6 @@ def text_to_video(model: Hotshot, prompts: list[str], num_frames: int = 8, heigh
                   control_frames: np.ndarray | None = None, controlnet_scale: float = 1.0,
                   original_size: tuple[int, int] | None = None, allow_any_size: bool = False) -> np.ndarray:
     """Frames uint8 [B, F, H, W, 3] by DDIM; num_frames=1 gives an image with the temporal layers off."""
-    from vidgen.generate.samplers import base_sample
-
     check_size(height, width, model, allow_any_size)
     limit = model.unet.config.motion_max_seq_length
     if num_frames > limit:
@@ -193,8 +198,6 @@ def controlnet_from_spatial(model: Hotshot, conditioning_channels: int = 3):
     """A fresh SDXL ControlNet initialised from the Hotshot UNet's spatial layers (diffusers' from_unet)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from vidgen.models.hotshot_weights import spatial_state_dict
-
     unet2d = UNet2DConditionModel.from_config(model.unet.config_2d)
     unet2d.load_state_dict(spatial_state_dict(model.unet))
     return ControlNetModel.from_unet(unet2d, conditioning_channels=conditioning_channels).eval()
@@ -205,8 +208,57 @@ def control_frames_from(frames_thwc: np.ndarray, num_frames: int, height: int, w
     """Control maps [F, H, W, 3] uint8: `num_frames` equally spaced frames (Hotshot's keyframes) of a decoded
     video or frame folder, cover-resized and centre-cropped, passed through `extractor` (a frame -> map callable,
     e.g. a depth or edge model); no extractor means the frames already are control maps."""
-    from vidgen.data.clips import resize_cover_crop
-
     idx = np.linspace(0, len(frames_thwc) - 1, num_frames).round().astype(int)
     picked = resize_cover_crop(np.asarray(frames_thwc)[idx], height, width)
     return np.stack([extractor(fr) if extractor else fr for fr in picked]).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the generation job's pipeline
+
+
+@dataclass
+class HotshotPipeline:
+    """Text-to-video (`vidgen.models.base.Pipeline`): a prompt row's `sample_prompt` (else `prompt`)."""
+
+    model: Hotshot
+    denoiser: HotshotDenoiser
+    scheduler: DDIMSigmas
+
+    def condition(self, row: dict, g: GenerateConfig, image_fn, generator) -> HotshotCondition:
+        return self.denoiser.condition([row["sample_prompt"] or row["prompt"]], g.height, g.width)
+
+    def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
+        s = self.model.vae_scale_factor
+        return (1, window, self.model.unet.config.out_channels, g.height // s, g.width // s)
+
+
+def check_generate(m: ModelConfig, g: GenerateConfig) -> None:
+    """On the driver, before any actor loads a model: a size the pretrained weights were not trained at."""
+    check_trained_size(g.height, g.width, any_size=m.flavor != "pretrained")
+
+
+def build_pipeline(m: ModelConfig, g: GenerateConfig) -> HotshotPipeline:
+    temporal = m.temporal_layers
+    if g.unet:  # a `vidgen train` export of hotshot_temporal: its temporal-layer file
+        temporal = g.unet if g.unet.endswith(".safetensors") else storage.join(g.unet, TEMPORAL_FILE)
+    model = hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, temporal_layers=temporal,
+                          spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames,
+                          spatial_norm=m.spatial_norm, attention=m.attention)
+    check_size(g.height, g.width, model, allow_any=m.flavor != "pretrained")  # random init: any size
+    if g.lora:  # an SDXL LoRA: the spatial layers keep SDXL's module names
+        load_sdxl_lora(model, safetensors.torch.load(storage.read_bytes(g.lora)), scale=g.lora_scale)
+    # Text-to-video: one guidance scale for every frame (max_guidance_scale; SVD ramps min -> max).
+    return HotshotPipeline(model, HotshotDenoiser(model, g.max_guidance_scale), DDIMSigmas(model.scheduler.config))
+
+
+def validation_video(model: Hotshot, prompt: str, validation: dict, num_steps: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """One base-sampler window of a validation prompt: frames in [-1, 1], [F, 3, H, W]."""
+    denoiser = HotshotDenoiser(model, guidance_scale=7.5)
+    h, w, s = validation["height"], validation["width"], model.vae_scale_factor
+    cond = denoiser.condition([str(prompt)], h, w)
+    shape = (1, validation["num_frames"], model.unet.config.out_channels, h // s, w // s)
+    latents = base_sample(denoiser, cond, DDIMSigmas(model.scheduler.config), shape, num_steps, generator=generator)
+    with torch.no_grad():
+        return model.decode_video(latents)[0]

@@ -1,10 +1,10 @@
-"""Training recipes: what trains and how a batch becomes a loss.
+"""SVD's training recipes (svd_full, svd_lora): what trains and how a batch becomes an EDM loss.
 
 Shapes: B batch, F frames, C channels, H/W pixels, h/w latents.
 
 A recipe builds its models, names the trainable parameters, turns a batch into a loss through a given
-UNet callable (the DeepSpeed engine, so ZeRO sees every forward), and exports trained weights. Adding a
-model family touches `vidgen/models/` and this file only.
+UNet callable (the DeepSpeed engine, so ZeRO sees every forward), and exports trained weights
+(`vidgen.models.base.Recipe`).
 """
 
 from __future__ import annotations
@@ -16,40 +16,28 @@ import torch
 
 from vidgen.config import ModelConfig, TrainConfig
 from vidgen.diffusion.noise import randn
-from vidgen.errors import ConfigError
-from vidgen.models import svd
-from vidgen.train.objectives import (
+from vidgen.diffusion.objectives import (
     conditioning_dropout_masks,
     edm_denoised,
     edm_loss,
     edm_scalings,
     rand_log_normal,
 )
+from vidgen.errors import ConfigError
+from vidgen.models import lora
+from vidgen.models.svd import model as svd
 
 
-def build_svd(m: ModelConfig, seed: int, precision: str = "fp32") -> svd.SVD:
+def build_svd(m: ModelConfig, seed: int, precision: str = "fp32", build=None) -> svd.SVD:
     """flavor=full builds its random weights in the precision the frozen base trains in (bf16 with
-    train.precision=bf16): no fp32 copy first."""
+    train.precision=bf16): no fp32 copy first. `build`: a stand-in for `svd.build` (vidgen plan's meta builder)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return svd.build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, num_frames=m.num_frames,
-                     attention=m.attention, dtype=dtype)
-
-
-class UNetRecipe:
-    """What every recipe shares: `self.model` holds a `unet`, and the trainable parameters are its unfrozen ones."""
-
-    model: object
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self.model.unet
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+    return (build or svd.build)(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, num_frames=m.num_frames,
+                                attention=m.attention, dtype=dtype)
 
 
 @dataclass
-class SVDFullRecipe(UNetRecipe):
+class SVDFullRecipe:
     """Full (or temporal-only) fine-tuning of the SVD UNet with SVD Xtend's EDM objective, minus its bugs:
     per-sample conditioning noise in `added_time_ids`, fps from the data (sent as fps - 1, as the pipeline
     samples), the conditioning frame's VAE mode, and gradient clipping that actually happens (DeepSpeed).
@@ -58,9 +46,15 @@ class SVDFullRecipe(UNetRecipe):
     model_cfg: ModelConfig
     train_cfg: TrainConfig
     seed: int = 0
+    build: object = None  # a stand-in for svd.build (vidgen plan's meta-device builder)
+
+    OPTIONAL_COLUMNS = ()
+    TRAIN_SECTIONS = ("edm",)
+    EXPORT_NAME = "unet"
+    checkpoint_trainable_only = False
 
     def __post_init__(self):
-        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision)
+        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision, self.build)
         self.model.vae.requires_grad_(False)
         self.model.image_encoder.requires_grad_(False)
         unet = self.model.unet
@@ -74,10 +68,23 @@ class SVDFullRecipe(UNetRecipe):
                               "contains any of them")
         unet.train()
 
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
     def to(self, device: torch.device) -> SVDFullRecipe:
         self.model.vae.to(device)
         self.model.image_encoder.to(device)
         return self
+
+    def deepspeed_overrides(self) -> dict:
+        return {}
+
+    def encoders(self) -> list[torch.nn.Module]:
+        return [self.model.vae, self.model.image_encoder]
 
     # What the frozen encoders make of a clip, deterministic: `vidgen prepare latents` caches it.
     ENCODED = ("latent_params", "image_embeds", "first_frame", "cond_latent")
@@ -96,7 +103,7 @@ class SVDFullRecipe(UNetRecipe):
     def loss(self, batch: dict, unet_fn, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """EDM loss for a batch of clips {frames uint8 [B, F, H, W, 3], fps [B]} or of their cached encodings
         {ENCODED..., fps [B]}; both give the same loss for the same clips and generator."""
-        c = self.train_cfg
+        c = self.train_cfg.edm
         m = self.model
         device = next(m.vae.parameters()).device
         enc = batch if "latent_params" in batch else self.encode(batch)
@@ -138,6 +145,9 @@ class SVDFullRecipe(UNetRecipe):
                                f"unexpected={unexpected[:5]}")
         self.unet.save_pretrained(str(out_dir), safe_serialization=True)
 
+    def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        self.export(state_dict, out_dir)  # the whole UNet trains: there is nothing to merge
+
 
 @dataclass
 class SVDLoraRecipe(SVDFullRecipe):
@@ -149,16 +159,16 @@ class SVDLoraRecipe(SVDFullRecipe):
     fp16 mode for its loss scaling: it casts the whole UNet, keeping fp32 master copies of the adapters.
     """
 
+    TRAIN_SECTIONS = ("edm", "lora")
+    EXPORT_NAME = "lora"
     # The loop saves/loads only trainable tensors: the frozen base is rebuilt from the model config.
     checkpoint_trainable_only = True
 
     def __post_init__(self):
-        from vidgen.models.lora import inject_lora
-
-        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision)
+        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision, self.build)
         self.model.vae.requires_grad_(False)
         self.model.image_encoder.requires_grad_(False)
-        self.targets = inject_lora(self.model.unet, self.train_cfg.lora)  # freezes everything else
+        self.targets = lora.inject_lora(self.model.unet, self.train_cfg.lora)  # freezes everything else
         self.base_dtype = next(p.dtype for p in self.model.unet.parameters() if not p.requires_grad)
         self.model.unet.train()
 
@@ -177,44 +187,24 @@ class SVDLoraRecipe(SVDFullRecipe):
 
     def lora_state(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter tensors of a (consolidated) checkpoint, keyed `<module>.lora_A.weight`."""
-        from vidgen.models.lora import ADAPTER
-
-        lora = {k.replace(f".{ADAPTER}.", "."): v.float() for k, v in state_dict.items() if ".lora_" in k}
-        expected = {k.replace(f".{ADAPTER}.", ".") for k, _ in self.unet.named_parameters() if ".lora_" in k}
-        if set(lora) != expected:
-            missing, extra = sorted(expected - set(lora)), sorted(set(lora) - expected)
+        adapter = lora.ADAPTER
+        state = {k.replace(f".{adapter}.", "."): v.float() for k, v in state_dict.items() if ".lora_" in k}
+        expected = {k.replace(f".{adapter}.", ".") for k, _ in self.unet.named_parameters() if ".lora_" in k}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise RuntimeError(f"checkpoint LoRA tensors do not fit train.lora: missing={missing[:3]} "
                                f"unexpected={extra[:3]}")
-        return lora
+        return state
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
         """Write the adapters (PEFT and diffusers layouts, see `vidgen.models.lora`) to `out_dir`."""
-        from vidgen.models import lora
-
         cfg = lora.config_from_targets(self.train_cfg.lora, self.targets)
         lora.write_lora_dir(self.lora_state(state_dict), cfg, str(out_dir))
 
     def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
         """Write the base UNet with the adapters merged in, as a diffusers UNet directory."""
-        from vidgen.models import lora
-
         state = {k: v.to(torch.float32) for k, v in self.lora_state(state_dict).items()}
         # In fp32: a base built or trained in bf16 would round the small LoRA update away in the merge.
         lora.set_peft_state(self.unet.float(), state)
         lora.merge_lora(self.unet).save_pretrained(str(out_dir), safe_serialization=True)
 
-
-# hotshot_temporal (vidgen.train.hotshot) is imported on use: it pulls in diffusers' motion UNet
-RECIPES = {"svd_full": SVDFullRecipe, "svd_lora": SVDLoraRecipe, "hotshot_temporal": None}
-
-
-def recipe_class(name: str) -> type:
-    if name == "hotshot_temporal":
-        from vidgen.train.hotshot import HotshotTemporalRecipe
-
-        return HotshotTemporalRecipe
-    return RECIPES[name]
-
-
-def build_recipe(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int):
-    return recipe_class(name)(model_cfg, train_cfg, seed)

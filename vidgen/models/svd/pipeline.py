@@ -1,4 +1,4 @@
-"""Denoisers with per-frame noise levels: the one interface every sampler uses.
+"""SVD's generation pipeline: the per-frame denoiser every sampler uses, image conditioning, validation videos.
 
 Shapes: B batch, F frames, C latent channels, h/w latent height/width.
 
@@ -13,11 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from vidgen.config import GenerateConfig, ModelConfig
 from vidgen.diffusion.noise import randn
-from vidgen.models.svd import SVD
-from vidgen.train.objectives import append_dims, edm_scalings
+from vidgen.diffusion.objectives import append_dims, edm_scalings
+from vidgen.diffusion.samplers import base_sample
+from vidgen.models import lora
+from vidgen.models.svd import model as svd
+from vidgen.models.svd.model import SVD
+from vidgen.models.svd.qcache import install_qcache
 
 
 def unet_forward_per_frame(unet, sample_bfchw: torch.Tensor, timesteps_bf: torch.Tensor,
@@ -135,3 +141,45 @@ class SVDDenoiser:
             scale = torch.linspace(self.min_guidance, self.max_guidance, f, device=out.device)
             out = uncond + append_dims(scale, out.ndim - 1) * (cond_out - uncond)
         return append_dims(sc.c_out, out.ndim) * out + append_dims(sc.c_skip, out.ndim) * latents_bfchw
+
+
+@dataclass
+class SVDPipeline:
+    """Image-to-video (`vidgen.models.base.Pipeline`): a prompt row's `image` is the first frame."""
+
+    model: SVD
+    denoiser: SVDDenoiser
+    scheduler: object
+
+    def condition(self, row: dict, g: GenerateConfig, image_fn, generator) -> SVDCondition:
+        return self.denoiser.condition(image_fn(row["image"]), g.fps, g.motion_bucket_id, g.noise_aug_strength,
+                                       generator)
+
+    def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
+        s = self.model.vae_scale_factor
+        return (1, window, self.model.unet.config.out_channels, g.height // s, g.width // s)
+
+
+def build_pipeline(m: ModelConfig, g: GenerateConfig) -> SVDPipeline:
+    model = svd.build(m.flavor, path=m.path, cache_dir=m.cache_dir, num_frames=m.num_frames, unet_path=g.unet,
+                      attention=m.attention)
+    if g.lora:
+        lora.load_lora(model.unet, g.lora, g.lora_scale)
+    if g.consistency.qcache:
+        install_qcache(model.unet, g.consistency.qcache_weight)
+    return SVDPipeline(model, SVDDenoiser(model, g.min_guidance_scale, g.max_guidance_scale), model.scheduler)
+
+
+def validation_video(model: SVD, image: np.ndarray, validation: dict, num_steps: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """One base-sampler window from a held-out first frame (uint8 [H, W, 3]): frames in [-1, 1], [F, 3, H, W]."""
+    denoiser = SVDDenoiser(model, 1.0, 3.0)
+    device = next(model.unet.parameters()).device
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    cond = denoiser.condition(img.to(device), validation["fps"], validation["motion_bucket_id"], 0.02, generator)
+    h, w = img.shape[-2:]
+    s = model.vae_scale_factor
+    latents = base_sample(denoiser, cond, model.scheduler, (1, validation["num_frames"], 4, h // s, w // s),
+                          num_steps, generator=generator)
+    with torch.no_grad():
+        return model.decode_video(latents, chunk=validation["num_frames"])[0]

@@ -1,0 +1,100 @@
+"""What a model family provides, as Protocols: the jobs call these methods and nothing else of a family.
+
+Shapes: B batch, F frames, C latent channels, h/w latents, H/W pixels.
+
+A family is a folder under `vidgen/models/` whose `__init__.py` defines `FAMILY`, a `FamilySpec`; the registry
+(`vidgen.models.registry`) maps its name to that module. The training loop, the generation actors, the latent
+cache and `vidgen plan` reach the family only through the spec: its recipes (training), its pipeline
+(generation), its validation videos, its checks and its planner hooks.
+
+The families are independent of each other; what several share (LoRA, attention backends, the video VAE's
+decoding, weight-directory loading) lives beside them in `vidgen/models/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+
+
+class Recipe(Protocol):
+    """What trains and how a batch becomes a loss. Built as `cls(model_cfg, train_cfg, seed, build=None)`:
+    `build`, when given, replaces the family's model builder (`vidgen plan` passes one that builds on the meta
+    device)."""
+
+    ENCODED: ClassVar[tuple[str, ...]]  # what `encode` returns: the latent cache's tensor columns
+    OPTIONAL_COLUMNS: ClassVar[tuple[str, ...]]  # row columns `loss` reads when the dataset has them
+    TRAIN_SECTIONS: ClassVar[tuple[str, ...]]  # train.* sub-sections the recipe reads (checkpoint compatibility)
+    EXPORT_NAME: ClassVar[str]  # <workdir>/export/<EXPORT_NAME>: what `export` writes
+    checkpoint_trainable_only: ClassVar[bool]  # True: checkpoints hold the trainable tensors, the rest is rebuilt
+    model: Any
+
+    @property
+    def unet(self) -> torch.nn.Module: ...  # what DeepSpeed wraps and the optimizer steps
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def to(self, device: torch.device) -> Recipe: ...  # frozen parts; DeepSpeed moves the UNet
+
+    def deepspeed_overrides(self) -> dict: ...  # merged over the generated DeepSpeed config
+
+    def encoders(self) -> list[torch.nn.Module]: ...  # frozen encoders `encode` runs (cache key: their hash)
+
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]: ...  # deterministic: what the latent cache holds
+
+    # `unet_fn(*args, **kwargs)` is the DeepSpeed engine's `unet(*args, return_dict=False, **kwargs)[0]` (diffusers'
+    # calling convention): (loss, extra metrics)
+    def loss(self, batch: dict, unet_fn: Callable, generator: torch.Generator) -> tuple[torch.Tensor, dict]: ...
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None: ...
+
+    def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None: ...
+
+
+class Pipeline(Protocol):
+    """One model ready to generate: `denoiser(latents[B, F, C, h, w], sigma[B, F], cond) -> x0 estimate` over the
+    `scheduler`'s sigma table, whichever sampler runs it."""
+
+    model: Any  # has decode_video(latents, chunk=...) and vae_scale_factor
+    denoiser: Callable
+    scheduler: Any
+
+    def condition(self, row: dict, g: Any, image_fn: Callable, generator: torch.Generator) -> Any: ...
+
+    def latent_shape(self, g: Any, window: int) -> tuple[int, ...]: ...
+
+
+class Planner(Protocol):
+    """`vidgen plan`'s view of a family: the model on the meta device and one micro-step's encoder and UNet
+    passes at full size."""
+
+    def meta_builder(self, model_cfg: Any) -> Callable: ...  # a `build` whose `.source` says where shapes came from
+
+    def parts(self, model: Any) -> dict[str, torch.nn.Module]: ...  # {"unet": ..., encoders by name}
+
+    def encode(self, model: Any, b: int, f: int, h: int, w: int) -> dict[str, torch.Tensor]: ...
+
+    def unet_loss(self, unet: torch.nn.Module, enc: dict[str, torch.Tensor], b: int, f: int) -> torch.Tensor: ...
+
+    def cache_bytes_per_clip(self, f: int, h: int, w: int) -> int: ...  # a latent-cache row's tensor bytes
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything vidgen knows of a family. `conditioning`: what a prompt row must carry (image: the row's
+    `image`; text: its prompt)."""
+
+    name: str
+    conditioning: Literal["image", "text"]
+    recipes: Mapping[str, type]
+    build_pipeline: Callable[[Any, Any], Pipeline]  # (model config, generate config)
+    # (model, held-out input: a first frame uint8 [H, W, 3] or a prompt, validation settings, sampler steps,
+    # generator) -> frames in [-1, 1], [F, 3, H, W]: one base-sampler window during training
+    validation_video: Callable[[Any, Any, dict, int, torch.Generator], torch.Tensor]
+    planner: Planner | None = None
+    check_generate: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)  # driver-side refusals
+    cache_key: Callable[[Any], dict] = field(default=lambda cfg: {})  # extra config fields a latent cache depends on
