@@ -261,3 +261,17 @@ def test_validation_inputs_take_the_largest_bucket_when_data_is_bucketed(tmp_pat
     assert [im.shape for im in images] == [(40, 48, 3)] * 2
     assert [im.shape for im in validation_images(config(tmp_path), samples)] == [(64, 64, 3)] * 2  # no buckets
     assert config(tmp_path, "data.buckets=hotshot-512").data.largest_size() == (512, 512)
+
+
+def test_a_build_lock_left_by_a_dead_builder_is_removed_a_live_one_kept(tmp_path, monkeypatch, caplog):
+    """torch waits forever on an extension's build lock: one left by a killed worker must not hang later runs."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    built_at = lock.stat().st_mtime
+    assert not loop.clear_stale_build_lock("cpu_adam", now=built_at + 60) and lock.exists()  # a build in progress
+    with caplog.at_level("WARNING"):
+        assert loop.clear_stale_build_lock("cpu_adam", now=built_at + loop.STALE_BUILD_LOCK_S + 1)
+    assert not lock.exists() and "left by a build that died" in caplog.text
+    assert not loop.clear_stale_build_lock("cpu_adam")  # nothing left to remove

@@ -51,9 +51,12 @@ class ToyModel:
     def __init__(self, seed: int = 0):
         self.unet = ToyUNet(seed)
 
-    def to(self, device) -> ToyModel:
-        self.unet.to(device)
+    def to(self, device, dtype=None) -> ToyModel:
+        self.unet.to(device=device, dtype=dtype)
         return self
+
+    def set_attention(self, backend: str) -> ToyModel:
+        return self  # no attention layers
 
     def encode(self, frames_bfhwc: torch.Tensor) -> torch.Tensor:
         """uint8 frames -> latents [B, F, 3, h, w] in [-1, 1]."""
@@ -65,9 +68,9 @@ class ToyModel:
         return F.interpolate(latents_bfchw.flatten(0, 1), scale_factor=SCALE).unflatten(0, (b, f))
 
 
-def build(model_cfg, seed: int = 0, weights: str | None = None) -> ToyModel:
+def build(model_cfg, seed: int = 0, dtype: torch.dtype | None = None, weights: str | None = None) -> ToyModel:
     """Random init from `seed`, or the UNet weights a training run exported (`weights`: a URI)."""
-    model = ToyModel(seed)
+    model = ToyModel(seed).to("cpu", dtype)
     if weights:
         model.unet.load_state_dict(safetensors.torch.load(storage.read_bytes(weights)))
     return model
@@ -184,7 +187,7 @@ def validation_video(model: ToyModel, prompt, validation: dict, num_steps: int, 
     return model.decode_video(latents)[0]
 
 
-FAMILY = FamilySpec(name="toy", conditioning="text", recipes={"toy_full": ToyRecipe}, build_pipeline=build_pipeline,
-                    validation_video=validation_video)
+FAMILY = FamilySpec(name="toy", conditioning="text", build=build, recipes={"toy_full": ToyRecipe},
+                    build_pipeline=build_pipeline, validation_video=validation_video)
 
 registry.register("toy", __name__, ("toy_full",))

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 
+from vidgen import config
 from vidgen.errors import VidgenError
 from vidgen.redact import install_log_filter, redact
 
@@ -249,19 +250,18 @@ def _eval_text(out: dict) -> str:
 
 
 def _run_job(args, name: str) -> dict:
-    from vidgen.config import load_config
-    from vidgen.ray_env import init_ray
+    from vidgen.ray_env import init_ray  # lazy: loads fsspec; jobs load only when one runs
     from vidgen.runner import check_outputs_shared, eval_job, generate_job, tracker_for, train_job
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config.load_config(args.config, args.overrides)
     if name == "eval":
         _eval_config(args, cfg)
     if name == "train":
-        from vidgen.train.launch import check
+        from vidgen.train.launch import check  # lazy: loads Ray, PyArrow, PIL
 
         check(cfg)  # refuse bad combinations before starting Ray
     if name == "generate":
-        from vidgen.generate.job import prepare_rows
+        from vidgen.generate.job import prepare_rows  # lazy: loads torch, PIL
 
         prepare_rows(cfg)  # a bad prompt file fails here, in a second, before Ray starts
     init_ray(cfg)
@@ -278,19 +278,18 @@ def _run_job(args, name: str) -> dict:
 
 def _prepare(args) -> None:
     if args.prepare_command == "synth":
-        from vidgen.data.synth import make_moving_shapes
+        from vidgen.data.synth import make_moving_shapes  # lazy: loads PIL, fsspec
 
         uris = make_moving_shapes(args.out, args.videos, args.frames, args.height, args.width,
                                   seed=args.seed, fmt=args.format)
         print(f"wrote {len(uris)} clips under {args.out}")
     elif args.prepare_command == "pack":
-        from vidgen.data.pack import pack
+        from vidgen.data.pack import pack  # lazy: loads PIL, fsspec
 
         if args.parallel:
-            from vidgen.config import load_config
-            from vidgen.ray_env import init_ray
+            from vidgen.ray_env import init_ray  # lazy: loads fsspec
 
-            init_ray(load_config(None, []))
+            init_ray(config.load_config(None, []))
         manifest = pack(args.source, args.layout, args.out, clips_per_shard=args.clips_per_shard,
                         frame_format=args.frame_format, quality=args.quality, parallel=args.parallel,
                         num_frames=args.num_frames, height=args.height, width=args.width, buckets=args.buckets,
@@ -298,13 +297,12 @@ def _prepare(args) -> None:
                         camera=args.camera, max_bad_fraction=args.max_bad_fraction)
         print(f"{manifest.get('clips')} clips in {len(manifest.get('shards', []))} shards under {args.out}")
     elif args.prepare_command == "latents":
-        from vidgen.config import load_config
-        from vidgen.ray_env import init_ray
+        from vidgen.ray_env import init_ray  # lazy: loads fsspec, PIL
         from vidgen.train.latents import cache_uri, prepare_latents
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = config.load_config(args.config, args.overrides)
         if not args.local:
-            from vidgen.runner import check_outputs_shared
+            from vidgen.runner import check_outputs_shared  # lazy: loads fsspec
 
             init_ray(cfg)
             check_outputs_shared(cfg, "latents")
@@ -316,7 +314,7 @@ def _prepare(args) -> None:
         print(f"\n{m['clips']} clips in {len(m['shards'])} shards under {cache_uri(cfg)}: {m['written']} written, "
               f"{m['existing']} already there, {m['report']['skipped']} samples skipped, {m['seconds']} s")
     elif args.prepare_command == "opv2v":
-        from vidgen.data.opv2v_prepare import prepare_opv2v
+        from vidgen.data.opv2v_prepare import prepare_opv2v  # lazy: loads PIL, fsspec
 
         kw = {"prompt_template": args.prompt_template} if args.prompt_template else {}
         result = prepare_opv2v(args.root, args.out, camera=args.camera, min_seconds=args.min_seconds,
@@ -351,32 +349,30 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", False))
     try:
         if args.command == "config":
-            from vidgen.config import load_config
-
-            config, overrides = args.config, list(args.overrides)
-            if config and "=" in config and not os.path.exists(config):  # `config show key=value ...`: no file
-                config, overrides = None, [config, *overrides]
-            print(redact(load_config(config, overrides).to_yaml()), end="")
+            path, overrides = args.config, list(args.overrides)
+            if path and "=" in path and not os.path.exists(path):  # `config show key=value ...`: no file
+                path, overrides = None, [path, *overrides]
+            print(redact(config.load_config(path, overrides).to_yaml()), end="")
         elif args.command == "prepare":
             _prepare(args)
         elif args.command == "data":
-            from vidgen.data.inspect import format_report, inspect_source
+            from vidgen.data.inspect import format_report, inspect_source  # lazy: loads PIL, fsspec
 
             report = inspect_source(args.source, args.layout, num_frames=args.num_frames, fps=args.fps,
                                     source_fps=args.source_fps, camera=args.camera,
                                     all_headers=not args.first_header_only)
             print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
         elif args.command == "demo":
-            from vidgen.demo import DemoSizes, run_demo
+            from vidgen.demo import DemoSizes, run_demo  # lazy: loads fsspec
 
             print(run_demo(args.workdir, args.overrides, DemoSizes(videos=args.videos)).text())
         elif args.command == "plan":
-            from vidgen.plan import format_plan, plan_config
+            from vidgen.plan import format_plan, plan_config  # lazy: loads torch
 
-            config, overrides = args.config, list(args.overrides)
-            if config is None and overrides and "=" not in overrides[0]:  # `vidgen plan CONFIG`, as the issue spells it
-                config = overrides.pop(0)
-            out = plan_config(config, overrides, mfu=args.mfu, decode_fps=args.decode_fps_per_core,
+            path, overrides = args.config, list(args.overrides)
+            if path is None and overrides and "=" not in overrides[0]:  # `vidgen plan CONFIG`, as the issue spells it
+                path = overrides.pop(0)
+            out = plan_config(path, overrides, mfu=args.mfu, decode_fps=args.decode_fps_per_core,
                               probe=args.probe, dataset_clips=args.dataset_clips)
             print(json.dumps(out) if args.json else format_plan(out))
         elif args.command == "eval" and eval_fvd:

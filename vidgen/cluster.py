@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from vidgen.config import load_config
 from vidgen.errors import ConfigError, VidgenError
 from vidgen.redact import SECRET_ENV  # names that carry credentials: from a Secret, never a literal
 
@@ -102,7 +103,7 @@ def _path(parts: Any) -> str:
 
 def schema_errors(manifest: dict[str, Any], crd_dir: str | Path) -> list[str]:
     """Problems of a KubeRay manifest against its CRD (strict). Empty for kinds that are not KubeRay's."""
-    import jsonschema
+    import jsonschema  # lazy: optional (the test extra)
 
     kind = manifest.get("kind")
     if kind not in CRD_FILES:
@@ -230,8 +231,6 @@ def _job_specs(manifest: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]
 
 def entrypoint_errors(entrypoint: str, repo_root: str | Path, where: str = "entrypoint") -> list[str]:
     """`python SCRIPT --config CONFIG [key=value ...]`: SCRIPT exists and CONFIG + overrides load."""
-    from vidgen.config import load_config
-
     try:
         argv = shlex.split(entrypoint)
     except ValueError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -553,22 +554,17 @@ class NightlyConfig(Section):
     @field_validator("date", mode="before")
     @classmethod
     def _iso_date(cls, v: Any) -> str | None:
-        import datetime as dt
-        import re
-
-        if isinstance(v, dt.date):  # YAML reads an unquoted 2026-01-31 as a date
+        if isinstance(v, datetime.date):  # YAML reads an unquoted 2026-01-31 as a date
             v = v.isoformat()
         if v is not None and not isinstance(v, str):
             raise ValueError(f"expected a date YYYY-MM-DD, got {v!r}")
-        if v is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) and _parses(dt.date.fromisoformat, v)):
+        if v is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) and _parses(datetime.date.fromisoformat, v)):
             raise ValueError(f"expected a date YYYY-MM-DD, got {v!r}")
         return v
 
     @field_validator("suite", "checkpoints")
     @classmethod
     def _names(cls, v: Any) -> Any:
-        import re
-
         bad = [k for k in ([v] if isinstance(v, str) else v) if not re.fullmatch(_NAME, k)]
         if bad:
             raise ValueError(f"{bad[0]!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit)")

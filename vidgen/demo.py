@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from vidgen import storage
 from vidgen.config import VidgenConfig, load_config
+from vidgen.ray_env import init_ray
+from vidgen.runner import eval_job, generate_job, tracker_for, train_job
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,9 @@ def demo_config(workdir: str, overrides: list[str] | None = None) -> VidgenConfi
 
 def make_prompts(cfg: VidgenConfig, samples: list[str], n: int) -> list[dict]:
     """Conditioning images: the first frame of the first `n` real clips, with their prompts."""
-    from PIL import Image
+    from PIL import Image  # lazy: heavy; vidgen.demo loads only fsspec
 
-    from vidgen.data.decode import decode_image
+    from vidgen.data.decode import decode_image  # lazy: loads PIL
     from vidgen.data.layouts import list_samples
 
     rows = []
@@ -114,9 +116,7 @@ def make_prompts(cfg: VidgenConfig, samples: list[str], n: int) -> list[dict]:
 
 def run_demo(workdir: str = "./work/demo", overrides: list[str] | None = None,
              sizes: DemoSizes | None = None) -> DemoSummary:
-    from vidgen.data.synth import make_moving_shapes
-    from vidgen.ray_env import init_ray
-    from vidgen.runner import eval_job, generate_job, tracker_for, train_job
+    from vidgen.data.synth import make_moving_shapes  # lazy: loads PIL
 
     t0 = time.perf_counter()
     sizes = sizes or DemoSizes()

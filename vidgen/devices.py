@@ -22,7 +22,7 @@ def compute_device(gpus_reserved: float, field: str = "GPUs reserved") -> torch.
 
     With a reservation, Ray sets CUDA_VISIBLE_DEVICES to the reserved GPUs, so "cuda" is the first of them.
     `field` names the config field the reservation came from, for the error raised when no GPU is usable."""
-    import torch
+    import torch  # lazy: vidgen.devices loads no torch until a device is chosen
 
     if gpus_reserved <= 0:
         return torch.device("cpu")

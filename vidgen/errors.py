@@ -5,6 +5,8 @@ config key), the field and what was expected. The CLI prints it on one line and 
 appear only with `--debug`.
 """
 
+import re
+
 from vidgen.redact import redact
 
 
@@ -50,8 +52,6 @@ def raised_remotely(e: BaseException) -> VidgenError | None:
     Ray wraps it: a task's or actor method's RayTaskError keeps it as `.cause` (and is itself an instance of its
     class, with a traceback for a message); an actor that fails in its constructor reaches the caller as an
     ActorDiedError that keeps only the text, "vidgen.errors.<Class>: <message>" on its last line."""
-    import re
-
     first, seen = e, set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))

@@ -38,7 +38,7 @@ def cache_bytes_per_clip(cfg: VidgenConfig, **widths) -> int:
 def probe_decode(cfg: VidgenConfig, clips: int = 4) -> tuple[float, str]:
     """(frames/s per core, what was decoded) of vidgen's decode path on the first `clips` samples of data.source,
     read exactly as training reads them (data.buckets, stride, prompts), bad samples skipped."""
-    from vidgen.data.pipeline import read_config_clips
+    from vidgen.data.pipeline import read_config_clips  # lazy: loads PIL, fsspec
 
     d = cfg.data
     if not d.source:
@@ -58,7 +58,7 @@ def probe_decode(cfg: VidgenConfig, clips: int = 4) -> tuple[float, str]:
 
 def probe_cache_read(bytes_per_clip: int, clips: int = 8) -> float:
     """Bytes/s per core of reading and decoding cache rows (parquet binary columns -> numpy) from local disk."""
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: heavy; vidgen.feed loads no heavy library
     import pyarrow.parquet as pq
 
     blob = np.random.default_rng(0).standard_normal(bytes_per_clip // 4, dtype=np.float32).tobytes()
@@ -74,7 +74,7 @@ def probe_cache_read(bytes_per_clip: int, clips: int = 8) -> float:
 
 
 def count_clips(cfg: VidgenConfig) -> int:
-    from vidgen.data.layouts import list_samples
+    from vidgen.data.layouts import list_samples  # lazy: loads PIL, fsspec
 
     d = cfg.data
     return len(list_samples(d.source, d.layout, camera=d.camera, prompt_template=d.prompt_template)) \

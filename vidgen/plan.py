@@ -41,9 +41,11 @@ from unittest import mock
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
-from vidgen.config import VidgenConfig
+from vidgen.config import VidgenConfig, load_config
 from vidgen.errors import ConfigError
+from vidgen.feed import feed_plan, format_feed
 from vidgen.models import registry
 
 GIB = 1024**3
@@ -203,8 +205,6 @@ def run_step(recipe, planner, batch: int, frames: int, height: int, width: int, 
     gathered to the end of the backward (`recompute_kept`, see `_CallOrder`). With `keep_grads`
     the 16-bit gradients stay as autograd accumulates them (ZeRO 0/1); without, each is freed once produced
     (ZeRO 2/3 move it into the reduce bucket)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     m, unet = recipe.model, recipe.unet
     encoders = [v for k, v in planner.parts(m).items() if k != "unet"]
     recomputed = []  # FLOPs of each checkpointed segment's recompute (counted apart: not model FLOPs)
@@ -276,7 +276,7 @@ def zero_config(cfg: VidgenConfig, recipe=None) -> dict[str, int]:
     """The zero_optimization sizes (`ZERO_DEFAULTS` keys) the workers give DeepSpeed: vidgen's generated config
     (`loop.deepspeed_config`), the recipe's overrides and a local train.deepspeed_config JSON on top (a remote one
     is not read: no network), DeepSpeed's defaults for what none of them sets."""
-    from vidgen.train.loop import deep_merge, deepspeed_config
+    from vidgen.train.loop import deep_merge, deepspeed_config  # lazy: loads PIL, fsspec
 
     user = recipe.deepspeed_overrides() if hasattr(recipe, "deepspeed_overrides") else {}
     path = cfg.train.deepspeed_config
@@ -548,8 +548,6 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     """The plan of `cfg` as a JSON-ready dict (see `format_plan` for the table). `feed_args` go to
     `vidgen.feed.feed_plan` (decode_fps, probe, dataset_clips): the CPU cores that keep the GPUs fed. With
     train.use_gpu=false it also predicts the host memory of each CPU worker (`host_plan`)."""
-    from vidgen.feed import feed_plan
-
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu={mfu}: expected a fraction in (0, 1]")
     started = time.perf_counter()
@@ -624,8 +622,6 @@ def _gib(x: float) -> str:
 
 
 def format_plan(p: dict) -> str:
-    from vidgen.feed import format_feed
-
     s, tr, fl, mem = p["shape"], p["training"], p["flops"], p["memory"]
     lines = [f"vidgen plan: recipe {p['recipe']}, model from {p['model_source']}",
              f"  shape per GPU: batch {s['batch_per_gpu']} x {s['frames']} frames x {s['height']}x{s['width']} "
@@ -672,6 +668,4 @@ def format_plan(p: dict) -> str:
 
 
 def plan_config(path: str | None, overrides: list[str], mfu: float = 0.4, **feed_args) -> dict:
-    from vidgen.config import load_config
-
     return plan(load_config(path, overrides), mfu=mfu, **feed_args)

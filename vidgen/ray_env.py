@@ -55,9 +55,7 @@ def apply_worker_env(use_gpu: bool) -> None:
 
 
 def init_ray(cfg: VidgenConfig) -> None:
-    import logging as _logging
-
-    import ray
+    import ray  # lazy: Ray is heavy; ray_env loads only fsspec
 
     set_driver_env()
     if ray.is_initialized():
@@ -70,7 +68,7 @@ def init_ray(cfg: VidgenConfig) -> None:
         return
     if cfg.ray.address:  # cluster nodes bring their own credentials (instance roles, secrets): none are shipped
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, configure_logging=True,
-                 logging_level=_logging.WARNING)
+                 logging_level=logging.WARNING)
         return
     # A local cluster's workers are children of the raylet this process starts, so they inherit its environment,
     # credentials included. Credentials are never put in a runtime env: Ray logs runtime envs in plain text
@@ -78,7 +76,7 @@ def init_ray(cfg: VidgenConfig) -> None:
     # run beside the train workers.
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
-             configure_logging=True, logging_level=_logging.WARNING)
+             configure_logging=True, logging_level=logging.WARNING)
 
 
 # -- where remote processes write -------------------------------------------------------------------------
@@ -89,7 +87,7 @@ def remote_nodes_reason(needs_gpu: bool) -> str | None:
 
     Several alive nodes; or GPUs wanted while no alive node has one (an autoscaling cluster at zero GPU
     workers: they will start elsewhere)."""
-    import ray
+    import ray  # lazy: Ray is heavy; ray_env loads only fsspec
 
     if not ray.is_initialized():
         return None

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
 from vidgen import storage
@@ -30,7 +33,7 @@ def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
 
 def check_outputs_shared(cfg: VidgenConfig, job: str) -> None:
     """Before anything starts: where `job`'s remote processes write must be storage every node shares."""
-    from vidgen.generate.outputs import job_root
+    from vidgen.generate.outputs import job_root  # lazy: job modules load PIL, Ray, PyArrow
     from vidgen.train.latents import cache_uri
     from vidgen.train.launch import storage_root
 
@@ -53,7 +56,7 @@ def check_outputs_shared(cfg: VidgenConfig, job: str) -> None:
 
 def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
-    from vidgen.data.pipeline import read_config_clips
+    from vidgen.data.pipeline import read_config_clips  # lazy: loads PIL, Ray, PyArrow
     from vidgen.train.launch import check
 
     check(cfg)
@@ -73,7 +76,7 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
 
 
 def _fit(cfg: VidgenConfig, tracker: Tracker, progress, dataset, images):
-    from vidgen.train.launch import fit
+    from vidgen.train.launch import fit  # lazy: loads Ray, PyArrow, PIL
 
     def on_metrics(rows: list[dict]) -> None:
         for r in rows:
@@ -90,7 +93,7 @@ def _fit(cfg: VidgenConfig, tracker: Tracker, progress, dataset, images):
 
 def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
     """Training on a latent cache (`vidgen prepare latents`): no decoding, no frozen-encoder forward."""
-    from vidgen.train import latents
+    from vidgen.train import latents  # lazy: loads PIL
 
     manifest = latents.open_cache(cfg)  # refuses a cache of another config, in one line
     t = cfg.train
@@ -118,8 +121,6 @@ def _train_summary(cfg: VidgenConfig, tracker: Tracker, result, report: dict) ->
 
 def _timings(result) -> dict:
     """Median step time, and each attempt's setup, checkpoint save/load times and the export's, in seconds."""
-    import statistics
-
     steps = [r["step_time_s"] for r in result.metrics if "step_time_s" in r]
     out = {"step_s": round(statistics.median(steps), 3) if steps else None, "export_s": round(result.export_s, 2)}
     for key in ("setup_s", "checkpoint_save_s", "checkpoint_load_s"):
@@ -130,11 +131,11 @@ def _timings(result) -> dict:
 def validation_images(cfg: VidgenConfig, samples) -> list:
     """Held-out first frames, resized and centre-cropped to the training size (uint8 [H, W, 3]); for
     text-to-video families (hotshot) the validation prompts instead."""
-    from vidgen.data.clips import resize_cover_crop
+    from vidgen.data.clips import resize_cover_crop  # lazy: loads PIL
     from vidgen.data.decode import decode_image
 
     if registry.spec(cfg.model).conditioning == "text":
-        from vidgen.data.worker import resolve_prompt
+        from vidgen.data.worker import resolve_prompt  # lazy: loads PIL
 
         return list(cfg.train.validation_prompts) or [
             resolve_prompt(s, cfg.data.default_prompt) or "a video" for s in samples[: cfg.train.validation_count]]
@@ -148,7 +149,7 @@ def validation_images(cfg: VidgenConfig, samples) -> list:
     images = []
     for uri in uris:
         if uri.lower().endswith((".mp4", ".webm", ".mov", ".mkv", ".gif")):
-            from vidgen.data.video import read_video
+            from vidgen.data.video import read_video  # lazy: loads PIL
 
             frame = read_video(uri, 0, 1)[0][0]
         else:
@@ -160,9 +161,7 @@ def validation_images(cfg: VidgenConfig, samples) -> list:
 def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = None,
                  log_videos: int = 4) -> dict:
     """Batch generation; logs counts, videos/hour, frames/s, the manifest and a grid of sample videos."""
-    import time
-
-    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.diffusion.fifo import FifoPlan  # lazy: loads torch, PIL
     from vidgen.generate.job import output_dir, run_generation, summarize
     from vidgen.generate.outputs import job_root, video_grid
 
@@ -195,8 +194,6 @@ def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = 
     for r in done[:log_videos]:
         tracker.log_video(r["path"])
     if done:  # the grid goes to MLflow only: a file beside the videos would count as one in evaluation
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="vidgen-grid-") as tmp:
             grid = video_grid([r["path"] for r in done[:4]], os.path.join(tmp, "grid.mp4"), g.fps)
             if grid:
@@ -214,7 +211,7 @@ def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, gener
     artifact `eval/per_video.json`. Returns `EvalResult.to_dict()` plus the first version's
     `num_real` / `num_generated`.
     """
-    from vidgen.eval.job import run_eval
+    from vidgen.eval.job import run_eval  # lazy: loads SciPy, PIL, torch
     from vidgen.generate.job import output_dir
 
     real = real or cfg.eval.real or cfg.data.source

@@ -29,6 +29,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -50,6 +51,7 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 import numpy as np
+from fsspec.exceptions import FSTimeoutError
 
 from vidgen.errors import StorageError
 
@@ -192,17 +194,14 @@ def _client_error(exc: BaseException) -> tuple[int | None, str]:
 def _network_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     with contextlib.suppress(ImportError):
-        from botocore.exceptions import HTTPClientError
+        from botocore.exceptions import HTTPClientError  # lazy: optional (s3fs brings it)
 
         types.append(HTTPClientError)  # EndpointConnectionError, ReadTimeoutError, ConnectionClosedError
     with contextlib.suppress(ImportError):
-        from aiohttp import ClientConnectionError, ClientPayloadError
+        from aiohttp import ClientConnectionError, ClientPayloadError  # lazy: optional (s3fs, gcsfs bring it)
 
         types += [ClientConnectionError, ClientPayloadError]
-    with contextlib.suppress(ImportError):
-        from fsspec.exceptions import FSTimeoutError
-
-        types.append(FSTimeoutError)
+    types.append(FSTimeoutError)
     return tuple(types)
 
 
@@ -655,8 +654,6 @@ def _file_lock(path: str, what: str) -> Iterator[bool]:
     The kernel releases a flock when its holder exits or is killed, so a dead holder never blocks the next
     process; the lock file itself stays (unlinking it would let two processes lock two different files).
     Yields True; on a filesystem without flock (ENOLCK, EOPNOTSUPP) the block runs unlocked and gets False."""
-    import fcntl
-
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     locked = True
     try:

@@ -152,7 +152,7 @@ class Tracker:
             raise RuntimeError(f"Tracker for run {self._run_name!r} is already started: one run per Tracker")
         for k, v in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
-        from mlflow import MlflowClient  # seconds to import: paid only by jobs that track
+        from mlflow import MlflowClient  # lazy: seconds to import, paid only by jobs that track
 
         try:
             if db := _sqlite_file(self._uri):
@@ -189,7 +189,7 @@ class Tracker:
             shutil.rmtree(self._spool, ignore_errors=True)
 
     def _ensure_experiment(self) -> str:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # lazy: MLflow takes seconds to import
 
         exp = self._client.get_experiment_by_name(self._experiment)
         if exp is None:
@@ -291,7 +291,7 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self._active():
             return
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: MLflow takes seconds to import
 
         # A dict: two keys that sanitize alike must not reach one batch twice (MLflow rejects duplicates).
         flat = {_key(k): _param_value(v) for k, v in params.items()}
@@ -302,7 +302,7 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self._active():
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: MLflow takes seconds to import
 
         now = int(time.time() * 1000)
         entries = [Metric(_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
@@ -312,7 +312,7 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self._active():
             return
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: MLflow takes seconds to import
 
         entries = [RunTag(_key(k), redact(str(v))) for k, v in tags.items()]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):

@@ -99,7 +99,7 @@ def resize_cover_crop(
     scaled_h, scaled_w, top, left = box or cover_crop_box(src_h, src_w, height, width, rng)
     if (scaled_h, scaled_w) == (src_h, src_w):  # no scaling: a plain crop, exact pixels
         return np.ascontiguousarray(frames_thwc[:, top:top + height, left:left + width])
-    import torch  # imported on first use: listing and inspection never pay for it
+    import torch  # lazy: heavy; listing and inspection never pay for it
 
     # [T, H, W, 3] viewed as channels-last [T, 3, H, W]: no copy, and the layout the fast kernel wants.
     # (A read-only array, e.g. decoded straight from a buffer, is copied: torch wants writable memory.)

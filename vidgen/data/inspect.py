@@ -172,7 +172,7 @@ def _header_size(uri: str) -> tuple[int, int]:
 
 def _shard_infos(samples: SampleTable) -> list[dict]:
     """Per packed clip, from each shard's metadata columns (one read per shard, no frames)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: heavy; inspection of other layouts never loads pyarrow
 
     columns = ["num_frames", "fps", "height", "width", "format"]
     tables: dict[str, Any] = {}

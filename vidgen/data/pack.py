@@ -149,7 +149,7 @@ def _pack_shard(out: str, index: int, samples: list[Sample], spec: ClipSpec, fmt
 
 
 def _run_ray(args: list[tuple]) -> None:
-    import ray
+    import ray  # lazy: heavy; only prepare pack --parallel uses Ray
 
     if not ray.is_initialized():
         raise ConfigError("prepare pack --parallel: needs a running Ray (ray.init or RAY_ADDRESS)")

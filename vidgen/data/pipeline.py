@@ -156,7 +156,7 @@ class ClipStream:
 
     def _table_ref(self):
         """The ObjectRef of `samples`, put once (again only when `samples` was replaced)."""
-        import ray
+        import ray  # lazy: heavy; listing and local reads must not pay for Ray
 
         if self._shipped.get("table") is not self._samples:
             self._shipped.update(table=self._samples, ref=ray.put(self._samples))
@@ -164,7 +164,7 @@ class ClipStream:
 
     def _chunks(self, n: int):
         """Ray Dataset of one item {lo, hi} per `samples_per_task` consecutive positions of n."""
-        import ray.data
+        import ray.data  # lazy: heavy; listing and local reads must not pay for Ray
 
         items = [{"lo": lo, "hi": min(n, lo + self.samples_per_task)} for lo in range(0, n, self.samples_per_task)]
         return ray.data.from_items(items, override_num_blocks=max(1, min(4096, len(items))))
@@ -185,7 +185,7 @@ class ClipStream:
     def dataset(self):
         """`ray.data.Dataset`, one row per clip, streamed: each task reads `samples_per_task` samples."""
         if self._dataset is None:
-            import ray.data  # imported here: listing and local reads must not pay for Ray
+            import ray.data  # lazy: heavy; listing and local reads must not pay for Ray
 
             if ray.is_initialized() and not storage.is_remote(self.report_dir) and len(ray.nodes()) > 1:
                 log.warning("report_dir %s is on the driver's local disk but Ray has %d nodes: skips on "
@@ -211,7 +211,7 @@ class ClipStream:
         clip rows plus `_slot` (sample index x K + clip), `_order` (the position in `samples`) and `_made` (how
         many clips the sample makes); the order of `samples` is kept. One item per `samples_per_task` of them:
         the table and the share's arrays travel through Ray's object store, not in the items."""
-        import ray
+        import ray  # lazy: heavy; listing and local reads must not pay for Ray
 
         samples, wanted = np.asarray(samples, dtype=np.int64), np.asarray(wanted, dtype=bool)
         if wanted.shape != (len(samples), self.spec.clips_per_video):
@@ -282,7 +282,7 @@ def _shipped(ref):
     if key in _SHIPPED:
         _SHIPPED.move_to_end(key)
     else:
-        import ray
+        import ray  # lazy: heavy; the module loads without Ray (here, in a Ray task, it is loaded)
 
         _SHIPPED[key] = ray.get(ref)
         while len(_SHIPPED) > 4:

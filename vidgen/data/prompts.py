@@ -20,6 +20,7 @@ import posixpath
 import re
 
 from vidgen import storage
+from vidgen.data.decode import is_image_name, natural_key
 from vidgen.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,6 @@ def read_i2v(uri: str) -> list[dict]:
 
 def read_opv2v_scenes(root: str) -> list[dict]:
     """One row per scene folder under `root` holding prompt.txt: its first frame (numeric order) conditions."""
-    from vidgen.data.decode import is_image_name, natural_key
-
     files = storage.walk_files(root)
     scenes: dict[str, list[str]] = {}
     for f in files:

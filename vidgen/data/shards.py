@@ -28,6 +28,7 @@ from PIL import Image
 from vidgen import storage
 from vidgen.data.decode import natural_key
 from vidgen.data.listing import LayoutOptions, Listing, Sample
+from vidgen.data.video import write_video
 from vidgen.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _COLUMNS = ("clip_id", "source_uri", "prompt", "bucket", "format", "start_frame"
 
 
 def schema():
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: heavy; read tasks of other layouts never load pyarrow
 
     return pa.schema([
         ("clip_id", pa.string()), ("source_uri", pa.string()), ("prompt", pa.string()),
@@ -83,8 +84,6 @@ def _encode_image(frame_hwc: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 def _encode_mp4(frames_fhwc: np.ndarray, fps: float) -> bytes:
-    from vidgen.data.video import write_video
-
     with tempfile.TemporaryDirectory(prefix="vidgen-pack-") as tmp:
         path = os.path.join(tmp, "clip.mp4")
         write_video(path, frames_fhwc, fps=fps, keyframe_interval=len(frames_fhwc))
@@ -96,13 +95,13 @@ class ShardWriter:
     """Writes one shard's records one row group each to a local path (wrap it in storage.atomic_local)."""
 
     def __init__(self, path: str):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: heavy; read tasks of other layouts never load pyarrow
 
         self._writer = pq.ParquetWriter(path, schema(), compression="none")  # jpeg/png/mp4 are compressed
         self.count = 0
 
     def write(self, record: dict) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # lazy: heavy; read tasks of other layouts never load pyarrow
 
         self._writer.write_table(pa.Table.from_pylist([record], schema=schema()))
         self.count += 1
@@ -148,7 +147,7 @@ def _manifest_counts(listing: Listing) -> dict[str, int]:
 
 
 def _footer_rows(uri: str) -> int:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: heavy; read tasks of other layouts never load pyarrow
 
     try:
         with storage.open(uri) as f:
@@ -161,7 +160,7 @@ def _footer_rows(uri: str) -> int:
 
 def read_shard_clip(shard_uri: str, row: int) -> dict:
     """Record `row` of a shard (frames still encoded), fetching only the row group that holds it."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: heavy; read tasks of other layouts never load pyarrow
 
     with storage.open(shard_uri) as f:
         pf = pq.ParquetFile(f)

@@ -51,7 +51,7 @@ def write_video(uri: str, frames_thwc: np.ndarray, fps: float, keyframe_interval
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     rate = Fraction(fps).limit_denominator(1001)
     codec = _encoder()
-    import av  # PyAV on use: planning and model code import vidgen.data without it
+    import av  # lazy: heavy; planning and model code import vidgen.data without PyAV
 
     with storage.atomic_local(uri, ".mp4") as path, av.open(path, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=rate)
@@ -146,7 +146,7 @@ def _decode(container, stream, fps: float, start: int, count: int | None, stride
 @contextlib.contextmanager
 def _open(source: VideoSource) -> Iterator[av.container.InputContainer]:
     """Open a local path, a remote URI (read into memory) or bytes; map every failure to DataError."""
-    import av
+    import av  # lazy: heavy; planning and model code import vidgen.data without PyAV
 
     name = _name(source)
     try:
@@ -179,7 +179,7 @@ def _fps(stream, name: str) -> float:
 
 
 def _encoder() -> str:
-    import av
+    import av  # lazy: heavy; planning and model code import vidgen.data without PyAV
 
     try:
         av.codec.Codec("libx264", "w")

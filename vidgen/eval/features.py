@@ -31,6 +31,7 @@ from vidgen import storage
 from vidgen.data.clips import clip_starts, frame_stride
 from vidgen.data.decode import decode_image
 from vidgen.data.listing import Sample
+from vidgen.data.video import read_video
 from vidgen.data.worker import BadSample, ClipSpec
 from vidgen.devices import compute_device
 from vidgen.errors import DataError
@@ -209,8 +210,6 @@ def read_all_frames(sample: Sample) -> tuple[np.ndarray, float | None]:
             raise BadSample("mixed frame sizes", f"{sample.uri}: frames of different sizes")
         fps = sample.meta.get("fps")
         return np.stack(frames), (float(fps) if fps else None)
-    from vidgen.data.video import read_video
-
     source: str | bytes = storage.read_bytes(sample.uri) if storage.is_remote(sample.uri) else sample.uri
     return read_video(source)
 

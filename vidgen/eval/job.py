@@ -30,6 +30,7 @@ import numpy as np
 from vidgen import storage
 from vidgen.config import VidgenConfig
 from vidgen.data.layouts import list_samples
+from vidgen.data.pipeline import ClipStream, check_bad_fraction
 from vidgen.errors import DataError
 from vidgen.eval.fvd import FeatureStats, fvd_from_stats, kvd
 from vidgen.eval.metrics import aggregate
@@ -100,7 +101,7 @@ class FeatureSet:
 
 
 def weights_id(cfg: VidgenConfig) -> str:
-    from vidgen.models.i3d import weights_digest
+    from vidgen.models.i3d import weights_digest  # lazy: heavy (torch)
 
     return weights_digest(cfg.eval.i3d_flavor, cfg.eval.i3d_path, cfg.run.seed)
 
@@ -108,9 +109,9 @@ def weights_id(cfg: VidgenConfig) -> str:
 def featurize(ds, cfg: VidgenConfig, passthrough: tuple[str, ...] = ()) -> FeatureSet:
     """Run the I3D actor stage over a dataset of {'frames', 'clip_id', ...} rows and collect 400-d rows,
     accumulating float64 statistics batch by batch as they arrive."""
-    import ray
+    import ray  # lazy: heavy
 
-    from vidgen.eval.features import I3DFeatures
+    from vidgen.eval.features import I3DFeatures  # lazy: heavy (torch)
 
     e = cfg.eval
     gpus = 1 if e.use_gpu else 0  # configured, not read off the cluster: an autoscaler may have no GPU up yet
@@ -191,8 +192,7 @@ def load_cache(uri: str, key: dict[str, Any]) -> tuple[FeatureSet, int] | None:
 
 def real_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureSet, str, int]:
     """(features, "hit" | "miss" | "off", skipped samples) of the real set."""
-    from vidgen.data.pipeline import ClipStream
-    from vidgen.eval.features import native_spec
+    from vidgen.eval.features import native_spec  # lazy: heavy (torch)
 
     e, d = cfg.eval, cfg.data
     samples = list_samples(source, layout, camera=d.camera, prompt_template=d.prompt_template)
@@ -229,10 +229,9 @@ def _need_two(fs: FeatureSet, source: str, num_frames: int) -> None:
 
 def generated_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureSet, list[dict], int]:
     """(features with 'windows' / 'video' columns, per-video metrics, skipped videos) of the generated set."""
-    import ray
+    import ray  # lazy: heavy
 
-    from vidgen.data.pipeline import check_bad_fraction
-    from vidgen.eval.features import generated_rows
+    from vidgen.eval.features import generated_rows  # lazy: heavy (torch)
 
     e, d = cfg.eval, cfg.data
     samples = list_samples(source, layout)

@@ -117,7 +117,7 @@ class Measured:
 
 def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:
     """Generation with the job's settings into `night_dir/generated`, then FVD/KVD against eval.real."""
-    from vidgen.eval.job import run_eval
+    from vidgen.eval.job import run_eval  # lazy: heavy (PIL, torch)
     from vidgen.generate.job import output_dir, run_generation
 
     real = cfg.eval.real or cfg.data.source
@@ -156,7 +156,7 @@ class NightTracker(Tracker):
         self._params: dict[str, str] = {}
 
     def __enter__(self) -> NightTracker:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # lazy: heavy
 
         try:
             self._client = MlflowClient(tracking_uri=self._uri)

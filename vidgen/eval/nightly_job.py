@@ -21,9 +21,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vidgen.config import VidgenConfig
-from vidgen.errors import ConfigError
+import yaml
+
+from vidgen.cluster import runtime_env_dict_errors
+from vidgen.config import VidgenConfig, load_config
+from vidgen.errors import ConfigError, VidgenError
 from vidgen.eval.nightly import exit_status, night_date, run_nightly, submission_id, summary
+from vidgen.ray_env import init_ray
+from vidgen.redact import install_log_filter
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -137,21 +142,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vidgen.config import load_config
-    from vidgen.errors import VidgenError
-
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from vidgen.redact import install_log_filter
-
     install_log_filter()  # credentials never reach a log line
     try:
         cfg = load_config(args.config, args.overrides)
         date = night_date(cfg.nightly.date)
         if args.submit:
             return _submit_main(args, cfg, date)
-        from vidgen.ray_env import init_ray
-
         init_ray(cfg)
         results = run_nightly(cfg)
         print(json.dumps(summary(results), indent=2, default=str))
@@ -164,16 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _submit_main(args: argparse.Namespace, cfg: VidgenConfig, date: str) -> int:
-    import yaml
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # lazy: heavy (ray)
 
     try:
         with open(args.runtime_env) as f:
             runtime_env = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"--runtime-env {args.runtime_env}: cannot read a runtime env YAML ({e})") from None
-    from vidgen.cluster import runtime_env_dict_errors
-
     problems = runtime_env_dict_errors(runtime_env, f"--runtime-env {args.runtime_env}",
                                        "the cluster's nodes bring their own (instance roles, a Kubernetes Secret)")
     if problems:

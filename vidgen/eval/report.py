@@ -10,6 +10,7 @@ elsewhere), so the folder works as it is from a disk, from object storage or as 
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import math
 import os
@@ -129,12 +130,10 @@ def render_html(*, suite: str, label: str, tonight: Night, comparison: Compariso
 def trend_plot(history: Sequence[Night], path: str, metric: str = "fvd",
                threshold: float | None = None, baseline: Night | None = None) -> bool:
     """Write a PNG of `metric` per night (regressed nights in red); False when no night has the metric."""
-    import datetime as dt
-
-    import matplotlib
+    import matplotlib  # lazy: heavy
 
     matplotlib.use("Agg")  # headless: never a display
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: heavy; after matplotlib.use("Agg")
 
     points = [(dt.date.fromisoformat(n.date), n.metrics[metric], n) for n in history
               if metric in n.metrics and math.isfinite(n.metrics[metric])]

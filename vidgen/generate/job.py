@@ -19,10 +19,16 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from vidgen import faults, storage
 from vidgen.config import GenerateConfig, ModelConfig, VidgenConfig
+from vidgen.data.clips import resize_cover_crop
+from vidgen.data.decode import decode_image
 from vidgen.data.prompts import expand_samples, load_rows, read_jsonl
+from vidgen.data.video import write_video
+from vidgen.diffusion.fifo import FifoPlan
+from vidgen.diffusion.samplers import autoregressive_sample, base_sample, fifo_sample
 from vidgen.errors import ConfigError, DataError, JobError, raised_remotely
 from vidgen.generate.outputs import (
     checkpoint_of,
@@ -83,8 +89,6 @@ class VideoGenerator:
     """Ray Data UDF: builds the pipeline once per actor, then generates one video per row."""
 
     def __init__(self, model_cfg: dict, gen_cfg: dict, root: str, device: str = "cpu", fault: str | None = None):
-        import torch
-
         self.model_cfg, self.gen = ModelConfig(**model_cfg), GenerateConfig(**gen_cfg)
         self.root, self.device, self.fault = root, torch.device(device), fault
         self.videos_dir = storage.join(root, "videos")
@@ -124,21 +128,12 @@ class VideoGenerator:
     # -- one video ---------------------------------------------------------------------------------------------
 
     def _image(self, uri: str):
-        import torch
-
-        from vidgen.data.clips import resize_cover_crop
-        from vidgen.data.decode import decode_image
-
         g = self.gen
         image = decode_image(storage.read_bytes(uri), uri)
         image = resize_cover_crop(image[None], g.height, g.width, None)[0]
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
 
     def generate(self, row: dict, path: str) -> None:
-        import torch
-
-        from vidgen.data.video import write_video
-
         g, window = self.gen, self.model_cfg.num_frames
         seed = int(row["seed"])
         gen = torch.Generator().manual_seed(seed)  # a CPU generator on purpose: the same video on every GPU type
@@ -154,11 +149,6 @@ class VideoGenerator:
         write_extras(self.root, stem, video, g.fps, g.extra_outputs)
 
     def sample(self, row: dict, cond, shape: tuple[int, ...], gen):
-        import torch
-
-        from vidgen.diffusion.fifo import FifoPlan
-        from vidgen.diffusion.samplers import autoregressive_sample, base_sample, fifo_sample
-
         g, window = self.gen, self.model_cfg.num_frames
         sched = self.pipe.scheduler
         if g.sampler == "fifo":
@@ -188,10 +178,6 @@ class VideoGenerator:
         (The original keyed it by prompt[:100] and steps only, so samples with other seeds shared one.)
         EDM Euler here is deterministic, so there is no eta to key on.
         """
-        import torch
-
-        from vidgen.diffusion.samplers import base_sample
-
         g = self.gen
         key_src = {"model": self.model_cfg.model_dump(exclude={"cache_dir"}), "checkpoint": self.checkpoint,
                    "image": row["image"], "prompt": row["sample_prompt"], "seed": int(row["seed"]),
@@ -217,7 +203,7 @@ class VideoGenerator:
 
 def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[dict]:
     """Generate every (prompt, sample) video; returns one manifest row per video (generated/skipped/failed)."""
-    import ray
+    import ray  # lazy: importing job does not load ray
 
     g, root, videos_dir = cfg.generate, job_root(cfg), output_dir(cfg)
     videos = prepare_rows(cfg, rows)

@@ -18,12 +18,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 
 import numpy as np
+from PIL import Image
 
 from vidgen import storage
 from vidgen.config import GenerateConfig, ModelConfig, VidgenConfig
 from vidgen.data.prompts import safe_stem, vbench_name
+from vidgen.data.video import read_video, write_video
 
 # Settings that never change a video's pixels (where it goes, how the work is spread, which rows exist).
 _NOT_PIXELS = {"prompts", "prompt_format", "augmented_prompts", "dimensions", "images", "samples_per_prompt",
@@ -91,8 +95,6 @@ def to_uint8(frames_fchw) -> np.ndarray:
 
 
 def write_extras(root: str, stem: str, video: np.ndarray, fps: float, extras: list[str]) -> None:
-    from PIL import Image
-
     if "gif" in extras:
         buf = io.BytesIO()
         imgs = [Image.fromarray(f) for f in video]
@@ -126,9 +128,6 @@ def write_manifest(root: str, rows: list[dict]) -> str:
 
 def clean_stale_temps(videos_dir: str) -> int:
     """Remove temp folders a killed writer left in `videos_dir` (local only; hidden from listings anyway)."""
-    import os
-    import shutil
-
     local = storage.local_path(videos_dir)
     if local is None or not os.path.isdir(local):
         return 0
@@ -140,8 +139,6 @@ def clean_stale_temps(videos_dir: str) -> int:
 
 def video_grid(paths: list[str], out_uri: str, fps: float, cols: int = 2) -> str | None:
     """Tile the first frames of up to cols*cols videos into one mp4 (the MLflow sample grid)."""
-    from vidgen.data.video import read_video, write_video
-
     clips = [read_video(p)[0] for p in paths[: cols * cols]]
     if not clips:
         return None

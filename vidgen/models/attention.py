@@ -37,7 +37,7 @@ def check_backend(backend: str) -> None:
         raise ConfigError("model.attention=xformers: needs a CUDA GPU (torch.cuda.is_available() is False); "
                           "use model.attention=sdpa")
     try:
-        import xformers  # noqa: F401
+        import xformers  # noqa: F401  # lazy: optional, GPU only
     except ImportError:
         raise ConfigError("model.attention=xformers: the xformers package is not installed "
                           "(pip install xformers matching your torch); or use model.attention=sdpa") from None
@@ -53,14 +53,22 @@ def portable(model_cfg):
 
 def _is_plain(processor: object) -> bool:
     """A stock diffusers processor, safe to replace (not a LoRA/IP-adapter/custom one)."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+    from diffusers.models.attention_processor import (  # lazy: heavy (diffusers)
+        AttnProcessor,
+        AttnProcessor2_0,
+        XFormersAttnProcessor,
+    )
 
     return type(processor) in (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 
 
 def set_attention(module: torch.nn.Module, backend: str) -> int:
     """Put every stock attention processor under `module` on `backend`; returns the number of layers switched."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import (  # lazy: heavy (diffusers)
+        Attention,
+        AttnProcessor,
+        AttnProcessor2_0,
+    )
 
     check_backend(backend)
     layers = [m for m in module.modules() if isinstance(m, Attention) and _is_plain(m.processor)]

@@ -16,11 +16,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
 
+@runtime_checkable
+class Model(Protocol):
+    """A family's model as the jobs use it: moved to a device, switched to an attention backend, decoding latents.
+    Flavors (model.flavor): tiny (random init from a small config: tests, the demo), full (the published
+    architecture, random init), pretrained (weights from model.path)."""
+
+    vae_scale_factor: int  # pixels per latent
+
+    def to(self, device, dtype: torch.dtype | None = None) -> Model: ...
+
+    def set_attention(self, backend: str) -> Model: ...  # model.attention: sdpa, xformers, eager
+
+    def decode_video(self, latents_bfchw: torch.Tensor, chunk: int | None = None) -> torch.Tensor: ...  # [B,F,3,H,W]
+
+
+@runtime_checkable
 class Recipe(Protocol):
     """What trains and how a batch becomes a loss. Built as `cls(model_cfg, train_cfg, seed, build=None)`:
     `build`, when given, replaces the family's model builder (`vidgen plan` passes one that builds on the meta
@@ -55,6 +71,7 @@ class Recipe(Protocol):
     def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None: ...
 
 
+@runtime_checkable
 class Pipeline(Protocol):
     """One model ready to generate: `denoiser(latents[B, F, C, h, w], sigma[B, F], cond) -> x0 estimate` over the
     `scheduler`'s sigma table, whichever sampler runs it."""
@@ -90,6 +107,7 @@ class FamilySpec:
 
     name: str
     conditioning: Literal["image", "text"]
+    build: Callable[..., Model]  # (model config, seed=0, dtype=torch.float32): the flavor model.flavor names
     recipes: Mapping[str, type]
     build_pipeline: Callable[[Any, Any], Pipeline]  # (model config, generate config)
     # (model, held-out input: a first frame uint8 [H, W, 3] or a prompt, validation settings, sampler steps,

@@ -271,7 +271,7 @@ def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
 def _read_bytes(path: str) -> bytes:
     # vidgen.storage is the one place that opens URIs; plain open() keeps local paths working without it.
     if importlib.util.find_spec("vidgen.storage") is not None:
-        from vidgen import storage
+        from vidgen import storage  # lazy: heavy (fsspec); optional: plain open() without it
 
         if hasattr(storage, "read_bytes"):
             return storage.read_bytes(path)

@@ -69,7 +69,7 @@ def lora_parameter_count(unet: torch.nn.Module, lora_cfg) -> int:
 
 
 def peft_config(lora_cfg, targets: list[str]):
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: heavy (peft)
 
     return LoraConfig(
         r=lora_cfg.rank,
@@ -83,7 +83,7 @@ def peft_config(lora_cfg, targets: list[str]):
 def inject_lora(unet: torch.nn.Module, lora_cfg) -> list[str]:
     """Wrap the selected Linear layers with LoRA (fp32 adapters; on meta if the base is on meta), freeze
     everything else, and return the wrapped modules' names. `lora_cfg` is a `vidgen.config.LoraConfig`."""
-    from peft import inject_adapter_in_model
+    from peft import inject_adapter_in_model  # lazy: heavy (peft)
 
     targets = target_names(unet, lora_cfg)
     meta = any(p.is_meta for p in unet.parameters())
@@ -98,14 +98,14 @@ def inject_lora(unet: torch.nn.Module, lora_cfg) -> list[str]:
 
 
 def lora_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: heavy (peft)
 
     return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights, keyed `<module>.lora_A.weight` (PEFT's format without the adapter name)."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # lazy: heavy (peft)
 
     return {k: v.detach().cpu().float().contiguous()
             for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
@@ -121,7 +121,7 @@ def config_from_targets(lora_cfg, targets: list[str]) -> dict:
 def write_lora_dir(state: dict[str, torch.Tensor], adapter_config: dict, local_dir: str) -> None:
     """Write the PEFT and diffusers layouts of adapter weights `state` (keys `<module>.lora_A.weight`)
     into the existing local directory `local_dir`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: heavy (safetensors)
 
     state = {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
     save_file({f"base_model.model.{k}": v for k, v in state.items()}, os.path.join(local_dir, PEFT_WEIGHTS),
@@ -134,7 +134,7 @@ def write_lora_dir(state: dict[str, torch.Tensor], adapter_config: dict, local_d
 
 def save_lora(unet: torch.nn.Module, lora_cfg, targets: list[str], uri: str) -> None:
     """Atomically write the LoRA of `unet` (injected by `inject_lora(unet, lora_cfg)`) to directory `uri`."""
-    from vidgen import storage
+    from vidgen import storage  # lazy: heavy (fsspec)
 
     with storage.atomic_local(uri) as tmp:
         os.makedirs(tmp)
@@ -143,9 +143,9 @@ def save_lora(unet: torch.nn.Module, lora_cfg, targets: list[str], uri: str) -> 
 
 def _read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights keyed `<module>.lora_A.weight`, adapter config) from a LoRA directory or .safetensors file."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: heavy (safetensors)
 
-    from vidgen import storage
+    from vidgen import storage  # lazy: heavy (fsspec)
 
     with tempfile.TemporaryDirectory(prefix="vidgen-lora-") as tmp:
         if storage.isdir(path):
@@ -199,7 +199,7 @@ def load_lora(unet: torch.nn.Module, path: str, scale: float = 1.0) -> list[str]
     """Inject the LoRA at `path` (a vidgen/PEFT/diffusers LoRA directory or .safetensors file) into `unet`
     (e.g. a fresh pipeline's UNet) with its update scaled by `scale` (0: the base model); returns the
     wrapped module names. The adapter takes the device and dtype of the layers it wraps."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: heavy (peft)
 
     if lora_layers(unet):
         raise ModelError(f"{path}: this UNet has a LoRA already; load into a fresh UNet (or merge_lora first)")
@@ -228,7 +228,7 @@ def load_lora(unet: torch.nn.Module, path: str, scale: float = 1.0) -> list[str]
 
 def set_peft_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy adapter weights (keys `<module>.lora_A.weight`) into a UNet that already has the LoRA injected."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # lazy: heavy (peft)
 
     result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
     bad = [k for k in result.unexpected_keys if ".lora_" in k]
@@ -242,7 +242,7 @@ def set_peft_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
 def export_merged_unet(unet: torch.nn.Module, lora_path: str, out_dir: str, scale: float = 1.0) -> None:
     """Load the LoRA at `lora_path` into `unet` (a fresh base UNet), merge it at `scale` and write a full
     diffusers UNet directory to `out_dir` (local or URI), usable as `generate.unet`."""
-    from vidgen import storage
+    from vidgen import storage  # lazy: heavy (fsspec)
 
     load_lora(unet, lora_path, scale)
     merge_lora(unet)

@@ -35,7 +35,7 @@ class LatentVideoModel:
     def sample_latents(self, posterior_bfchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled latents [B, F, C, h, w]: one draw of the posterior (as training uses), from `generator`, drawn on
         the generator's device and moved to the posterior's (what diffusers' `sample` does, in fp32)."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # lazy: heavy (diffusers)
 
         b, f = posterior_bfchw.shape[:2]
         dist = DiagonalGaussianDistribution(posterior_bfchw.flatten(0, 1))

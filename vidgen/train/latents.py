@@ -36,6 +36,7 @@ from vidgen.data.listing import Sample
 from vidgen.data.pack import done_uri, shard_name
 from vidgen.data.pipeline import check_bad_fraction, read_config_clips
 from vidgen.data.worker import BadSample, ClipSpec, sample_clips
+from vidgen.devices import compute_device
 from vidgen.errors import ConfigError, DataError
 from vidgen.models import registry
 
@@ -65,7 +66,7 @@ def config_key(cfg: VidgenConfig) -> dict:
 
 def weights_hash(modules) -> str:
     """sha256 over the encoders' tensors (names, shapes, dtypes, bytes): ~1 GB/s, seconds for SVD or SDXL."""
-    import torch
+    import torch  # lazy: importing latents does not load torch
 
     h = hashlib.sha256()
     for module in modules:
@@ -117,7 +118,7 @@ def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: Clip
     A sample whose clips cannot be decoded, or any of whose encodings holds NaN or inf (an encoder overflowing
     in low precision), is left out of the shard and recorded in the marker's `bad` list, as a decode failure
     is: nothing non-finite is ever cached, and data.max_bad_fraction stops a job where it is systematic."""
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: importing latents loads neither pyarrow nor torch
     import pyarrow.parquet as pq
     import torch
 
@@ -165,7 +166,7 @@ def encode_shard(recipe, out: str, index: int, samples: list[Sample], spec: Clip
 def upcast_vae(module, dtype) -> bool:
     """True when `module` is a VAE that must stay fp32 under `dtype`=fp16: its config declares force_upcast
     (SDXL's and SVD's do), because its activations overflow fp16 to inf/NaN; diffusers' pipelines upcast it too."""
-    import torch
+    import torch  # lazy: importing latents does not load torch
 
     config = getattr(module, "config", None)
     return dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
@@ -174,9 +175,7 @@ def upcast_vae(module, dtype) -> bool:
 def load_encoders(cfg: VidgenConfig, gpus_reserved: float = 0.0):
     """(the recipe, the sha256 of its encoders' weights), encoders in latents.dtype on CUDA when this process
     reserved GPUs (`gpus_reserved` > 0), else on the CPU: never on a GPU that is merely visible."""
-    import torch
-
-    from vidgen.devices import compute_device
+    import torch  # lazy: importing latents does not load torch
 
     recipe = registry.build_recipe(cfg.model, cfg.train, cfg.run.seed)
     digest = weights_hash(recipe.encoders())
@@ -198,7 +197,7 @@ class ShardEncoder:
 
     def __init__(self, cfg_dict: dict, out: str, spec: ClipSpec, key_hash: str, table_ref: list, per_shard: int,
                  gpus_reserved: float = 0.0, fault: str | None = None):
-        import ray
+        import ray  # lazy: importing latents does not load ray
 
         self.cfg = VidgenConfig(**cfg_dict)
         self.table, self.per_shard = ray.get(table_ref[0]), per_shard  # the listing, shipped once (a list: unresolved)
@@ -232,7 +231,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
     out = cache_uri(cfg)
     stream = read_config_clips(cfg, train=False)
     # with Ray the driver only hashes the weights (the actors encode), so it never takes a GPU
-    from vidgen.models.attention import portable  # torch: imported by the job, not by this module
+    from vidgen.models.attention import portable  # lazy: torch, imported by the job, not by this module
 
     # With Ray the driver builds the encoders only to hash their weights: with a kernel it can run (no CUDA on a
     # head); the actors compute with model.attention as configured.
@@ -254,7 +253,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
     pending = [k for k in range(len(groups)) if not storage.exists(markers[k])]
     log.info("prepare latents %s -> %s: %d shards, %d to write", d.source, out, len(groups), len(pending))
     if pending and use_ray:
-        import ray
+        import ray  # lazy: importing latents does not load ray
 
         if not ray.is_initialized():
             raise ConfigError("prepare latents: needs a running Ray (ray.init or RAY_ADDRESS)")
@@ -324,7 +323,7 @@ def decode_row(row: dict) -> dict:
 
 def read_rows(uri: str, manifest: dict):
     """Every cached row, decoded, in shard order, without Ray (tests, validation inputs)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: importing latents does not load pyarrow
 
     for shard in manifest["shards"]:
         if not shard["clips"]:
@@ -350,7 +349,7 @@ class CacheStream:
     def share_dataset(self, epoch: int, samples, wanted):
         """One task per shard; rows as `decode_row` gives them, plus `bucket` (the latents' h x w, so that
         batches hold one size) and the position columns (vidgen.data.position.Shares)."""
-        import ray.data
+        import ray.data  # lazy: importing latents does not load ray
 
         k = self.clips_per_sample
         items = [{"item": json.dumps({"uri": self.files[int(i)], "slot": int(i) * k, "order": j, "wanted": w.tolist(),
@@ -363,7 +362,7 @@ class CacheStream:
 
 
 def _share_rows(item: dict) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: importing latents does not load pyarrow
 
     d = json.loads(item["item"])
     with storage.open(d["uri"]) as f:

@@ -21,14 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from vidgen import faults
+from vidgen import faults, storage
 from vidgen.config import VidgenConfig
 from vidgen.data.position import Shares
-from vidgen.errors import ConfigError, JobError, raised_remotely
+from vidgen.errors import ConfigError, JobError, ModelError, raised_remotely
 from vidgen.models import registry
+from vidgen.ray_env import shared_env, worker_env
+from vidgen.train.manifest import verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +116,12 @@ def check(cfg: VidgenConfig) -> None:
         if not t.use_gpu:
             raise ConfigError("train.adam_8bit=true: 8-bit AdamW needs train.use_gpu=true")
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  # lazy: optional, GPU only
         except ImportError:
             raise ConfigError("train.adam_8bit=true: the bitsandbytes package is not installed") from None
 
 
 def user_deepspeed_config(cfg: VidgenConfig) -> dict:
-    from vidgen import storage
-
     path = cfg.train.deepspeed_config
     if not path:
         return {}
@@ -158,13 +160,9 @@ def storage_root(cfg: VidgenConfig) -> str:
 def ray_storage(cfg: VidgenConfig):
     """(path, filesystem) for Ray Train: remote roots through vidgen's own fsspec filesystem, so that Ray reaches
     the same store as vidgen (VIDGEN_S3_ENDPOINT_URL, fsspec's credentials), not one it builds from the URI."""
-    from vidgen import storage
-
     root = storage_root(cfg)
     if not storage.is_remote(root):
         return root, None
-    import pyarrow.fs
-
     fs, path = storage.filesystem(root)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
@@ -179,10 +177,7 @@ def check_resume(cfg: VidgenConfig) -> None:
     """Refuse, before any worker starts, to resume a run whose newest checkpoint was written with another
     model/training config: its manifests (vidgen/train/manifest.py) carry the config hash. The workers check the
     hash again when they load the checkpoint (older checkpoints have no hash in their manifest)."""
-    import json
-
-    from vidgen import storage
-    from vidgen.train.loop import config_hash
+    from vidgen.train.loop import config_hash  # lazy: loop imports torch; the driver does not
 
     run_dir = storage.join(storage_root(cfg), cfg.run.name)
     if not storage.isdir(run_dir):
@@ -214,16 +209,11 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
     which clips were trained (vidgen.data.position), so a resume, with any train.num_workers, trains every clip
     once per epoch. Any other Ray Dataset is split by Ray Train, and a resume skips as many batches per worker
     as the checkpoint counted."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from vidgen import storage
+    from ray.train.torch import TorchTrainer  # lazy: imports torch; the driver does not
 
     check(cfg)
     check_resume(cfg)
     t = cfg.train
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     # On the driver's node: it lives and dies with the driver, never with a worker node (a sink lost with a
     # node would lose every metric and validation video of the run, silently).
     sink = MetricsSink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -311,14 +301,12 @@ def worker_runtime_env(use_gpu: bool) -> dict[str, str]:
     """The environment of every training worker: the shared settings, the accelerator settings that follow the
     worker's own resources (never the driver's: a GPU-less head must not make GPU workers use the CPU), and the
     test hooks when set."""
-    from vidgen.ray_env import shared_env, worker_env
-
     hooks = {**{k: os.environ[k] for k in TEST_HOOK_ENV if k in os.environ}, **faults.all_from_env()}
     return {**shared_env(), **hooks, **worker_env(use_gpu)}
 
 
 def _train_func(config: dict) -> None:
-    from vidgen.train.loop import train_func
+    from vidgen.train.loop import train_func  # lazy: loop imports torch; the driver does not
 
     train_func(config)
 
@@ -349,10 +337,7 @@ def _root_cause(e: BaseException) -> str:
 def consolidated_state_dict(ckpt_dir: str, verify: bool = True) -> dict:
     """Full fp32 UNet weights from a DeepSpeed checkpoint of any ZeRO stage. The manifest is checked first
     (`verify=False`: the caller did) because DeepSpeed's zero_to_fp32 unpickles with weights_only=False."""
-    import torch
-
-    from vidgen.errors import ModelError
-    from vidgen.train.manifest import verify_manifest
+    import torch  # lazy: the driver does not load torch
 
     if verify and (problems := verify_manifest(ckpt_dir)):
         raise ModelError(f"checkpoint {ckpt_dir}: {problems[0]}" + (
@@ -360,7 +345,7 @@ def consolidated_state_dict(ckpt_dir: str, verify: bool = True) -> dict:
     latest = Path(ckpt_dir, "latest").read_text().strip()
     tag_dir = Path(ckpt_dir, latest)
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: deepspeed, ZeRO only
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=latest))
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
@@ -391,13 +376,13 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str 
     """Consolidate the ranks' shards and write the recipe's export (a diffusers UNet directory, or a LoRA
     directory) atomically; `merged_dir`: also the base UNet with the LoRA merged in. A checkpoint that
     fails its manifest is skipped for the newest older one that passes, with a warning (loop.valid_checkpoint)."""
-    from vidgen.train.loop import valid_checkpoint
+    from vidgen.train.loop import valid_checkpoint  # lazy: loop imports torch; the driver does not
 
     ema = None
     with valid_checkpoint(checkpoint) as d, contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints
         state = consolidated_state_dict(d, verify=False)
         if Path(d, "ema.pt").exists():
-            import torch
+            import torch  # lazy: the driver does not load torch
 
             ema = torch.load(Path(d, "ema.pt"), map_location="cpu", weights_only=True)
     if ema is not None:  # the EMA weights, exported beside the raw ones
@@ -410,8 +395,7 @@ def export_unet(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir: str 
 
 
 def _export(cfg: VidgenConfig, state: dict, export_dir: str, merged: bool = False) -> None:
-    from vidgen import storage
-    from vidgen.models.attention import portable
+    from vidgen.models.attention import portable  # lazy: imports torch; the driver does not
     # Weights do not depend on the attention kernel: the export computes nothing, so it builds with sdpa, which
     # runs anywhere (xformers needs CUDA, which the process exporting may not have).
     recipe = registry.build_recipe(portable(cfg.model), cfg.train, cfg.run.seed)

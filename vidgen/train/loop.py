@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,9 +30,13 @@ import numpy as np
 import torch
 
 from vidgen import faults
+from vidgen.config import ModelConfig, Section, TrainConfig
+from vidgen.data.buckets import bucket_batches
+from vidgen.data.position import DataPosition, rank_rows
 from vidgen.errors import JobError
 from vidgen.models import registry
-from vidgen.train.manifest import verify_manifest, write_manifest
+from vidgen.ray_env import apply_worker_env
+from vidgen.train.manifest import _PART, verify_manifest, write_manifest
 from vidgen.train.validation import validation_videos
 
 log = logging.getLogger(__name__)
@@ -87,8 +93,6 @@ def lr_lambda(schedule: str, warmup: int, max_steps: int):
 def config_hash(model: dict, train: dict, sections: tuple[str, ...]) -> str:
     """What a checkpoint's weights depend on; bookkeeping (step counts, validation) may change on resume.
     `sections`: the train.* sub-sections the recipe reads (`Recipe.TRAIN_SECTIONS`); the others are left out."""
-    from vidgen.config import Section, TrainConfig
-
     owned = {n for n, f in TrainConfig.model_fields.items() if isinstance(f.annotation, type)
              and issubclass(f.annotation, Section)}
     keep = {k: v for k, v in train.items() if k not in RESUMABLE_KEYS and (k not in owned or k in sections)}
@@ -110,7 +114,7 @@ def reserved_cpus() -> int:
     a worker with more threads than its cores shares them, and its OpenMP threads spin at every barrier waiting
     for a descheduled sibling. benchmarks/train_overhead.py, 2 cores, one busy competing process: a step took 21x
     its quiet time with 2 threads, 1.2x with 1 (the plain loop: 4.6x and 1.1x)."""
-    import ray
+    import ray  # lazy: importing loop does not load ray
 
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
@@ -127,17 +131,40 @@ def _skip_cpu_shm_build() -> None:
         mod.build_shm_op = lambda: None
 
 
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's CPU Adam compiles in ~1 minute; a lock this old lost its builder
+
+
+def clear_stale_build_lock(name: str, now: float | None = None) -> bool:
+    """Remove `<TORCH_EXTENSIONS_DIR>/<name>/lock` when it is older than STALE_BUILD_LOCK_S. torch's extension
+    builder holds that file while it compiles and every other process waits for it to go, forever: a worker killed
+    mid-build (a lost node, a cancelled job) would hang every later run on that machine. True when removed."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        return False
+    lock = Path(root, name, "lock")
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_BUILD_LOCK_S:
+        return False
+    log.warning("%s: left by a build that died %.0f s ago; removing it so this build can run", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def _optimizer(params, t):
     """A client optimizer, so DeepSpeed compiles no fused Adam. Under ZeRO-Offload the optimizer steps on the CPU
     copy of the weights: DeepSpeed's CPU Adam (vectorised, multi-threaded; refused otherwise by DeepSpeed),
     compiled once per machine into TORCH_EXTENSIONS_DIR (the cluster image builds it in advance)."""
     if t.adam_8bit:
-        import bitsandbytes as bnb  # checked on the driver: GPU runs only
+        import bitsandbytes as bnb  # lazy: optional, GPU only (checked on the driver)
 
         return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: after DS_ACCELERATOR is set
 
+        clear_stale_build_lock("cpu_adam")
         return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8,
                                 adamw_mode=True)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -148,7 +175,7 @@ def _maybe_dump_state(engine, zero_stage: int, rank: int) -> None:
     path = os.environ.get(DUMP_ENV)
     if not path:
         return
-    import deepspeed
+    import deepspeed  # lazy: after DS_ACCELERATOR is set
 
     params = list(engine.module.parameters())
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else None
@@ -174,15 +201,12 @@ class ClipLog:
 
 
 def train_func(config: dict) -> None:
-    import ray.train
+    import ray.train  # lazy: importing loop does not load ray
     from ray.train import Checkpoint
-
-    from vidgen.config import ModelConfig, TrainConfig
-    from vidgen.ray_env import apply_worker_env
 
     t, model_cfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
     apply_worker_env(t.use_gpu)  # before DeepSpeed picks its accelerator: this worker's, not the driver's
-    import deepspeed
+    import deepspeed  # lazy: after DS_ACCELERATOR is set
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -313,8 +337,6 @@ def train_func(config: dict) -> None:
 
 def resumed_position(client: dict, stream, resumed: bool):
     """The data position a checkpoint stored, or the start of epoch 0."""
-    from vidgen.data.position import DataPosition
-
     k = stream.clips_per_sample
     state = client.get("data_position")
     if state is not None:
@@ -329,9 +351,6 @@ def clip_batches(stream, position, rank: int, world: int, batch_size: int, colum
     """Micro-batches of this rank's share of the clips (vidgen.data.position.rank_rows), each of one bucket (one frame
     size; vidgen.data.buckets), as tensors on the device; `_consumed` holds (epochs, slots, clip ids) to mark
     in `position` once the batch is trained."""
-    from vidgen.data.buckets import bucket_batches
-    from vidgen.data.position import rank_rows
-
     collate = _collate(device)
     for batch in bucket_batches(rank_rows(stream, position, rank, world), batch_size):
         out = collate({c: np.asarray(batch[c]) for c in columns if c in batch})
@@ -455,7 +474,7 @@ def valid_checkpoint(ckpt) -> Iterator[str]:
 
 
 def _older_checkpoints(ckpt) -> list:
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: importing loop does not load pyarrow or ray
     from ray.train import Checkpoint
 
     fs, path = ckpt.filesystem, ckpt.path.rstrip("/")
@@ -471,8 +490,6 @@ def _older_checkpoints(ckpt) -> list:
 
 def checkpoint_world(directory: str) -> int:
     """How many workers wrote a checkpoint: the parts of its manifest (vidgen/train/manifest.py)."""
-    from vidgen.train.manifest import _PART
-
     parts = {int(m.group(2)) for name in os.listdir(directory) if (m := _PART.match(name))}
     return max(parts, default=1)
 
@@ -483,9 +500,6 @@ def universal_checkpoint(directory: str) -> Iterator[str]:
     directory of this worker: ZeRO's optimizer partitions merged per parameter, to be loaded by any world size.
     Converted by DeepSpeed's own ds_to_universal (vidgen stores no universal_checkpoint_info, which only matters
     for tensor/pipeline parallelism; --inject_missing_state supplies the empty one)."""
-    import subprocess
-    import sys
-
     tag = Path(directory, "latest").read_text().strip()
     with tempfile.TemporaryDirectory(prefix="vidgen-universal-") as out:
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
@@ -512,7 +526,7 @@ def _validate(recipe, family, engine, t, config: dict, rank: int, step: int, sin
     """Videos from held-out inputs with the current weights; rank 0 writes, the driver logs."""
     gather = contextlib.nullcontext()
     if t.zero_stage == 3:
-        import deepspeed
+        import deepspeed  # lazy: after DS_ACCELERATOR is set
 
         gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     with gather:

@@ -1,6 +1,7 @@
 """Hotshot-XL: text-to-video from SDXL plus temporal layers, trained with the DDPM objective (hotshot_temporal)."""
 
 from vidgen.models.base import FamilySpec
+from vidgen.models.hotshot.model import from_config
 from vidgen.models.hotshot.pipeline import build_pipeline, check_generate, validation_video
 from vidgen.models.hotshot.plan import HotshotPlanner
 from vidgen.models.hotshot.recipe import HotshotTemporalRecipe
@@ -14,6 +15,7 @@ def cache_key(cfg) -> dict:
 FAMILY = FamilySpec(
     name="hotshot",
     conditioning="text",
+    build=from_config,
     recipes={"hotshot_temporal": HotshotTemporalRecipe},
     build_pipeline=build_pipeline,
     validation_video=validation_video,

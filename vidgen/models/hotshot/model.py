@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel, UNetMotionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
@@ -283,8 +283,6 @@ SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 
 def tiny(seed: int = 0, max_frames: int = HOTSHOT_MAX_FRAMES, spatial_norm: str = "clip",
          prediction_type: str = "epsilon") -> Hotshot:
-    from diffusers import AutoencoderKL, DDPMScheduler
-
     unet = tiny_unet(seed, max_frames=max_frames, spatial_norm=spatial_norm)
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -337,8 +335,6 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", temporal_la
                spatial_norm: str = "clip") -> Hotshot:
     """A local Hotshot-XL (or SDXL + `temporal_layers`) directory: unet/, vae/, scheduler/, tokenizer(_2)/,
     text_encoder(_2)/. `spatial_unet_base` swaps in another SDXL UNet, keeping the temporal layers."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-
     root = resolve_model_dir(path, cache_dir, "Hotshot-XL (or SDXL) diffusers-format",
                              ("unet", "vae", "scheduler", "text_encoder", "text_encoder_2"))
     missing = [s for s in ("unet", "vae", "scheduler") if not (root / s).is_dir()]
@@ -401,8 +397,6 @@ def from_configs(configs: dict[str, dict], max_frames: int = HOTSHOT_MAX_FRAMES,
     UNet3D or SDXL 2-D `unet`), randomly initialised on the current default device and dtype: build under
     `torch.device("meta")` to get shapes without memory. With `seed`, each part is seeded on its own (seed: the
     UNet, + 1: the VAE, + 2: the text encoders). The scheduler is SDXL's DDPM config, always in fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-
     def seeded(i: int) -> None:
         if seed is not None:
             torch.manual_seed(seed + i)
@@ -464,3 +458,10 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
     else:
         raise ModelError(f"model.flavor={flavor}: expected one of tiny, full, pretrained")
     return model.set_attention(attention)
+
+
+def from_config(m, seed: int = 0, dtype: torch.dtype = torch.float32) -> Hotshot:
+    """The model a `model.*` config section describes (vidgen.config.ModelConfig)."""
+    return build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, temporal_layers=m.temporal_layers,
+                 spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames, spatial_norm=m.spatial_norm,
+                 attention=m.attention, dtype=dtype)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.torch
 import torch
+from diffusers import ControlNetModel, DDIMScheduler, UNet2DConditionModel
 
 from vidgen import storage
 from vidgen.config import GenerateConfig, ModelConfig
@@ -56,8 +57,6 @@ class DDIMSigmas:
     """A scheduler stand-in for vidgen.diffusion.samplers: DDIM's timesteps as a descending sigma table + 0."""
 
     def __init__(self, config):
-        from diffusers import DDIMScheduler
-
         self.ddim = DDIMScheduler.from_config(config)
         self.config = self.ddim.config  # timestep_spacing "leading": init noise scale sqrt(sigma_max^2 + 1)
         self.sigmas = None
@@ -196,8 +195,6 @@ def load_sdxl_lora(model: Hotshot, state: dict[str, torch.Tensor], adapter_name:
 
 def controlnet_from_spatial(model: Hotshot, conditioning_channels: int = 3):
     """A fresh SDXL ControlNet initialised from the Hotshot UNet's spatial layers (diffusers' from_unet)."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
     unet2d = UNet2DConditionModel.from_config(model.unet.config_2d)
     unet2d.load_state_dict(spatial_state_dict(model.unet))
     return ControlNetModel.from_unet(unet2d, conditioning_channels=conditioning_channels).eval()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from vidgen.config import ModelConfig, TrainConfig
 from vidgen.diffusion.noise import randint
@@ -172,6 +173,4 @@ class HotshotTemporalRecipe:
 
 def load_exported_temporal(model: hotshot.Hotshot, export_dir: str | Path) -> None:
     """Load the temporal layers `export` wrote into another model (any SDXL spatial base)."""
-    from safetensors.torch import load_file
-
     load_temporal(model.unet, load_file(str(Path(export_dir) / TEMPORAL_FILE)), str(export_dir))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from vidgen.errors import ModelError, brief
 
@@ -92,8 +93,6 @@ def byte_vocab() -> dict[str, int]:
 
 def tiny_tokenizer(max_length: int = 16):
     """A CLIP tokenizer built offline: byte-level tokens, no merges (every character is a token)."""
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=max_length)
 
 
@@ -107,8 +106,6 @@ class TinyTextConfig:
 
 
 def tiny_text(seed: int = 0, cfg: TinyTextConfig = TinyTextConfig()) -> SDXLText:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     vocab = byte_vocab()
     config = CLIPTextConfig(
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
@@ -131,8 +128,6 @@ def pretrained_text(root: str | Path, tokenizer_path: str | None = None, tokeniz
                     text_encoder_path: str | None = None, text_encoder_2_path: str | None = None) -> SDXLText:
     """Tokenizers and encoders from a local SDXL directory (`tokenizer/`, `tokenizer_2/`, `text_encoder/`,
     `text_encoder_2/`), each overridable by its own local path."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     root = Path(root)
     parts = {"tokenizer": tokenizer_path, "tokenizer_2": tokenizer_2_path, "text_encoder": text_encoder_path,
              "text_encoder_2": text_encoder_2_path}
@@ -175,8 +170,6 @@ def full_size_text_configs() -> dict[str, dict]:
 def text_from_configs(configs: dict[str, dict], max_length: int = 77) -> SDXLText:
     """Both encoders from CLIPTextConfig kwargs (randomly initialised on the current default device, so build
     under `torch.device("meta")` for shapes only) with the offline byte-level tokenizers (no download)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     enc1 = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
     enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])).eval()
     return SDXLText(tiny_tokenizer(max_length), tiny_tokenizer(max_length), enc1, enc2)

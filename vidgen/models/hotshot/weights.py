@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from vidgen.errors import ModelError, brief
 
@@ -121,8 +122,6 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: no such weights file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:  # tensors only: a pickle that asks to run code is refused
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -146,8 +145,6 @@ def read_config(path: Path) -> dict:
 
 
 def _write(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))

@@ -90,7 +90,7 @@ def _resize_antialiased(x_bchw: torch.Tensor, size: int) -> torch.Tensor:
     if x_bchw.shape[-2:] == (size, size):
         return x_bchw
     try:
-        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (  # lazy: heavy
             _resize_with_antialiasing,
         )
     except ImportError:  # pragma: no cover - older/newer diffusers without the helper
@@ -120,7 +120,7 @@ class TinySVDConfig:
 
 
 def tiny(seed: int = 0, num_frames: int = 8, cfg: TinySVDConfig = TinySVDConfig()) -> SVD:
-    from diffusers import (
+    from diffusers import (  # lazy: heavy (diffusers, transformers)
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
         UNetSpatioTemporalConditionModel,
@@ -177,9 +177,9 @@ def tiny(seed: int = 0, num_frames: int = 8, cfg: TinySVDConfig = TinySVDConfig(
 def _clip_processor_class():
     # transformers 5 split the processor into torchvision and PIL backends; only mean/std are used here.
     try:
-        from transformers import CLIPImageProcessorPil as cls
+        from transformers import CLIPImageProcessorPil as cls  # lazy: heavy (transformers); transformers 5
     except ImportError:
-        from transformers import CLIPImageProcessor as cls
+        from transformers import CLIPImageProcessor as cls  # lazy: heavy (transformers); transformers 4
     return cls
 
 
@@ -213,7 +213,7 @@ def resolve_model_dir(path: str, cache_dir: str) -> Path:
 
 
 def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", unet_path: str | None = None) -> SVD:
-    from diffusers import (
+    from diffusers import (  # lazy: heavy (diffusers, transformers)
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
         UNetSpatioTemporalConditionModel,
@@ -247,7 +247,7 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", unet_path: 
 
 def load_unet(path: str, cache_dir: str = "~/.cache/vidgen/models") -> torch.nn.Module:
     """A UNet directory written by `vidgen train` (diffusers `save_pretrained` format)."""
-    from diffusers import UNetSpatioTemporalConditionModel
+    from diffusers import UNetSpatioTemporalConditionModel  # lazy: heavy (diffusers)
 
     root = resolve_model_dir(path, cache_dir)
     if not (root / "config.json").is_file():
@@ -318,7 +318,7 @@ def full(seed: int = 0, num_frames: int = 25, dtype: torch.dtype = torch.float32
     train where no weights are given. Each part is built directly in `dtype` (a 1.5B-parameter UNet is never
     held twice) and seeded on its own: torch.manual_seed(seed) then the UNet's `from_config` reproduces the
     UNet without vidgen (seed + 1: the VAE, seed + 2: the image encoder)."""
-    from diffusers import EulerDiscreteScheduler
+    from diffusers import EulerDiscreteScheduler  # lazy: heavy (diffusers)
 
     configs = full_size_configs(num_frames)
     parts = {}
@@ -342,7 +342,7 @@ def from_configs(configs: dict[str, dict], only: str | None = None) -> SVD:
     """UNet, VAE and image encoder built from config dicts (e.g. `full_size_configs()` or the config.json files
     of a diffusers directory), randomly initialised on the current default device; no scheduler or feature
     extractor. Build under `torch.device("meta")` to get shapes without memory."""
-    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel  # lazy: heavy
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     want = (lambda name: only in (None, name))  # noqa: E731
@@ -351,3 +351,9 @@ def from_configs(configs: dict[str, dict], only: str | None = None) -> SVD:
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"])) \
         if want("image_encoder") else None
     return SVD(unet, vae, image_encoder, feature_extractor=None, scheduler=None)
+
+
+def from_config(m, seed: int = 0, dtype: torch.dtype = torch.float32) -> SVD:
+    """The model a `model.*` config section describes (vidgen.config.ModelConfig)."""
+    return build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, num_frames=m.num_frames,
+                 attention=m.attention, dtype=dtype)
