@@ -63,6 +63,58 @@ def test_compare_nan_missing_and_zero_baseline():
     assert compare({"fvd": 1.0}, Night("d", {"clip": 1.0}), th).regressed == []  # nothing to compare with
 
 
+def _ci(name: str, value: float, half: float) -> dict[str, float]:
+    """A metric with its noise interval, as night metrics carry it."""
+    return {name: value, f"{name}_lo": value - half, f"{name}_hi": value + half}
+
+
+def test_compare_with_intervals_knows_noise_from_regression():
+    th = {"fvd": 0.10}
+    base = Night("d", _ci("fvd", 100.0, 15.0))  # [85, 115]
+    noise = compare(_ci("fvd", 112.0, 15.0), base, th)  # +12%, past the threshold, but inside [85, 115]
+    assert noise.regressed == [] and noise.rules == {"fvd": "interval"} and noise.verdict == "ok"
+    assert noise.deltas == {"fvd": pytest.approx(0.12)}  # the bounds are no metrics of their own
+    # Beyond the baseline's interval is not enough: the baseline must lie outside tonight's too.
+    assert compare(_ci("fvd", 118.0, 20.0), base, th).regressed == []  # 118 > 115, but 100 is in [98, 138]
+    assert compare(_ci("fvd", 120.0, 15.0), base, th).regressed == ["fvd"]  # 120 > 115 and 100 < 105
+    bad = compare(_ci("fvd", 140.0, 10.0), base, th)  # 140 > 115, 100 < 130, and +40%
+    assert bad.regressed == ["fvd"] and bad.rules == {"fvd": "interval"}
+    assert compare(_ci("fvd", 60.0, 10.0), base, th).regressed == []  # better beyond the noise: fine
+    # The threshold stays the smallest effect worth flagging: +5% beyond tight intervals is real but small.
+    tight = Night("d", _ci("fvd", 100.0, 1.0))
+    assert compare(_ci("fvd", 105.0, 1.0), tight, th).regressed == []
+    assert compare(_ci("fvd", 105.0, 1.0), tight, {"fvd": 0.0}).regressed == ["fvd"]  # 0: intervals alone
+    # Per-window metrics carry their own intervals.
+    w = "windows/early/fvd"
+    r = compare(_ci(w, 112.0, 15.0) | _ci("fvd", 100.0, 1.0), Night("d", _ci(w, 100.0, 15.0) | _ci("fvd", 100.0, 1.0)),
+                {w: 0.1, "fvd": 0.1})
+    assert r.regressed == [] and r.rules == {w: "interval", "fvd": "interval"}
+
+
+def test_compare_without_intervals_on_either_night_falls_back_to_the_threshold():
+    th = {"fvd": 0.10}
+    old = Night("d", {"fvd": 100.0})  # a night from before intervals
+    r = compare(_ci("fvd", 120.0, 15.0), old, th)
+    assert r.regressed == ["fvd"] and r.rules == {"fvd": "threshold"}
+    off = Night("d", {"fvd": 100.0, "fvd_lo": math.nan, "fvd_hi": math.nan})  # intervals were off
+    assert compare(_ci("fvd", 120.0, 15.0), off, th).rules == {"fvd": "threshold"}
+    tonight_off = {"fvd": 109.0, "fvd_lo": math.nan, "fvd_hi": math.nan}
+    r = compare(tonight_off, Night("d", _ci("fvd", 100.0, 1.0)), th)
+    assert r.regressed == [] and r.rules == {"fvd": "threshold"}
+    failed = compare({"fvd": math.nan, "fvd_lo": math.nan, "fvd_hi": math.nan}, Night("d", _ci("fvd", 100.0, 5.0)), th)
+    assert failed.regressed == ["fvd"] and failed.rules == {"fvd": "missing"}  # a failed metric never passes
+
+
+def test_compare_with_intervals_higher_is_better_mirrored():
+    th, up = {"clip": 0.05}, ["clip"]
+    base = Night("d", _ci("clip", 0.30, 0.02))  # [0.28, 0.32]
+    assert compare(_ci("clip", 0.282, 0.02), base, th, up).regressed == []  # -6%, but inside [0.28, 0.32]
+    bad = compare(_ci("clip", 0.24, 0.02), base, th, up)  # 0.24 < 0.28, 0.30 > 0.26, -20%
+    assert bad.regressed == ["clip"] and bad.rules == {"clip": "interval"}
+    assert compare(_ci("clip", 0.40, 0.02), base, th, up).regressed == []  # better beyond the noise
+    assert compare(_ci("clip", 0.29, 0.001), Night("d", _ci("clip", 0.30, 0.001)), th, up).regressed == []
+
+
 def test_last_good_skips_regressed_failed_and_later_nights():
     nights = [Night("2026-01-01", {}, "a"), Night("2026-01-02", {}, "b", regressed=True),
               Night("2026-01-03", {}, "c", status="FAILED"), Night("2026-01-05", {}, "e")]
@@ -116,8 +168,9 @@ class FakeNight:
     """The measure seam: writes real tiny mp4s (skipping existing ones, like generation) and returns the
     metrics the test chose for that date."""
 
-    def __init__(self, values: dict[str, dict[str, float]]):
+    def __init__(self, values: dict[str, dict[str, float]], params: dict[str, str] | None = None):
         self.values, self.calls = values, []
+        self.params = params or {"eval.resize": "squash"}
 
     def __call__(self, cfg, night_dir: str) -> Measured:
         out = cfg.generate.output
@@ -132,8 +185,7 @@ class FakeNight:
         self.calls.append((cfg.nightly.date, cfg.generate.unet, written))
         key = (cfg.nightly.date, cfg.generate.unet)
         metrics = dict(self.values.get(key) or self.values[cfg.nightly.date])
-        return Measured(metrics, [storage.join(out, f"v{i}.mp4") for i in range(3)],
-                        {"eval.resize": "squash"})
+        return Measured(metrics, [storage.join(out, f"v{i}.mp4") for i in range(3)], dict(self.params))
 
 
 def _cfg(tmp_path, mlflow_server, experiment, date, *extra):
@@ -174,6 +226,7 @@ def test_three_nights_improve_stable_regress(tmp_path, mlflow_server, experiment
     assert [n.regressed for n in nights] == [False, False, False, True, False]
     bad = client.get_run(nights[3].run_id)
     assert bad.data.tags["nightly.regressed_metrics"] == "fvd"
+    assert bad.data.tags["nightly.regressed_rules"] == "fvd=threshold"  # no intervals on these nights
     assert bad.data.tags["nightly.baseline_run"] == nights[2].run_id
     assert bad.data.metrics["delta/fvd"] == pytest.approx(96 / 84 - 1)
     assert bad.data.tags["nightly.date"] == "2026-01-04" and bad.data.tags["nightly.suite"] == "tiny"
@@ -182,6 +235,32 @@ def test_three_nights_improve_stable_regress(tmp_path, mlflow_server, experiment
     assert {"report/index.html", "report/fvd_trend.png", "report/videos"} <= arts
     page = (tmp_path / "work/nightly/tiny/2026-01-04/main/report/index.html").read_text()
     assert 'id="verdict">regressed<' in page and "videos/00-v0.mp4" in page
+
+
+def test_nights_with_intervals_are_judged_beyond_the_noise(tmp_path, mlflow_server, experiment):
+    """Intervals travel through MLflow with the metrics: +11% inside the noise is ok, beyond it regresses; the
+    rule, the intervals and the protocol reach the tags and the report."""
+    from mlflow import MlflowClient
+
+    values = {"2026-07-01": _ci("fvd", 100.0, 12.0) | {"n_real": 2048.0, "n_fake": 2048.0},
+              "2026-07-02": _ci("fvd", 111.0, 15.0) | {"n_real": 2048.0, "n_fake": 2048.0},  # within [88, 112]
+              "2026-07-03": _ci("fvd", 160.0, 15.0) | {"n_real": 2048.0, "n_fake": 2048.0}}  # [145, 175]: not
+    measure = FakeNight(values, {"fvd.protocol": "stylegan-v", "fvd.cov_norm": "n-1", "eval.resize": "squash"})
+    got = {}
+    for date in values:
+        (r,) = run_nightly(_cfg(tmp_path, mlflow_server, experiment, date), measure=measure)
+        got[date] = (r.comparison.verdict, r.comparison.rules, r.comparison.baseline and r.comparison.baseline.date)
+    assert got == {"2026-07-01": ("first", {}, None), "2026-07-02": ("ok", {"fvd": "interval"}, "2026-07-01"),
+                   "2026-07-03": ("regressed", {"fvd": "interval"}, "2026-07-02")}
+    client = MlflowClient(mlflow_server)
+    nights = past_nights(client, client.get_experiment_by_name(experiment).experiment_id, "tiny", "main")
+    assert nights[1].metrics["fvd_lo"] == 96.0 and nights[1].params["fvd.protocol"] == "stylegan-v"
+    assert "eval.resize" not in nights[1].params  # only the protocol's params ride along
+    assert client.get_run(nights[2].run_id).data.tags["nightly.regressed_rules"] == "fvd=interval"
+    page = (tmp_path / "work/nightly/tiny/2026-07-03/main/report/index.html").read_text()
+    assert "Regressed beyond both nights' noise intervals and the threshold: <b>fvd</b>" in page
+    assert '160 <span class="ci">[145, 175]</span>' in page and '111 <span class="ci">[96, 126]</span>' in page
+    assert "FVD protocol <b>stylegan-v</b>; 2048 real and 2048 generated clips." in page
 
 
 def test_rerun_same_date_resumes_run_and_folder(tmp_path, mlflow_server, experiment):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import select
 import shutil
@@ -266,3 +267,71 @@ def test_trend_plot_png_and_first_night(tmp_path):
     first = render_html(suite="s", label="l", tonight=history[0], comparison=compare({}, None, {}), rows=[],
                         history=history[:1], videos=[], plot=None)
     assert 'class="badge first"' in first and "No FVD values to plot" in first
+
+
+def _ci_history() -> list[Night]:
+    """Four nights with FVD and KVD intervals; the last one regressed beyond the noise."""
+    fvd = [(120.0, 10.0), (112.0, 9.0), (110.0, 9.0), (140.0, 11.0)]
+    nights = []
+    for i, (v, half) in enumerate(fvd):
+        metrics = {"fvd": v, "fvd_lo": v - half, "fvd_hi": v + half, "kvd": 1.2, "kvd_lo": math.nan,
+                   "kvd_hi": math.nan, "n_real": 2048.0, "n_fake": 1024.0}
+        nights.append(Night(f"2026-02-{i + 1:02d}", metrics, f"run{i}", params={"fvd.protocol": "stylegan-v"}))
+    return nights
+
+
+def test_report_shows_intervals_rules_and_protocol(tmp_path):
+    *past, tonight = _ci_history()
+    baseline = past[-1]  # 110 [101, 119]; tonight 140 [129, 151]
+    thresholds = {"fvd": 0.1, "kvd": 0.25}
+    cmp = compare(tonight.metrics, baseline, thresholds)
+    assert cmp.regressed == ["fvd"] and cmp.rules == {"fvd": "interval", "kvd": "threshold"}
+    rows = metric_rows(tonight.metrics, cmp, thresholds, [])
+    assert [r["metric"] for r in rows] == ["fvd", "kvd", "n_fake", "n_real"]  # the bounds are no rows
+    assert rows[0]["interval"] == (129.0, 151.0) and rows[0]["baseline_interval"] == (101.0, 119.0)
+    assert rows[1]["interval"] is None and rows[1]["rule"] == "threshold"  # NaN bounds: intervals were off
+    index = write_report(str(tmp_path / "report"), suite="s", label="l", tonight=tonight, comparison=cmp,
+                         history=[*past, tonight], videos=[], thresholds=thresholds)
+    page = Path(index).read_text()
+    assert '<td>140 <span class="ci">[129, 151]</span></td><td>110 <span class="ci">[101, 119]</span></td>' in page
+    assert 'id="regressed">Regressed beyond both nights\' noise intervals and the threshold: <b>fvd</b>' in page
+    assert '<td class="rule">interval</td>' in page and '<td class="rule">threshold</td>' in page
+    assert 'id="interval-note"' in page
+    assert '<div class="sub" id="protocol">FVD protocol <b>stylegan-v</b>; 2048 real and 1024 generated clips.' \
+        in page and "not comparable" not in page
+    assert '<td>2026-02-01</td><td>120 <span class="ci">[110, 130]</span></td><td>1.2</td>' in page  # nights table
+
+    baseline.params = {"fvd.protocol": "tf-gan"}  # a baseline measured otherwise is called out
+    other = render_html(suite="s", label="l", tonight=tonight, comparison=cmp, rows=rows, history=[tonight],
+                        videos=[], plot=None)
+    assert "The last good night used protocol tf-gan" in other
+
+
+def test_report_without_intervals_or_params_shows_neither(report):
+    page = report.read_text()
+    assert 'class="ci"' not in page and 'id="interval-note"' not in page and "FVD protocol" not in page
+    assert '<div class="sub" id="protocol">64 real and 6 generated clips.</div>' in page
+    assert '<td class="rule">threshold</td>' in page
+
+
+def test_trend_plot_draws_error_bars_for_nights_with_intervals(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real_errorbar = Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((list(x), list(y), kwargs.get("yerr")))
+        return real_errorbar(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    history = _ci_history()
+    history.insert(0, Night("2026-01-31", {"fvd": 130.0}))  # from before intervals: a point, no bar
+    assert trend_plot(history, str(tmp_path / "t.png"), threshold=0.1, baseline=history[-2])
+    ((xs, ys, yerr),) = drawn
+    assert len(xs) == 4 and ys == [120.0, 112.0, 110.0, 140.0]
+    assert [list(e) for e in yerr] == [[10.0, 9.0, 9.0, 11.0], [10.0, 9.0, 9.0, 11.0]]
+    assert Image.open(tmp_path / "t.png").size == (800, 320)
+    drawn.clear()
+    assert trend_plot(_history(3), str(tmp_path / "plain.png"))
+    assert drawn == []  # no intervals, no error bars

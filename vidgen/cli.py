@@ -238,9 +238,14 @@ def _eval_config(args, cfg) -> None:
 
 
 def _eval_text(out: dict) -> str:
-    lines = [f"FVD {out['fvd']:.4f}  KVD {out['kvd']:.6f}  (n_real={out['n_real']}, n_fake={out['n_fake']}, "
-             f"real cache: {out['real_cache']})"]
-    lines += [f"  {w}: FVD {v['fvd']:.4f}  KVD {v['kvd']:.6f}  (n_fake={v['n_fake']})"
+    def ci(name: str, v: dict, fmt: str) -> str:  # " [lo, hi]" when the bootstrap interval was computed
+        lo, hi = v.get(f"{name}_lo"), v.get(f"{name}_hi")
+        return "" if lo is None or hi is None or lo != lo else f" [{lo:{fmt}}, {hi:{fmt}}]"
+
+    lines = [f"FVD {out['fvd']:.4f}{ci('fvd', out, '.4f')}  KVD {out['kvd']:.6f}{ci('kvd', out, '.6f')}  "
+             f"(n_real={out['n_real']}, n_fake={out['n_fake']}, protocol "
+             f"{out.get('params', {}).get('fvd.protocol', '?')}, real cache: {out['real_cache']})"]
+    lines += [f"  {w}: FVD {v['fvd']:.4f}{ci('fvd', v, '.4f')}  KVD {v['kvd']:.6f}  (n_fake={v['n_fake']})"
               for w, v in out["windows"].items()]
     lines += [f"  {k}: {v:.4f}" for k, v in out["metrics"].items() if k.endswith("_mean")]
     lines += [f"warning: {w}" for w in out["warnings"]]

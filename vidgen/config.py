@@ -471,13 +471,36 @@ class EvalConfig(Section):
         None, gt=0, description="Clip frame rate for both sets, strided from each source. Unset: every frame."
     )
     resolution: int = Field(224, ge=32, description="I3D input size R (224 for comparable numbers).")
-    preprocess: Literal["squash", "center_crop"] = Field(
-        "squash",
-        description="squash: bilinear straight to R x R (TF, StyleGAN-V, cd-fvd); center_crop: shorter side "
-        "to R, then the centre R x R (VideoGPT, Seer). Logged with the result.",
+    protocol: Literal["vidgen", "tf", "videogpt", "cd-fvd", "stylegan-v"] | None = Field(
+        None,
+        description="FVD protocol preset (vidgen.eval.protocols): every setting a published tool's number depends "
+        "on, so results equal that tool's on the same weights and clips: tf (Google's original FVD), videogpt "
+        "(VideoGPT), cd-fvd (content-debiased FVD's I3D path), stylegan-v (its TorchScript I3D as eval.i3d_path). "
+        "Unset: vidgen (earlier vidgen defaults, equal to no published tool). The fields below override it.",
     )
-    cov_norm: Literal["n-1", "n"] = Field(
-        "n-1", description="Covariance divisor: n-1 (TF-GAN, VideoGPT) or n (StyleGAN-V, cd-fvd). Logged."
+    preprocess: Literal["squash", "squash_tf", "center_crop", "detector"] | None = Field(
+        None,
+        description="squash: bilinear straight to R x R (torch, as cd-fvd and TATS); squash_tf: TF1's legacy "
+        "bilinear resize (TF FVD); center_crop: shorter side to R, then the centre R x R (VideoGPT); detector: "
+        "the TorchScript model resizes (StyleGAN-V). Unset: the protocol's. Logged with the result.",
+    )
+    cov_norm: Literal["n-1", "n"] | None = Field(
+        None, description="Covariance divisor: n-1 (TF-GAN, VideoGPT) or n (StyleGAN-V, cd-fvd). Unset: the "
+        "protocol's. Logged."
+    )
+    matrix_sqrt: Literal["scipy", "svd"] | None = Field(
+        None, description="Trace of the covariance product's root: scipy (sqrtm, StyleGAN-V, cd-fvd) or svd "
+        "(TF-GAN's trace_sqrt_product, TF FVD, VideoGPT). Unset: the protocol's."
+    )
+    stats_precision: Literal["float64", "float32"] | None = Field(
+        None, description="float64 statistics, or float32 (torch, as VideoGPT computes them). Unset: the protocol's."
+    )
+    bootstrap: int = Field(
+        50, ge=0, description="Bootstrap resamples of the clips (features are computed once) for the FVD and KVD "
+        "intervals: the range a rerun on a fresh draw of as many clips would fall in, 95%. 50 resamples of 2048 "
+        "clips per set cost about 17 s on one core (FVD and KVD). Computed only where each set has at least as many "
+        "clips as feature dimensions (400 for I3D): below that the bootstrap spreads far wider than reruns do. "
+        "0: no intervals."
     )
     windows: list[Literal["early", "middle", "late"]] = Field(
         default_factory=lambda: ["early"],
@@ -488,8 +511,9 @@ class EvalConfig(Section):
     clips_per_real_video: int = Field(1, ge=1, description="Evenly spread clips taken from each real video.")
     i3d_flavor: Literal["tiny", "pretrained"] = Field("tiny", description="tiny: random init (tests, demo).")
     i3d_path: str | None = Field(None, description="I3D weights (a 400-class InceptionI3d state dict).")
-    i3d_bn_eps: float = Field(
-        1e-3, gt=0, description="I3D BatchNorm epsilon: 1e-3 (TF, pytorch-i3d) or 1e-5 (VideoGPT's port)."
+    i3d_bn_eps: float | None = Field(
+        None, gt=0, description="I3D BatchNorm epsilon: 1e-3 (TF, StyleGAN-V) or 1e-5 (the PyTorch port of VideoGPT, "
+        "TATS, cd-fvd). Unset: the protocol's."
     )
     max_real: int = Field(2048, ge=2, description="At most this many real clips (the first by clip id).")
     min_clips: int = Field(400, ge=2, description="Warn when either set has fewer clips than this.")
@@ -537,8 +561,12 @@ class NightlyConfig(Section):
     )
     thresholds: dict[str, float] = Field(
         default_factory=lambda: {"fvd": 0.10, "kvd": 0.25},
-        description="Largest tolerated relative change for the worse per metric against the last good night "
-        "(0.1: 10% worse) before the night counts as regressed; metrics not listed are reported, not judged.",
+        description="Per judged metric, the smallest relative change for the worse against the last good night "
+        "that counts as a regression (0.1: 10% worse); metrics not listed are reported, not judged. When both "
+        "nights carry the metric's bootstrap interval (eval.bootstrap > 0), tonight's value must also lie beyond "
+        "the baseline's interval and the baseline's beyond tonight's, so noise is not flagged (0: the intervals "
+        "alone judge). Without intervals the threshold alone judges. A judged metric NaN or missing tonight "
+        "regresses.",
     )
     higher_is_better: list[str] = Field(
         default_factory=list,

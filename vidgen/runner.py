@@ -7,6 +7,7 @@ produced, and returns a summary dict. `vidgen demo` chains them inside a single 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -206,7 +207,8 @@ def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, gener
              real_layout: str | None = None, generated_layout: str | None = None) -> dict:
     """FVD / KVD (overall and per window) and model-free metrics, logged to the open run.
 
-    Logs the eval params (`fvd.*`), metrics `fvd`, `kvd`, `fvd/<window>`, `kvd/<window>`,
+    Logs the eval params (`fvd.*`), metrics `fvd`, `kvd`, `fvd/<window>`, `kvd/<window>`, the bootstrap
+    intervals `fvd/lo`, `fvd/hi`, `kvd/lo`, `kvd/hi` (and per window `fvd/<window>/lo` ...),
     `eval/n_real`, `eval/n_fake`, `eval/<metric>_mean|_median`, and the per-video metrics as the
     artifact `eval/per_video.json`. Returns `EvalResult.to_dict()` plus the first version's
     `num_real` / `num_generated`.
@@ -222,8 +224,11 @@ def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, gener
     res = run_eval(cfg, real, generated, real_layout, generated_layout)
     tracker.log_params(res.params)
     metrics = {"fvd": res.fvd, "kvd": res.kvd, "eval/n_real": res.n_real, "eval/n_fake": res.n_fake}
+    bounds = ("fvd_lo", "fvd_hi", "kvd_lo", "kvd_hi")  # the bootstrap intervals, when computed
+    metrics |= {f"{k[:3]}/{k[4:]}": getattr(res, k) for k in bounds if not math.isnan(getattr(res, k))}
     for name, w in res.windows.items():
         metrics |= {f"fvd/{name}": w["fvd"], f"kvd/{name}": w["kvd"]}
+        metrics |= {f"{k[:3]}/{name}/{k[4:]}": w[k] for k in bounds if not math.isnan(w.get(k, math.nan))}
     metrics |= {f"eval/{k}": v for k, v in res.metrics.items()}
     tracker.log_metrics(metrics)
     if res.warnings:
@@ -231,4 +236,15 @@ def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, gener
     per_video = storage.join(cfg.run.workdir, "eval", cfg.run.name, "per_video.json")
     storage.write_json(per_video, {"videos": res.per_video, "summary": res.metrics})
     tracker.log_artifact(per_video, artifact_path="eval")
-    return res.to_dict() | {"num_real": res.n_real, "num_generated": res.n_fake}
+    out = res.to_dict() | {"num_real": res.n_real, "num_generated": res.n_fake}
+    return _nan_to_none(out)  # printed as JSON by `vidgen eval --json`: NaN is not JSON
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value

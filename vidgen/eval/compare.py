@@ -1,15 +1,24 @@
 """The nightly comparison, pure: tonight's metrics against the last good night of the same suite and label.
 
-`Night` (one night's metrics and status) and `Comparison` (deltas, regressed metrics, verdict) are the data
-that `vidgen.eval.nightly` computes and `vidgen.eval.report` renders; `last_good` picks the baseline and
-`compare` judges tonight against it. Nothing here touches MLflow, Ray or storage.
+`Night` (one night's metrics, eval params and status) and `Comparison` (deltas, regressed metrics, the rule that
+judged each, verdict) are the data that `vidgen.eval.nightly` computes and `vidgen.eval.report` renders;
+`last_good` picks the baseline and `compare` judges tonight against it. Nothing here touches MLflow, Ray or
+storage.
+
+A metric `m` may come with a noise interval as the metrics `m_lo` and `m_hi` (FVD and KVD from
+`vidgen.eval.bootstrap`: where `m` on a fresh draw of as many clips would fall, e.g. `fvd_lo`,
+`windows/early/fvd_hi`); NaN bounds mean intervals were off. How a judged metric (one with a threshold) is
+judged, see `compare`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+LO, HI = "_lo", "_hi"
+RULE_INTERVAL, RULE_THRESHOLD, RULE_MISSING = "interval", "threshold", "missing"
 
 
 @dataclass
@@ -21,6 +30,7 @@ class Night:
     run_id: str = ""
     status: str = "FINISHED"  # MLflow run status
     regressed: bool = False
+    params: dict[str, str] = field(default_factory=dict)  # what the numbers depend on: "fvd.protocol", ...
 
     @property
     def good(self) -> bool:
@@ -31,7 +41,10 @@ class Night:
 class Comparison:
     baseline: Night | None
     deltas: dict[str, float]  # relative change (tonight - baseline) / |baseline| per shared metric
-    regressed: list[str]  # judged metrics that moved for the worse beyond their threshold
+    regressed: list[str]  # judged metrics that moved for the worse beyond their noise and threshold
+    # per judged metric compared, the rule that judged it (regressed or not): "interval" (both nights had a
+    # noise interval), "threshold" (at least one had none) or "missing" (NaN or absent tonight)
+    rules: dict[str, str] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -50,26 +63,62 @@ def relative_change(value: float, base: float) -> float:
     return (value - base) / abs(base) if base else math.copysign(math.inf, value - base)
 
 
+def bounds(metrics: Mapping[str, float], name: str) -> tuple[float, float] | None:
+    """(lo, hi) of `name`'s noise interval when the metrics carry a finite one, else None."""
+    lo, hi = metrics.get(name + LO), metrics.get(name + HI)
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return float(lo), float(hi)
+
+
+def is_bound(name: str, metrics: Mapping[str, float]) -> bool:
+    """Whether `name` is the lower or upper end of another metric's interval in `metrics` (`fvd_lo` beside
+    `fvd`), rather than a metric of its own."""
+    return name.endswith((LO, HI)) and name[: -len(LO)] in metrics
+
+
 def compare(tonight: Mapping[str, float], baseline: Night | None, thresholds: Mapping[str, float],
             higher_is_better: Iterable[str] = ()) -> Comparison:
-    """Relative deltas for every metric both nights have; the judged ones beyond threshold are regressions.
+    """Relative deltas for every metric both nights have (interval bounds aside); judged metrics (those with a
+    threshold) that moved for the worse beyond the noise are regressions.
 
-    A judged metric that is NaN tonight (a failed computation) regresses; one missing tonight too, since a
-    metric that silently disappears must not pass.
+    A judged metric m with a finite interval (m_lo, m_hi) on both nights regresses only when tonight's value is
+    worse beyond both intervals: outside the baseline's interval and the baseline's value outside tonight's, on
+    the worse side (lower is better: tonight's m > the baseline's m_hi and the baseline's m < tonight's m_lo).
+    Each interval is where a rerun of that night on fresh clips would land (95%), so a night that merely drew
+    other clips stays within them; the test is about a 5% one on the difference. AND its relative change must
+    be worse than its threshold: the threshold is
+    then the smallest effect worth a red night, the intervals keep noise out (threshold 0: the intervals alone
+    judge). Without an interval on either night (older runs, intervals off) the threshold alone judges, as
+    before: worse by more than `thresholds[m]`, relative. Either way a judged metric that is NaN tonight (a
+    failed computation) regresses; one missing tonight too, since a metric that silently disappears must not
+    pass. `Comparison.rules` says which rule judged each.
     """
     if baseline is None:
         return Comparison(None, {}, [])
     up = set(higher_is_better)
-    deltas = {k: relative_change(v, baseline.metrics[k]) for k, v in tonight.items()
-              if k in baseline.metrics and not (math.isnan(v) or math.isnan(baseline.metrics[k]))}
-    regressed = []
+    base = baseline.metrics
+    deltas = {k: relative_change(v, base[k]) for k, v in tonight.items()
+              if k in base and not (math.isnan(v) or math.isnan(base[k])) and not is_bound(k, tonight)}
+    regressed, rules = [], {}
     for name, limit in sorted(thresholds.items()):
-        if name not in baseline.metrics:
+        if name not in base:
             continue  # nothing to compare with
         if name not in deltas:
             regressed.append(name)  # missing or NaN tonight
+            rules[name] = RULE_MISSING
             continue
         worse = -deltas[name] if name in up else deltas[name]
-        if worse > limit:
+        now, then = bounds(tonight, name), bounds(base, name)
+        if now is not None and then is not None:
+            rules[name] = RULE_INTERVAL
+            value, base_value = tonight[name], base[name]
+            beyond_noise = (value < then[0] and base_value > now[1]) if name in up else \
+                (value > then[1] and base_value < now[0])
+            bad = beyond_noise and worse > limit
+        else:
+            rules[name] = RULE_THRESHOLD
+            bad = worse > limit
+        if bad:
             regressed.append(name)
-    return Comparison(baseline, deltas, regressed)
+    return Comparison(baseline, deltas, regressed, rules)

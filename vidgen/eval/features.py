@@ -1,12 +1,16 @@
 """I3D features of video clips, for FVD / KVD: clip reading, preprocessing, a batch function, a Ray Data UDF.
 
 Clips are read at their native size (no data.height/width resize): the only resize is the I3D
-preprocessing below, so the two policies mean what the references mean by them.
-  squash       every frame resized straight to R x R, bilinear, no crop (TF reference, StyleGAN-V,
-               cd-fvd); non-square frames are squashed. The default.
+preprocessing below, so the policies mean what the references mean by them (vidgen.eval.protocols).
+  squash       every frame resized straight to R x R by torch's bilinear (align_corners=False, no antialias),
+               no crop (cd-fvd, TATS); non-square frames are squashed.
+  squash_tf    the same squash by TF1's legacy `resize_bilinear` (no half-pixel centres: source pixel
+               i * in/out), as Google's FVD resizes; equal to `squash` only for frames already R x R.
   center_crop  the shorter side resized to R (the longer to ceil(side * R / short)), then the
                centre R x R cropped (VideoGPT, Seer, JunyaoHu).
-Both then scale to [-1, 1] (x / 127.5 - 1). Numbers from the two policies are not comparable.
+  detector     no preprocessing here: a TorchScript I3D (StyleGAN-V's) gets uint8 [B, 3, T, H, W] and
+               rescales and resizes inside.
+All but `detector` then scale to [-1, 1] (x / 127.5 - 1). Numbers from different policies are not comparable.
 
 Shapes: B clips, T frames, H/W pixels, R the I3D input resolution (224 for comparable FVDs).
   frames_bthwc  [B, T, H, W, 3] uint8
@@ -36,24 +40,49 @@ from vidgen.data.worker import BadSample, ClipSpec
 from vidgen.devices import compute_device
 from vidgen.errors import DataError
 from vidgen.eval.metrics import video_metrics
-from vidgen.models.i3d import build_i3d
+from vidgen.models.i3d import TorchScriptI3D, build_i3d
 
-Preprocess = Literal["squash", "center_crop"]
+Preprocess = Literal["squash", "squash_tf", "center_crop", "detector"]
 WINDOWS = ("early", "middle", "late")
 
 
-def _resize_bthwc(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize_bthwc(frames: torch.Tensor, size: tuple[int, int], tf_legacy: bool = False) -> torch.Tensor:
     """uint8 [B, T, H, W, 3] -> float32 [B*T, 3, h, w] in 0..255, bilinear without antialiasing."""
     b, t, h, w, _ = frames.shape
     x = frames.reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()
     if (h, w) != size:
         # Same call as cd-fvd / TATS / VideoGPT (no antialiasing), so results match theirs for the same inputs.
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = tf_legacy_bilinear(x, size) if tf_legacy else F.interpolate(x, size=size, mode="bilinear",
+                                                                         align_corners=False)
     return x
 
 
+def _legacy_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TF1's legacy scaler for one axis: source position i * (in / out) in float32, its floor, the next pixel
+    (clamped to the edge) and the fraction between them."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    src = torch.arange(n_out, dtype=torch.float32) * scale
+    lo = src.floor()
+    hi = torch.minimum(src.ceil(), torch.tensor(float(n_in - 1)))
+    return lo.long().to(device), hi.long().to(device), (src - lo).to(device)
+
+
+def tf_legacy_bilinear(x_nchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """TF1 `tf.image.resize_bilinear(align_corners=False)` (half_pixel_centers=False), in float32: rows, then
+    columns interpolated as TF's kernel does (top = tl + (tr - tl) * dx; out = top + (bottom - top) * dy)."""
+    n, c, h, w = x_nchw.shape
+    y0, y1, dy = _legacy_taps(h, size[0], x_nchw.device)
+    x0, x1, dx = _legacy_taps(w, size[1], x_nchw.device)
+    top, bottom = x_nchw[:, :, y0], x_nchw[:, :, y1]  # [N, C, h', W]
+    dx = dx.view(1, 1, 1, -1)
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * dx
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * dx
+    return top + (bottom - top) * dy.view(1, 1, -1, 1)
+
+
 def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int, mode: Preprocess = "squash") -> torch.Tensor:
-    """uint8 clips [B, T, H, W, 3] -> float32 [B, 3, T, R, R] in [-1, 1] (see the module docstring)."""
+    """uint8 clips [B, T, H, W, 3] -> float32 [B, 3, T, R, R] in [-1, 1] (see the module docstring);
+    mode `detector`: uint8 [B, 3, T, H, W] as they are."""
     frames = torch.as_tensor(frames_bthwc)
     if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise DataError(
@@ -61,8 +90,10 @@ def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int, mode: P
         )
     b, t, h, w, _ = frames.shape
     r = resolution
-    if mode == "squash":
-        x = _resize_bthwc(frames, (r, r))
+    if mode == "detector":
+        return frames.permute(0, 4, 1, 2, 3).contiguous()
+    if mode in ("squash", "squash_tf"):
+        x = _resize_bthwc(frames, (r, r), tf_legacy=mode == "squash_tf")
     elif mode == "center_crop":
         scale = r / min(h, w)
         size = (r, math.ceil(w * scale)) if h < w else (math.ceil(h * scale), r)
@@ -70,7 +101,7 @@ def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int, mode: P
         top, left = (size[0] - r) // 2, (size[1] - r) // 2
         x = x[:, :, top:top + r, left:left + r]
     else:
-        raise DataError(f"eval.preprocess: expected 'squash' or 'center_crop', got {mode!r}")
+        raise DataError(f"eval.preprocess: expected squash, squash_tf, center_crop or detector, got {mode!r}")
     x = x / 127.5 - 1.0
     return x.reshape(b, t, 3, r, r).permute(0, 2, 1, 3, 4).contiguous()
 
@@ -144,9 +175,11 @@ class I3DFeatures:
         preprocess: Preprocess = "squash",
         bn_eps: float | None = None,
         passthrough: tuple[str, ...] = (),
+        i3d_format: str = "state_dict",
     ) -> None:
         device = device or compute_device(gpus_reserved, "eval.use_gpu")
-        self.model = build_i3d(flavor, path, seed, bn_eps=bn_eps).to(device)
+        net = TorchScriptI3D(path) if i3d_format == "torchscript" else build_i3d(flavor, path, seed, bn_eps=bn_eps)
+        self.model = net.to(device)
         self.resolution, self.batch_size, self.mode = resolution, batch_size, preprocess
         self.passthrough = tuple(passthrough)
 

@@ -43,6 +43,7 @@ def _same_dim(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 
 CovNorm = Literal["n-1", "n"]
+MatrixSqrt = Literal["scipy", "svd"]
 
 
 def _divisor(n: int, cov_norm: CovNorm) -> int:
@@ -142,7 +143,8 @@ def feature_stats(
 
 
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6,
+    matrix_sqrt: MatrixSqrt = "scipy",
 ) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
@@ -153,6 +155,7 @@ def frechet_distance(
     - rounding gives the root small imaginary parts; only the real part is kept (`np.real`),
       with a warning when the imaginary part is not negligible.
     The result is not clipped at 0: identical sets give a value within rounding of 0.
+    matrix_sqrt="svd": the trace of the root by TF-GAN's `trace_sqrt_product` instead (`trace_sqrt_product`).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = (
@@ -165,6 +168,9 @@ def frechet_distance(
         if s.shape != (d, d):
             raise DataError(f"frechet_distance: {name} has shape {s.shape}, expected ({d}, {d}) to match mu")
 
+    diff = mu1 - mu2
+    if matrix_sqrt == "svd":
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         log.warning("frechet_distance: sigma1 @ sigma2 is singular; adding %g to the diagonals", eps)
@@ -177,9 +183,20 @@ def frechet_distance(
                 "frechet_distance: matrix square root has imaginary part %.3g; keeping the real part", imag
             )
         covmean = np.real(covmean)
-
-    diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def symmetric_sqrt(m: np.ndarray) -> np.ndarray:
+    """TF-GAN's `_symmetric_matrix_square_root`: u diag(s') v^T of the SVD, s' = sqrt(s), singular values under
+    1e-10 kept as they are (not zeroed)."""
+    u, s, vh = np.linalg.svd(m)
+    return (u * np.where(s < 1e-10, s, np.sqrt(s))) @ vh
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((sigma1 sigma2)^(1/2)) as TF-GAN computes it: A = sqrt(sigma1), tr(sqrt(A sigma2 A))."""
+    a = symmetric_sqrt(sigma1)
+    return float(np.trace(symmetric_sqrt(a @ sigma2 @ a)))
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
@@ -209,6 +226,46 @@ def fvd_from_stats(real: FeatureStats, gen: FeatureStats, cov_norm: CovNorm = "n
         raise DataError(f"fvd: the two feature sets differ in dimension ({real.dim} vs {gen.dim}); "
                         "both must come from the same feature network")
     return frechet_distance(real.mean, real.cov(cov_norm), gen.mean, gen.cov(cov_norm))
+
+
+def fvd_float32(real_feats: np.ndarray, gen_feats: np.ndarray, cov_norm: CovNorm = "n-1") -> float:
+    """FVD with statistics in torch float32 as VideoGPT computes them (`videogpt/fvd/fvd.py`: mean, centred
+    x^T x / divisor, SVD `trace_sqrt_product`), for its protocol's numbers to the last digits float32 keeps."""
+    import torch  # lazy: this module is numpy; torch only for VideoGPT's float32 statistics
+
+    def stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        mu = t.mean(0)
+        xc = t - mu
+        return mu, xc.T @ xc / _divisor(len(t), cov_norm)
+
+    def sym_sqrt(m: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(m)
+        return (u * torch.where(s < 1e-10, s, s.sqrt())) @ vh
+
+    real = _as_features(real_feats, "real features")
+    gen = _as_features(gen_feats, "generated features")
+    _same_dim(real, gen, "fvd")
+    (mu1, s1), (mu2, s2) = stats(real_feats), stats(gen_feats)
+    a = sym_sqrt(s1)
+    root_trace = torch.trace(sym_sqrt(a @ s2 @ a))
+    return float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2.0 * root_trace)
+
+
+def protocol_fvd(real_feats: np.ndarray, gen_feats: np.ndarray, cov_norm: CovNorm = "n-1",
+                 matrix_sqrt: MatrixSqrt = "scipy", precision: str = "float64") -> float:
+    """FVD of two feature sets under a protocol's statistics (vidgen.eval.protocols): covariance divisor, matrix
+    root and precision."""
+    if precision == "float32":
+        if matrix_sqrt != "svd":
+            raise DataError("eval.stats_precision=float32: computed as VideoGPT does, with eval.matrix_sqrt=svd")
+        return fvd_float32(real_feats, gen_feats, cov_norm)
+    real = FeatureStats.of(real_feats, "real features")
+    gen = FeatureStats.of(gen_feats, "generated features")
+    if real.dim != gen.dim:
+        raise DataError(f"fvd: the two feature sets differ in dimension ({real.dim} vs {gen.dim}); "
+                        "both must come from the same feature network")
+    return frechet_distance(real.mean, real.cov(cov_norm), gen.mean, gen.cov(cov_norm), matrix_sqrt=matrix_sqrt)
 
 
 def polynomial_kernel(a: np.ndarray, b: np.ndarray, degree: int, gamma: float, coef0: float) -> np.ndarray:

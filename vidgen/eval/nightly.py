@@ -5,8 +5,11 @@ one MLflow run per checkpoint tagged with the suite and the date, and compare it
     sys.exit(exit_status(night))              # 1 when any checkpoint regressed
 
 "Good" night: its run FINISHED and was not tagged regressed. Tonight regresses when a judged metric
-(`nightly.thresholds`) moved for the worse by more than its relative threshold against the last good night
-of the same suite and checkpoint label; the run then carries `nightly.regressed=true` and the job exits 1.
+(`nightly.thresholds`) moved for the worse against the last good night of the same suite and checkpoint label:
+when both nights carry its noise interval (`fvd_lo`/`fvd_hi`, `vidgen.eval.bootstrap`), only beyond both
+intervals and by more than its relative threshold; without intervals, by more than its relative threshold
+(`vidgen.eval.compare.compare`). The run then carries `nightly.regressed=true` and the rule that judged each
+regressed metric (`nightly.regressed_rules`), and the job exits 1.
 
 Idempotent per date: tonight's run is found by its tags (suite, date, label) and reused, and the output
 folder `<output>/<suite>/<date>/<label>/` is the same, so generation skips the videos already written.
@@ -201,7 +204,8 @@ def past_nights(client: Any, experiment_id: str, suite: str, label: str, exclude
             continue
         by_date[r.data.tags[TAG_DATE]] = Night(
             date=r.data.tags[TAG_DATE], metrics=dict(r.data.metrics), run_id=r.info.run_id,
-            status=r.info.status, regressed=r.data.tags.get(TAG_REGRESSED) == "true")
+            status=r.info.status, regressed=r.data.tags.get(TAG_REGRESSED) == "true",
+            params={k: v for k, v in r.data.params.items() if k.startswith("fvd.")})  # the protocol, for the report
     return sorted(by_date.values(), key=lambda n: n.date)
 
 
@@ -269,9 +273,11 @@ def run_night(cfg: VidgenConfig, label: str, unet: str | None, date: str, measur
         t.log_metrics({f"delta/{k}": v for k, v in cmp.deltas.items() if math.isfinite(v)})
         t.set_tags({TAG_REGRESSED: str(bool(cmp.regressed)).lower(), TAG_VERDICT: cmp.verdict,
                     "nightly.regressed_metrics": ",".join(cmp.regressed) or "-",
+                    "nightly.regressed_rules": ",".join(f"{m}={cmp.rules[m]}" for m in cmp.regressed) or "-",
                     "nightly.baseline_run": baseline.run_id if baseline else "-",
                     "nightly.baseline_date": baseline.date if baseline else "-"})
-        tonight = Night(date, measured.metrics, t.run_id or "", "FINISHED", bool(cmp.regressed))
+        tonight = Night(date, measured.metrics, t.run_id or "", "FINISHED", bool(cmp.regressed),
+                        {k: str(v) for k, v in measured.params.items()})
         shown = [h for h in history if h.date < date][-(n.history - 1):] + [tonight]
         report = write_report(storage.join(night_dir, "report"), suite=n.suite, label=label, tonight=tonight,
                               comparison=cmp, history=shown, videos=measured.videos[: n.gallery],
@@ -280,7 +286,7 @@ def run_night(cfg: VidgenConfig, label: str, unet: str | None, date: str, measur
         resumed = t.resumed
     if cmp.regressed:
         log.error("nightly %s %s [%s]: regressed on %s against %s", n.suite, date, label,
-                  ", ".join(cmp.regressed), baseline.date if baseline else "-")
+                  ", ".join(f"{m} ({cmp.rules[m]})" for m in cmp.regressed), baseline.date if baseline else "-")
     return NightResult(label, tonight, cmp, report, resumed)
 
 
@@ -291,5 +297,6 @@ def exit_status(results: Iterable[NightResult]) -> int:
 def summary(results: Iterable[NightResult]) -> list[dict[str, Any]]:
     return [{"label": r.label, "date": r.night.date, "verdict": r.comparison.verdict, "run_id": r.night.run_id,
              "metrics": r.night.metrics, "deltas": r.comparison.deltas, "regressed": r.comparison.regressed,
+             "rules": r.comparison.rules,
              "baseline": r.comparison.baseline.date if r.comparison.baseline else None, "report": r.report,
              "resumed": r.resumed} for r in results]

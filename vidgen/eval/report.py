@@ -6,6 +6,11 @@
 
 Every link is relative and nothing is fetched from the network (no scripts, fonts or style sheets from
 elsewhere), so the folder works as it is from a disk, from object storage or as MLflow artifacts.
+
+Metrics with a noise interval (`fvd_lo`/`fvd_hi` beside `fvd`, see `vidgen.eval.bootstrap`) show it as
+"fvd 123.4 [110.2, 136.6]" in the tables and as error bars in the trend plot; each judged metric says which
+rule judged it (`vidgen.eval.compare.compare`: "interval", "threshold" or "missing"). The FVD protocol and the
+set sizes head the page when the night's params and metrics carry them.
 """
 
 from __future__ import annotations
@@ -17,12 +22,9 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from vidgen import storage
-
-if TYPE_CHECKING:
-    from vidgen.eval.compare import Comparison, Night
+from vidgen.eval.compare import RULE_INTERVAL, RULE_MISSING, RULE_THRESHOLD, Comparison, Night, bounds, is_bound
 
 PLOT = "fvd_trend.png"
 PAGE = "index.html"
@@ -41,7 +43,14 @@ td.worse { color: #c62828; font-weight: 600; } td.better { color: #1f8a4c; }
 figure { margin: 0; } figcaption { font-size: 12px; color: #5b6475; max-width: 256px; overflow-wrap: anywhere; }
 video { width: 256px; background: #000; display: block; }
 img.plot { max-width: 100%; border: 1px solid #e1e4ea; }
+.ci { color: #5b6475; font-size: 90%; } .note { color: #5b6475; font-size: 13px; max-width: 900px; }
+.warn { color: #c62828; }
 """
+
+# What each rule's regressions are called on the page (the threshold wording predates intervals).
+RULE_TEXT = {RULE_THRESHOLD: "Regressed beyond threshold",
+             RULE_INTERVAL: "Regressed beyond both nights' noise intervals and the threshold",
+             RULE_MISSING: "Missing or NaN tonight"}
 
 
 def _fmt(v: float | None) -> str:
@@ -50,6 +59,13 @@ def _fmt(v: float | None) -> str:
     if math.isnan(v):
         return "NaN"
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def _with_interval(v: float | None, interval: tuple[float, float] | None) -> str:
+    """'123.4 [110.2, 136.6]' (the interval in a muted span), or the value alone."""
+    if interval is None or v is None:
+        return _fmt(v)
+    return f'{_fmt(v)} <span class="ci">[{_fmt(interval[0])}, {_fmt(interval[1])}]</span>'
 
 
 def _pct(v: float | None) -> str:
@@ -62,20 +78,46 @@ def _pct(v: float | None) -> str:
 
 def metric_rows(tonight: Mapping[str, float], comparison: Comparison, thresholds: Mapping[str, float],
                 higher_is_better: Iterable[str]) -> list[dict]:
-    """Rows of the metric table: judged metrics first, then the rest, each with its delta and verdict."""
+    """Rows of the metric table: judged metrics first, then the rest, each with its delta, noise intervals
+    (tonight's and the baseline's, None without) and verdict; interval bounds (`fvd_lo`) are no rows of their own.
+    """
     base = comparison.baseline.metrics if comparison.baseline else {}
     up = set(higher_is_better)
-    names = sorted(tonight, key=lambda k: (k not in thresholds, k.startswith(("generate/", "n_")), k))
+    names = sorted((k for k in tonight if not is_bound(k, tonight)),
+                   key=lambda k: (k not in thresholds, k.startswith(("generate/", "n_")), k))
     rows = []
     for name in names:
         delta = comparison.deltas.get(name)
         worse = None if delta is None else (-delta if name in up else delta)
         rows.append({"metric": name, "tonight": tonight[name], "baseline": base.get(name), "delta": delta,
+                     "interval": bounds(tonight, name), "baseline_interval": bounds(base, name),
                      "threshold": thresholds.get(name), "regressed": name in comparison.regressed,
+                     "rule": comparison.rules.get(name),
                      "direction": "count" if name.startswith(("n_", "generate/")) else
                      "higher is better" if name in up else "lower is better",
                      "worse": worse})
     return rows
+
+
+def protocol_line(tonight: Night, baseline: Night | None) -> str:
+    """'FVD protocol <p>; 2048 real and 2048 generated clips.' from the night's params and metrics (escaped
+    HTML; '' when it carries neither), with a warning when the last good night used another protocol."""
+    e = html.escape
+    parts = []
+    protocol = tonight.params.get("fvd.protocol")
+    if protocol:
+        parts.append(f"FVD protocol <b>{e(protocol)}</b>")
+    sizes = [(tonight.metrics.get(k), what) for k, what in (("n_real", "real"), ("n_fake", "generated"))]
+    sizes = [f"{int(n)} {what}" for n, what in sizes if n is not None and math.isfinite(n)]
+    if sizes:
+        parts.append(" and ".join(sizes) + " clips")
+    text = "; ".join(parts) + "." if parts else ""
+    other = baseline.params.get("fvd.protocol") if baseline else None
+    if protocol and other and other != protocol:
+        # FVDs from different protocols differ by more than any regression: say so next to the verdict
+        text += (f' <b class="warn">The last good night used protocol {e(other)}: its numbers are not '
+                 "comparable with tonight's.</b>")
+    return text
 
 
 def render_html(*, suite: str, label: str, tonight: Night, comparison: Comparison, rows: Sequence[dict],
@@ -93,17 +135,32 @@ def render_html(*, suite: str, label: str, tonight: Night, comparison: Compariso
            f"<h1>Nightly eval: {e(suite)} / {e(label)} / {e(tonight.date)} "
            f'<span class="badge {verdict}" id="verdict">{verdict}</span></h1>',
            f'<div class="sub">MLflow run {e(tonight.run_id)}; {against}.</div>']
+    if protocol := protocol_line(tonight, base):
+        out.append(f'<div class="sub" id="protocol">{protocol}</div>')
     if comparison.regressed:
-        out.append(f'<p id="regressed">Regressed beyond threshold: <b>{e(", ".join(comparison.regressed))}</b></p>')
+        by_rule = {}
+        for name in comparison.regressed:
+            by_rule.setdefault(comparison.rules.get(name, RULE_THRESHOLD), []).append(name)
+        said = "; ".join(f"{RULE_TEXT.get(rule, e(rule))}: <b>{e(', '.join(names))}</b>"
+                         for rule, names in by_rule.items())
+        out.append(f'<p id="regressed">{said}</p>')
     out += ["<h2>Metrics</h2>", '<table id="metrics"><thead><tr><th>metric</th><th>tonight</th>',
             f"<th>last good ({e(base.date) if base else '&ndash;'})</th><th>change</th><th>threshold</th>"
-            "<th>direction</th></tr></thead><tbody>"]
+            "<th>judged by</th><th>direction</th></tr></thead><tbody>"]
     for r in rows:
         cls = "" if r["worse"] is None else " worse" if r["regressed"] else " better" if r["worse"] < 0 else ""
         thr = "&ndash;" if r["threshold"] is None else f"{r['threshold']:.0%}"
-        out.append(f'<tr><td>{e(r["metric"])}</td><td>{_fmt(r["tonight"])}</td><td>{_fmt(r["baseline"])}</td>'
-                   f'<td class="delta{cls}">{_pct(r["delta"])}</td><td>{thr}</td><td>{r["direction"]}</td></tr>')
+        out.append(f'<tr><td>{e(r["metric"])}</td><td>{_with_interval(r["tonight"], r["interval"])}</td>'
+                   f'<td>{_with_interval(r["baseline"], r["baseline_interval"])}</td>'
+                   f'<td class="delta{cls}">{_pct(r["delta"])}</td><td>{thr}</td>'
+                   f'<td class="rule">{e(r["rule"]) if r["rule"] else "&ndash;"}</td><td>{r["direction"]}</td></tr>')
     out.append("</tbody></table>")
+    if any(r["interval"] or r["baseline_interval"] for r in rows):
+        out.append('<p class="note" id="interval-note">[lo, hi]: the noise interval, where the metric computed on '
+                   "a fresh draw of as many real and generated clips from the same sources would fall (bootstrap, "
+                   "eval.bootstrap resamples). A judged metric with intervals on both nights regresses only when "
+                   "tonight's interval lies wholly on the worse side of the last good night's and the change also "
+                   "exceeds its threshold; without them, the threshold alone judges.</p>")
     out.append("<h2>FVD over the past nights</h2>")
     if plot:
         out.append(f'<img class="plot" id="trend" src="{e(plot)}" alt="FVD per night, {len(history)} nights">')
@@ -113,8 +170,9 @@ def render_html(*, suite: str, label: str, tonight: Night, comparison: Compariso
             "</tr></thead><tbody>"]
     for n in reversed(history):
         state = "regressed" if n.regressed else "ok" if n.status == "FINISHED" else n.status.lower()
-        out.append(f"<tr><td>{e(n.date)}</td><td>{_fmt(n.metrics.get('fvd'))}</td><td>{_fmt(n.metrics.get('kvd'))}"
-                   f"</td><td>{e(state)}</td><td>{e(n.run_id)}</td></tr>")
+        fvd, kvd = (_with_interval(n.metrics.get(m), bounds(n.metrics, m)) for m in ("fvd", "kvd"))
+        out.append(f"<tr><td>{e(n.date)}</td><td>{fvd}</td><td>{kvd}</td><td>{e(state)}</td><td>{e(n.run_id)}</td>"
+                   "</tr>")
     out.append("</tbody></table>")
     out.append(f"<h2>Samples ({len(videos)})</h2>")
     out.append('<div class="gallery" id="gallery">')
@@ -129,7 +187,8 @@ def render_html(*, suite: str, label: str, tonight: Night, comparison: Compariso
 
 def trend_plot(history: Sequence[Night], path: str, metric: str = "fvd",
                threshold: float | None = None, baseline: Night | None = None) -> bool:
-    """Write a PNG of `metric` per night (regressed nights in red); False when no night has the metric."""
+    """Write a PNG of `metric` per night (regressed nights in red, noise intervals as error bars where a night
+    has one); False when no night has the metric."""
     import matplotlib  # lazy: heavy
 
     matplotlib.use("Agg")  # headless: never a display
@@ -143,6 +202,14 @@ def trend_plot(history: Sequence[Night], path: str, metric: str = "fvd",
     ax = fig.subplots()
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     ax.plot(xs, ys, "-", color="#90a4ae", zorder=1)
+    bars = [(x, y, b) for x, y, n in points if (b := bounds(n.metrics, metric)) is not None]
+    if bars:
+        bx, by = [b[0] for b in bars], [b[1] for b in bars]
+        # yerr is the distance below and above the value; max(0, ..) in case a bound sits on the wrong side
+        below = [max(0.0, y - b[0]) for _, y, b in bars]
+        above = [max(0.0, b[1] - y) for _, y, b in bars]
+        ax.errorbar(bx, by, yerr=[below, above], fmt="none", ecolor="#78909c", elinewidth=1, capsize=3, zorder=1,
+                    label="noise interval")
     good = [(x, y) for x, y, n in points if not n.regressed]
     bad = [(x, y) for x, y, n in points if n.regressed]
     if good:
@@ -151,7 +218,10 @@ def trend_plot(history: Sequence[Night], path: str, metric: str = "fvd",
         ax.scatter(*zip(*bad, strict=True), color="#c62828", marker="X", s=70, zorder=3, label="regressed")
     if baseline is not None and threshold is not None and metric in baseline.metrics:
         ax.axhline(baseline.metrics[metric] * (1 + threshold), color="#c62828", linestyle="--", linewidth=1,
-                   label=f"regression line ({threshold:.0%} over {baseline.date})")
+                   label=f"threshold ({threshold:.0%} over {baseline.date})")
+    if baseline is not None and (b := bounds(baseline.metrics, metric)) is not None:
+        # with intervals, tonight must also clear this: its lower end above the last good night's upper end
+        ax.axhline(b[1], color="#c62828", linestyle=":", linewidth=1, label=f"top of {baseline.date}'s interval")
     ax.set_ylabel(metric.upper())
     ax.set_title(f"{metric.upper()} per night (lower is better)")
     ax.grid(alpha=0.3)

@@ -254,6 +254,23 @@ def build_i3d(flavor: Literal["tiny", "pretrained"], path: str | None = None, se
     return model.eval()
 
 
+class TorchScriptI3D(nn.Module):
+    """StyleGAN-V's TorchScript I3D (`i3d_torchscript.pt`, an export of the tf.hub model), called as its FVD
+    calls it (universome/stylegan-v `src/metrics/frechet_video_distance.py` L23): uint8 [B, 3, T, H, W] in,
+    rescaling and resizing inside the script, the 400-d pre-softmax features out."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        try:
+            self.net = torch.jit.load(io.BytesIO(_read_bytes(path)), map_location="cpu").eval()
+        except Exception as e:
+            raise ModelError(f"eval.i3d_path={path}: not a loadable TorchScript I3D (eval.protocol=stylegan-v "
+                             f"needs StyleGAN-V's i3d_torchscript.pt): {brief(e)}") from None
+
+    def forward(self, frames_bcthw: torch.Tensor) -> torch.Tensor:
+        return self.net(frames_bcthw, rescale=True, resize=True, return_features=True)
+
+
 def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
     """What identifies the weights a `build_i3d` call uses: sha256 of the checkpoint file's bytes for
     `pretrained` (a renamed or moved copy of the same file keeps its digest), the seed for `tiny`."""
