@@ -9,10 +9,10 @@ import json
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_fvd_protocols import fvd_reference
 
 from vidgen.cli import main
 from vidgen.data.synth import make_moving_shapes
@@ -34,16 +34,6 @@ def cdfvd_features(model, videos: np.ndarray) -> np.ndarray:
         return model(x.reshape(b, t, 3, 224, 224).permute(0, 2, 1, 3, 4).contiguous()).numpy()
 
 
-def cdfvd_fvd(real: np.ndarray, fake: np.ndarray) -> float:
-    def mean_cov(x):
-        x = x.astype(np.float64)
-        mu = x.sum(0) / len(x)
-        return mu, x.T @ x / len(x) - np.outer(mu, mu)
-    (mr, sr), (mf, sf) = mean_cov(real), mean_cov(fake)
-    root, _ = scipy.linalg.sqrtm(sr @ sf, disp=False)
-    return float(np.real(((mr - mf) ** 2).sum() + np.trace(sf + sr - 2 * root)))
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_cd_fvd_preset_equals_cd_fvds_compute_fvd(ray_session, tmp_path, capfd):
@@ -59,7 +49,9 @@ def test_cd_fvd_preset_equals_cd_fvds_compute_fvd(ray_session, tmp_path, capfd):
     assert out["params"]["fvd.protocol"] == "cd-fvd" and (out["n_real"], out["n_fake"]) == (4, 3)
 
     model = build_i3d("pretrained", str(weights), bn_eps=1e-5)
-    expected = cdfvd_fvd(cdfvd_features(model, folder_clips(real)), cdfvd_features(model, folder_clips(fake)))
+    # cd-fvd's statistics are StyleGAN-V's FeatureStats, restated in test_fvd_protocols
+    expected = fvd_reference(cdfvd_features(model, folder_clips(real)), cdfvd_features(model, folder_clips(fake)),
+                             "cd-fvd")
     assert out["fvd"] == pytest.approx(expected, rel=1e-5)
     assert out["fvd_lo"] is None and any("no bootstrap interval" in w for w in out["warnings"])  # 4 clips, 400-d
 
