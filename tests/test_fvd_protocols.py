@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from vidgen.config import EvalConfig, load_config
 from vidgen.eval import protocols
 from vidgen.eval.features import extract_features, tf_legacy_bilinear
-from vidgen.eval.fvd import protocol_fvd
+from vidgen.eval.fvd import kvd, protocol_fvd
 from vidgen.models.i3d import build_i3d
 
 R = 32  # I3D input size for the tiny model (the presets leave eval.resolution to the user; 224 in practice)
@@ -211,7 +211,10 @@ def test_intervals_need_as_many_clips_as_feature_dimensions():
 
     rng = np.random.default_rng(0)
     fvd_of = partial(protocol_fvd, cov_norm="n-1")
-    lo, hi, klo, khi = intervals(rng.normal(size=(60, 8)), rng.normal(0.5, 1, (50, 8)), fvd_of, 20, 0)
-    assert lo < fvd_of(rng.normal(size=(60, 8)), rng.normal(0.5, 1, (50, 8))) < hi and klo < khi
-    assert all(math.isnan(v) for v in intervals(rng.normal(size=(60, 8)), rng.normal(size=(7, 8)), fvd_of, 20, 0))
-    assert all(math.isnan(v) for v in intervals(rng.normal(size=(60, 8)), rng.normal(size=(50, 8)), fvd_of, 0, 0))
+    real, gen = rng.normal(size=(60, 8)), rng.normal(0.5, 1, (50, 8))
+    value, k = fvd_of(real, gen), kvd(real, gen)
+    lo, hi, klo, khi = intervals(real, gen, fvd_of, 20, 0, value, k)
+    assert lo < fvd_of(rng.normal(size=(60, 8)), rng.normal(0.5, 1, (50, 8))) < hi and klo < k < khi
+    assert (lo + hi) / 2 == pytest.approx(value)  # centred on the value computed once, on the whole sets
+    assert all(math.isnan(v) for v in intervals(real, gen[:7], fvd_of, 20, 0, value, k))
+    assert all(math.isnan(v) for v in intervals(real, gen, fvd_of, 0, 0, value, k))

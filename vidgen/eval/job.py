@@ -293,8 +293,8 @@ def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | No
     result = EvalResult(fvd=fvd_of(real_fs.features, gen_fs.features), kvd=kvd(real_fs.features, gen_fs.features),
                         n_real=len(real_fs.clip_ids), n_fake=len(gen_fs.clip_ids), real_cache=cache_state,
                         skipped={"real": real_skipped, "generated": gen_skipped})
-    result.fvd_lo, result.fvd_hi, result.kvd_lo, result.kvd_hi = intervals(real_fs.features, gen_fs.features, fvd_of,
-                                                                            e.bootstrap, cfg.run.seed)
+    result.fvd_lo, result.fvd_hi, result.kvd_lo, result.kvd_hi = intervals(
+        real_fs.features, gen_fs.features, fvd_of, e.bootstrap, cfg.run.seed, result.fvd, result.kvd)
     if e.bootstrap and math.isnan(result.fvd_lo):
         result.warnings.append(f"no bootstrap interval: {result.n_real} real and {result.n_fake} generated clips "
                                f"for {real_fs.features.shape[1]}-d features (an interval needs at least as many "
@@ -305,9 +305,9 @@ def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | No
             result.warnings.append(f"window {name}: {len(idx)} clip(s), no FVD for it (need at least 2)")
             continue
         part = gen_fs.features[idx]
-        lo_hi = intervals(real_fs.features, part, fvd_of, e.bootstrap, cfg.run.seed)
-        result.windows[name] = {"fvd": fvd_of(real_fs.features, part), "kvd": kvd(real_fs.features, part),
-                                "n_fake": len(idx), **dict(zip(("fvd_lo", "fvd_hi", "kvd_lo", "kvd_hi"), lo_hi))}
+        w = {"fvd": fvd_of(real_fs.features, part), "kvd": kvd(real_fs.features, part), "n_fake": len(idx)}
+        lo_hi = intervals(real_fs.features, part, fvd_of, e.bootstrap, cfg.run.seed, w["fvd"], w["kvd"])
+        result.windows[name] = w | dict(zip(("fvd_lo", "fvd_hi", "kvd_lo", "kvd_hi"), lo_hi))
     result.per_video = per_video
     result.metrics = aggregate(per_video)
     result.warnings += set_warnings(real_fs, gen_fs, e.min_clips, proto.preprocess, e.resolution)
@@ -324,16 +324,18 @@ def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | No
     return result
 
 
-def intervals(real: np.ndarray, gen: np.ndarray, fvd_of, resamples: int, seed: int) -> tuple[float, ...]:
+def intervals(real: np.ndarray, gen: np.ndarray, fvd_of, resamples: int, seed: int, fvd_value: float,
+              kvd_value: float) -> tuple[float, ...]:
     """(fvd_lo, fvd_hi, kvd_lo, kvd_hi): the bootstrap intervals (vidgen.eval.bootstrap), NaN when off or when a
     set has fewer clips than feature dimensions. There the covariance is rank-deficient, resampling with
     replacement (which repeats clips) changes its rank, and the replicates spread far wider than reruns do:
     12 generated against 8 real clips of 400-d features gave FVD 17.35 [1.07, 33.6] where a fresh draw gave
-    16.61. Without an interval the nightly judges by its thresholds."""
+    16.61. Without an interval the nightly judges by its thresholds. The values are the metrics already computed
+    on the whole sets (the intervals are centred on them)."""
     if not resamples or min(len(real), len(gen)) < real.shape[1]:
         return (math.nan,) * 4
-    return (*bootstrap.interval(real, gen, fvd_of, resamples, seed), *bootstrap.interval(real, gen, kvd, resamples,
-                                                                                          seed + 1))
+    return (*bootstrap.interval(real, gen, fvd_of, resamples, seed, value=fvd_value),
+            *bootstrap.interval(real, gen, kvd, resamples, seed + 1, value=kvd_value))
 
 
 def set_warnings(real: FeatureSet, gen: FeatureSet, min_clips: int, preprocess: str, resolution: int) -> list[str]:

@@ -54,9 +54,7 @@ class SVDFullRecipe:
     checkpoint_trainable_only = False
 
     def __post_init__(self):
-        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision, self.build)
-        self.model.vae.requires_grad_(False)
-        self.model.image_encoder.requires_grad_(False)
+        self._build_frozen_encoders()
         unet = self.model.unet
         t = self.train_cfg
         patterns = {"all": None, "temporal": ["temporal_transformer_block"],  # SVD Xtend's choice
@@ -67,6 +65,12 @@ class SVDFullRecipe:
             raise ConfigError(f"train.trainable_patterns={t.trainable_patterns}: no UNet parameter name "
                               "contains any of them")
         unet.train()
+
+    def _build_frozen_encoders(self) -> None:
+        """The SVD model, its VAE and CLIP image encoder frozen (both recipes train only the UNet's parameters)."""
+        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision, self.build)
+        self.model.vae.requires_grad_(False)
+        self.model.image_encoder.requires_grad_(False)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -165,9 +169,7 @@ class SVDLoraRecipe(SVDFullRecipe):
     checkpoint_trainable_only = True
 
     def __post_init__(self):
-        self.model = build_svd(self.model_cfg, self.seed, self.train_cfg.precision, self.build)
-        self.model.vae.requires_grad_(False)
-        self.model.image_encoder.requires_grad_(False)
+        self._build_frozen_encoders()
         self.targets = lora.inject_lora(self.model.unet, self.train_cfg.lora)  # freezes everything else
         self.base_dtype = next(p.dtype for p in self.model.unet.parameters() if not p.requires_grad)
         self.model.unet.train()
