@@ -10,7 +10,7 @@ import torch
 
 from vidgen.errors import DataError
 from vidgen.eval import FeatureStats, feature_stats, frechet_distance, fvd, fvd_from_stats, kvd
-from vidgen.eval.features import I3DFeatures, extract_features, preprocess, window_starts
+from vidgen.eval.features import ClipFeatures, extract_features, preprocess, window_starts
 from vidgen.models.i3d import build_i3d
 
 
@@ -229,7 +229,7 @@ def test_extract_features_batches_and_ragged_clips():
 
 
 def test_i3d_features_udf_passes_clip_ids():
-    udf = I3DFeatures(flavor="tiny", resolution=32, seed=0)
+    udf = ClipFeatures(flavor="tiny", resolution=32, seed=0)
     frames = np.random.default_rng(16).integers(0, 256, size=(3, 9, 32, 32, 3), dtype=np.uint8)
     out = udf({"frames": frames, "clip_id": np.array(["a", "b", "c"]), "prompt": np.array(["x"] * 3)})
     assert set(out) == {"features", "clip_id", "shape"}  # never the frames or unrequested columns
@@ -247,7 +247,7 @@ def test_i3d_features_in_ray_data_actor_pool(ray_session):
     frames = np.random.default_rng(17).integers(0, 256, size=(4, 9, 32, 32, 3), dtype=np.uint8)
     ds = ray.data.from_items([{"clip_id": f"c{i}", "frames": frames[i]} for i in range(4)])
     out = ds.map_batches(
-        I3DFeatures,
+        ClipFeatures,
         fn_constructor_kwargs={"flavor": "tiny", "resolution": 32, "seed": 0},
         batch_size=2,
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -375,7 +375,7 @@ def test_features_follow_the_preprocessing_mode_on_non_square_clips():
     crop = extract_features(model, frames, 32, mode="center_crop")
     assert squash.shape == crop.shape == (2, 400)
     assert not np.allclose(squash, crop)
-    udf = I3DFeatures(flavor="tiny", resolution=32, seed=0, preprocess="center_crop", passthrough=("video",))
+    udf = ClipFeatures(flavor="tiny", resolution=32, seed=0, preprocess="center_crop", passthrough=("video",))
     out = udf({"frames": frames, "clip_id": np.array(["a", "b"]), "video": np.array(["v1", "v2"])})
     np.testing.assert_allclose(out["features"], crop, rtol=1e-5, atol=1e-5)
     assert list(out["video"]) == ["v1", "v2"] and list(out["shape"]) == ["8x24x40"] * 2

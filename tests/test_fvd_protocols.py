@@ -169,7 +169,7 @@ def test_explicit_fields_override_a_preset_and_rename_it():
 
 def test_stylegan_v_calls_its_torchscript_detector_as_stylegan_v_does(tmp_path):
     """The detector gets uint8 [B, 3, T, H, W] with rescale and resize on; the statistics are StyleGAN-V's."""
-    from vidgen.eval.features import I3DFeatures
+    from vidgen.eval.features import ClipFeatures
 
     class Detector(torch.nn.Module):  # a stand-in for i3d_torchscript.pt with its calling convention
         def __init__(self):
@@ -190,7 +190,7 @@ def test_stylegan_v_calls_its_torchscript_detector_as_stylegan_v_does(tmp_path):
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(Detector()).save(str(path))
     proto = protocols.resolve(EvalConfig(protocol="stylegan-v"))
-    udf = I3DFeatures(path=str(path), resolution=R, batch_size=8, preprocess=proto.preprocess,
+    udf = ClipFeatures(path=str(path), resolution=R, batch_size=8, preprocess=proto.preprocess,
                       i3d_format=proto.i3d_format)
     real, fake = clips(1, 24), clips(2, 20)
     ours = [udf({"frames": v})["features"] for v in (real, fake)]

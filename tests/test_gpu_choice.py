@@ -116,7 +116,7 @@ def test_eval_reserves_the_configured_gpus(gpu_cluster):
 
 
 def test_i3d_actor_uses_cpu_unless_a_gpu_is_reserved(cuda_visible):
-    from vidgen.eval.features import I3DFeatures
+    from vidgen.eval.features import ClipFeatures
 
-    udf = I3DFeatures(flavor="tiny", resolution=32, seed=0)
+    udf = ClipFeatures(flavor="tiny", resolution=32, seed=0)
     assert {p.device.type for p in udf.model.parameters()} == {"cpu"}

@@ -199,14 +199,16 @@ def _setup_logging(verbose: bool) -> None:
 def _add_eval(sub) -> None:
     p = _add_job(sub, "eval", "FVD / KVD and model-free metrics of generated against real clips",
                  "Cut the real and generated sets into eval.num_frames-frame clips (generated videos at "
-                 "eval.windows: early / middle / late), embed them with I3D (eval.preprocess: squash or "
-                 "center_crop), and log FVD, KVD, per-window values and per-video temporal flickering and "
-                 "motion magnitude to MLflow. The real set's features are cached under eval.cache_dir.\n\n"
+                 "eval.windows: early / middle / late), embed them with I3D or VideoMAE-v2 (eval.features; "
+                 "eval.protocol: a published tool's conventions), and log FVD, KVD, per-window values and "
+                 "per-video temporal flickering and motion magnitude to MLflow. The real set's features are "
+                 "cached under eval.cache_dir.\n\n"
                  "  vidgen eval --config C [key=value ...]      sets from eval.real / eval.generated\n"
-                 "  vidgen eval fvd --real SRC --fake SRC [--json] [--i3d-weights P] [key=value ...]\n\n"
+                 "  vidgen eval fvd --real SRC --fake SRC [--json] [--i3d-weights P | --videomae-weights P] "
+                 "[key=value ...]\n\n"
                  "SRC is a dataset root in any data layout (--real-layout) or a generation output folder.")
     p.usage = ("vidgen eval [fvd] [--config C] [--real SRC] [--fake SRC] [--real-layout L] [--fake-layout L] "
-               "[--i3d-weights P] [--json] [key=value ...]")
+               "[--i3d-weights P] [--videomae-weights P] [--json] [key=value ...]")
     layouts = ("auto", "hotshot", "frames", "videos", "opv2v", "sthv2", "shards")
     p.add_argument("--real", metavar="SRC", help="real clips: a dataset root or URI (default: eval.real, "
                                                   "else data.source)")
@@ -218,6 +220,9 @@ def _add_eval(sub) -> None:
                    help="layout of --fake (default: eval.generated_layout, videos)")
     p.add_argument("--i3d-weights", metavar="PATH", help="400-class I3D state dict (i3d_pretrained_400.pt); "
                                                          "sets eval.i3d_flavor=pretrained")
+    p.add_argument("--videomae-weights", metavar="PATH",
+                   help="VideoMAE-v2 ViT-g checkpoint (cd-fvd's vit_g_hybrid_pt_1200e_ssv2_ft.pth); sets "
+                        "eval.features=videomae (content-debiased FVD) and eval.videomae_flavor=pretrained")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout: fvd, kvd, "
                                                        "n_real, n_fake, windows, metrics, params, warnings")
 
@@ -235,6 +240,10 @@ def _eval_config(args, cfg) -> None:
     if args.i3d_weights:
         cfg.eval.i3d_path = args.i3d_weights  # path first: pretrained without a path is refused
         cfg.eval.i3d_flavor = "pretrained"
+    if args.videomae_weights:
+        cfg.eval.videomae_path = args.videomae_weights
+        cfg.eval.videomae_flavor = "pretrained"
+        cfg.eval.features = "videomae"
 
 
 def _eval_text(out: dict) -> str:

@@ -509,6 +509,19 @@ class EvalConfig(Section):
         "frames); FVD/KVD are reported per window and over all windows' clips together.",
     )
     clips_per_real_video: int = Field(1, ge=1, description="Evenly spread clips taken from each real video.")
+    features: Literal["i3d", "videomae"] = Field(
+        "i3d", description="Feature network of FVD and KVD: i3d (Inception-I3D's 400 Kinetics logits, as every "
+        "published FVD but cd-fvd's second variant) or videomae (VideoMAE-v2 ViT-g's 1408-d embedding, the content-"
+        "debiased FVD of cd-fvd, which weighs motion more than I3D's logits do; 224 x 224 input only). The two are "
+        "different metrics: compare numbers of one only. Each has its own real-set feature cache."
+    )
+    videomae_flavor: Literal["tiny", "pretrained"] = Field(
+        "tiny", description="tiny: random init (tests, demo); pretrained: eval.videomae_path."
+    )
+    videomae_path: str | None = Field(
+        None, description="VideoMAE-v2 ViT-g checkpoint (cd-fvd's vit_g_hybrid_pt_1200e_ssv2_ft.pth, its state "
+        "dict under 'model' or 'module'), for eval.features=videomae."
+    )
     i3d_flavor: Literal["tiny", "pretrained"] = Field("tiny", description="tiny: random init (tests, demo).")
     i3d_path: str | None = Field(None, description="I3D weights (a 400-class InceptionI3d state dict).")
     i3d_bn_eps: float | None = Field(
@@ -534,6 +547,18 @@ class EvalConfig(Section):
     def _pretrained_needs_path(self) -> EvalConfig:
         if self.i3d_flavor == "pretrained" and not self.i3d_path:
             raise ValueError("eval.i3d_path: required when eval.i3d_flavor=pretrained")
+        if self.features == "videomae":
+            if self.videomae_flavor == "pretrained" and not self.videomae_path:
+                raise ValueError("eval.videomae_path: required when eval.videomae_flavor=pretrained")
+            if self.resolution != 224:
+                raise ValueError(f"eval.resolution={self.resolution}: eval.features=videomae takes 224 x 224 clips "
+                                 "only (VideoMAE-v2's positional grid is fixed); leave eval.resolution at 224")
+            if self.num_frames < 2:
+                raise ValueError(f"eval.num_frames={self.num_frames}: eval.features=videomae needs at least 2 "
+                                 "frames (one tubelet); cd-fvd uses 16")
+            if self.preprocess == "detector" or (self.preprocess is None and self.protocol == "stylegan-v"):
+                raise ValueError("eval.features=videomae: eval.protocol=stylegan-v / eval.preprocess=detector is "
+                                 "StyleGAN-V's TorchScript I3D; use eval.protocol=cd-fvd with VideoMAE features")
         return self
 
 

@@ -1,4 +1,5 @@
-"""I3D features of video clips, for FVD / KVD: clip reading, preprocessing, a batch function, a Ray Data UDF.
+"""Features of video clips for FVD / KVD (I3D logits or VideoMAE-v2 embeddings): clip reading, preprocessing, a
+batch function, a Ray Data UDF.
 
 Clips are read at their native size (no data.height/width resize): the only resize is the I3D
 preprocessing below, so the policies mean what the references mean by them (vidgen.eval.protocols).
@@ -10,12 +11,13 @@ preprocessing below, so the policies mean what the references mean by them (vidg
                centre R x R cropped (VideoGPT, Seer, JunyaoHu).
   detector     no preprocessing here: a TorchScript I3D (StyleGAN-V's) gets uint8 [B, 3, T, H, W] and
                rescales and resizes inside.
-All but `detector` then scale to [-1, 1] (x / 127.5 - 1). Numbers from different policies are not comparable.
+All but `detector` then scale to [-1, 1] (x / 127.5 - 1) for I3D, or to [0, 1] (x / 255, no mean/std
+normalisation) for VideoMAE-v2, as cd-fvd feeds it. Numbers from different policies are not comparable.
 
 Shapes: B clips, T frames, H/W pixels, R the I3D input resolution (224 for comparable FVDs).
   frames_bthwc  [B, T, H, W, 3] uint8
-  x_bctrr       [B, 3, T, R, R] float32 in [-1, 1]
-  features      [B, 400] float32
+  x_bctrr       [B, 3, T, R, R] float32 in [-1, 1] (I3D) or [0, 1] (VideoMAE-v2)
+  features      [B, D] float32 (D = 400 I3D logits, 1408 VideoMAE-v2 ViT-g)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from vidgen.devices import compute_device
 from vidgen.errors import DataError
 from vidgen.eval.metrics import video_metrics
 from vidgen.models.i3d import TorchScriptI3D, build_i3d
+from vidgen.models.videomae import build_videomae
 
 Preprocess = Literal["squash", "squash_tf", "center_crop", "detector"]
 WINDOWS = ("early", "middle", "late")
@@ -80,9 +83,10 @@ def tf_legacy_bilinear(x_nchw: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return top + (bottom - top) * dy.view(1, 1, -1, 1)
 
 
-def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int, mode: Preprocess = "squash") -> torch.Tensor:
-    """uint8 clips [B, T, H, W, 3] -> float32 [B, 3, T, R, R] in [-1, 1] (see the module docstring);
-    mode `detector`: uint8 [B, 3, T, H, W] as they are."""
+def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int, mode: Preprocess = "squash",
+               unit: bool = False) -> torch.Tensor:
+    """uint8 clips [B, T, H, W, 3] -> float32 [B, 3, T, R, R] in [-1, 1], or in [0, 1] when `unit` (see the module
+    docstring); mode `detector`: uint8 [B, 3, T, H, W] as they are."""
     frames = torch.as_tensor(frames_bthwc)
     if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise DataError(
@@ -102,7 +106,7 @@ def preprocess(frames_bthwc: np.ndarray | torch.Tensor, resolution: int, mode: P
         x = x[:, :, top:top + r, left:left + r]
     else:
         raise DataError(f"eval.preprocess: expected squash, squash_tf, center_crop or detector, got {mode!r}")
-    x = x / 127.5 - 1.0
+    x = x / 255.0 if unit else x / 127.5 - 1.0
     return x.reshape(b, t, 3, r, r).permute(0, 2, 1, 3, 4).contiguous()
 
 
@@ -122,8 +126,10 @@ def extract_features(
     resolution: int = 224,
     batch_size: int = 16,
     mode: Preprocess = "squash",
+    unit: bool = False,
 ) -> np.ndarray:
-    """I3D logits [B, 400] float32 of uint8 clips [B, T, H, W, 3], `batch_size` clips per forward pass.
+    """Features [B, D] float32 of uint8 clips [B, T, H, W, 3] (I3D logits; VideoMAE-v2 embeddings with `unit`, its
+    [0, 1] input range), `batch_size` clips per forward pass.
 
     Ragged batches (a list or an object array of clips of different sizes) are preprocessed clip by
     clip to [3, T, R, R] and then batched by frame count, so sizes never force batch-size-1 passes.
@@ -136,10 +142,10 @@ def extract_features(
     groups = _clips(frames_bthwc)
     if len(groups) == 1:
         batch = groups[0]
-        out = [model(preprocess(on_device(batch[s:s + batch_size]), resolution, mode)).float().cpu()
+        out = [model(preprocess(on_device(batch[s:s + batch_size]), resolution, mode, unit)).float().cpu()
                for s in range(0, len(batch), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "feature_dim", 400)), np.float32)
-    xs = [preprocess(on_device(clip), resolution, mode)[0] for clip in groups]
+    xs = [preprocess(on_device(clip), resolution, mode, unit)[0] for clip in groups]
     result: list[torch.Tensor | None] = [None] * len(xs)
     by_len: dict[int, list[int]] = {}
     for i, x in enumerate(xs):
@@ -153,12 +159,13 @@ def extract_features(
     return torch.stack(result).numpy()  # type: ignore[arg-type]
 
 
-class I3DFeatures:
-    """Ray Data `map_batches` UDF: {'frames': uint8 [B, T, H, W, 3], 'clip_id'?, ...} -> 400-d rows.
+class ClipFeatures:
+    """Ray Data `map_batches` UDF: {'frames': uint8 [B, T, H, W, 3], 'clip_id'?, ...} -> feature rows of `network`
+    (i3d: 400-d logits; videomae: VideoMAE-v2's embeddings, `videomae_flavor` / `videomae_path`).
 
-    Returns {'features' [B, 400] float32, 'shape' ("TxHxW" of each input clip), 'clip_id'?} plus the
+    Returns {'features' [B, D] float32, 'shape' ("TxHxW" of each input clip), 'clip_id'?} plus the
     `passthrough` columns unchanged (never the frames). Use with an actor pool so the model loads
-    once per actor: `ds.map_batches(I3DFeatures, fn_constructor_kwargs={..., "gpus_reserved": 1}, batch_size=16,
+    once per actor: `ds.map_batches(ClipFeatures, fn_constructor_kwargs={..., "gpus_reserved": 1}, batch_size=16,
     num_gpus=1, compute=ray.data.ActorPoolStrategy(size=k))`. device None: CUDA when `gpus_reserved` (the actor's
     num_gpus) > 0, else the CPU even where CUDA is visible (vidgen.devices.compute_device).
     """
@@ -176,18 +183,28 @@ class I3DFeatures:
         bn_eps: float | None = None,
         passthrough: tuple[str, ...] = (),
         i3d_format: str = "state_dict",
+        network: Literal["i3d", "videomae"] = "i3d",
+        videomae_flavor: str = "tiny",
+        videomae_path: str | None = None,
     ) -> None:
         device = device or compute_device(gpus_reserved, "eval.use_gpu")
-        net = TorchScriptI3D(path) if i3d_format == "torchscript" else build_i3d(flavor, path, seed, bn_eps=bn_eps)
+        if network == "videomae":
+            net: nn.Module = build_videomae(videomae_flavor, videomae_path, seed)  # type: ignore[arg-type]
+        elif i3d_format == "torchscript":
+            net = TorchScriptI3D(path)
+        else:
+            net = build_i3d(flavor, path, seed, bn_eps=bn_eps)
         self.model = net.to(device)
         self.resolution, self.batch_size, self.mode = resolution, batch_size, preprocess
+        self.unit = network == "videomae"
         self.passthrough = tuple(passthrough)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "frames" not in batch:
-            raise DataError(f"I3D features: the batch has no 'frames' column (columns: {sorted(batch)})")
+            raise DataError(f"clip features: the batch has no 'frames' column (columns: {sorted(batch)})")
         frames = batch["frames"]
-        out = {"features": extract_features(self.model, frames, self.resolution, self.batch_size, self.mode),
+        out = {"features": extract_features(self.model, frames, self.resolution, self.batch_size, self.mode,
+                                            self.unit),
                "shape": np.array(["x".join(map(str, np.shape(c)[:3])) for c in _rows(frames)])}
         for key in ("clip_id", *self.passthrough):
             if key in batch:

@@ -1,9 +1,10 @@
 """FVD / KVD and model-free metrics of generated against real clips, on Ray Data.
 
-  real:      list samples -> clips at native size (vidgen.data workers) -> I3D actor pool -> 400-d rows
-             cached per (source, sampling, preprocessing, weights digest) under eval.cache_dir
+  real:      list samples -> clips at native size (vidgen.data workers) -> feature actor pool -> D-d rows
+             cached per (source, sampling, preprocessing, network, weights digest) under eval.cache_dir
   generated: list videos -> decode each once: windows (early / middle / late) + per-video metrics
-             -> I3D actor pool -> 400-d rows
+             -> feature actor pool -> D-d rows
+  (D: 400 I3D logits, or 1408 VideoMAE-v2 ViT-g embeddings with eval.features=videomae)
   driver:    float64 streaming statistics -> Frechet distance, KVD -> EvalResult
 
 Both sets are cut into clips of `eval.num_frames` frames at `eval.fps` (deterministic starts), then
@@ -108,25 +109,36 @@ class FeatureSet:
 
 
 def weights_id(cfg: VidgenConfig) -> str:
+    """What identifies the feature network's weights (eval.features decides which network)."""
+    e = cfg.eval
+    if e.features == "videomae":
+        from vidgen.models.videomae import weights_digest as videomae_digest  # lazy: heavy (torch)
+
+        return videomae_digest(e.videomae_flavor, e.videomae_path, cfg.run.seed)
     from vidgen.models.i3d import weights_digest  # lazy: heavy (torch)
 
-    return weights_digest(cfg.eval.i3d_flavor, cfg.eval.i3d_path, cfg.run.seed)
+    return weights_digest(e.i3d_flavor, e.i3d_path, cfg.run.seed)
+
+
+FEATURE_IMPL = {"i3d": "i3d-400-logits", "videomae": "videomae-v2-vitg14-fc_norm-mean"}
 
 
 def featurize(ds, cfg: VidgenConfig, passthrough: tuple[str, ...] = ()) -> FeatureSet:
-    """Run the I3D actor stage over a dataset of {'frames', 'clip_id', ...} rows and collect 400-d rows,
-    accumulating float64 statistics batch by batch as they arrive."""
+    """Run the feature actor stage (eval.features: I3D or VideoMAE-v2) over a dataset of {'frames', 'clip_id', ...}
+    rows and collect the feature rows, accumulating float64 statistics batch by batch as they arrive."""
     import ray  # lazy: heavy
 
-    from vidgen.eval.features import I3DFeatures  # lazy: heavy (torch)
+    from vidgen.eval.features import ClipFeatures  # lazy: heavy (torch)
 
     e, proto = cfg.eval, protocols.resolve(cfg.eval)
     gpus = 1 if e.use_gpu else 0  # configured, not read off the cluster: an autoscaler may have no GPU up yet
     out = ds.map_batches(
-        I3DFeatures,
+        ClipFeatures,
         fn_constructor_kwargs=dict(flavor=e.i3d_flavor, path=e.i3d_path, resolution=e.resolution, seed=cfg.run.seed,
                                    gpus_reserved=gpus, batch_size=e.batch_size, preprocess=proto.preprocess,
-                                   bn_eps=proto.i3d_bn_eps, passthrough=passthrough, i3d_format=proto.i3d_format),
+                                   bn_eps=proto.i3d_bn_eps, passthrough=passthrough, i3d_format=proto.i3d_format,
+                                   network=e.features, videomae_flavor=e.videomae_flavor,
+                                   videomae_path=e.videomae_path),
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         batch_size=e.batch_size,
         num_gpus=gpus,
@@ -144,7 +156,8 @@ def featurize(ds, cfg: VidgenConfig, passthrough: tuple[str, ...] = ()) -> Featu
         for k in passthrough:
             extra[k].extend(v.item() if hasattr(v, "item") else v for v in batch[k])
     if not feats:
-        return FeatureSet(np.zeros((0, 400), np.float32), [], FeatureStats(400), [], extra)
+        dim = 400 if e.features == "i3d" else 0  # no row came: the width is unknown and unused
+        return FeatureSet(np.zeros((0, dim), np.float32), [], FeatureStats(dim), [], extra)
     features = np.concatenate(feats)
     order = sorted(range(len(ids)), key=ids.__getitem__)  # reproducible arrays whatever the arrival order
     return FeatureSet(features[order], [ids[i] for i in order], stats, [shapes[i] for i in order],
@@ -161,7 +174,8 @@ def cache_key(cfg: VidgenConfig, source: str, layout: str, sample_uris: list[str
     return {"version": CACHE_VERSION, "source": source, "layout": layout, "samples": listing,
             "num_samples": len(sample_uris), "num_frames": e.num_frames, "fps": e.fps, "source_fps": d.source_fps,
             "clips_per_video": e.clips_per_real_video, "max_real": e.max_real, "camera": d.camera,
-            "preprocess": proto.preprocess, "resolution": e.resolution, "weights": weights_id(cfg),
+            "preprocess": proto.preprocess, "resolution": e.resolution, "features": e.features,
+            "weights": weights_id(cfg),
             "bn_eps": proto.i3d_bn_eps, "i3d_format": proto.i3d_format}
 
 
@@ -314,10 +328,13 @@ def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | No
     for text in result.warnings:
         log.warning("eval: %s", text)
     result.params = {
-        **proto.to_params(), "fvd.impl": "i3d-400-logits/kvd-poly3-unbiased", "fvd.resolution": e.resolution,
+        **proto.to_params(), "fvd.impl": f"{FEATURE_IMPL[e.features]}/kvd-poly3-unbiased",
+        "fvd.features": e.features, "fvd.resolution": e.resolution,
         "fvd.num_frames": e.num_frames, "fvd.fps": e.fps if e.fps else "native", "fvd.windows": ",".join(e.windows),
-        "fvd.clips_per_real_video": e.clips_per_real_video, "fvd.i3d_flavor": e.i3d_flavor,
-        "fvd.i3d_weights": weights_id(cfg), "fvd.bootstrap": e.bootstrap, "fvd.real": real,
+        "fvd.clips_per_real_video": e.clips_per_real_video,
+        **({"fvd.videomae_flavor": e.videomae_flavor, "fvd.videomae_weights": weights_id(cfg)}
+           if e.features == "videomae" else {"fvd.i3d_flavor": e.i3d_flavor, "fvd.i3d_weights": weights_id(cfg)}),
+        "fvd.bootstrap": e.bootstrap, "fvd.real": real,
         "fvd.real_layout": real_layout, "fvd.generated": generated, "fvd.generated_layout": generated_layout,
         "fvd.real_cache": cache_state,
     }
@@ -343,7 +360,8 @@ def set_warnings(real: FeatureSet, gen: FeatureSet, min_clips: int, preprocess: 
     for name, fs in (("real", real), ("generated", gen)):
         n = len(fs.clip_ids)
         if n < min_clips:
-            out.append(f"{name} set: {n} clips, fewer than eval.min_clips={min_clips}: the 400x400 covariance "
+            d = fs.features.shape[1]
+            out.append(f"{name} set: {n} clips, fewer than eval.min_clips={min_clips}: the {d}x{d} covariance "
                        "is poorly estimated and FVD is biased upward (the standard protocol uses 2048)")
     if set(real.shapes) != set(gen.shapes):
         def show(shapes: list[str]) -> str:
