@@ -507,3 +507,21 @@ def test_submit_against_a_real_ray_head(ray_head, tmp_path, monkeypatch):
     info = client.get_job_info(f"nightly-{suite}-2026-05-04")
     assert info.status == JobStatus.FAILED
     assert info.entrypoint == f"python jobs/nightly_eval.py nightly.suite={suite} nightly.date=2026-05-04"
+
+
+@pytest.mark.parametrize("args,line", [
+    ([], "eval.real: required for the nightly eval (the suite's real reference clips)"),
+    (["eval.real=/data/real", "tracking.enabled=false"],
+     "tracking.enabled=false: the nightly eval needs MLflow to find and record past nights"),
+])
+def test_script_config_error_is_one_line_before_ray_starts(tmp_path, args, line):
+    """jobs/nightly_eval.py as a user runs it: one line, exit 2, no trace, no Ray started, nothing written."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "nightly_eval.py"), f"run.workdir={tmp_path}/work",
+                           *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"nightly_eval: error: {line}"
+    assert list(tmp_path.iterdir()) == []

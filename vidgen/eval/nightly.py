@@ -30,7 +30,7 @@ from typing import Any
 
 from vidgen import storage
 from vidgen.config import VidgenConfig
-from vidgen.errors import ConfigError, JobError
+from vidgen.errors import ConfigError, JobError, VidgenError
 from vidgen.eval.compare import Comparison, Night, compare, last_good
 from vidgen.eval.report import write_report
 from vidgen.tracking import Tracker, resolve_tracking_uri
@@ -118,14 +118,30 @@ class Measured:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def real_set(cfg: VidgenConfig) -> str:
+    real = cfg.eval.real or cfg.data.source
+    if not real:
+        raise ConfigError("eval.real: required for the nightly eval (the suite's real reference clips)")
+    return real
+
+
+def _need_tracking(cfg: VidgenConfig) -> None:
+    if not cfg.tracking.enabled:
+        raise ConfigError("tracking.enabled=false: the nightly eval needs MLflow to find and record past nights")
+
+
+def check_config(cfg: VidgenConfig) -> None:
+    """What the config alone can refuse, before Ray starts and before an MLflow run or a folder is made."""
+    _need_tracking(cfg)
+    real_set(cfg)
+
+
 def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:
     """Generation with the job's settings into `night_dir/generated`, then FVD/KVD against eval.real."""
     from vidgen.eval.job import run_eval  # lazy: heavy (PIL, torch)
     from vidgen.generate.job import output_dir, run_generation
 
-    real = cfg.eval.real or cfg.data.source
-    if not real:
-        raise ConfigError("eval.real: required for the nightly eval (the suite's real reference clips)")
+    real = real_set(cfg)
     rows = run_generation(cfg)  # raises past generate.max_failed_fraction; fewer failures are counted below
     videos = [r.get("path") or r.get("uri") for r in rows if r.get("status") in ("generated", "skipped")]
     if len(videos) < 2:
@@ -237,15 +253,17 @@ def run_nightly(cfg: VidgenConfig, measure: Measure = measure_checkpoint,
     A checkpoint whose night fails (its run is marked FAILED) does not stop the others; the first such error
     is raised once all of them have run.
     """
-    if not cfg.tracking.enabled:
-        raise ConfigError("tracking.enabled=false: the nightly eval needs MLflow to find and record past nights")
+    _need_tracking(cfg)
     date = night_date(cfg.nightly.date, now)
     results, errors = [], []
     for label, unet in checkpoints(cfg):
         try:
             results.append(run_night(cfg, label, unet, date, measure))
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other checkpoints
-            log.exception("nightly %s %s [%s] failed", cfg.nightly.suite, date, label)
+            if isinstance(e, VidgenError):  # bad input: its one line, not a stack trace
+                log.error("nightly %s %s [%s] failed: %s", cfg.nightly.suite, date, label, e)
+            else:
+                log.exception("nightly %s %s [%s] failed", cfg.nightly.suite, date, label)
             errors.append(e)
     if errors:
         raise errors[0]
