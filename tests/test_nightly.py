@@ -185,7 +185,8 @@ class FakeNight:
         self.calls.append((cfg.nightly.date, cfg.generate.unet, written))
         key = (cfg.nightly.date, cfg.generate.unet)
         metrics = dict(self.values.get(key) or self.values[cfg.nightly.date])
-        return Measured(metrics, [storage.join(out, f"v{i}.mp4") for i in range(3)], dict(self.params))
+        return Measured(metrics, [storage.join(out, f"v{i}.mp4") for i in range(3)], dict(self.params),
+                        [f"shape {i} <moving>" for i in range(3)])
 
 
 def _cfg(tmp_path, mlflow_server, experiment, date, *extra):
@@ -235,6 +236,7 @@ def test_three_nights_improve_stable_regress(tmp_path, mlflow_server, experiment
     assert {"report/index.html", "report/fvd_trend.png", "report/videos"} <= arts
     page = (tmp_path / "work/nightly/tiny/2026-01-04/main/report/index.html").read_text()
     assert 'id="verdict">regressed<' in page and "videos/00-v0.mp4" in page
+    assert '<figcaption>shape 0 &lt;moving&gt;<span class="file">00-v0.mp4</span></figcaption>' in page  # prompts
 
 
 def test_nights_with_intervals_are_judged_beyond_the_noise(tmp_path, mlflow_server, experiment):

@@ -570,7 +570,8 @@ class NightlyConfig(Section):
     )
     higher_is_better: list[str] = Field(
         default_factory=list,
-        description="Metrics for which larger is better; every other metric (FVD, KVD) is lower-is-better.",
+        description="Metrics for which larger is better, beyond those vidgen knows (temporal_flickering_score); "
+        "FVD, KVD, the flicker MAE and unknown metrics are lower-is-better, motion_magnitude is descriptive.",
     )
     output: str = Field(
         "", description="Root of the nightly outputs: <output>/<suite>/<date>/<label>/ holds the videos and the "

@@ -116,6 +116,7 @@ class Measured:
     metrics: dict[str, float]
     videos: list[str]  # generated videos, for the report's gallery
     params: dict[str, Any] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)  # the videos' prompts, for the gallery's captions
 
 
 def real_set(cfg: VidgenConfig) -> str:
@@ -143,7 +144,8 @@ def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:
 
     real = real_set(cfg)
     rows = run_generation(cfg)  # raises past generate.max_failed_fraction; fewer failures are counted below
-    videos = [r.get("path") or r.get("uri") for r in rows if r.get("status") in ("generated", "skipped")]
+    made = [r for r in rows if r.get("status") in ("generated", "skipped") and (r.get("path") or r.get("uri"))]
+    videos = [r.get("path") or r.get("uri") for r in made]
     if len(videos) < 2:
         raise JobError(f"generation: {len(videos)} of {len(rows)} videos made; FVD needs at least 2")
     res = run_eval(cfg, real, output_dir(cfg))  # the videos folder only (no gifs, manifest)
@@ -152,7 +154,7 @@ def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:
         counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
     params = dict(getattr(res, "params", None) or {})
     return Measured(result_metrics(res) | {f"generate/{k}": v for k, v in counts.items()},
-                    [v for v in videos if v], params)
+                    videos, params, [str(r.get("prompt") or "") for r in made])
 
 
 Measure = Callable[[VidgenConfig, str], Measured]
@@ -299,7 +301,8 @@ def run_night(cfg: VidgenConfig, label: str, unet: str | None, date: str, measur
         shown = [h for h in history if h.date < date][-(n.history - 1):] + [tonight]
         report = write_report(storage.join(night_dir, "report"), suite=n.suite, label=label, tonight=tonight,
                               comparison=cmp, history=shown, videos=measured.videos[: n.gallery],
-                              thresholds=n.thresholds, higher_is_better=n.higher_is_better)
+                              thresholds=n.thresholds, higher_is_better=n.higher_is_better,
+                              captions=measured.prompts[: n.gallery])
         t.log_artifact(storage.join(night_dir, "report"), "report")
         resumed = t.resumed
     if cmp.regressed:
