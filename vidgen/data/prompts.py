@@ -200,7 +200,7 @@ def load_rows(uri: str, fmt: str = "auto", augmented: str | None = None, dimensi
         rows = reader(uri)
     except DataError as e:
         looks = detect_format(uri) if pinned else fmt
-        if looks == fmt:
+        if looks in (fmt, "text"):  # anything reads as text: only a recognisable other format is worth naming
             raise
         raise DataError(f"{e} (read as generate.prompt_format={fmt}, which the config pins; the file looks like "
                         f"{looks}: set generate.prompt_format=auto or {looks})") from None
