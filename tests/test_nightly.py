@@ -403,7 +403,7 @@ def test_real_tiny_night_through_the_entrypoint(tmp_path, mlflow_server, experim
     real = tmp_path / "real"
     make_moving_shapes(str(real), 4, 8, 64, 64, seed=0)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"image": str(p), "seed": i}) + "\n"
+    prompts.write_text("".join(json.dumps({"image": str(p), "seed": i, "prompt": f"clip {i}"}) + "\n"
                                for i, p in enumerate(sorted(real.rglob("0.png"))[:2])))
     argv = [f"run.workdir={tmp_path}/work", f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}",
             "data.layout=hotshot", "model.flavor=tiny", "model.num_frames=4", "generate.sampler=fifo",
@@ -420,6 +420,7 @@ def test_real_tiny_night_through_the_entrypoint(tmp_path, mlflow_server, experim
     assert any("flicker" in k for k in m), sorted(m)  # model-free metrics logged beside FVD
     report = Path(storage.local_path(night["report"]))
     assert report.is_file() and len(list((report.parent / "videos").glob("*.mp4"))) == 2
+    assert "<figcaption>clip 0<span" in report.read_text()  # the gallery shows the prompt
     assert len(list((tmp_path / "work/nightly/tiny-e2e/2026-04-01/default/generated").rglob("*.mp4"))) == 2
 
     assert main(argv) == 0  # a rerun the same day
