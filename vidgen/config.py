@@ -384,12 +384,13 @@ class GenerateConfig(Section):
     prompts: str = Field(
         "",
         description="Prompt source: JSONL rows ({image, prompt, seed, id}), a text file (one prompt per line), "
-        "VBench_full_info.json, an i2v file (`image_path;prompt` lines) or a folder of OPV2V scene folders.",
+        "VBench_full_info.json, an i2v file (`image_path;prompt` lines) or a folder of OPV2V scene folders. "
+        "Relative image paths resolve from the prompt file's folder.",
     )
     prompt_format: Literal["auto", "jsonl", "text", "vbench", "i2v", "opv2v"] = Field(
         "auto",
         description="How to read generate.prompts. auto: .jsonl -> jsonl, .json -> vbench, a folder -> opv2v, "
-        "else text.",
+        "a file whose every line is `image.png;prompt` -> i2v, else text.",
     )
     augmented_prompts: str | None = Field(
         None,
