@@ -129,3 +129,31 @@ def test_data_inspect_and_prepare_pack_commands(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("2 clips in ")  # shards are planned per sample, before reading
     assert main(["data", "inspect", str(out), "--layout", "shards", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["usable"] == 2
+
+
+@pytest.mark.parametrize("argv", [["--debug", "config", "show"], ["config", "show", "--debug"],
+                                  ["--debug", "config", "show", "-v"]])
+def test_debug_works_before_and_after_the_command(argv):
+    from vidgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.zero_stage=9"):
+        main([*argv, str(DEMO_YAML), "train.zero_stage=9"])
+
+
+def test_debug_before_the_command_still_one_line_without_it(capsys):
+    assert main(["-v", "config", "show", str(DEMO_YAML), "train.zero_stage=9"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["--config", str(DEMO_YAML), "train.lr=3e-4"],
+                                  ["-c", str(DEMO_YAML), "train.lr=3e-4"],
+                                  ["train.lr=3e-4", "--config", str(DEMO_YAML)]])
+def test_config_show_takes_config_as_an_option_too(argv, capsys):
+    assert main(["config", "show", *argv]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["lr"] == pytest.approx(3e-4) and shown["train"]["zero_stage"] == 2  # file and override
+
+
+def test_config_show_option_names_a_missing_file(tmp_path, capsys):
+    assert main(["config", "show", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"vidgen: error: {tmp_path / 'nope.yaml'}: config file not found"

@@ -231,3 +231,48 @@ def test_the_gpu_extra_holds_every_optional_package_a_gpu_worker_imports():
     assert imported <= declared, f"imported by vidgen but missing from the gpu extra: {imported - declared}"
     text = (ROOT / "cluster" / "docker" / "Dockerfile").read_text()
     assert '".[gpu]"' in text and "import bitsandbytes, xformers" in text
+
+
+# ------------------------------------------------------------------------------------------- the documented command
+
+
+def _documented_command() -> list[str]:
+    """The validation command cluster/README.md gives, as a user's clone runs it (no shared fixtures)."""
+    text = (ROOT / "cluster" / "README.md").read_text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("python -m vidgen.cluster")]
+    assert "shared" not in line
+    return line.split()[1:]
+
+
+def _run(args: list[str], cwd: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_readme_validation_command_works_from_a_clone():
+    proc = _run(_documented_command(), ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ("cluster/kuberay/rayjob-train.yaml: ok (1 document(s); KubeRay CRD schema not checked: "
+                           "no --crds)\n")
+
+
+def test_validation_command_with_crds_and_its_errors(tmp_path, crd_dir):
+    args = _documented_command()
+    ok = _run([*args, "--crds", str(crd_dir)], ROOT)
+    assert ok.returncode == 0 and "KubeRay CRD schema checked" in ok.stdout, ok.stderr
+    missing = _run([*args, "--crds", str(tmp_path / "nope")], ROOT)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr == (f"vidgen.cluster: error: {tmp_path / 'nope' / 'ray.io_rayjobs.yaml'}: no such CRD "
+                              "file; --crds wants the folder of KubeRay's CRDs (ray-operator/config/crd/bases/ of "
+                              "github.com/ray-project/kuberay at your operator's version), or leave it out to skip "
+                              "the schema check\n")
+    doc = cluster.load_manifests(KUBERAY / "rayjob-train.yaml")[0]
+    doc["spec"]["shutdownAfterJobFinish"] = True  # a typo only the schema sees
+    bad = tmp_path / "rayjob.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    assert _run(["-m", "vidgen.cluster", str(bad), "--repo-root", str(ROOT)], ROOT).returncode == 0
+    typo = _run(["-m", "vidgen.cluster", str(bad), "--repo-root", str(ROOT), "--crds", str(crd_dir)], ROOT)
+    assert typo.returncode == 2 and typo.stderr.startswith(f"vidgen.cluster: error: {bad}: 1 problem(s):")
+    assert "shutdownAfterJobFinish" in typo.stderr and "Traceback" not in typo.stderr

@@ -57,7 +57,7 @@ def test_load_prompts_defaults(tmp_path):
     assert rows == [
         {"image": "s3://bucket/frames/red car.png", "prompt": "", "seed": 0, "id": "red_car"},
         {"image": "/data/x.y.jpg", "prompt": "a road", "seed": 42, "id": "mine"},
-        {"image": "plain", "prompt": "", "seed": 3, "id": "plain"},  # seed = line number - 1
+        {"image": str(tmp_path / "plain"), "prompt": "", "seed": 3, "id": "plain"},  # relative to the file
     ]
 
 

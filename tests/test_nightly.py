@@ -185,7 +185,8 @@ class FakeNight:
         self.calls.append((cfg.nightly.date, cfg.generate.unet, written))
         key = (cfg.nightly.date, cfg.generate.unet)
         metrics = dict(self.values.get(key) or self.values[cfg.nightly.date])
-        return Measured(metrics, [storage.join(out, f"v{i}.mp4") for i in range(3)], dict(self.params))
+        return Measured(metrics, [storage.join(out, f"v{i}.mp4") for i in range(3)], dict(self.params),
+                        [f"shape {i} <moving>" for i in range(3)])
 
 
 def _cfg(tmp_path, mlflow_server, experiment, date, *extra):
@@ -235,6 +236,7 @@ def test_three_nights_improve_stable_regress(tmp_path, mlflow_server, experiment
     assert {"report/index.html", "report/fvd_trend.png", "report/videos"} <= arts
     page = (tmp_path / "work/nightly/tiny/2026-01-04/main/report/index.html").read_text()
     assert 'id="verdict">regressed<' in page and "videos/00-v0.mp4" in page
+    assert '<figcaption>shape 0 &lt;moving&gt;<span class="file">00-v0.mp4</span></figcaption>' in page  # prompts
 
 
 def test_nights_with_intervals_are_judged_beyond_the_noise(tmp_path, mlflow_server, experiment):
@@ -401,7 +403,7 @@ def test_real_tiny_night_through_the_entrypoint(tmp_path, mlflow_server, experim
     real = tmp_path / "real"
     make_moving_shapes(str(real), 4, 8, 64, 64, seed=0)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"image": str(p), "seed": i}) + "\n"
+    prompts.write_text("".join(json.dumps({"image": str(p), "seed": i, "prompt": f"clip {i}"}) + "\n"
                                for i, p in enumerate(sorted(real.rglob("0.png"))[:2])))
     argv = [f"run.workdir={tmp_path}/work", f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}",
             "data.layout=hotshot", "model.flavor=tiny", "model.num_frames=4", "generate.sampler=fifo",
@@ -418,6 +420,7 @@ def test_real_tiny_night_through_the_entrypoint(tmp_path, mlflow_server, experim
     assert any("flicker" in k for k in m), sorted(m)  # model-free metrics logged beside FVD
     report = Path(storage.local_path(night["report"]))
     assert report.is_file() and len(list((report.parent / "videos").glob("*.mp4"))) == 2
+    assert "<figcaption>clip 0<span" in report.read_text()  # the gallery shows the prompt
     assert len(list((tmp_path / "work/nightly/tiny-e2e/2026-04-01/default/generated").rglob("*.mp4"))) == 2
 
     assert main(argv) == 0  # a rerun the same day
@@ -507,3 +510,21 @@ def test_submit_against_a_real_ray_head(ray_head, tmp_path, monkeypatch):
     info = client.get_job_info(f"nightly-{suite}-2026-05-04")
     assert info.status == JobStatus.FAILED
     assert info.entrypoint == f"python jobs/nightly_eval.py nightly.suite={suite} nightly.date=2026-05-04"
+
+
+@pytest.mark.parametrize("args,line", [
+    ([], "eval.real: required for the nightly eval (the suite's real reference clips)"),
+    (["eval.real=/data/real", "tracking.enabled=false"],
+     "tracking.enabled=false: the nightly eval needs MLflow to find and record past nights"),
+])
+def test_script_config_error_is_one_line_before_ray_starts(tmp_path, args, line):
+    """jobs/nightly_eval.py as a user runs it: one line, exit 2, no trace, no Ray started, nothing written."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "nightly_eval.py"), f"run.workdir={tmp_path}/work",
+                           *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"nightly_eval: error: {line}"
+    assert list(tmp_path.iterdir()) == []

@@ -144,3 +144,70 @@ def test_prepare_rows_names_and_refuses_svd_without_images(tmp_path):
         prompts=str(p), samples_per_prompt=2, images="/data/frame.png")}))
     assert len({v["name"] for v in hashed}) == 4  # auto naming on a text file: hashes, seeds differ
     assert ModelConfig().family == "svd"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_jsonl_and_i2v_image_paths_resolve_from_the_prompt_file(tmp_path, monkeypatch):
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "p.jsonl").write_text(json.dumps({"image": "imgs/a.png", "prompt": "x"}) + "\n"
+                                                + json.dumps({"image": "/abs/b.png"}) + "\n")
+    (tmp_path / "suite" / "p.txt").write_text("imgs/a.png;x\n")
+    monkeypatch.chdir(tmp_path)  # relative to the file, not to where vidgen runs
+    want = str(tmp_path / "suite" / "imgs" / "a.png")
+    assert [r["image"] for r in load_rows("suite/p.jsonl")] == ["suite/imgs/a.png", "/abs/b.png"]
+    assert [r["image"] for r in load_rows(str(tmp_path / "suite" / "p.jsonl"))][0] == want
+    assert [r["image"] for r in load_rows(str(tmp_path / "suite" / "p.txt"))] == [want]
+    (tmp_path / "suite" / "up.jsonl").write_text(json.dumps({"image": "../secret.png"}) + "\n")
+    with pytest.raises(DataError, match=r"up.jsonl: image path '../secret.png' leaves the prompt file's folder"):
+        load_rows("suite/up.jsonl")
+
+
+@pytest.mark.parametrize("name,text,want", [
+    ("p.jsonl", '{"image": "a.png", "prompt": "x"}\n', [("x", "a.png")]),
+    ("p.txt", "a cat\n", [("a cat", "")]),
+    ("p.json", '[{"prompt_en": "a dog", "dimension": ["subject_consistency"]}]', [("a dog", "")]),
+    ("i2v.txt", "a.png;a car\n", [("a car", "a.png")]),
+])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, text, want):
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    rows = load_rows(str(tmp_path / name))
+    assert [(r["prompt"], r["image"].rsplit("/", 1)[-1]) for r in rows] == want
+
+
+def test_auto_tells_i2v_from_text_by_its_lines(tmp_path):
+    (tmp_path / "i2v.txt").write_text("a.png;a car\n\nsub/b.JPG; a road; at night\n")
+    (tmp_path / "text.txt").write_text("a car; then a truck\na.png;mixed\n")
+    assert detect_format(str(tmp_path / "i2v.txt")) == "i2v" and detect_format(str(tmp_path / "text.txt")) == "text"
+    assert [r["prompt"] for r in load_rows(str(tmp_path / "i2v.txt"))] == ["a car", "a road; at night"]
+
+
+def test_a_pinned_format_that_does_not_fit_says_where_and_how_to_change_it(tmp_path):
+    vbench = tmp_path / "VBench_full_info.json"
+    vbench.write_text('[{"prompt_en": "a dog", "dimension": ["subject_consistency"]}]')
+    with pytest.raises(DataError) as e:
+        load_rows(str(vbench), "i2v")
+    assert str(e.value) == (f"{vbench}:1: expected `image_path;prompt`, got '[{{\"prompt_en\": \"a dog\", "
+                            "\"dimension\": [\"subject_consistency\"]}]' (read as generate.prompt_format=i2v, "
+                            "which the config pins; the file looks like vbench: set generate.prompt_format=auto "
+                            "or vbench)")
+
+
+def test_generate_demo_config_reads_every_documented_prompt_source(tmp_path):
+    """generate_demo.yaml pins no format: an i2v file, a JSONL file and a synth folder all load; a VBench JSON
+    gets the image-conditioning message, not a parse error."""
+    from vidgen.data.synth import make_moving_shapes
+
+    make_moving_shapes(str(tmp_path / "data"), 2, 2, 16, 16, seed=0)
+    (tmp_path / "p.txt").write_text("data/sample_000/0.png;a\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"image": "data/sample_001/0.png"}) + "\n")
+    cfg_file = ROOT / "jobs" / "configs" / "generate_demo.yaml"
+    for src, n in (("p.txt", 2), ("p.jsonl", 2), ("data", 4)):
+        videos = prepare_rows(load_config(cfg_file, [f"generate.prompts={tmp_path / src}"]))
+        assert len(videos) == n and all(Path(v["image"]).is_file() for v in videos), src
+    (tmp_path / "v.json").write_text('[{"prompt_en": "a dog", "dimension": ["subject_consistency"]}]')
+    with pytest.raises(ConfigError, match="generate.images: SVD is image-conditioned, and 1 prompts have no image"):
+        prepare_rows(load_config(cfg_file, [f"generate.prompts={tmp_path / 'v.json'}"]))
+    demo = (ROOT / "jobs" / "configs" / "demo.yaml").read_text()
+    assert "PROMPTS" not in demo and "generate.prompts=./work/demo-data" in demo

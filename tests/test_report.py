@@ -335,3 +335,54 @@ def test_trend_plot_draws_error_bars_for_nights_with_intervals(tmp_path, monkeyp
     drawn.clear()
     assert trend_plot(_history(3), str(tmp_path / "plain.png"))
     assert drawn == []  # no intervals, no error bars
+
+
+def test_every_metric_direction_follows_its_definition():
+    from vidgen.eval.compare import HIGHER, LOWER, NEITHER, direction
+
+    assert [direction(m) for m in ("fvd", "windows/late/kvd", "temporal_flickering_mae_mean",
+                                   "temporal_flickering_score_mean", "windows/early/temporal_flickering_score",
+                                   "motion_magnitude_median", "clip")] == [LOWER, LOWER, LOWER, HIGHER, HIGHER,
+                                                                           NEITHER, LOWER]
+    assert direction("clip", ["clip"]) == HIGHER
+
+
+def test_flicker_score_is_higher_is_better_on_the_page_and_in_the_verdict(tmp_path):
+    """VBench's temporal_flickering_score is (255 - mae) / 255: a drop is worse (red, regressed), a rise better."""
+    base = Night("2026-01-01", {"fvd": 100.0, "temporal_flickering_score_mean": 0.99, "motion_magnitude_mean": 1.0,
+                                "temporal_flickering_mae_mean": 2.0})
+    thresholds = {"temporal_flickering_score_mean": 0.001}
+    for score, regressed in ((0.95, True), (0.995, False)):
+        tonight = Night("2026-01-02", {"fvd": 100.0, "temporal_flickering_score_mean": score,
+                                       "motion_magnitude_mean": 2.0, "temporal_flickering_mae_mean": 3.0})
+        cmp = compare(tonight.metrics, base, thresholds)
+        assert cmp.regressed == (["temporal_flickering_score_mean"] if regressed else [])
+        rows = {r["metric"]: r for r in metric_rows(tonight.metrics, cmp, thresholds, [])}
+        page = render_html(suite="s", label="l", tonight=tonight, comparison=cmp, rows=list(rows.values()),
+                           history=[base, tonight], videos=[], plot=None)
+        flicker = next(line for line in page.splitlines() if "<td>temporal_flickering_score_mean</td>" in line)
+        assert "<td>higher is better</td>" in flicker and "<td>0.1%</td>" in flicker  # not "0%"
+        assert f'class="delta {"worse" if regressed else "better"}"' in flicker
+        motion = next(line for line in page.splitlines() if "<td>motion_magnitude_mean</td>" in line)
+        assert 'class="delta"' in motion and "<td>neither (descriptive)</td>" in motion  # +100%, not coloured
+        mae = next(line for line in page.splitlines() if "<td>temporal_flickering_mae_mean</td>" in line)
+        assert "<td>lower is better</td>" in mae and "delta better" not in mae
+
+
+def test_small_thresholds_keep_their_digits():
+    from vidgen.eval.report import threshold_text
+
+    assert [threshold_text(t) for t in (0.1, 0.25, 0.001, 0.0005, 0.125, 0.0)] == \
+        ["10%", "25%", "0.1%", "0.05%", "12.5%", "0%"]
+
+
+def test_gallery_shows_prompts_with_the_file_name_as_tooltip_and_second_line(tmp_path):
+    videos = [_video(tmp_path / f"v{i}.mp4", i) for i in range(2)]
+    night = Night("2026-01-01", {"fvd": 1.0})
+    index = write_report(str(tmp_path / "report"), suite="s", label="l", tonight=night,
+                         comparison=compare(night.metrics, None, {}), history=[night], videos=videos,
+                         thresholds={}, captions=["a red car <turns> left", ""])
+    page = Path(index).read_text()
+    assert ('<figure title="00-v0.mp4">' in page
+            and '<figcaption>a red car &lt;turns&gt; left<span class="file">00-v0.mp4</span></figcaption>' in page)
+    assert "<figcaption>01-v1.mp4</figcaption>" in page  # no prompt: the file name alone

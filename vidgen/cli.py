@@ -35,9 +35,12 @@ OVERRIDES_HELP = ("config overrides as dotted key=value pairs, applied after the
 CONFIG_HELP = "YAML config file (jobs/configs/*.yaml); keys it omits take their defaults"
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show full stack traces on errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # A subcommand's defaults would overwrite `vidgen --debug CMD`'s value: only the top level sets one.
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("--debug", action="store_true", default=default, help="show full stack traces on errors")
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log at INFO level (default: warnings only)")
 
 
 def _add_job(sub, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fine-tuning, long-video generation, FVD, all logged to MLflow.",
         epilog="Run `vidgen demo` first: it shows every stage working on this machine.",
     )
-    _add_common(parser)
+    _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="run every stage end to end on tiny models (minutes on a laptop)",
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the resolved config as YAML",
                            description="Load CONFIG, apply the overrides, validate, and print the result.")
     show.add_argument("config", nargs="?", metavar="CONFIG", help=CONFIG_HELP + " (none: defaults only)")
+    show.add_argument("--config", "-c", dest="config_option", metavar="CONFIG", help="the same, as the jobs take it")
     show.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     _add_common(show)
 
@@ -364,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             path, overrides = args.config, list(args.overrides)
-            if path and "=" in path and not os.path.exists(path):  # `config show key=value ...`: no file
+            if args.config_option:  # `config show --config C key=value ...`: the positional is an override
+                path, overrides = args.config_option, [p for p in (args.config,) if p] + overrides
+            elif path and "=" in path and not os.path.exists(path):  # `config show key=value ...`: no file
                 path, overrides = None, [path, *overrides]
             print(redact(config.load_config(path, overrides).to_yaml()), end="")
         elif args.command == "prepare":

@@ -13,14 +13,18 @@ here, before it reaches a cluster:
    no privileged containers, requests and limits on every container.
 
 Each check returns a list of problems ("<where>: <field>: <what was expected>"); `validate_file` raises one
-`ConfigError` listing all of them.
+`ConfigError` listing all of them. From a shell (check 1 only with --crds, the folder of KubeRay's CRD files):
+
+    python -m vidgen.cluster cluster/kuberay/rayjob-train.yaml [more.yaml ...] [--crds DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ import yaml
 from vidgen.config import load_config
 from vidgen.errors import ConfigError, VidgenError
 from vidgen.redact import SECRET_ENV  # names that carry credentials: from a Secret, never a literal
+
+CRD_SOURCE = "ray-operator/config/crd/bases/ of github.com/ray-project/kuberay at your operator's version"
 
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
@@ -81,8 +87,12 @@ def _make_strict(node: Any) -> Any:
 def strict_schema(crd_path: str, version: str = "v1") -> dict[str, Any]:
     """The strict openAPIV3Schema of one version of a CRD file (cached: the files are ~1 MB each)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 1.5 s instead of ~15 s a file
-    with open(crd_path) as f:
-        crd = yaml.load(f, Loader=loader)  # noqa: S506 - a safe loader
+    try:
+        with open(crd_path) as f:
+            crd = yaml.load(f, Loader=loader)  # noqa: S506 - a safe loader
+    except FileNotFoundError:
+        raise ConfigError(f"{crd_path}: no such CRD file; --crds wants the folder of KubeRay's CRDs ({CRD_SOURCE}), "
+                          "or leave it out to skip the schema check") from None
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
             return _make_strict(v["schema"]["openAPIV3Schema"])
@@ -101,13 +111,16 @@ def _path(parts: Any) -> str:
     return ".".join(str(p) for p in parts) or "(top level)"
 
 
-def schema_errors(manifest: dict[str, Any], crd_dir: str | Path) -> list[str]:
-    """Problems of a KubeRay manifest against its CRD (strict). Empty for kinds that are not KubeRay's."""
-    import jsonschema  # lazy: optional (the test extra)
-
+def schema_errors(manifest: dict[str, Any], crd_dir: str | Path | None) -> list[str]:
+    """Problems of a KubeRay manifest against its CRD (strict). Empty for kinds that are not KubeRay's, and
+    without `crd_dir` (the schema check is skipped)."""
     kind = manifest.get("kind")
-    if kind not in CRD_FILES:
+    if kind not in CRD_FILES or crd_dir is None:
         return []
+    try:
+        import jsonschema  # lazy: optional (the test extra)
+    except ImportError:
+        raise ConfigError("--crds: the schema check needs jsonschema (pip install jsonschema)") from None
     api = manifest.get("apiVersion")
     if api != "ray.io/v1":
         return [f"{_where(manifest)}: apiVersion: expected 'ray.io/v1', got {api!r}"]
@@ -399,7 +412,7 @@ def builtin_errors(manifest: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------- entry points
 
 
-def manifest_errors(manifest: dict[str, Any], crd_dir: str | Path, repo_root: str | Path) -> list[str]:
+def manifest_errors(manifest: dict[str, Any], crd_dir: str | Path | None, repo_root: str | Path) -> list[str]:
     """Every problem of one manifest document; embedded RayJob templates (ConfigMaps) are checked too."""
     kind = manifest.get("kind")
     if kind not in CRD_FILES and kind not in BUILTIN_KINDS:
@@ -417,10 +430,33 @@ def manifest_errors(manifest: dict[str, Any], crd_dir: str | Path, repo_root: st
     return out
 
 
-def validate_file(path: str | Path, crd_dir: str | Path, repo_root: str | Path) -> list[dict[str, Any]]:
-    """Load and check one manifest file; raise ConfigError listing every problem, else return its documents."""
+def validate_file(path: str | Path, crd_dir: str | Path | None = None,
+                  repo_root: str | Path = ".") -> list[dict[str, Any]]:
+    """Load and check one manifest file; raise ConfigError listing every problem, else return its documents.
+    Without `crd_dir` every check but the CRD schema runs."""
     docs = load_manifests(path)
     problems = [p for d in docs for p in manifest_errors(d, crd_dir, repo_root)]
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return docs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vidgen.cluster", description="Check cluster manifests offline.")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="YAML files (cluster/kuberay/*.yaml)")
+    p.add_argument("--crds", metavar="DIR", help=f"KubeRay's CRD files, for the strict schema check ({CRD_SOURCE})")
+    p.add_argument("--repo-root", default=".", metavar="DIR", help="the checkout entrypoints run from (default: .)")
+    args = p.parse_args(argv)
+    schema = "checked" if args.crds else "not checked: no --crds"
+    try:
+        for path in args.manifests:
+            docs = validate_file(path, args.crds, args.repo_root)
+            print(f"{path}: ok ({len(docs)} document(s); KubeRay CRD schema {schema})")
+    except VidgenError as e:
+        print(f"vidgen.cluster: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -384,12 +384,13 @@ class GenerateConfig(Section):
     prompts: str = Field(
         "",
         description="Prompt source: JSONL rows ({image, prompt, seed, id}), a text file (one prompt per line), "
-        "VBench_full_info.json, an i2v file (`image_path;prompt` lines) or a folder of OPV2V scene folders.",
+        "VBench_full_info.json, an i2v file (`image_path;prompt` lines) or a folder of OPV2V scene folders. "
+        "Relative image paths resolve from the prompt file's folder.",
     )
     prompt_format: Literal["auto", "jsonl", "text", "vbench", "i2v", "opv2v"] = Field(
         "auto",
         description="How to read generate.prompts. auto: .jsonl -> jsonl, .json -> vbench, a folder -> opv2v, "
-        "else text.",
+        "a file whose every line is `image.png;prompt` -> i2v, else text.",
     )
     augmented_prompts: str | None = Field(
         None,
@@ -595,7 +596,8 @@ class NightlyConfig(Section):
     )
     higher_is_better: list[str] = Field(
         default_factory=list,
-        description="Metrics for which larger is better; every other metric (FVD, KVD) is lower-is-better.",
+        description="Metrics for which larger is better, beyond those vidgen knows (temporal_flickering_score); "
+        "FVD, KVD, the flicker MAE and unknown metrics are lower-is-better, motion_magnitude is descriptive.",
     )
     output: str = Field(
         "", description="Root of the nightly outputs: <output>/<suite>/<date>/<label>/ holds the videos and the "

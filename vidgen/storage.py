@@ -244,7 +244,14 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2, ma
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+NO_CREDENTIALS = ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+                  "(~/.aws/credentials), or use an instance role; for an S3-compatible server (MinIO) also set "
+                  "VIDGEN_S3_ENDPOINT_URL")
+
+
 def _error(op: str, uri: str, exc: BaseException, retried: bool) -> StorageError:
+    if any(type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError") for e in _chain(exc)):
+        return StorageError(f"{uri}: {op} failed: {NO_CREDENTIALS}")
     status, code = _client_error(exc)
     if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "404") or any(
             isinstance(e, FileNotFoundError) for e in _chain(exc)):

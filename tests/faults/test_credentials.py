@@ -150,3 +150,21 @@ def test_canary_secrets_reach_no_ray_file_or_run_output(s3_server, mlflow_server
     faults.record("canary secrets in the environment of a whole `vidgen train` on its own Ray", injected=4,
                   survived=True, lost=0, detail=f"absent from {ray_files} files of Ray's, {run_files} of the run's, "
                                                 "MLflow and the CLI output")
+
+
+@pytest.mark.ray  # not Ray: the session's S3 server
+@pytest.mark.parametrize("argv", [["data", "inspect", "{bucket}/clips"], ["prepare", "synth", "{bucket}/out"]])
+def test_missing_s3_credentials_say_what_to_set(s3_server, tmp_path, argv):
+    """No keys, profile or instance role: one line naming the URI and what to set, exit 2, nothing written."""
+    bucket = s3_server.bucket()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    args = [a.format(bucket=bucket) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "vidgen.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"vidgen: error: {args[2]}") and "failed: no S3 credentials found: set " \
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE" in line and "VIDGEN_S3_ENDPOINT_URL" in line
+    assert s3_server.client().list_objects_v2(Bucket=bucket[5:]).get("KeyCount") == 0

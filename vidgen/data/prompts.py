@@ -1,12 +1,17 @@
 """Prompt sources for generation: one row per prompt, then one row per (prompt, sample) with its seed and name.
 
 Sources (generation.md 1.9, 2.1, 4.1-4.3, 5.3):
-- jsonl: {"image", "prompt"?, "seed"?, "id"?} per line (the original vidgen format);
+- jsonl: {"image", "prompt"?, "seed"?, "id"?} per line (the original vidgen format), image paths relative to the
+  file;
 - text: one prompt per non-blank line; with `augmented` (VBench augmented_prompts, line-aligned) the video is
   sampled with the augmented prompt and named by the original;
 - vbench: VBench_full_info.json, filtered by dimension, duplicates merged (946 entries, 944 prompts);
 - i2v: `image_path;prompt` lines split at the first `;` (a prompt may hold more), paths relative to the file;
 - opv2v: a folder of scene folders (frames `N.jpg`/`N.png` + prompt.txt); the first frame conditions.
+
+Files are UTF-8, with or without a byte-order mark. `auto` tells the formats apart by name (.jsonl, .json, a
+folder) and a text file's lines (all `image.png;prompt`: i2v). Relative image paths resolve from the prompt
+file's folder in every format, so a prompt file and its images move together.
 
 A row: {id, prompt (names the video), sample_prompt (conditions the model), image (URI or ""), seed, vbench}.
 """
@@ -53,8 +58,12 @@ def vbench_name(prompt: str, sample: int) -> str:
     return f"{safe_stem(prompt)}-{sample}.mp4"
 
 
+def _text(uri: str) -> str:
+    return storage.read_text(uri).removeprefix("\ufeff")  # editors on Windows write a BOM
+
+
 def _lines(uri: str) -> list[tuple[int, str]]:
-    return [(n, line.strip()) for n, line in enumerate(storage.read_text(uri).splitlines(), start=1) if line.strip()]
+    return [(n, line.strip()) for n, line in enumerate(_text(uri).splitlines(), start=1) if line.strip()]
 
 
 def _row(prompt: str, image: str = "", seed: int | None = None, id_: str | None = None,
@@ -79,7 +88,8 @@ def read_jsonl(uri: str) -> list[dict]:
             want = "a string" if field == "prompt" else "an integer >= 0"
             raise DataError(f"{uri}:{n}: \"{field}\" must be {want}, got {json.dumps(row[field])[:80]}")
         stem = row["image"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        rows.append(_row(prompt, row["image"], seed, str(row.get("id") or re.sub(r"[^A-Za-z0-9_.-]+", "_", stem))))
+        id_ = str(row.get("id") or re.sub(r"[^A-Za-z0-9_.-]+", "_", stem))
+        rows.append(_row(prompt, resolve_relative(row["image"], uri), seed, id_))
     return rows
 
 
@@ -96,7 +106,7 @@ def read_text(uri: str, augmented: str | None = None) -> list[dict]:
 
 def read_vbench(uri: str, dimensions: list[str] | None = None) -> list[dict]:
     try:
-        entries = json.loads(storage.read_text(uri))
+        entries = json.loads(_text(uri))
     except json.JSONDecodeError as e:
         raise DataError(f"{uri}: not JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "prompt_en" in e for e in entries):
@@ -160,6 +170,11 @@ def read_opv2v_scenes(root: str) -> list[dict]:
     return rows
 
 
+def _is_i2v_line(line: str) -> bool:
+    image, sep, _ = line.partition(";")
+    return bool(sep) and is_image_name(image.strip())
+
+
 def detect_format(uri: str) -> str:
     if uri.endswith(".jsonl"):
         return "jsonl"
@@ -167,7 +182,8 @@ def detect_format(uri: str) -> str:
         return "vbench"
     if storage.isdir(uri):
         return "opv2v"
-    return "text"
+    lines = [line for _, line in _lines(uri)]
+    return "i2v" if lines and all(_is_i2v_line(line) for line in lines) else "text"
 
 
 def load_rows(uri: str, fmt: str = "auto", augmented: str | None = None, dimensions: list[str] | None = None,
@@ -175,12 +191,19 @@ def load_rows(uri: str, fmt: str = "auto", augmented: str | None = None, dimensi
     """Prompt rows of a source, duplicates (same prompt, sample prompt and image) merged, in file order."""
     if not uri:
         raise ConfigError("generate.prompts: required (a prompt file, VBench JSON or OPV2V scene folder)")
-    fmt = detect_format(uri) if fmt == "auto" else fmt
+    pinned, fmt = fmt != "auto", detect_format(uri) if fmt == "auto" else fmt
     if augmented and fmt != "text":
         raise ConfigError(f"generate.augmented_prompts: needs a text prompts file, got prompt_format={fmt}")
     reader = {"jsonl": read_jsonl, "text": lambda u: read_text(u, augmented),
               "vbench": lambda u: read_vbench(u, dimensions), "i2v": read_i2v, "opv2v": read_opv2v_scenes}[fmt]
-    rows = reader(uri)
+    try:
+        rows = reader(uri)
+    except DataError as e:
+        looks = detect_format(uri) if pinned else fmt
+        if looks in (fmt, "text"):  # anything reads as text: only a recognisable other format is worth naming
+            raise
+        raise DataError(f"{e} (read as generate.prompt_format={fmt}, which the config pins; the file looks like "
+                        f"{looks}: set generate.prompt_format=auto or {looks})") from None
     if images:
         for r in rows:
             r["image"] = r["image"] or images

@@ -18,6 +18,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 LO, HI = "_lo", "_hi"
+HIGHER, LOWER, NEITHER, COUNT = "higher is better", "lower is better", "neither (descriptive)", "count"
+# Each known metric's direction by its definition. FVD, KVD (distances to the real set) and VBench's flicker MAE
+# (mean absolute difference of consecutive frames, 0..255) are lower-is-better; VBench's temporal_flickering_score
+# is (255 - mae) / 255, 1 for no flicker; motion magnitude only describes how much moves. Unknown metrics are
+# lower-is-better unless `nightly.higher_is_better` names them.
+KNOWN_DIRECTIONS = {"fvd": LOWER, "kvd": LOWER, "temporal_flickering_mae": LOWER,
+                    "temporal_flickering_score": HIGHER, "motion_magnitude": NEITHER}
 RULE_INTERVAL, RULE_THRESHOLD, RULE_MISSING = "interval", "threshold", "missing"
 
 
@@ -77,6 +84,20 @@ def is_bound(name: str, metrics: Mapping[str, float]) -> bool:
     return name.endswith((LO, HI)) and name[: -len(LO)] in metrics
 
 
+def direction(name: str, higher_is_better: Iterable[str] = ()) -> str:
+    """HIGHER, LOWER, NEITHER or COUNT for a metric name as logged (`windows/early/fvd`,
+    `temporal_flickering_score_mean`); names in `higher_is_better` are HIGHER whatever vidgen knows of them."""
+    if name in set(higher_is_better):
+        return HIGHER
+    if name.startswith(("n_", "generate/")):
+        return COUNT
+    base = name.rsplit("/", 1)[-1]
+    for key in (base, base.removesuffix("_mean"), base.removesuffix("_median")):
+        if key in KNOWN_DIRECTIONS:
+            return KNOWN_DIRECTIONS[key]
+    return LOWER
+
+
 def compare(tonight: Mapping[str, float], baseline: Night | None, thresholds: Mapping[str, float],
             higher_is_better: Iterable[str] = ()) -> Comparison:
     """Relative deltas for every metric both nights have (interval bounds aside); judged metrics (those with a
@@ -96,7 +117,7 @@ def compare(tonight: Mapping[str, float], baseline: Night | None, thresholds: Ma
     """
     if baseline is None:
         return Comparison(None, {}, [])
-    up = set(higher_is_better)
+    up = {k for k in [*tonight, *thresholds] if direction(k, higher_is_better) == HIGHER}
     base = baseline.metrics
     deltas = {k: relative_change(v, base[k]) for k, v in tonight.items()
               if k in base and not (math.isnan(v) or math.isnan(base[k])) and not is_bound(k, tonight)}

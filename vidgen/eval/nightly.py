@@ -30,7 +30,7 @@ from typing import Any
 
 from vidgen import storage
 from vidgen.config import VidgenConfig
-from vidgen.errors import ConfigError, JobError
+from vidgen.errors import ConfigError, JobError, VidgenError
 from vidgen.eval.compare import Comparison, Night, compare, last_good
 from vidgen.eval.report import write_report
 from vidgen.tracking import Tracker, resolve_tracking_uri
@@ -116,6 +116,25 @@ class Measured:
     metrics: dict[str, float]
     videos: list[str]  # generated videos, for the report's gallery
     params: dict[str, Any] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)  # the videos' prompts, for the gallery's captions
+
+
+def real_set(cfg: VidgenConfig) -> str:
+    real = cfg.eval.real or cfg.data.source
+    if not real:
+        raise ConfigError("eval.real: required for the nightly eval (the suite's real reference clips)")
+    return real
+
+
+def _need_tracking(cfg: VidgenConfig) -> None:
+    if not cfg.tracking.enabled:
+        raise ConfigError("tracking.enabled=false: the nightly eval needs MLflow to find and record past nights")
+
+
+def check_config(cfg: VidgenConfig) -> None:
+    """What the config alone can refuse, before Ray starts and before an MLflow run or a folder is made."""
+    _need_tracking(cfg)
+    real_set(cfg)
 
 
 def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:
@@ -123,11 +142,10 @@ def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:
     from vidgen.eval.job import run_eval  # lazy: heavy (PIL, torch)
     from vidgen.generate.job import output_dir, run_generation
 
-    real = cfg.eval.real or cfg.data.source
-    if not real:
-        raise ConfigError("eval.real: required for the nightly eval (the suite's real reference clips)")
+    real = real_set(cfg)
     rows = run_generation(cfg)  # raises past generate.max_failed_fraction; fewer failures are counted below
-    videos = [r.get("path") or r.get("uri") for r in rows if r.get("status") in ("generated", "skipped")]
+    made = [r for r in rows if r.get("status") in ("generated", "skipped") and (r.get("path") or r.get("uri"))]
+    videos = [r.get("path") or r.get("uri") for r in made]
     if len(videos) < 2:
         raise JobError(f"generation: {len(videos)} of {len(rows)} videos made; FVD needs at least 2")
     res = run_eval(cfg, real, output_dir(cfg))  # the videos folder only (no gifs, manifest)
@@ -136,7 +154,7 @@ def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:
         counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
     params = dict(getattr(res, "params", None) or {})
     return Measured(result_metrics(res) | {f"generate/{k}": v for k, v in counts.items()},
-                    [v for v in videos if v], params)
+                    videos, params, [str(r.get("prompt") or "") for r in made])
 
 
 Measure = Callable[[VidgenConfig, str], Measured]
@@ -237,15 +255,17 @@ def run_nightly(cfg: VidgenConfig, measure: Measure = measure_checkpoint,
     A checkpoint whose night fails (its run is marked FAILED) does not stop the others; the first such error
     is raised once all of them have run.
     """
-    if not cfg.tracking.enabled:
-        raise ConfigError("tracking.enabled=false: the nightly eval needs MLflow to find and record past nights")
+    _need_tracking(cfg)
     date = night_date(cfg.nightly.date, now)
     results, errors = [], []
     for label, unet in checkpoints(cfg):
         try:
             results.append(run_night(cfg, label, unet, date, measure))
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other checkpoints
-            log.exception("nightly %s %s [%s] failed", cfg.nightly.suite, date, label)
+            if isinstance(e, VidgenError):  # bad input: its one line, not a stack trace
+                log.error("nightly %s %s [%s] failed: %s", cfg.nightly.suite, date, label, e)
+            else:
+                log.exception("nightly %s %s [%s] failed", cfg.nightly.suite, date, label)
             errors.append(e)
     if errors:
         raise errors[0]
@@ -281,7 +301,8 @@ def run_night(cfg: VidgenConfig, label: str, unet: str | None, date: str, measur
         shown = [h for h in history if h.date < date][-(n.history - 1):] + [tonight]
         report = write_report(storage.join(night_dir, "report"), suite=n.suite, label=label, tonight=tonight,
                               comparison=cmp, history=shown, videos=measured.videos[: n.gallery],
-                              thresholds=n.thresholds, higher_is_better=n.higher_is_better)
+                              thresholds=n.thresholds, higher_is_better=n.higher_is_better,
+                              captions=measured.prompts[: n.gallery])
         t.log_artifact(storage.join(night_dir, "report"), "report")
         resumed = t.resumed
     if cmp.regressed:

@@ -26,9 +26,9 @@ import yaml
 from vidgen.cluster import runtime_env_dict_errors
 from vidgen.config import VidgenConfig, load_config
 from vidgen.errors import ConfigError, VidgenError
-from vidgen.eval.nightly import exit_status, night_date, run_nightly, submission_id, summary
+from vidgen.eval.nightly import check_config, exit_status, night_date, run_nightly, submission_id, summary
 from vidgen.ray_env import init_ray
-from vidgen.redact import install_log_filter
+from vidgen.redact import install_log_filter, redact
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         date = night_date(cfg.nightly.date)
         if args.submit:
             return _submit_main(args, cfg, date)
+        check_config(cfg)
         init_ray(cfg)
         results = run_nightly(cfg)
         print(json.dumps(summary(results), indent=2, default=str))
@@ -157,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VidgenError as e:
         if args.debug:
             raise
-        print(f"nightly_eval: error: {e}", file=sys.stderr)
+        one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"nightly_eval: error: {redact(one_line)}", file=sys.stderr)
         return 2
 
 

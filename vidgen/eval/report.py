@@ -24,7 +24,18 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
 from vidgen import storage
-from vidgen.eval.compare import RULE_INTERVAL, RULE_MISSING, RULE_THRESHOLD, Comparison, Night, bounds, is_bound
+from vidgen.eval.compare import (
+    HIGHER,
+    LOWER,
+    RULE_INTERVAL,
+    RULE_MISSING,
+    RULE_THRESHOLD,
+    Comparison,
+    Night,
+    bounds,
+    direction,
+    is_bound,
+)
 
 PLOT = "fvd_trend.png"
 PAGE = "index.html"
@@ -40,7 +51,8 @@ th, td { border-bottom: 1px solid #e1e4ea; padding: 5px 12px; text-align: right;
 th:first-child, td:first-child { text-align: left; }
 td.worse { color: #c62828; font-weight: 600; } td.better { color: #1f8a4c; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-figure { margin: 0; } figcaption { font-size: 12px; color: #5b6475; max-width: 256px; overflow-wrap: anywhere; }
+figure { margin: 0; } figcaption { font-size: 12px; color: #1d2330; max-width: 256px; overflow-wrap: anywhere; }
+figcaption .file { display: block; color: #5b6475; font-size: 11px; }
 video { width: 256px; background: #000; display: block; }
 img.plot { max-width: 100%; border: 1px solid #e1e4ea; }
 .ci { color: #5b6475; font-size: 90%; } .note { color: #5b6475; font-size: 13px; max-width: 900px; }
@@ -68,6 +80,11 @@ def _with_interval(v: float | None, interval: tuple[float, float] | None) -> str
     return f'{_fmt(v)} <span class="ci">[{_fmt(interval[0])}, {_fmt(interval[1])}]</span>'
 
 
+def threshold_text(t: float | None) -> str:
+    """A relative threshold as a percentage with the digits it has: 0.1 -> '10%', 0.001 -> '0.1%'."""
+    return "&ndash;" if t is None else f"{t * 100:.3g}%"
+
+
 def _pct(v: float | None) -> str:
     if v is None:
         return "&ndash;"
@@ -82,20 +99,17 @@ def metric_rows(tonight: Mapping[str, float], comparison: Comparison, thresholds
     (tonight's and the baseline's, None without) and verdict; interval bounds (`fvd_lo`) are no rows of their own.
     """
     base = comparison.baseline.metrics if comparison.baseline else {}
-    up = set(higher_is_better)
     names = sorted((k for k in tonight if not is_bound(k, tonight)),
                    key=lambda k: (k not in thresholds, k.startswith(("generate/", "n_")), k))
     rows = []
     for name in names:
-        delta = comparison.deltas.get(name)
-        worse = None if delta is None else (-delta if name in up else delta)
+        delta, way = comparison.deltas.get(name), direction(name, higher_is_better)
+        worse = None if delta is None or way not in (HIGHER, LOWER) else -delta if way == HIGHER else delta
         rows.append({"metric": name, "tonight": tonight[name], "baseline": base.get(name), "delta": delta,
                      "interval": bounds(tonight, name), "baseline_interval": bounds(base, name),
                      "threshold": thresholds.get(name), "regressed": name in comparison.regressed,
                      "rule": comparison.rules.get(name),
-                     "direction": "count" if name.startswith(("n_", "generate/")) else
-                     "higher is better" if name in up else "lower is better",
-                     "worse": worse})
+                     "direction": way, "worse": worse})
     return rows
 
 
@@ -121,8 +135,9 @@ def protocol_line(tonight: Night, baseline: Night | None) -> str:
 
 
 def render_html(*, suite: str, label: str, tonight: Night, comparison: Comparison, rows: Sequence[dict],
-                history: Sequence[Night], videos: Sequence[str], plot: str | None) -> str:
-    """The page; `videos` and `plot` are paths relative to it."""
+                history: Sequence[Night], videos: Sequence[str], plot: str | None,
+                captions: Sequence[str] = ()) -> str:
+    """The page; `videos` and `plot` are paths relative to it; `captions` are the videos' prompts."""
     e = html.escape
     verdict = comparison.verdict
     base = comparison.baseline
@@ -149,7 +164,7 @@ def render_html(*, suite: str, label: str, tonight: Night, comparison: Compariso
             "<th>judged by</th><th>direction</th></tr></thead><tbody>"]
     for r in rows:
         cls = "" if r["worse"] is None else " worse" if r["regressed"] else " better" if r["worse"] < 0 else ""
-        thr = "&ndash;" if r["threshold"] is None else f"{r['threshold']:.0%}"
+        thr = threshold_text(r["threshold"])
         out.append(f'<tr><td>{e(r["metric"])}</td><td>{_with_interval(r["tonight"], r["interval"])}</td>'
                    f'<td>{_with_interval(r["baseline"], r["baseline_interval"])}</td>'
                    f'<td class="delta{cls}">{_pct(r["delta"])}</td><td>{thr}</td>'
@@ -176,11 +191,13 @@ def render_html(*, suite: str, label: str, tonight: Night, comparison: Compariso
     out.append("</tbody></table>")
     out.append(f"<h2>Samples ({len(videos)})</h2>")
     out.append('<div class="gallery" id="gallery">')
-    for v in videos:
+    for i, v in enumerate(videos):
         name = posixpath.basename(v)
+        prompt = captions[i] if i < len(captions) and captions[i] else ""
+        caption = (f'{e(prompt)}<span class="file">{e(name)}</span>' if prompt else e(name))
         # muted + playsinline: browsers only autoplay muted video; preload so a frame shows without a click
-        out.append(f'<figure><video src="{e(v)}" controls muted loop autoplay playsinline preload="auto">'
-                   f'</video><figcaption>{e(name)}</figcaption></figure>')
+        out.append(f'<figure title="{e(name)}"><video src="{e(v)}" controls muted loop autoplay playsinline '
+                   f'preload="auto"></video><figcaption>{caption}</figcaption></figure>')
     out.append("</div></body></html>")
     return "\n".join(out) + "\n"
 
@@ -218,12 +235,12 @@ def trend_plot(history: Sequence[Night], path: str, metric: str = "fvd",
         ax.scatter(*zip(*bad, strict=True), color="#c62828", marker="X", s=70, zorder=3, label="regressed")
     if baseline is not None and threshold is not None and metric in baseline.metrics:
         ax.axhline(baseline.metrics[metric] * (1 + threshold), color="#c62828", linestyle="--", linewidth=1,
-                   label=f"threshold ({threshold:.0%} over {baseline.date})")
+                   label=f"threshold ({html.unescape(threshold_text(threshold))} over {baseline.date})")
     if baseline is not None and (b := bounds(baseline.metrics, metric)) is not None:
         # with intervals, tonight must also clear this: its lower end above the last good night's upper end
         ax.axhline(b[1], color="#c62828", linestyle=":", linewidth=1, label=f"top of {baseline.date}'s interval")
     ax.set_ylabel(metric.upper())
-    ax.set_title(f"{metric.upper()} per night (lower is better)")
+    ax.set_title(f"{metric.upper()} per night ({direction(metric)})")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.autofmt_xdate()
@@ -234,8 +251,9 @@ def trend_plot(history: Sequence[Night], path: str, metric: str = "fvd",
 
 def write_report(out_dir: str, *, suite: str, label: str, tonight: Night, comparison: Comparison,
                  history: Sequence[Night], videos: Sequence[str], thresholds: Mapping[str, float],
-                 higher_is_better: Iterable[str] = ()) -> str:
-    """Write the report folder to `out_dir` (local or remote) and return the URI of its index.html."""
+                 higher_is_better: Iterable[str] = (), captions: Sequence[str] = ()) -> str:
+    """Write the report folder to `out_dir` (local or remote) and return the URI of its index.html; the gallery
+    shows each video's prompt from `captions` (aligned with `videos`), its file name below and as a tooltip."""
     with tempfile.TemporaryDirectory(prefix="vidgen-report-") as tmp:
         os.makedirs(os.path.join(tmp, "videos"))
         rel_videos = []
@@ -248,7 +266,7 @@ def write_report(out_dir: str, *, suite: str, label: str, tonight: Night, compar
                              baseline=comparison.baseline)
         rows = metric_rows(tonight.metrics, comparison, thresholds, higher_is_better)
         page = render_html(suite=suite, label=label, tonight=tonight, comparison=comparison, rows=rows,
-                           history=history, videos=rel_videos, plot=PLOT if plotted else None)
+                           history=history, videos=rel_videos, plot=PLOT if plotted else None, captions=captions)
         with open(os.path.join(tmp, PAGE), "w", encoding="utf-8") as f:
             f.write(page)
         if storage.exists(out_dir):  # a rerun: the new folder replaces the old one whole
