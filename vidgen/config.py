@@ -500,8 +500,8 @@ class EvalConfig(Section):
         50, ge=0, description="Bootstrap resamples of the clips (features are computed once) for the FVD and KVD "
         "intervals: the range a rerun on a fresh draw of as many clips would fall in, 95%. 50 resamples of 2048 "
         "clips per set cost about 17 s on one core (FVD and KVD). Computed only where each set has at least as many "
-        "clips as feature dimensions (400 for I3D): below that the bootstrap spreads far wider than reruns do. "
-        "0: no intervals."
+        "clips as feature dimensions (400 for I3D, 1408 for VideoMAE-v2): below that the bootstrap spreads far "
+        "wider than reruns do. 0: no intervals."
     )
     windows: list[Literal["early", "middle", "late"]] = Field(
         default_factory=lambda: ["early"],
