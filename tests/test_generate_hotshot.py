@@ -31,7 +31,7 @@ def _generate(tmp_path, cfg, prompts: list[str]) -> dict[str, np.ndarray]:
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     rows = prepare_rows(cfg)
     gen = VideoGenerator(cfg.model.model_dump(), cfg.generate.model_dump(), str(tmp_path / "out"))
-    out = gen({k: np.array([r[k] if r[k] is not None else "" for r in rows]) for k in COLUMNS})
+    out = gen({k: np.array([r.get(k) if r.get(k) is not None else "" for r in rows]) for k in COLUMNS})
     assert out["status"] == ["generated"] * len(rows), out["error"]
     return {r["prompt"]: read_video(p)[0] for r, p in zip(rows, out["path"], strict=True)}
 

@@ -40,7 +40,7 @@ def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
     """What Ray Data hands a map_batches UDF: one numpy column per key."""
     rows = [{"sample_prompt": r["prompt"], "sample": 0, "name": output_name(r, GenerateConfig(**GEN),
                                                                              ModelConfig(**MODEL)), **r} for r in rows]
-    return {k: np.array([r[k] for r in rows]) for k in COLUMNS}
+    return {k: np.array([r.get(k, "") for r in rows]) for k in COLUMNS}
 
 
 # ---------------------------------------------------------------------------------------- prompts

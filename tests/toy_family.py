@@ -171,6 +171,9 @@ class ToyPipeline:
     def condition(self, row: dict, g, image_fn, generator):
         return None  # unconditional
 
+    def frames(self, cond, indices: list[int]):
+        return cond
+
     def latent_shape(self, g, window: int) -> tuple[int, ...]:
         return (1, window, 3, g.height // SCALE, g.width // SCALE)
 

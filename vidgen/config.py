@@ -380,6 +380,39 @@ class AutoregressiveConfig(Section):
     )
 
 
+class ControlConfig(Section):
+    """ControlNet guidance (generate.controlnet, Hotshot-XL): where each video's control clip comes from and how it
+    steers (vidgen.models.hotshot.control)."""
+
+    source: Literal["clip", "path"] = Field(
+        "clip", description="clip: the prompt row's own clip (an OPV2V scene's camera frames); path: the row's "
+        "\"control\" field (a frame folder or video per JSONL row, relative to the prompt file)."
+    )
+    type: Literal["canny", "none"] = Field(
+        "canny", description="canny: Canny edge maps computed from the clip's key frames (for a Canny ControlNet); "
+        "none: the clip's frames are the control maps already (precomputed depth, pose, segmentation ...)."
+    )
+    scale: float = Field(0.7, ge=0, description="ControlNet conditioning scale (Hotshot-XL's default 0.7; 0: off).")
+    guidance_start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps before the ControlNet acts.")
+    guidance_end: float = Field(1.0, ge=0, le=1, description="Fraction of the steps after which it stops acting.")
+    source_fps: float | None = Field(
+        None, gt=0, description="Frame rate of the control clips (key frames span the video's duration, "
+        "generate.num_frames / generate.fps). Unset: a video's own; frame folders as Hotshot-XL guesses (8 fps up "
+        "to 16 frames, else about 14)."
+    )
+    canny_low: float = Field(100.0, ge=0, description="Canny's lower hysteresis threshold (diffusers' examples).")
+    canny_high: float = Field(200.0, ge=0, description="Canny's upper threshold: stronger gradients start edges.")
+
+    @model_validator(mode="after")
+    def _window(self) -> ControlConfig:
+        if self.guidance_start >= self.guidance_end:
+            raise ValueError(f"generate.control.guidance_start={self.guidance_start} must be below "
+                             f"generate.control.guidance_end={self.guidance_end}")
+        if self.canny_low > self.canny_high:
+            raise ValueError("generate.control.canny_low must not exceed generate.control.canny_high")
+        return self
+
+
 class GenerateConfig(Section):
     prompts: str = Field(
         "",
@@ -422,6 +455,11 @@ class GenerateConfig(Section):
     )
     lora: str | None = Field(None, description="LoRA weights applied to the UNet (vidgen.models.lora.load_lora).")
     lora_scale: float = Field(1.0, description="Scale of generate.lora.")
+    controlnet: str | None = Field(
+        None, description="An SDXL ControlNet (a diffusers directory, local or URI; `tiny`: a random one for tests) "
+        "steering Hotshot-XL frame by frame with the control clip of generate.control."
+    )
+    control: ControlConfig = Field(default_factory=ControlConfig)
     sampler: Literal["base", "fifo", "autoregressive"] = Field(
         "fifo", description="base: one window; fifo: diagonal denoising; autoregressive: clip after clip."
     )

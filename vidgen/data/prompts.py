@@ -80,16 +80,22 @@ def read_jsonl(uri: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{uri}:{n}: not a JSON object ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
-            raise DataError(f"{uri}:{n}: expected an object with an \"image\" URI, got {line[:80]}")
+        control = row.get("control") if isinstance(row, dict) else None
+        if control is not None and (not isinstance(control, str) or not control):
+            raise DataError(f"{uri}:{n}: \"control\" must be a frame folder or video path, got {json.dumps(control)}")
+        if not isinstance(row, dict) or not (isinstance(row.get("image"), str) and row["image"] or control):
+            raise DataError(f"{uri}:{n}: expected an object with an \"image\" URI (or, for ControlNet generation, "
+                            f"a \"control\" clip), got {line[:80]}")
         prompt, seed = row.get("prompt", ""), row.get("seed", n - 1)
         if not isinstance(prompt, str) or isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             field = "prompt" if not isinstance(prompt, str) else "seed"
             want = "a string" if field == "prompt" else "an integer >= 0"
             raise DataError(f"{uri}:{n}: \"{field}\" must be {want}, got {json.dumps(row[field])[:80]}")
-        stem = row["image"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        stem = (row.get("image") or control).rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
         id_ = str(row.get("id") or re.sub(r"[^A-Za-z0-9_.-]+", "_", stem))
-        rows.append(_row(prompt, resolve_relative(row["image"], uri), seed, id_))
+        rows.append(_row(prompt, resolve_relative(row["image"], uri) if row.get("image") else "", seed, id_))
+        if control:
+            rows[-1]["control"] = resolve_relative(control, uri)
     return rows
 
 
@@ -163,7 +169,7 @@ def read_opv2v_scenes(root: str) -> list[dict]:
         prompt = storage.read_text(storage.join(folder, "prompt.txt")).strip()
         rel = folder[len(root.rstrip("/")):].strip("/") or folder.rsplit("/", 1)[-1]
         row = _row(prompt, storage.join(folder, frames[0]), id_=_slug(rel.replace("/", "_"), 80))
-        row["frames"] = folder  # the clip: ControlNet source for Hotshot (later)
+        row["frames"] = folder  # the clip: the control source of ControlNet generation (generate.control.source=clip)
         rows.append(row)
     if not rows:
         raise DataError(f"{root}: no scene folders with prompt.txt and frames")

@@ -90,8 +90,13 @@ def init_queue(base_x0_bfchw: torch.Tensor, levels: torch.Tensor, plan: FifoPlan
 
 def fifo_iterate(denoise: Denoiser, cond: object, queue: torch.Tensor, levels: torch.Tensor, plan: FifoPlan,
                  num_frames: int, generator: torch.Generator | None = None,
-                 reseed: Callable[[torch.Tensor, object], object] | None = None) -> Iterator[torch.Tensor]:
+                 reseed: Callable[[torch.Tensor, object], object] | None = None,
+                 window_cond: Callable[[object, list[int]], object] | None = None) -> Iterator[torch.Tensor]:
     """Yields clean head latents [B, C, h, w], one per iteration, warm-up frames already dropped.
+
+    `window_cond(cond, frames) -> cond`, if given, conditions each denoiser call on the output frames its slots
+    will become (per-frame conditions such as ControlNet maps ride the queue with their latents): slot j at
+    iteration `it` is output frame it - (nf - F) + j - offset (negative: warm-up frames and context slots).
 
     `reseed(head, cond) -> cond`, if given, is called once with the first emitted frame; its result
     conditions every later denoiser call (the fork's seeding from the first generated frame, made an
@@ -107,7 +112,9 @@ def fifo_iterate(denoise: Denoiser, cond: object, queue: torch.Tensor, levels: t
         for start, end, write_from in plan.windows():
             x = queue[:, start:end]
             s = sigma_now[start:end].expand(b, -1)
-            x0 = denoise(x, s, cond)
+            here = cond if window_cond is None else window_cond(
+                cond, [it - warmup + j - plan.offset for j in range(start, end)])
+            x0 = denoise(x, s, here)
             d = (x - x0) / s.view(b, -1, 1, 1, 1)  # Euler step in sigma, per frame
             x_next = x + d * (sigma_next[start:end] - sigma_now[start:end]).view(1, -1, 1, 1, 1)
             k = write_from - start

@@ -71,21 +71,24 @@ def base_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_step
 
 def fifo_sample(denoise, cond, scheduler, shape_bfchw: tuple[int, ...], num_frames: int, plan: FifoPlan,
                 generator: torch.Generator | None = None, progress=None, base: torch.Tensor | None = None,
-                uniform: bool = False, reseed=None) -> torch.Tensor:
+                uniform: bool = False, reseed=None, window_cond=None) -> torch.Tensor:
     """`num_frames` latent frames [B, N, C, h, w] by diagonal denoising over a window of F frames.
 
     The base video uses the same nf-step sigma table as the queue, as the original does. Pass `base`
     (e.g. from a cache) to skip sampling it; `generator` then only draws the queue noise.
-    `uniform` and `reseed` are the FIFO+ options (see `vidgen.diffusion.fifo`).
+    `uniform` and `reseed` are the FIFO+ options, `window_cond` per-frame conditions (see `vidgen.diffusion.fifo`);
+    with `window_cond` the base video is conditioned on output frames 0 .. F-1, whose places it takes in the queue.
     """
     sigmas = sampling_sigmas(scheduler, plan.steps)  # descending, nf + 1
     if base is None:
-        base = base_sample(denoise, cond, scheduler, shape_bfchw, plan.steps, generator=generator)
+        base_cond = cond if window_cond is None else window_cond(cond, list(range(plan.window)))
+        base = base_sample(denoise, base_cond, scheduler, shape_bfchw, plan.steps, generator=generator)
     base = base.to(denoiser_device(denoise))
     levels = sigmas.flip(0)  # ascending: L[0] = 0 ... L[nf] = sigma_max
     queue = init_queue(base, levels, plan, generator=generator, uniform=uniform)
     frames = []
-    for head in fifo_iterate(denoise, cond, queue, levels, plan, num_frames, generator=generator, reseed=reseed):
+    for head in fifo_iterate(denoise, cond, queue, levels, plan, num_frames, generator=generator, reseed=reseed,
+                             window_cond=window_cond):
         frames.append(head)
         if progress:
             progress()

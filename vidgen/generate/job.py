@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["VideoGenerator", "load_prompts", "output_dir", "output_name", "prepare_rows", "run_generation",
            "summarize"]
-COLUMNS = ("id", "name", "image", "prompt", "sample_prompt", "sample", "seed")
+COLUMNS = ("id", "name", "image", "prompt", "sample_prompt", "sample", "seed", "frames", "control")
 
 
 def load_prompts(uri: str) -> list[dict]:
@@ -77,9 +77,18 @@ def prepare_rows(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[dict
     if missing:
         raise ConfigError(f"generate.images: SVD is image-conditioned, and {len(missing)} prompts have no image "
                           f"(first: {missing[0]['prompt'][:60]!r}); set generate.images or use an i2v source")
+    if g.controlnet:
+        field = "frames" if g.control.source == "clip" else "control"
+        bare = [r for r in rows if not r.get(field)]
+        if bare:
+            where = ("an OPV2V scene folder as generate.prompts" if field == "frames"
+                     else "a \"control\" path on each JSONL row")
+            raise ConfigError(f"generate.control.source={g.control.source}: {len(bare)} of {len(rows)} prompts have no "
+                              f"control clip (first: {bare[0]['id']!r}); needs {where}")
     videos = expand_samples(rows, g.samples_per_prompt, g.seed, g.seeds)
     naming = naming_of(g, rows)
     for v in videos:
+        v.setdefault("frames", ""), v.setdefault("control", "")  # control clips: OPV2V scenes, JSONL "control"
         v["name"] = output_name(v, g, cfg.model, naming)
     unique = {v["name"]: v for v in reversed(videos)}  # same name = same video: keep the first
     return [v for v in videos if unique.get(v["name"]) is v]
@@ -159,7 +168,7 @@ class VideoGenerator:
             reseed = (lambda head, cd: self.denoiser.recondition(head, cd, c.seed_frame_weight)) \
                 if c.seed_frame else None
             return fifo_sample(self.denoiser, cond, sched, shape, g.num_frames, plan, queue_gen, base=base,
-                               uniform=g.fifo.uniform_latents, reseed=reseed)
+                               uniform=g.fifo.uniform_latents, reseed=reseed, window_cond=self.pipe.frames)
         if g.sampler == "autoregressive":
             a = g.autoregressive
             if a.overlap >= window:
@@ -184,7 +193,9 @@ class VideoGenerator:
                    "f": plan.window, "n": plan.partitions, "shape": list(shape), "eta": 0.0,
                    "cond": [g.fps, g.motion_bucket_id, g.noise_aug_strength, g.min_guidance_scale,
                             g.max_guidance_scale],
-                   "qcache": [g.consistency.qcache, g.consistency.qcache_weight]}
+                   "qcache": [g.consistency.qcache, g.consistency.qcache_weight],
+                   "control": [g.controlnet, g.control.model_dump(), row.get("frames"), row.get("control")]
+                   if g.controlnet else None}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
         uri = storage.join(self.root, "cache", "base", f"{key}.pt")
         if g.fifo.cache and storage.exists(uri):
@@ -193,7 +204,8 @@ class VideoGenerator:
             except Exception as e:  # truncated or foreign: sample it again and overwrite it
                 log.warning("%s: unreadable FIFO base cache (%s); sampling it again", uri,
                             (str(e).splitlines() or [type(e).__name__])[0])
-        base = base_sample(self.denoiser, cond, self.pipe.scheduler, shape, plan.steps, generator=gen)
+        base = base_sample(self.denoiser, self.pipe.frames(cond, list(range(plan.window))), self.pipe.scheduler, shape,
+                           plan.steps, generator=gen)
         if g.fifo.cache:
             buf = io.BytesIO()
             torch.save(base.cpu(), buf)
@@ -222,7 +234,7 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
     failed, limit = 0, g.max_failed_fraction * len(videos)
     try:
         if todo:
-            items = [{k: (v[k] if v[k] is not None else "") for k in COLUMNS} for v in todo]
+            items = [{k: (v.get(k) if v.get(k) is not None else "") for k in COLUMNS} for v in todo]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             remote_args = {}  # Ray Data's default: restart dead actors and retry their batches forever
             if g.actor_restarts != -1:
@@ -263,7 +275,7 @@ def _manifest_rows(root: str, videos: list[dict], results: dict[str, dict]) -> l
     for v in videos:
         r = results.get(v["name"]) or read_record(root, v["name"])
         if r is None:
-            r = {**{k: v[k] for k in COLUMNS}, "status": "missing", "error": "not generated (job stopped)"}
+            r = {**{k: v.get(k, "") for k in COLUMNS}, "status": "missing", "error": "not generated (job stopped)"}
         rows.append(r)
     return rows
 

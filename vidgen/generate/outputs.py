@@ -55,6 +55,8 @@ def pixel_settings(gen: GenerateConfig) -> dict:
         d.pop("num_inference_steps")
     if gen.sampler != "autoregressive":
         d.pop("autoregressive")
+    if not gen.controlnet:  # absent, so names of uncontrolled videos stay what they were
+        d.pop("controlnet"), d.pop("control")
     return d
 
 
@@ -64,7 +66,8 @@ def output_name(row: dict, gen: GenerateConfig, model: ModelConfig, naming: str 
         return vbench_name(row["prompt"], int(row.get("sample", 0)))
     key = json.dumps({"image": row["image"], "prompt": row.get("sample_prompt", row["prompt"]),
                       "seed": int(row["seed"]), "gen": pixel_settings(gen),
-                      "model": model.model_dump(exclude={"cache_dir"})}, sort_keys=True)
+                      "model": model.model_dump(exclude={"cache_dir"}),
+                      **({"clip": row.get("frames") or row.get("control")} if gen.controlnet else {})}, sort_keys=True)
     # The id comes from the prompt file: safe_stem keeps it one plain file name (no '/', no leading '.').
     return f"{safe_stem(str(row['id']), 120)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.mp4"
 

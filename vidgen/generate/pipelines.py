@@ -21,6 +21,8 @@ def check_family(model: ModelConfig, g: GenerateConfig) -> None:
     """What the driver can refuse before any actor loads a model: the family's own refusals (e.g. a size its
     pretrained weights were not trained at), and settings that need an image-conditioned model."""
     family = registry.spec(model)
+    if g.controlnet and not family.controlnet:
+        raise ConfigError(f"generate.controlnet: model.family={model.family} takes no ControlNet (Hotshot-XL does)")
     family.check_generate(model, g)
     if family.conditioning == "image":
         return

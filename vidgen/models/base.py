@@ -84,6 +84,8 @@ class Pipeline(Protocol):
 
     def latent_shape(self, g: Any, window: int) -> tuple[int, ...]: ...
 
+    def frames(self, cond: Any, indices: list[int]) -> Any: ...  # the condition of a window of output frames
+
 
 class Planner(Protocol):
     """`vidgen plan`'s view of a family: the model on the meta device and one micro-step's encoder and UNet
@@ -116,3 +118,4 @@ class FamilySpec:
     planner: Planner | None = None
     check_generate: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)  # driver-side refusals
     cache_key: Callable[[Any], dict] = field(default=lambda cfg: {})  # extra config fields a latent cache depends on
+    controlnet: bool = False  # its pipeline takes generate.controlnet / generate.control

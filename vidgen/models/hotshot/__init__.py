@@ -22,4 +22,5 @@ FAMILY = FamilySpec(
     planner=HotshotPlanner(),
     check_generate=check_generate,
     cache_key=cache_key,
+    controlnet=True,
 )

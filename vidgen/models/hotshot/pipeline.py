@@ -16,7 +16,7 @@ and what caption dropout trains). video_length 1 runs the spatial layers only, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import safetensors.torch
@@ -27,9 +27,10 @@ from vidgen import storage
 from vidgen.config import GenerateConfig, ModelConfig
 from vidgen.data.clips import resize_cover_crop
 from vidgen.diffusion.objectives import append_dims
-from vidgen.diffusion.samplers import base_sample
+from vidgen.diffusion.samplers import base_sample, sampling_sigmas
 from vidgen.errors import ConfigError
 from vidgen.models.hotshot import model as hotshot
+from vidgen.models.hotshot.control import check_controlnet_dir, control_clip, load_controlnet, step_keep
 from vidgen.models.hotshot.model import Hotshot
 from vidgen.models.hotshot.sdxl import time_ids_for
 from vidgen.models.hotshot.weights import TEMPORAL_FILE, spatial_state_dict
@@ -89,16 +90,36 @@ class HotshotCondition:
     time_ids: torch.Tensor  # [B, 6]
     control: torch.Tensor | None = None  # [B, F, 3, H, W] in [0, 1], one control image per frame
 
+    def frames(self, indices: list[int]) -> HotshotCondition:
+        """The condition of a window of output frames (their control images; indices clamped to the clip): FIFO's
+        control frames travel through the queue with their latents."""
+        if self.control is None:
+            return self
+        n = self.control.shape[1]
+        idx = torch.tensor([min(max(i, 0), n - 1) for i in indices], device=self.control.device)
+        return replace(self, control=self.control[:, idx])
+
 
 class HotshotDenoiser:
+    """x0 estimates of Hotshot-XL for any per-frame sigmas (see the module doc).
+
+    With a ControlNet, each frame's residuals are scaled by `controlnet_scale` inside the guidance window
+    (`control_window`, fractions of the steps, Hotshot's control_guidance_start/end) and by 0 outside it. The step a
+    frame is at is its sigma's place in `control_sigmas`, the sampler's descending table of steps + 1 sigmas (the
+    base sampler's steps, or FIFO's levels, where every frame of a window is at its own step)."""
+
     def __init__(self, model: Hotshot, guidance_scale: float = 1.0, controlnet=None,
-                 controlnet_scale: float = 1.0):
+                 controlnet_scale: float = 1.0, control_window: tuple[float, float] = (0.0, 1.0),
+                 control_sigmas: torch.Tensor | None = None):
         self.model = model
         self.guidance_scale = guidance_scale
         self.controlnet = controlnet
         self.controlnet_scale = controlnet_scale
+        self.control_window = control_window
+        self.control_sigmas = control_sigmas
         self.alphas_cumprod = model.scheduler.alphas_cumprod.float()
         self.calls = 0
+        self.control_calls = 0
 
     @property
     def device(self) -> torch.device:
@@ -128,15 +149,19 @@ class HotshotDenoiser:
         x_vp = (c_in * latents_bfchw).to(unet.dtype)
         t = sigma_to_t(sigma_bf, self.alphas_cumprod).to(latents_bfchw.device)
         embeds, pooled, ids, control = cond.prompt_embeds, cond.pooled, cond.time_ids, cond.control
+        scales = self.control_scales(sigma_bf) if control is not None else None
         guided = self.guidance_scale != 1.0
         if guided:  # unconditional half first: zero text embeddings
             x_vp, t = torch.cat([x_vp, x_vp]), torch.cat([t, t])
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
             ids = torch.cat([ids, ids])
-            control = torch.cat([control, control]) if control is not None else None
+            if control is not None:  # the same control images for both halves (Hotshot's prepare_images)
+                control, scales = torch.cat([control, control]), torch.cat([scales, scales])
         added = {"text_embeds": pooled.to(unet.dtype), "time_ids": ids.to(unet.dtype)}
-        extra = self._control(x_vp, t, embeds, added, control) if control is not None else {}
+        extra = {}
+        if control is not None and bool((scales != 0).any()):  # scale 0 or outside the window: no ControlNet pass
+            extra = self._control(x_vp, t, embeds, added, control, scales)
         out = unet(x_vp.permute(0, 2, 1, 3, 4), t, embeds.to(unet.dtype), added_cond_kwargs=added,
                    return_dict=False, **extra)[0].permute(0, 2, 1, 3, 4).float()
         self.calls += 1
@@ -148,15 +173,32 @@ class HotshotDenoiser:
             return c_in**2 * latents_bfchw - sigma * c_in * out
         return latents_bfchw - sigma * out
 
-    def _control(self, x_vp, t, embeds, added, control) -> dict:
-        """ControlNet residuals, frame by frame (an SDXL ControlNet is a 2-D model), added to the UNet's skips."""
+    def control_scales(self, sigma_bf: torch.Tensor) -> torch.Tensor:
+        """[B, F] ControlNet scale of each frame at its sigma: controlnet_scale inside the guidance window, else 0."""
+        start, end = self.control_window
+        table = self.control_sigmas
+        if (start, end) == (0.0, 1.0):
+            return torch.full_like(sigma_bf, self.controlnet_scale, dtype=torch.float32)
+        if table is None:
+            raise ConfigError("generate.control.guidance_start/end: the denoiser was given no step table")
+        steps = table[:-1].to(sigma_bf.device, torch.float32)  # the last entry is where sampling ends
+        step = (sigma_bf.float()[..., None] - steps).abs().argmin(-1)
+        return self.controlnet_scale * step_keep(step, len(steps), start, end)
+
+    def _control(self, x_vp, t, embeds, added, control, scales) -> dict:
+        """ControlNet residuals, frame by frame (an SDXL ControlNet is a 2-D model), each frame's scaled by its own
+        factor (diffusers scales every residual by conditioning_scale alike), added to the UNet's skips."""
         n, f = x_vp.shape[:2]
+        first = next(self.controlnet.parameters())
+        if (first.device, first.dtype) != (x_vp.device, x_vp.dtype):  # follows the UNet to its device and dtype
+            self.controlnet.to(x_vp.device, x_vp.dtype)
         per_frame = {k: v.repeat_interleave(f, 0) for k, v in added.items()}
         down, mid = self.controlnet(x_vp.flatten(0, 1), t.flatten(), embeds.repeat_interleave(f, 0),
                                     controlnet_cond=control.flatten(0, 1).to(x_vp.dtype),
-                                    conditioning_scale=self.controlnet_scale, added_cond_kwargs=per_frame,
-                                    return_dict=False)
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+                                    conditioning_scale=1.0, added_cond_kwargs=per_frame, return_dict=False)
+        self.control_calls += 1
+        k = scales.flatten().to(x_vp.dtype).view(-1, 1, 1, 1)
+        return {"down_block_additional_residuals": tuple(r * k for r in down), "mid_block_additional_residual": mid * k}
 
 
 @torch.no_grad()
@@ -223,7 +265,20 @@ class HotshotPipeline:
     scheduler: DDIMSigmas
 
     def condition(self, row: dict, g: GenerateConfig, image_fn, generator) -> HotshotCondition:
-        return self.denoiser.condition([row["sample_prompt"] or row["prompt"]], g.height, g.width)
+        maps = None
+        if g.controlnet:  # the row's control clip -> one control map per output frame
+            c = g.control
+            uri = row.get("frames") if c.source == "clip" else row.get("control")
+            if not uri:
+                raise ConfigError(f"prompt {row.get('id')!r}: no control clip (generate.control.source={c.source} "
+                                  f"reads the row's {'clip' if c.source == 'clip' else 'control'} field)")
+            maps = control_clip(uri, g.num_frames, g.height, g.width, g.fps, c.type, c.source_fps, c.canny_low,
+                                c.canny_high)[None]
+        return self.denoiser.condition([row["sample_prompt"] or row["prompt"]], g.height, g.width,
+                                       control_frames=maps)
+
+    def frames(self, cond: HotshotCondition, indices: list[int]) -> HotshotCondition:
+        return cond.frames(indices)
 
     def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
         s = self.model.vae_scale_factor
@@ -231,8 +286,13 @@ class HotshotPipeline:
 
 
 def check_generate(m: ModelConfig, g: GenerateConfig) -> None:
-    """On the driver, before any actor loads a model: a size the pretrained weights were not trained at."""
+    """On the driver, before any actor loads a model: a size the pretrained weights were not trained at, and a
+    ControlNet that is not there or cannot run with the sampler."""
     check_trained_size(g.height, g.width, any_size=m.flavor != "pretrained")
+    if g.controlnet:
+        if g.sampler == "autoregressive":
+            raise ConfigError("generate.controlnet: works with generate.sampler=base or fifo, not autoregressive")
+        check_controlnet_dir(g.controlnet)
 
 
 def build_pipeline(m: ModelConfig, g: GenerateConfig) -> HotshotPipeline:
@@ -245,8 +305,15 @@ def build_pipeline(m: ModelConfig, g: GenerateConfig) -> HotshotPipeline:
     check_size(g.height, g.width, model, allow_any=m.flavor != "pretrained")  # random init: any size
     if g.lora:  # an SDXL LoRA: the spatial layers keep SDXL's module names
         load_sdxl_lora(model, safetensors.torch.load(storage.read_bytes(g.lora)), scale=g.lora_scale)
+    schedule = DDIMSigmas(model.scheduler.config)
+    controlnet = load_controlnet(g.controlnet, model, m.cache_dir) if g.controlnet else None
+    c = g.control
+    # the steps the sampler runs: its own for base, the nf levels of the queue (and its base video) for FIFO
+    steps = g.num_inference_steps if g.sampler == "base" else m.num_frames * g.fifo.partitions
     # Text-to-video: one guidance scale for every frame (max_guidance_scale; SVD ramps min -> max).
-    return HotshotPipeline(model, HotshotDenoiser(model, g.max_guidance_scale), DDIMSigmas(model.scheduler.config))
+    denoiser = HotshotDenoiser(model, g.max_guidance_scale, controlnet, c.scale, (c.guidance_start, c.guidance_end),
+                               sampling_sigmas(schedule, steps))
+    return HotshotPipeline(model, denoiser, schedule)
 
 
 def validation_video(model: Hotshot, prompt: str, validation: dict, num_steps: int,

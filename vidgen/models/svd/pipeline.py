@@ -155,6 +155,9 @@ class SVDPipeline:
         return self.denoiser.condition(image_fn(row["image"]), g.fps, g.motion_bucket_id, g.noise_aug_strength,
                                        generator)
 
+    def frames(self, cond: SVDCondition, indices: list[int]) -> SVDCondition:
+        return cond  # one image conditions every frame
+
     def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
         s = self.model.vae_scale_factor
         return (1, window, self.model.unet.config.out_channels, g.height // s, g.width // s)
