@@ -160,7 +160,11 @@ class HotshotDenoiser:
                 control, scales = torch.cat([control, control]), torch.cat([scales, scales])
         added = {"text_embeds": pooled.to(unet.dtype), "time_ids": ids.to(unet.dtype)}
         extra = {}
-        if control is not None and bool((scales != 0).any()):  # scale 0 or outside the window: no ControlNet pass
+        # No ControlNet pass where it would add nothing: scale 0, or (on the CPU, where reading the scales costs no
+        # device sync) every frame outside the guidance window. On a GPU it runs with zero scales, as Hotshot does.
+        idle = self.controlnet_scale == 0 or (scales is not None and scales.device.type == "cpu"
+                                              and not bool((scales != 0).any()))
+        if control is not None and not idle:
             extra = self._control(x_vp, t, embeds, added, control, scales)
         out = unet(x_vp.permute(0, 2, 1, 3, 4), t, embeds.to(unet.dtype), added_cond_kwargs=added,
                    return_dict=False, **extra)[0].permute(0, 2, 1, 3, 4).float()
