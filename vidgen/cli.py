@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--camera", type=int, default=0, help="OPV2V camera (default: 0)")
     ins.add_argument("--first-header-only", action="store_true",
                      help="read one frame header per folder (faster on object storage; blind to mixed sizes)")
+    ins.add_argument("--decode", action="store_true",
+                     help="also decode every frame as training would, in parallel Ray tasks (finds what headers "
+                          "cannot: a JPEG truncated after its header); slower, reads all the data")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(ins)
     return parser
@@ -378,9 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "data":
             from vidgen.data.inspect import format_report, inspect_source  # lazy: loads PIL, fsspec
 
+            if args.decode:
+                from vidgen.ray_env import init_ray  # lazy: loads fsspec; only --decode starts Ray
+
+                init_ray(config.load_config(None, []))
             report = inspect_source(args.source, args.layout, num_frames=args.num_frames, fps=args.fps,
                                     source_fps=args.source_fps, camera=args.camera,
-                                    all_headers=not args.first_header_only)
+                                    all_headers=not args.first_header_only, decode=args.decode)
             print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
         elif args.command == "demo":
             from vidgen.demo import DemoSizes, run_demo  # lazy: loads fsspec

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vidgen.errors import ConfigError
 from vidgen.sizes import parse_buckets
+
+
+def multiple_of_8(v: int) -> int:
+    """A pixel size the VAE can encode without rounding it down: a multiple of 8, or the nearest ones named."""
+    if v % 8:
+        nearest = " or ".join(str(n) for n in (v - v % 8, v - v % 8 + 8) if n >= 8)
+        raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); nearest: {nearest}")
+    return v
 
 
 class Section(BaseModel):
@@ -114,9 +123,7 @@ class DataConfig(Section):
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
-        return v
+        return multiple_of_8(v)
 
     @field_validator("buckets")
     @classmethod
@@ -488,6 +495,11 @@ class GenerateConfig(Section):
         0.05, ge=0, le=1, description="Stop with an error once more than this fraction of the videos failed."
     )
 
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        return multiple_of_8(v)
+
     @model_validator(mode="after")
     def _consistent(self) -> GenerateConfig:
         if self.seeds and len(self.seeds) < self.samples_per_prompt:
@@ -725,6 +737,33 @@ MAX_CONFIG_BYTES = 1 << 20  # real configs are a few KiB; parsing a huge file wo
 MAX_CONFIG_VALUES = 100_000  # after alias expansion: a "billion laughs" file is small and expands without end
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"duplicate key {key!r} at line {again} (first at line {first})")
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a mapping that holds a key twice is an error (PyYAML keeps the last silently).
+    Keys a merge (`<<: *anchor`) brings in may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -737,7 +776,10 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.again}: duplicate key {e.key!r} (first at line {e.first}); a key may "
+                          "appear once per section") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -808,8 +850,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        node[path[-1]] = _comma_list(path, value)
     return data
+
+
+def _comma_list(path: list[str], value: Any) -> Any:
+    """`key=a,b,c` for a list-typed key is the list [a, b, c] (`key=` the empty list); other values unchanged."""
+    model: Any = VidgenConfig
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return value
+        model = field.annotation
+    if typing.get_origin(model) is not list or not isinstance(value, str | int | float) or isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    return [item.strip() for item in text.split(",")] if text else []
 
 
 def _fix_yaml_floats(node: Any) -> Any:
@@ -852,6 +908,8 @@ def _describe(err: dict[str, Any]) -> str:
         return "expected true or false"
     if kind.startswith("string_"):
         return "expected a string"
+    if kind == "list_type":
+        return "expected a list: key=a,b,c on the command line, [a, b, c] in YAML"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return "expected a section (a mapping of keys)"
     msg = err["msg"]
