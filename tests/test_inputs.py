@@ -96,6 +96,16 @@ def test_empty_sample_folders_are_listed_and_counted_as_no_frames(tmp_path: Path
     report = stream.report()
     assert (report["total"], report["skipped"], report["reasons"]) == (4, 2, {"no frames": 2})
 
+    # frames layout at any depth: a folder whose prompt.txt sits above frame folders is no sample of its own
+    nested = tmp_path / "nested"
+    make_moving_shapes(str(nested / "scene"), num_videos=2, num_frames=4, height=16, width=16, seed=0)
+    (nested / "scene" / "prompt.txt").write_text("the scene")
+    (nested / "other" / "cam0").mkdir(parents=True)
+    d = inspect_source(str(nested), "frames")
+    assert {Path(b["uri"]).relative_to(nested).as_posix(): b["reason"] for b in d["bad"]} == {
+        "other/cam0": "no frames"}
+    assert d["usable"] == 2
+
 
 def test_decode_finds_a_jpeg_truncated_after_its_header(tmp_path: Path):
     root = tmp_path / "data"

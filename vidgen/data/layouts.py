@@ -116,7 +116,8 @@ def _frame_samples(listing: Listing, layout: str, required: bool) -> SampleTable
     """One sample per folder holding images, built from the grouped listing's columns (no URI per frame)."""
     tree = listing.tree
     sidecar = {} if required else read_sidecar(listing)
-    dirs = _sample_dirs(listing)
+    prompted = listing.prompt_dirs(PROMPT_FILE)
+    dirs = _sample_dirs(listing, prompted)
     names = [tree.dirs[d] or listing.rel(tree.dir_uri(d)) or tree.dir_uri(d).rstrip("/").rpartition("/")[2]
              for d in dirs.tolist()]
     order = np.array(natural_order(names), dtype=np.int64)
@@ -142,7 +143,7 @@ def _frame_samples(listing: Listing, layout: str, required: bool) -> SampleTable
         uris = name_column.with_prefix(prefix)  # the same bytes as the names
     prompts, prompt_vocab = encode_codes(_lookup(sidecar, n) for n in names) if sidecar else \
         (np.full(len(names), -1, dtype=np.int32), [])
-    with_prompt = listing.prompt_dirs(PROMPT_FILE)[dirs]
+    with_prompt = prompted[dirs]
     return SampleTable(
         uris=uris, names=name_column,
         frame_offsets=offsets_of(frame_counts), frame_codes=frame_codes, frame_vocab=tree.names,
@@ -152,20 +153,26 @@ def _frame_samples(listing: Listing, layout: str, required: bool) -> SampleTable
                                         **_root_fps(listing)})
 
 
-def _sample_dirs(listing: Listing) -> np.ndarray:
+def _sample_dirs(listing: Listing, prompted: np.ndarray) -> np.ndarray:
     """The folders holding images, and those that should but hold none (the skip report lists them as "no
-    frames"): a folder with only a prompt.txt, or an empty folder as deep as a frame folder."""
+    frames"): a folder with a prompt.txt (`prompted`) and no image, or an empty folder as deep as a frame folder."""
     tree, frame_dirs = listing.tree, listing.frame_dir_ids
     framed = np.zeros(len(tree.dirs), bool)
     framed[frame_dirs] = True
     empty = np.diff(tree.offsets) == 0
-    frameless = listing.prompt_dirs(PROMPT_FILE) & ~framed
+    frameless = prompted & ~framed
     if not frame_dirs.size or not (empty.any() or frameless.any()):
         return frame_dirs
-    depths = {tree.dirs[d].count("/") for d in frame_dirs.tolist() if tree.dirs[d]}
+    depths, parents = set(), {""}  # the root, and a folder holding frame folders, is never a sample of its own
+    for d in frame_dirs.tolist():
+        rel = tree.dirs[d]
+        if rel:
+            depths.add(rel.count("/"))
+        while "/" in rel and (rel := rel.rpartition("/")[0]) not in parents:
+            parents.add(rel)
     for d in np.flatnonzero(empty).tolist():
         frameless[d] = tree.dirs[d].count("/") in depths
-    frameless[[i for i, rel in enumerate(tree.dirs) if not rel]] = False  # the root is never a sample of its own
+    frameless[[d for d in np.flatnonzero(frameless).tolist() if tree.dirs[d] in parents]] = False
     return np.union1d(frame_dirs, np.flatnonzero(frameless))
 
 
