@@ -776,7 +776,7 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
     except _DuplicateKey as e:
         raise ConfigError(f"{path}:{e.again}: duplicate key {e.key!r} (first at line {e.first}); a key may "
                           "appear once per section") from None
