@@ -16,11 +16,12 @@ vidgen trains the LoRA on diffusers' `WanTransformer3DModel` (PEFT adapter "defa
                                                     and a 0-d `.alpha` per module
 
 ComfyUI reads the last one as it is: `comfy/lora.py` (`model_lora_keys_unet`) maps `diffusion_model.<name>` onto its
-native Wan weight `diffusion_model.<name>.weight`, and `comfy/weight_adapter/lora.py` applies
-`alpha / rows(lora_down) * up @ down`, so alpha / r survives exactly. diffusers' loader reads it too
-(`_convert_non_diffusers_wan_lora_to_diffusers`, which folds alpha / r into the two matrices). musubi-tuner's own
-files use the same names flattened (`lora_unet_blocks_0_self_attn_q.lora_down.weight`), and its `convert_lora.py
---target other` writes `diffusion_model.` + `lora_A`/`lora_B` with alpha folded in; `read_comfy` reads all three.
+native Wan weight `diffusion_model.<name>.weight` (`comfy/ldm/wan/model.py` keeps the original names), and
+`comfy/weight_adapter/lora.py` applies `alpha / rows(lora_down) * up @ down`, so alpha / r survives exactly.
+diffusers' loader reads it too (`_convert_non_diffusers_wan_lora_to_diffusers`, which folds alpha / r into the two
+matrices). musubi-tuner's own files use the same names flattened
+(`lora_unet_blocks_0_self_attn_q.lora_down.weight`), and its `convert_lora.py --target other` writes
+`diffusion_model.` + `lora_A`/`lora_B` with alpha folded in; `read_comfy` reads all three.
 
 The module names are the inverse of diffusers' `convert_wan_transformer_to_diffusers`
 (`diffusers/loaders/single_file_utils.py`, its TRANSFORMER_KEYS_RENAME_DICT) over the Linear layers.
