@@ -1,0 +1,1 @@
+"""Wan 2.x: LoRA file formats (the model, recipes and pipeline live beside them)."""
