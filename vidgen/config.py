@@ -43,6 +43,16 @@ class RunConfig(Section):
         "workers on other nodes would write files the driver never sees.",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _portable_name(cls, v: str) -> str:
+        # It names folders under train.storage_path (checkpoints, export), MLflow runs and Ray experiments: ASCII
+        # only (Ray's and MLflow's logs encode names as ASCII on some hosts), never a path outside its parent.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) or ".." in v:
+            raise ValueError("expected 1-100 of the letters A-Z a-z, digits 0-9, '.', '_', '-', starting with a "
+                             "letter or digit, without '..'")
+        return v
+
 
 class TrackingConfig(Section):
     uri: str | None = Field(

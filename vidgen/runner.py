@@ -53,12 +53,18 @@ def check_outputs_shared(cfg: VidgenConfig, job: str) -> None:
     else:
         raise ValueError(job)
     require_shared(cfg, w, needs_gpu)
+    if job == "train":  # checkpoints and the export (under the storage root), data report, validation videos
+        from vidgen.train.preflight import check_writable  # lazy: job modules load PIL, Ray, PyArrow
+
+        for field, uri in w.items():
+            check_writable(field, uri)
 
 
 def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
     from vidgen.data.pipeline import read_config_clips  # lazy: loads PIL, Ray, PyArrow
     from vidgen.train.launch import check
+    from vidgen.train.preflight import check_data
 
     check(cfg)
     check_outputs_shared(cfg, "train")
@@ -70,6 +76,7 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     stream = read_config_clips(cfg, train=True,
                                report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))
     log.info("training on %d samples from %s", stream.num_samples, d.source)
+    check_data(cfg, stream)  # before any worker starts: data provably over data.max_bad_fraction is refused
 
     images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None
     result = _fit(cfg, tracker, progress, stream, images)
