@@ -228,8 +228,8 @@ class LoraConfig(Section):
         "Empty: no further filter.",
     )
     export_merged: bool = Field(
-        False, description="Also export the base UNet with the LoRA merged in (<workdir>/export/unet, usable as "
-        "generate.unet) beside the LoRA itself (<workdir>/export/lora)."
+        False, description="Also export the base UNet with the LoRA merged in (<storage_path>/<run.name>/export/unet, "
+        "usable as generate.unet) beside the LoRA itself (.../export/lora)."
     )
 
 
@@ -315,7 +315,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by resuming (-1: unlimited).")
     storage_path: str | None = Field(
-        None, description="Where Ray Train keeps checkpoints (shared storage on clusters). Unset: <workdir>/train."
+        None, description="Where Ray Train keeps checkpoints, and the run's export beside them, under "
+        "<storage_path>/<run.name>/ (shared storage on clusters). Unset: <workdir>/train."
     )
     deepspeed_config: str | None = Field(
         None, description="A DeepSpeed JSON file merged on top of the generated config (its keys win)."

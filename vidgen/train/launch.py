@@ -2,7 +2,8 @@
 
 `fit(cfg, dataset)` runs `train.num_workers` workers under DeepSpeed ZeRO, resumes from the latest
 checkpoint in `storage_path/<run.name>` when one exists (a rerun with the same name continues where a dead
-run stopped), and exports the trained UNet as a diffusers directory.
+run stopped), and exports the trained UNet as a diffusers directory to `storage_path/<run.name>/export` (per run,
+beside its checkpoints).
 """
 
 from __future__ import annotations
