@@ -130,18 +130,23 @@ def test_train_refuses_data_over_the_limit_before_any_worker_starts(tmp_path):
 # ---- outputs -----------------------------------------------------------------------------------------------------
 
 
-def test_storage_path_that_cannot_be_written_is_refused_naming_the_field(tmp_path):
-    from vidgen.runner import check_outputs_shared
+def test_output_folders_that_cannot_be_written_are_refused_naming_the_field(tmp_path):
+    from vidgen.train.preflight import check_outputs_writable
 
     (tmp_path / "a-file").write_text("x")  # a folder cannot be made under a file, not even by root
-    cfg = train_config(tmp_path, tmp_path, f"train.storage_path={tmp_path / 'a-file' / 'ckpt'}")
-    with pytest.raises(StorageError) as e:
-        check_outputs_shared(cfg, "train")
-    msg = str(e.value)
-    assert msg.startswith(f"train.storage_path={tmp_path / 'a-file' / 'ckpt'}: not writable") and "\n" not in msg
-    cfg = train_config(tmp_path, tmp_path, f"train.storage_path={tmp_path / 'ok'}")
-    check_outputs_shared(cfg, "train")  # writable: created, and the probe leaves nothing
-    assert (tmp_path / "ok").is_dir() and not list((tmp_path / "ok").iterdir())
+    for field, extra in (("train.storage_path", [f"train.storage_path={tmp_path / 'a-file' / 'ckpt'}"]),
+                         ("run.workdir", [f"run.workdir={tmp_path / 'a-file' / 'work'}"])):
+        with pytest.raises(StorageError) as e:
+            check_outputs_writable(train_config(tmp_path, tmp_path, *extra))
+        msg = str(e.value)
+        assert msg.startswith(f"{field}={tmp_path / 'a-file'}/") and ": not writable, expected a folder" in msg
+        assert "\n" not in msg
+    from vidgen.runner import tracker_for
+
+    with pytest.raises(StorageError, match=r"^run.workdir=.*a-file/work: cannot create the folder \(Not a direc"):
+        tracker_for(train_config(tmp_path, tmp_path, f"run.workdir={tmp_path / 'a-file' / 'work'}"))
+    check_outputs_writable(train_config(tmp_path, tmp_path, f"train.storage_path={tmp_path / 'ok'}"))
+    assert not list((tmp_path / "ok").iterdir()) and not list((tmp_path / "work").iterdir())  # made, probes gone
 
 
 def test_each_run_exports_under_its_own_name(tmp_path):

@@ -22,6 +22,15 @@ def check_writable(field: str, uri: str) -> None:
         raise StorageError(f"{field}={uri}: not writable, expected a folder this job can write ({e})") from None
 
 
+def check_outputs_writable(cfg: VidgenConfig) -> None:
+    """Checkpoints and the export (under the storage root), the data report and validation videos (run.workdir)."""
+    from vidgen.train.launch import storage_root  # lazy: launch loads Ray and PyArrow
+
+    check_writable("run.workdir", cfg.run.workdir)
+    if cfg.train.storage_path:  # else <run.workdir>/train
+        check_writable("train.storage_path", storage_root(cfg))
+
+
 def check_data(cfg: VidgenConfig, stream) -> dict:
     """`check_sample` over a `ClipStream` of data.source, drawn with run.seed."""
     d = cfg.data
