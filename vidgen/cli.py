@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(sub, "train", "fine-tune a video diffusion model (Ray Train + DeepSpeed)",
              "Stream clips from data.source with Ray Data into train.num_workers Ray Train workers under "
              "DeepSpeed ZeRO (train.zero_stage), checkpoint to train.storage_path, resume automatically when "
-             "the same run.name is started again, and export the trained UNet to <run.workdir>/export/unet.")
+             "the same run.name is started again, and export the trained UNet beside the checkpoints, to "
+             "<train.storage_path>/<run.name>/export/unet.")
     _add_job(sub, "generate", "generate videos for a prompt file on an actor pool",
              "Fan the rows of generate.prompts out to generate.num_actors actors; each writes "
              "its video atomically under <generate.output>/videos/ (VBench sources: {prompt}-{i}.mp4; else "

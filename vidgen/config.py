@@ -52,6 +52,16 @@ class RunConfig(Section):
         "workers on other nodes would write files the driver never sees.",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _portable_name(cls, v: str) -> str:
+        # It names folders under train.storage_path (checkpoints, export), MLflow runs and Ray experiments: ASCII
+        # only (Ray's and MLflow's logs encode names as ASCII on some hosts), never a path outside its parent.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) or ".." in v:
+            raise ValueError("expected 1-100 of the letters A-Z a-z, digits 0-9, '.', '_', '-', starting with a "
+                             "letter or digit, without '..'")
+        return v
+
 
 class TrackingConfig(Section):
     uri: str | None = Field(
@@ -225,8 +235,8 @@ class LoraConfig(Section):
         "Empty: no further filter.",
     )
     export_merged: bool = Field(
-        False, description="Also export the base UNet with the LoRA merged in (<workdir>/export/unet, usable as "
-        "generate.unet) beside the LoRA itself (<workdir>/export/lora)."
+        False, description="Also export the base UNet with the LoRA merged in (<storage_path>/<run.name>/export/unet, "
+        "usable as generate.unet) beside the LoRA itself (.../export/lora)."
     )
 
 
@@ -312,7 +322,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by resuming (-1: unlimited).")
     storage_path: str | None = Field(
-        None, description="Where Ray Train keeps checkpoints (shared storage on clusters). Unset: <workdir>/train."
+        None, description="Where Ray Train keeps checkpoints, and the run's export beside them, under "
+        "<storage_path>/<run.name>/ (shared storage on clusters). Unset: <workdir>/train."
     )
     deepspeed_config: str | None = Field(
         None, description="A DeepSpeed JSON file merged on top of the generated config (its keys win)."

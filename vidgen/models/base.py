@@ -45,7 +45,7 @@ class Recipe(Protocol):
     ENCODED: ClassVar[tuple[str, ...]]  # what `encode` returns: the latent cache's tensor columns
     OPTIONAL_COLUMNS: ClassVar[tuple[str, ...]]  # row columns `loss` reads when the dataset has them
     TRAIN_SECTIONS: ClassVar[tuple[str, ...]]  # train.* sub-sections the recipe reads (checkpoint compatibility)
-    EXPORT_NAME: ClassVar[str]  # <workdir>/export/<EXPORT_NAME>: what `export` writes
+    EXPORT_NAME: ClassVar[str]  # <storage_path>/<run.name>/export/<EXPORT_NAME>: what `export` writes
     checkpoint_trainable_only: ClassVar[bool]  # True: checkpoints hold the trainable tensors, the rest is rebuilt
     model: Any
 
