@@ -61,7 +61,7 @@ def inspect_source(
     samples = list_samples(source, layout, camera=camera, prompt_template=prompt_template)
     resolved = samples[0].meta.get("layout", layout)  # list_samples never returns an empty table
     failed = decode_failures(samples, workers) if decode else {}
-    infos = _shard_infos(samples) if resolved == "shards" else _header_infos(samples, source_fps, all_headers, workers)
+    infos = shard_infos(samples) if resolved == "shards" else header_infos(samples, source_fps, all_headers, workers)
     # summed as they come: a million samples never become a million dicts
     bad, frames, videos, usable = [], 0, 0, 0
     frame_counts: Counter = Counter()
@@ -149,7 +149,7 @@ FORK_FROM = 20_000
 _FORKED: SampleTable | None = None  # the table, inherited by forked readers
 
 
-def _header_infos(samples: SampleTable, source_fps: float, all_headers: bool, workers: int) -> Iterator[dict]:
+def header_infos(samples: SampleTable, source_fps: float, all_headers: bool, workers: int) -> Iterator[dict]:
     """`_sample_info` of every sample, in order, read by `workers` threads (header reads are I/O), a bounded
     number of samples at a time; on a local tree of FORK_FROM samples or more, in one forked process per core."""
     global _FORKED
@@ -222,7 +222,7 @@ def _header_size(uri: str) -> tuple[int, int]:
         raise BadSample("corrupt image", str(image_error(uri, e))) from e
 
 
-def _shard_infos(samples: SampleTable) -> list[dict]:
+def shard_infos(samples: SampleTable) -> list[dict]:
     """Per packed clip, from each shard's metadata columns (one read per shard, no frames)."""
     import pyarrow.parquet as pq  # lazy: heavy; inspection of other layouts never loads pyarrow
 

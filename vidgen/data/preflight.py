@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 
 from vidgen.data.clips import clip_span, frame_stride
-from vidgen.data.inspect import _header_infos, _shard_infos
+from vidgen.data.inspect import header_infos, shard_infos
 from vidgen.data.listing import SampleTable
 from vidgen.errors import DataError
 
@@ -49,7 +49,7 @@ def check_sample(samples: SampleTable, source: str, limit: float, *, num_frames:
     picked = np.sort(np.random.default_rng([seed % (1 << 64), 0x7E57]).choice(total, n, replace=False))
     subset = samples.take(picked)
     shards = subset[0].meta.get("layout") == "shards"
-    infos = _shard_infos(subset) if shards else _header_infos(subset, source_fps, False, workers)
+    infos = shard_infos(subset) if shards else header_infos(subset, source_fps, False, workers)
     bad = []
     for i, info in enumerate(infos):
         if info.get("bad") is None:
