@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidgen.config import load_config
+from vidgen.config import GenerateConfig, load_config
 from vidgen.data.synth import make_moving_shapes
 from vidgen.data.video import read_video
 from vidgen.diffusion.fifo import FifoPlan
@@ -20,7 +20,7 @@ from vidgen.errors import ConfigError, ModelError
 from vidgen.generate.job import prepare_rows
 from vidgen.models.hotshot import model as hotshot
 from vidgen.models.hotshot.control import canny, control_clip, keyframe_indices, load_controlnet, load_depth_estimator
-from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser
+from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser, HotshotPipeline
 
 H = W = 32
 WINDOW = 4
@@ -197,9 +197,15 @@ def test_depth_control_maps_as_diffusers_examples_steer_deterministically(tmp_pa
 
     again = control_clip(str(clip), WINDOW, H, W, fps=8, kind="depth", depth=load_depth_estimator(path, ""))
     np.testing.assert_array_equal(again, maps)  # deterministic, model loading included
+    # the job's path: the pipeline computes the maps of a row's control clip with its depth model
     plain = HotshotDenoiser(tiny_model, 1.0)
     d = HotshotDenoiser(tiny_model, 1.0, load_controlnet("tiny", tiny_model, "", seed=0), 0.7)
-    steered = _video(d, d.condition(["a road"], H, W, control_frames=maps[None]), steps=1)
+    pipe = HotshotPipeline(tiny_model, d, _schedule(tiny_model), load_depth_estimator(path, ""))
+    g = GenerateConfig(controlnet="tiny", control=dict(type="depth", depth_model=path, source="path"),
+                       num_frames=WINDOW, height=H, width=W, fps=8)
+    cond = pipe.condition({"id": "0", "sample_prompt": "a road", "control": str(clip)}, g, None, None)
+    np.testing.assert_array_equal((cond.control[0] * 255).round().byte().permute(0, 2, 3, 1).numpy(), maps)
+    steered = _video(d, cond, steps=1)
     assert (steered - _video(plain, plain.condition(["a road"], H, W), steps=1)).abs().mean() > 1e-3
 
 
