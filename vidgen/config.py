@@ -406,9 +406,14 @@ class ControlConfig(Section):
         "clip", description="clip: the prompt row's own clip (an OPV2V scene's camera frames); path: the row's "
         "\"control\" field (a frame folder or video per JSONL row, relative to the prompt file)."
     )
-    type: Literal["canny", "none"] = Field(
+    type: Literal["canny", "depth", "none"] = Field(
         "canny", description="canny: Canny edge maps computed from the clip's key frames (for a Canny ControlNet); "
+        "depth: depth maps of the key frames from generate.control.depth_model (for a depth ControlNet); "
         "none: the clip's frames are the control maps already (precomputed depth, pose, segmentation ...)."
+    )
+    depth_model: str | None = Field(
+        None, description="With type=depth: a transformers depth-estimation model directory, local or URI (DPT, "
+        "Depth-Anything: config.json, weights, preprocessor_config.json)."
     )
     scale: float = Field(0.7, ge=0, description="ControlNet conditioning scale (Hotshot-XL's default 0.7; 0: off).")
     guidance_start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps before the ControlNet acts.")
@@ -428,6 +433,9 @@ class ControlConfig(Section):
                              f"generate.control.guidance_end={self.guidance_end}")
         if self.canny_low > self.canny_high:
             raise ValueError("generate.control.canny_low must not exceed generate.control.canny_high")
+        if self.type == "depth" and not self.depth_model:
+            raise ValueError("generate.control.depth_model: required with generate.control.type=depth (a "
+                             "transformers depth-estimation model directory)")
         return self
 
 
