@@ -16,7 +16,7 @@ from vidgen.data.synth import make_moving_shapes
 from vidgen.data.video import read_video
 from vidgen.diffusion.fifo import FifoPlan
 from vidgen.diffusion.samplers import base_sample, fifo_sample, sampling_sigmas
-from vidgen.errors import ConfigError, ModelError
+from vidgen.errors import ConfigError, DataError, ModelError
 from vidgen.generate.job import prepare_rows
 from vidgen.models.hotshot import model as hotshot
 from vidgen.models.hotshot.control import canny, control_clip, keyframe_indices, load_controlnet, load_depth_estimator
@@ -93,6 +93,24 @@ def _maps(tmp_path) -> np.ndarray:
     make_moving_shapes(str(tmp_path / "clip"), 1, 12, 48, 40, seed=3)
     (clip,) = sorted((tmp_path / "clip").iterdir())
     return control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny")
+
+
+def test_a_frame_folder_decodes_only_its_key_frames(tmp_path):
+    """Frames the midpoint rule does not pick are never decoded: a damaged one of them changes nothing, a damaged
+    key frame is named in one line."""
+    make_moving_shapes(str(tmp_path / "clip"), 1, 12, 48, 40, seed=3)
+    (clip,) = sorted((tmp_path / "clip").iterdir())
+    frame_number = lambda p: int("".join(filter(str.isdigit, p.stem)))  # noqa: E731
+    files = sorted((p for p in clip.iterdir() if p.suffix == ".png"), key=frame_number)
+    picked = set(keyframe_indices(len(files), WINDOW, None, 1000.0 * WINDOW / 8))
+    before = control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny")
+    skipped = next(i for i in range(len(files)) if i not in picked)
+    files[skipped].write_bytes(b"not a png")
+    assert np.array_equal(control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny"), before)
+    key = files[min(picked)]
+    key.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=key.name):
+        control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny")
 
 
 def test_control_steers_and_zero_scale_is_exactly_uncontrolled(tmp_path, tiny_model):

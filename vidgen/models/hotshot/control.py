@@ -186,21 +186,43 @@ def load_depth_estimator(path: str, cache_dir: str) -> DepthEstimator:
     return DepthEstimator(processor, model)
 
 
+def _frame_files(uri: str) -> list[str]:
+    files = [f for f in storage.listdir(uri) if is_image_name(f)]
+    files.sort(key=lambda f: natural_key(f.rsplit("/", 1)[-1]))
+    if not files:
+        raise DataError(f"{uri}: no frames in the control clip folder (expected image files)")
+    return files
+
+
+def _stack(uri: str, frames: list[np.ndarray]) -> np.ndarray:
+    if len({f.shape for f in frames}) > 1:
+        raise DataError(f"{uri}: control frames of different sizes")
+    return np.stack(frames)
+
+
 def read_clip(uri: str) -> tuple[np.ndarray, float | None]:
     """Every frame of a control source, uint8 [T, H, W, 3], and its frame rate when it says (videos)."""
     if storage.isdir(uri):
-        files = [f for f in storage.listdir(uri) if is_image_name(f)]
-        files.sort(key=lambda f: natural_key(f.rsplit("/", 1)[-1]))
-        if not files:
-            raise DataError(f"{uri}: no frames in the control clip folder (expected image files)")
-        frames = [decode_image(storage.read_bytes(f), f) for f in files]
-        if len({f.shape for f in frames}) > 1:
-            raise DataError(f"{uri}: control frames of different sizes")
-        return np.stack(frames), None
+        return _stack(uri, [decode_image(storage.read_bytes(f), f) for f in _frame_files(uri)]), None
     if not storage.exists(uri):
         raise DataError(f"{uri}: no such control clip (a frame folder or a video)")
     source: str | bytes = storage.read_bytes(uri) if storage.is_remote(uri) else uri
     return read_video(source)
+
+
+def _key_frames(uri: str, count: int, fps: float, source_fps: float | None) -> np.ndarray:
+    """The clip's key frames [count, H, W, 3]. A frame folder decodes only the frames picked; a video decodes whole
+    (its length and rate come from the decode)."""
+    def pick(n: int, rate: float | None) -> list[int]:
+        return keyframe_indices(n, count, 1000.0 / rate if rate else None, 1000.0 * count / fps)
+
+    if storage.isdir(uri):
+        files = _frame_files(uri)
+        idx = pick(len(files), source_fps)
+        decoded = {i: decode_image(storage.read_bytes(files[i]), files[i]) for i in sorted(set(idx))}
+        return _stack(uri, [decoded[i] for i in idx])
+    frames, own_fps = read_clip(uri)
+    return frames[pick(len(frames), source_fps or own_fps)]
 
 
 def control_clip(uri: str, count: int, height: int, width: int, fps: float, kind: str,
@@ -208,10 +230,7 @@ def control_clip(uri: str, count: int, height: int, width: int, fps: float, kind
                  depth: DepthEstimator | None = None) -> np.ndarray:
     """The control maps of one video: uint8 [count, height, width, 3] from the clip at `uri` (`depth`: the
     estimator for kind `depth`)."""
-    frames, own_fps = read_clip(uri)
-    rate = source_fps or own_fps
-    idx = keyframe_indices(len(frames), count, 1000.0 / rate if rate else None, 1000.0 * count / fps)
-    picked = resize_cover_crop(frames[idx], height, width)
+    picked = resize_cover_crop(_key_frames(uri, count, fps, source_fps), height, width)
     if kind == "canny":
         return canny(picked, low, high)
     if kind == "depth":
