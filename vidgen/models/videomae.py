@@ -38,6 +38,7 @@ from torch import nn
 
 from vidgen import storage
 from vidgen.errors import ConfigError, ModelError, brief
+from vidgen.models.loading import key_report
 
 WEIGHTS_HELP = (
     "vidgen never downloads weights. Get VideoMAE-v2's ViT-g checkpoint fine-tuned on SSv2, "
@@ -210,18 +211,26 @@ def read_checkpoint(path: str | None) -> dict[str, torch.Tensor]:
     return data
 
 
+def check_weights(path: str | None, config: VideoMAEConfig = FULL) -> None:
+    """On the driver, before any actor builds the encoder: a local checkpoint reads (memory-mapped, tensors only)
+    and fits `config` key for key (the model is built on the meta device); a remote one (about 4 GB) exists."""
+    if path and storage.is_remote(path):
+        try:
+            if storage.size(path) > 0:
+                return
+        except Exception as e:
+            raise ModelError(f"eval.videomae_path={path}: cannot read it ({brief(e)}). {WEIGHTS_HELP}") from None
+        raise ModelError(f"eval.videomae_path={path}: an empty file. {WEIGHTS_HELP}")
+    state = read_checkpoint(path)
+    with torch.device("meta"):
+        model = VideoMAEv2(config)
+    check_keys(model, state, path)
+
+
 def check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: str | None) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items()}
-    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-    problems = [f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})"] if missing else []
-    problems += [f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})"] if unexpected else []
-    problems += [f"{len(wrong)} keys with the wrong shape (e.g. {wrong[0]}: file {given[wrong[0]]}, expected "
-                 f"{expected[wrong[0]]})"] if wrong else []
+    problems = key_report({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()})
     if problems:
-        raise ModelError(f"eval.videomae_path={path}: not VideoMAE-v2 ViT-g/14 weights: {'; '.join(problems)}. "
-                         f"{WEIGHTS_HELP}")
+        raise ModelError(f"eval.videomae_path={path}: not VideoMAE-v2 ViT-g/14 weights: {problems}. {WEIGHTS_HELP}")
 
 
 def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
