@@ -121,7 +121,7 @@ def weights_header(path: str, field: str) -> dict[str, tuple[int, ...]]:
             if not 0 < n <= min(MAX_HEADER, total - 8):
                 raise bad(f"{total} bytes, header length {n}" if n >= 0 else f"{total} bytes")
             header = json.loads(f.read(n))
-    except VidgenError:
+    except ModelError:
         raise
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"header is not JSON: {brief(e)}") from None
@@ -206,8 +206,8 @@ def check_model_dir(path: str, field: str, classes: tuple[str, ...], what: str) 
     if not isinstance(config, dict):
         raise ModelError(f"{field}={path}: config.json holds a {type(config).__name__}, expected a JSON object")
     if classes and config.get("_class_name") not in classes:
-        raise ModelError(f"{field}={path}: config.json describes a {config.get('_class_name')!r}; expected {what} "
-                         f"({' or '.join(classes)})")
+        raise ModelError(f"{field}={path}: config.json's _class_name is {config.get('_class_name')!r}; expected "
+                         f"{what} ({' or '.join(classes)})")
     weights = sorted(n for n in found if n.endswith(WEIGHT_SUFFIXES))
     if any(n.endswith(".safetensors") for n in weights):  # diffusers prefers them; .bin files beside are unused
         weights = [n for n in weights if n.endswith(".safetensors")]

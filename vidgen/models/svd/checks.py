@@ -19,10 +19,10 @@ def check_unet(path: str, field: str) -> None:
     """A UNet directory (a `vidgen train` export, or an SVD model's unet/) whose weights fit its config.json key
     for key: the UNet is built from the config on the meta device (no memory), the file's shapes come from its
     header."""
-    from diffusers import UNetSpatioTemporalConditionModel  # lazy: heavy (diffusers)
-
     config, shapes = loading.check_model_dir(path, field, UNET_CLASSES, "an SVD UNet directory (config.json and "
                                              "diffusion_pytorch_model.safetensors, e.g. <run>/export/unet)")
+    from diffusers import UNetSpatioTemporalConditionModel  # lazy: heavy (diffusers); after the cheap checks
+
     try:
         with torch.device("meta"):
             unet = UNetSpatioTemporalConditionModel.from_config(config)
