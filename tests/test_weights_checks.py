@@ -135,3 +135,32 @@ def test_actor_errors_are_told_by_their_cause_and_not_logged_twice():
 
     assert not hide.filter(record(RuntimeError(text + "\nvidgen.errors.ModelError: generate.unet=x: no such dir")))
     assert hide.filter(record(RuntimeError(text)))
+
+
+
+def test_uris_are_checked_like_local_paths():
+    """fsspec URIs (here memory://) go through the same checks, reading the header bytes only."""
+    import fsspec
+    from safetensors.torch import save
+
+    fs, data = fsspec.filesystem("memory"), save({"w": torch.zeros(2, 3)})
+    fs.pipe("/weights-check/unet/config.json", b'{"_class_name": "UNetSpatioTemporalConditionModel"}')
+    fs.pipe("/weights-check/unet/diffusion_pytorch_model.safetensors", data)
+    fs.pipe("/weights-check/cut.safetensors", data[:-3])
+    config, shapes = loading.check_model_dir("memory://weights-check/unet", "generate.unet",
+                                             ("UNetSpatioTemporalConditionModel",), "X")
+    assert shapes == {"w": (2, 3)}
+    refused(lambda: loading.weights_header("memory://weights-check/cut.safetensors", "generate.lora"),
+            "generate.lora=memory://weights-check/cut.safetensors", "the file has 93")
+    refused(lambda: loading.check_model_dir("memory://weights-check/unte", "generate.unet", (), "X"),
+            "generate.unet=memory://weights-check/unte: no such directory")
+
+
+def test_hotshot_temporal_layers_must_be_temporal(tmp_path):
+    from vidgen.models.hotshot.checks import check_temporal
+
+    good, other = tmp_path / "t.safetensors", tmp_path / "lora.safetensors"
+    save_file({"down_blocks.0.temporal_attentions.0.proj_in.weight": torch.zeros(2, 2)}, str(good))
+    save_file({"down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 2)}, str(other))
+    check_temporal(str(good), "model.temporal_layers")
+    refused(lambda: check_temporal(str(other), "generate.unet"), f"generate.unet={other}", "1 of 1 tensors")

@@ -138,7 +138,8 @@ def check_config(cfg: VidgenConfig) -> None:
 
     _need_tracking(cfg)
     real_set(cfg)
-    check_family(cfg.model, cfg.generate)  # the family's refusals and weights (model.path, generate.unet, ...)
+    for _, unet in checkpoints(cfg):  # the family's refusals and weights (model.path, each checkpoint's UNet, ...)
+        check_family(cfg.model, cfg.generate.model_copy(update={"unet": unet}))
     check_weights(cfg)  # the feature network's
 
 
