@@ -27,7 +27,6 @@ Shapes: B clips, T frames (even), D width (1408), N tokens = T/2 * 16 * 16.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -38,7 +37,7 @@ from torch import nn
 
 from vidgen import storage
 from vidgen.errors import ConfigError, ModelError, brief
-from vidgen.models.loading import key_report
+from vidgen.models.loading import key_report, read_state_dict
 
 WEIGHTS_HELP = (
     "vidgen never downloads weights. Get VideoMAE-v2's ViT-g checkpoint fine-tuned on SSv2, "
@@ -193,22 +192,14 @@ def build_videomae(flavor: Literal["tiny", "pretrained"], path: str | None = Non
 
 
 def read_checkpoint(path: str | None) -> dict[str, torch.Tensor]:
-    """The state dict in a VideoMAE-v2 checkpoint file: its 'model' or 'module' entry, or the file itself."""
+    """The state dict in a VideoMAE-v2 checkpoint file: its 'model' or 'module' entry, or the file itself (tensors
+    only, memory-mapped when local)."""
     if not path:
         raise ModelError(f"eval.videomae_flavor=pretrained needs eval.videomae_path (got {path!r}). {WEIGHTS_HELP}")
     try:
-        local = storage.local_path(path)
-        source = local if local is not None else io.BytesIO(storage.read_bytes(path))
-        data = torch.load(source, map_location="cpu", weights_only=True, mmap=local is not None)
-    except Exception as e:
-        raise ModelError(f"eval.videomae_path={path}: not a readable PyTorch checkpoint ({brief(e)}). "
-                         f"{WEIGHTS_HELP}") from None
-    if isinstance(data, dict):
-        data = next((data[k] for k in ("model", "module") if k in data), data)
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ModelError(f"eval.videomae_path={path}: expected a state dict of tensors (under 'model' or 'module'), "
-                         f"got {type(data).__name__}. {WEIGHTS_HELP}")
-    return data
+        return read_state_dict(path, "eval.videomae_path", unwrap=("model", "module"))
+    except ModelError as e:
+        raise ModelError(f"{e}. {WEIGHTS_HELP}") from None
 
 
 def check_weights(path: str | None, config: VideoMAEConfig = FULL) -> None:
