@@ -164,3 +164,19 @@ def test_hotshot_temporal_layers_must_be_temporal(tmp_path):
     save_file({"down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 2)}, str(other))
     check_temporal(str(good), "model.temporal_layers")
     refused(lambda: check_temporal(str(other), "generate.unet"), f"generate.unet={other}", "1 of 1 tensors")
+
+
+def test_cli_reports_an_actors_own_error_in_its_line(monkeypatch, capsys):
+    """What `vidgen eval` gets when an I3D actor dies in its constructor: Ray's ActorDiedError, whose text ends with
+    the actor's vidgen error. The CLI prints that error, exit 2, not "internal error"."""
+    from vidgen import cli
+
+    def dies(args, name):
+        raise RuntimeError("The actor died because of an error raised in its creation task, ray::MapWorker()\n"
+                           "Traceback (most recent call last):\n  File \"x\", line 1\n"
+                           "vidgen.errors.ModelError: eval.i3d_path=/w/i3d.pt: not a PyTorch state dict of tensors")
+
+    monkeypatch.setattr(cli, "_run_job", dies)
+    assert cli.main(["eval"]) == 2
+    assert capsys.readouterr().err == ("vidgen: error: eval.i3d_path=/w/i3d.pt: not a PyTorch state dict of "
+                                       "tensors\n")
