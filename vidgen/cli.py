@@ -27,7 +27,7 @@ import os
 import sys
 
 from vidgen import config
-from vidgen.errors import VidgenError
+from vidgen.errors import VidgenError, raised_remotely
 from vidgen.redact import install_log_filter, redact
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, applied after the file, e.g. "
@@ -277,7 +277,10 @@ def _run_job(args, name: str) -> dict:
 
     cfg = config.load_config(args.config, args.overrides)
     if name == "eval":
+        from vidgen.eval.job import check_weights  # lazy: loads torch
+
         _eval_config(args, cfg)
+        check_weights(cfg)  # I3D / VideoMAE weights open and fit, before Ray starts
     if name == "train":
         from vidgen.train.launch import check  # lazy: loads Ray, PyArrow, PIL
 
@@ -422,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: still one line, with the way to the stack trace
         if debug:
             raise
+        if (original := raised_remotely(e)) is not None:  # a Ray task's or actor's own error, without Ray's wrapper
+            print(f"vidgen: error: {_one_line(original)}", file=sys.stderr)
+            return 2
         print(f"vidgen: internal error: {type(e).__name__}: {_one_line(e)} (a bug in vidgen: rerun with --debug "
               "for the stack trace and report it)", file=sys.stderr)
         return 1

@@ -117,5 +117,8 @@ class FamilySpec:
     validation_video: Callable[[Any, Any, dict, int, torch.Generator], torch.Tensor]
     planner: Planner | None = None
     check_generate: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)  # driver-side refusals
+    # (model config, generate config): every weights path a generation job will load, opened and checked on the
+    # driver before any actor starts (configs and weight headers; vidgen.models.loading)
+    check_weights: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)
     cache_key: Callable[[Any], dict] = field(default=lambda cfg: {})  # extra config fields a latent cache depends on
     controlnet: bool = False  # its pipeline takes generate.controlnet / generate.control

@@ -310,10 +310,15 @@ def check_generate(m: ModelConfig, g: GenerateConfig) -> None:
             check_depth_model_dir(g.control.depth_model)
 
 
+def temporal_layers(m: ModelConfig, g: GenerateConfig | None) -> tuple[str | None, str]:
+    """(the temporal-layer file generation loads, the config field naming it)."""
+    if g is not None and g.unet:  # a `vidgen train` export of hotshot_temporal: its temporal-layer file
+        return (g.unet if g.unet.endswith(".safetensors") else storage.join(g.unet, TEMPORAL_FILE)), "generate.unet"
+    return m.temporal_layers, "model.temporal_layers"
+
+
 def build_pipeline(m: ModelConfig, g: GenerateConfig) -> HotshotPipeline:
-    temporal = m.temporal_layers
-    if g.unet:  # a `vidgen train` export of hotshot_temporal: its temporal-layer file
-        temporal = g.unet if g.unet.endswith(".safetensors") else storage.join(g.unet, TEMPORAL_FILE)
+    temporal = temporal_layers(m, g)[0]
     model = hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, temporal_layers=temporal,
                           spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames,
                           spatial_norm=m.spatial_norm, attention=m.attention)
