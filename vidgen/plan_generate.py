@@ -187,7 +187,8 @@ def plan_generation(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
         gpus.append({"gpu": gpu.name, "memory_gib": round(gpu.memory_bytes / GIB, 1), "actors_per_gpu": share,
                      "fits": share * peak <= gpu.memory_bytes,
                      "headroom_gib": round((gpu.memory_bytes - share * peak) / GIB, 2), "peak_tflops": tflops,
-                     "seconds_per_video": round(seconds, 2), "videos_per_hour_per_actor": round(3600 / seconds, 1)})
+                     "seconds_per_video": float(f"{seconds:.4g}"),
+                     "videos_per_hour_per_actor": float(f"{3600 / seconds:.4g}")})
     return {
         "job": "generate", "family": cfg.model.family, "model_source": mg.source, "dtype": str(dtype).split(".")[-1],
         "sampler": {"name": g.sampler, "window": window, "frames": g.num_frames,
@@ -243,7 +244,7 @@ def format_generation(p: dict) -> str:
     for gpu in p["gpus"]:
         lines.append(f"  {gpu['gpu']:<10} {gpu['memory_gib']:5.0f} GiB  {gpu['actors_per_gpu']:5d}  "
                      f"{'yes' if gpu['fits'] else 'NO ':<4} {gpu['headroom_gib']:8.2f} GiB  "
-                     f"{gpu['seconds_per_video']:12.2f}  {gpu['videos_per_hour_per_actor']:18.1f}")
+                     f"{gpu['seconds_per_video']:12.4g}  {gpu['videos_per_hour_per_actor']:18.4g}")
     a = p["actors"]
     lines.append(f"  {a['num_actors']} actors" + ("" if a["use_gpu"] else " on CPUs (generate.use_gpu=false)"))
     lines.append(f"(planned in {p['elapsed_s']} s, no weights read)")
