@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from profiling import allocated_peak
 
 from vidgen import cli
 from vidgen.config import load_config
@@ -101,7 +102,6 @@ def test_fifo_holds_its_queue_base_video_and_frames_out_during_a_call():
 
 def measured_generation_peak(cfg) -> tuple[int, int]:
     """(weights, peak tensor bytes beyond them) of one tiny video on the CPU: condition, sampling, VAE decode."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     g = cfg.generate
@@ -114,13 +114,7 @@ def measured_generation_peak(cfg) -> tuple[int, int]:
         cond = actor.pipe.condition(row, g, lambda uri: image, torch.Generator())
         latents = actor.sample(row, cond, actor.pipe.latent_shape(g, cfg.model.num_frames), torch.Generator())
         m.decode_video(latents, chunk=cfg.model.num_frames)
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            peak = max(peak, e.extra_fields.total_allocated)
-        stack.extend(e.children)
-    return weights, peak
+    return weights, allocated_peak(prof)
 
 
 def test_memory_within_25_percent_of_a_measured_cpu_generation():
