@@ -19,6 +19,7 @@ from vidgen import cli
 from vidgen.config import load_config
 from vidgen.errors import ConfigError
 from vidgen.generate.job import VideoGenerator
+from vidgen.models import registry
 from vidgen.plan import CUDA_OVERHEAD
 from vidgen.plan_generate import choose_job, format_job, plan_generation, plan_job
 
@@ -82,6 +83,17 @@ def test_unet_evaluations_are_the_calls_the_samplers_make(overrides):
         assert ev["by_stage"] == {"base video": nf, "queue": (g.num_frames + nf - f) * windows}
 
 
+@pytest.mark.parametrize("overrides", [(), ("model.family=hotshot", "generate.controlnet=tiny")])
+def test_weights_are_those_of_the_pipeline_an_actor_builds(overrides):
+    cfg = tiny_cfg(*overrides)
+    pipe = registry.spec(cfg.model).build_pipeline(cfg.model, cfg.generate)
+    real = registry.spec(cfg.model).planner.parts(pipe.model)
+    if getattr(pipe.denoiser, "controlnet", None) is not None:
+        real["controlnet"] = pipe.denoiser.controlnet
+    planned = tiny_plan(*overrides)["memory"]["weights"]
+    assert planned == {k: sum(t.nbytes for t in (*m.parameters(), *m.buffers())) for k, m in real.items()}
+
+
 def test_guidance_doubles_the_denoiser_call():
     one, cfg_ = tiny_plan("generate.max_guidance_scale=1.0"), tiny_plan("generate.max_guidance_scale=3.0")
     assert cfg_["flops"]["per_denoiser_call"] == 2 * one["flops"]["per_denoiser_call"] > 0
@@ -132,6 +144,7 @@ def test_memory_within_25_percent_of_a_measured_cpu_generation():
     (("generate.sampler=base", "generate.num_frames=9"), "generate.num_frames=9: the base sampler makes exactly"),
     (("generate.sampler=autoregressive", "generate.autoregressive.overlap=4"), "generate.autoregressive.overlap=4"),
     (("model.family=hotshot", "generate.sampler=autoregressive"), "needs an image-conditioned model"),
+    (("generate.controlnet=tiny",), "generate.controlnet: model.family=svd takes no ControlNet"),
 ])
 def test_what_the_actors_would_refuse_is_a_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -174,6 +187,9 @@ def test_the_cli_says_which_job_it_planned(capsys):
     out = capsys.readouterr().out
     assert out.startswith("planning generation (--job auto: the config has a generate section and no train section)")
     assert "UNet evaluations per video: 72 (base video 8, queue 64)" in out  # window 4 x 2 partitions, 12 frames
+    assert cli.main(["plan", "--config", str(CONFIGS / "generate_demo.yaml"), "model.num_frames=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vidgen: error: generate.fifo.lookahead=true: needs an even window") and "\n" not in err
     with pytest.raises(SystemExit) as e:
         cli.main(["plan", "--config", str(CONFIGS / "generate_demo.yaml"), "--job", "nope"])
     assert e.value.code == 2

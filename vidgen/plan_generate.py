@@ -62,9 +62,12 @@ def choose_job(cfg: VidgenConfig, job: str = "auto") -> tuple[str, str]:
                                       "the config has no generate section")
 
 
-def check_sampler(cfg: VidgenConfig) -> None:
-    """What the generation actors refuse about the sampler settings, said for the config."""
+def check_generation(cfg: VidgenConfig) -> None:
+    """What the generation driver or its actors refuse about the sampler and ControlNet settings, said for the config
+    (without the family's own checks, which may read generate.controlnet from storage)."""
     g, window = cfg.generate, cfg.model.num_frames
+    if g.controlnet and not registry.spec(cfg.model).controlnet:
+        raise ConfigError(f"generate.controlnet: model.family={cfg.model.family} takes no ControlNet")
     if g.sampler == "fifo" and g.fifo.lookahead and window % 2:
         raise ConfigError(f"generate.fifo.lookahead=true: needs an even window, model.num_frames={window} is odd; "
                           "set generate.fifo.lookahead=false or an even model.num_frames")
@@ -150,7 +153,7 @@ def plan_generation(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
         raise ConfigError(f"--mfu={mfu}: expected a fraction in (0, 1]")
     started = time.perf_counter()
     g, window = cfg.generate, cfg.model.num_frames
-    check_sampler(cfg)
+    check_generation(cfg)
     family = registry.spec(cfg.model)
     if family.planner is None:
         raise ConfigError(f"model.family={cfg.model.family}: its family defines no planner hooks (FamilySpec.planner)")
