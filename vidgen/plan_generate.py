@@ -158,21 +158,22 @@ def plan_generation(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
     if family.planner is None:
         raise ConfigError(f"model.family={cfg.model.family}: its family defines no planner hooks (FamilySpec.planner)")
     mg = family.planner.meta_generation(cfg.model, g)
-    pipe, weights = mg.pipeline, _storage_keys(*mg.modules.values())
+    pipe, weight_keys = mg.pipeline, _storage_keys(*mg.modules.values())
 
-    cond, cond_peak, cond_bytes, cond_flops = _measure(mg.condition, weights)
+    cond, cond_peak, cond_bytes, cond_flops = _measure(mg.condition, weight_keys)
     shape = pipe.latent_shape(g, window)  # [1, F, C, h, w]
     latents = torch.empty(shape, device="meta")
     sigma = torch.ones(shape[:2], device="meta")
     frames = list(range(window))  # FIFO picks each window's per-frame condition (control maps) before its call
-    _, call_peak, _, call_flops = _measure(lambda: pipe.denoiser(latents, sigma, pipe.frames(cond, frames)), weights)
+    _, call_peak, _, call_flops = _measure(lambda: pipe.denoiser(latents, sigma, pipe.frames(cond, frames)),
+                                           weight_keys)
 
     live = _LiveBytes(set(), device="meta")
     counter = CountingDenoiser(live)
     with live, torch.no_grad():
         out, calls = run_sampler(g, shape, counter)
     out_bytes = out.numel() * out.element_size()
-    _, decode_peak, _, decode_flops = _measure(lambda: pipe.model.decode_video(out, chunk=window), weights)
+    _, decode_peak, _, decode_flops = _measure(lambda: pipe.model.decode_video(out, chunk=window), weight_keys)
 
     modules = {k: _nbytes(v) for k, v in mg.modules.items()}
     phases = {"condition": cond_peak, "sampling": cond_bytes + counter.held + call_peak,
@@ -182,7 +183,7 @@ def plan_generation(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
     evaluations = sum(calls.values())
     per_video = cond_flops + evaluations * call_flops + decode_flops
     dtype = next(mg.modules["unet"].parameters()).dtype
-    share = max(1, int(1 / g.gpus_per_actor)) if g.gpus_per_actor < 1 else 1  # actors Ray packs onto one GPU
+    share = max(1, int(1 / g.gpus_per_actor))  # actors Ray packs onto one GPU (gpus_per_actor below 1)
     gpus = []
     for gpu in GPUS:
         tflops = gpu.tf32_tflops if dtype == torch.float32 else gpu.bf16_tflops
