@@ -5,7 +5,7 @@
     vidgen generate --config C [key=value ...]   batch long-video generation
     vidgen eval     --config C [key=value ...]   FVD / KVD of generated against real clips
     vidgen eval fvd --real SRC --fake SRC [--json] [--i3d-weights P] [key=value ...]
-    vidgen plan     --config C [key=value ...]   parameters, FLOPs, memory per GPU at full size (no weights)
+    vidgen plan     --config C [key=value ...]   memory per GPU and time of training or generation (no weights)
     vidgen config show C [key=value ...]         print the resolved config
     vidgen prepare synth OUT                     write a synthetic clip dataset
     vidgen prepare pack SOURCE --out URI         pack clips into parquet shards (resumable)
@@ -83,11 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
              "its video atomically under <generate.output>/videos/ (VBench sources: {prompt}-{i}.mp4; else "
              "<id>-<hash>.mp4) and a row to manifest.jsonl. Finished videos are skipped on a rerun.")
     _add_eval(sub)
-    p = _add_job(sub, "plan", "parameters, FLOPs and peak memory per GPU of a training config, before renting GPUs",
-                 "Build the config's model on the meta device (no weights read, no memory) and report total and "
+    p = _add_job(sub, "plan", "memory per GPU and time of a training or generation config, before renting GPUs",
+                 "Build the config's model on the meta device (no weights read, no memory). Training: total and "
                  "trainable parameters, FLOPs per step (counted), peak memory per GPU for the config's ZeRO "
                  "stage, offload, precision, checkpointing and batch (weights, gradients, optimizer states, "
-                 "activations), whether it fits A100-40GB, A100-80GB and H100-80GB, and the step time at --mfu.")
+                 "activations), whether it fits each GPU kind, and the step time at --mfu. Generation: peak memory "
+                 "per actor at the configured size and sampler, UNet evaluations and time per video.")
+    p.add_argument("--job", choices=("auto", "train", "generate"), default="auto",
+                   help="what to plan (default auto: generation for a config with a generate section and no train "
+                        "section, else training)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step times (default: 0.4)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--decode-fps-per-core", type=float, default=None, metavar="F",
@@ -398,14 +402,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(run_demo(args.workdir, args.overrides, DemoSizes(videos=args.videos)).text())
         elif args.command == "plan":
-            from vidgen.plan import format_plan, plan_config  # lazy: loads torch
+            from vidgen.plan_generate import format_job, plan_job  # lazy: loads torch
 
             path, overrides = args.config, list(args.overrides)
             if path is None and overrides and "=" not in overrides[0]:  # `vidgen plan CONFIG`, as the issue spells it
                 path = overrides.pop(0)
-            out = plan_config(path, overrides, mfu=args.mfu, decode_fps=args.decode_fps_per_core,
-                              probe=args.probe, dataset_clips=args.dataset_clips)
-            print(json.dumps(out) if args.json else format_plan(out))
+            out = plan_job(path, overrides, args.job, mfu=args.mfu, decode_fps=args.decode_fps_per_core,
+                           probe=args.probe, dataset_clips=args.dataset_clips)
+            print(json.dumps(out) if args.json else format_job(out))
         elif args.command == "eval" and eval_fvd:
             with contextlib.redirect_stdout(sys.stderr):  # --json: nothing but the object reaches stdout
                 out = _run_job(args, "eval")

@@ -87,9 +87,20 @@ class Pipeline(Protocol):
     def frames(self, cond: Any, indices: list[int]) -> Any: ...  # the condition of a window of output frames
 
 
+@dataclass
+class MetaGeneration:
+    """A family's generation pipeline with every module on the meta device (`Planner.meta_generation`), for
+    `vidgen plan --job generate`: no weight read, no memory."""
+
+    pipeline: Pipeline  # as the actors build it: its denoiser is what the samplers call
+    modules: dict[str, torch.nn.Module]  # everything an actor holds on its device, by name
+    condition: Callable[[], Any]  # one video's condition from meta inputs (the encoders' pass a video starts with)
+    source: str  # where the shapes came from
+
+
 class Planner(Protocol):
     """`vidgen plan`'s view of a family: the model on the meta device and one micro-step's encoder and UNet
-    passes at full size."""
+    passes at full size (training), or its generation pipeline (`meta_generation`)."""
 
     def meta_builder(self, model_cfg: Any) -> Callable: ...  # a `build` whose `.source` says where shapes came from
 
@@ -100,6 +111,8 @@ class Planner(Protocol):
     def unet_loss(self, unet: torch.nn.Module, enc: dict[str, torch.Tensor], b: int, f: int) -> torch.Tensor: ...
 
     def cache_bytes_per_clip(self, f: int, h: int, w: int) -> int: ...  # a latent-cache row's tensor bytes
+
+    def meta_generation(self, model_cfg: Any, g: Any) -> MetaGeneration: ...  # (model config, generate config)
 
 
 @dataclass(frozen=True)
