@@ -303,6 +303,7 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
     checkpoints.prune(run_dir(cfg), t.keep_checkpoints, incomplete=True)  # Ray's retention sees this fit's only
     if lost:
         raise lost[0]
+    result.checkpoint = result.checkpoint or loop_config["resume_from"]  # a rerun of a finished run: its last one
     if result.checkpoint is None:
         raise JobError(f"training run {cfg.run.name!r} finished without a checkpoint")
     recipe = registry.recipe_class(cfg.model, t.recipe)
