@@ -9,7 +9,10 @@ Workers return metrics and file paths to the driver, which logs them through one
     print(t.ui_command())
 
 One `Tracker` makes one run, ended FINISHED, FAILED when an exception escapes the `with` block, or
-KILLED on Ctrl-C. Every call goes through an `MlflowClient` bound to the tracking URI, never through
+KILLED on Ctrl-C (or SIGTERM, see vidgen.signals). With `run_file` (a training run's, beside its checkpoints) it
+writes the run's id there, and a later start with the same file continues that run, RUNNING again, instead.
+The first use of a sqlite store (its schema created and migrated) happens under a lock file beside it.
+Every call goes through an `MlflowClient` bound to the tracking URI, never through
 mlflow's global state, so two trackers on different stores in one process do not interfere.
 The default store is a sqlite file in the run's workdir (sqlite has one writer: the driver), with
 artifacts beside it in `mlartifacts/`; clusters point `MLFLOW_TRACKING_URI` at an `mlflow server`.
@@ -202,7 +205,7 @@ class Tracker:
             return None
         self._client.update_run(run_id, status="RUNNING")
         self._logged_params = dict(run.data.params)
-        log.warning("continuing MLflow run %s (%s), %s before", run_id, self._run_name, run.info.status)
+        log.info("continuing MLflow run %s (%s), %s before", run_id, self._run_name, run.info.status)
         return run_id
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
