@@ -101,6 +101,7 @@ STORE_USER = """
 import os, sys, time
 import mlflow  # imported before the start line, so that both processes reach the store together
 from vidgen.tracking import Tracker
+open(f"{sys.argv[2]}.ready{os.getpid()}", "w").close()
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.005)
 with Tracker(sys.argv[1], "e", "r") as t:
@@ -116,7 +117,9 @@ def test_two_jobs_starting_on_a_fresh_store_both_succeed(tmp_path):
     uri, go = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", STORE_USER, uri, str(go)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    time.sleep(4)  # both importing mlflow
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready*"))) < 2 and time.monotonic() < deadline:  # both have imported mlflow
+        time.sleep(0.05)
     go.touch()
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
