@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from vidgen import storage
+from vidgen.errors import StorageError
 from vidgen.train.manifest import _PART, MANIFEST
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def inspect(uri: str) -> Found:
             doc = json.loads(storage.read_text(storage.join(uri, name)))
             listed |= doc["files"]
             part, parts = int(doc["part"]), int(doc["parts"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, StorageError) as e:  # StorageError: deleted meanwhile (by Ray)
             return Found(uri, None, f"{name}: unreadable ({type(e).__name__})")
         steps.add(doc.get("meta", {}).get("step"))
         expected |= {(p, parts) for p in range(parts)}
@@ -105,7 +106,11 @@ def prune(run_dir: str, keep: int, incomplete: bool = False) -> list[Found]:
         doomed += [f for f in found if not f.complete]
     for f in doomed:
         log.info("deleting checkpoint %s (%s)", f.uri, f"step {f.step}" if f.complete else f"incomplete: {f.problem}")
-        storage.remove(f.uri, recursive=True)
+        try:
+            storage.remove(f.uri, recursive=True)
+        except StorageError:
+            if storage.exists(f.uri):  # not Ray's own retention deleting it at the same time
+                raise
     return doomed
 
 
