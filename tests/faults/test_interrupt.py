@@ -226,7 +226,7 @@ def test_ctrl_c_in_training_says_where_to_resume_and_keeps_retention_and_the_run
         [sys.executable, "-m", "vidgen.cli", "train", "--config", "jobs/configs/demo.yaml",
          f"data.source={tmp_path / 'data'}", f"run.workdir={work}", "run.name=intr", "train.max_steps=1000",
          "train.checkpoint_every=1", f"train.keep_checkpoints={keep}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:  # until Ray's retention has deleted one
@@ -235,11 +235,11 @@ def test_ctrl_c_in_training_says_where_to_resume_and_keeps_retention_and_the_run
                 break
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
     m = re.fullmatch(r"vidgen: training run 'intr' interrupted by SIGINT at step (\d+); the newest complete "
