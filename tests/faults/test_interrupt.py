@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +241,7 @@ def test_ctrl_c_in_training_says_where_to_resume_and_keeps_retention_and_the_run
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
     m = re.fullmatch(r"vidgen: training run 'intr' interrupted by SIGINT at step (\d+); the newest complete "
