@@ -1,8 +1,9 @@
 """Driver side of training: Ray Train TorchTrainer over the loop, live metrics, export of the weights.
 
-`fit(cfg, dataset)` runs `train.num_workers` workers under DeepSpeed ZeRO, resumes from the latest
-checkpoint in `storage_path/<run.name>` when one exists (a rerun with the same name continues where a dead
-run stopped), and exports the trained UNet as a diffusers directory.
+`fit(cfg, dataset)` runs `train.num_workers` workers under DeepSpeed ZeRO, resumes from the newest complete
+checkpoint in `storage_path/<run.name>` when one exists (a rerun with the same name continues where a dead or
+stopped run stopped: vidgen/train/checkpoints.py), and exports the trained UNet as a diffusers directory. Ctrl-C
+and SIGTERM end it with `signals.Interrupted`, whose message names the checkpoint a rerun resumes from.
 """
 
 from __future__ import annotations
