@@ -190,7 +190,7 @@ def test_a_resume_with_fewer_workers_trains_the_rest_of_the_epoch_exactly_once(r
     checkpoint with one worker: it trains the epoch's other clips first, and over both the epoch is trained exactly
     once."""
     from vidgen.errors import JobError
-    from vidgen.train import loop
+    from vidgen.train import checkpoints, loop
     from vidgen.train.launch import consolidated_state_dict
 
     root = make_tree(tmp_path / "d", 12)
@@ -198,13 +198,12 @@ def test_a_resume_with_fewer_workers_trains_the_rest_of_the_epoch_exactly_once(r
     with pytest.raises((JobError, RuntimeError)):
         _fit(_config(tmp_path, root, "shrink", *opts, "train.max_failures=0"), tmp_path / "two", monkeypatch,
              kill=f"1:3@{tmp_path / 'marker'}")
-    snapshot = json.loads((tmp_path / "train" / "shrink" / "checkpoint_manager_snapshot.json").read_text())
-    resumed_at = snapshot["latest_checkpoint_result"]["metrics"]["step"]  # Ray registers a report shortly after it
+    newest = checkpoints.newest_complete(checkpoints.scan(str(tmp_path / "train" / "shrink")))
+    resumed_at = newest.step  # the newest complete checkpoint on disk (Ray's registry may lag it)
     assert resumed_at >= 1
 
     # The ZeRO-2 shards of 2 workers, loaded by 1 (DeepSpeed's universal checkpoint): the weights as written.
-    written = consolidated_state_dict(str(tmp_path / "train" / "shrink" /
-                                          snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]))
+    written = consolidated_state_dict(newest.uri)
     monkeypatch.setenv(loop.DUMP_ENV, str(tmp_path / "loaded.pt"))
     _fit(_config(tmp_path, root, "shrink", *opts, "train.num_workers=1", f"train.max_steps={resumed_at}"),
          tmp_path / "load-only", monkeypatch)

@@ -27,8 +27,10 @@ import os
 import sys
 
 from vidgen import config
+from vidgen.access import credentials_refused
 from vidgen.errors import VidgenError, raised_remotely
 from vidgen.redact import install_log_filter, redact
+from vidgen.signals import raising
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, applied after the file, e.g. "
                   "train.lr=1e-4 train.zero_stage=3 data.source=s3://bucket/clips")
@@ -296,7 +298,8 @@ def _run_job(args, name: str) -> dict:
     init_ray(cfg)
     check_outputs_shared(cfg, name)  # before the MLflow run: a refused job leaves nothing behind
     fn = {"train": train_job, "generate": generate_job, "eval": eval_job}[name]
-    with tracker_for(cfg) as tracker:
+    # SIGTERM (Kubernetes, `ray job stop`) ends a job as Ctrl-C does, said and its run closed (Ray's would exit 15)
+    with raising(), tracker_for(cfg, job=name) as tracker:
         tracker.log_config(cfg.to_dict())
         tracker.set_tags({"vidgen.job": name})
         out = fn(cfg, tracker)
@@ -423,14 +426,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vidgen: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vidgen: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM too in jobs (vidgen.signals): 128 + the signal's number
+        print(f"vidgen: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:  # a bug, not bad input: still one line, with the way to the stack trace
         if debug:
             raise
         if (original := raised_remotely(e)) is not None:  # a Ray task's or actor's own error, without Ray's wrapper
             print(f"vidgen: error: {_one_line(original)}", file=sys.stderr)
+            return 2
+        if (refused := credentials_refused(e)) is not None:  # a token or password a service did not accept
+            print(f"vidgen: error: {_one_line(refused)}", file=sys.stderr)
             return 2
         print(f"vidgen: internal error: {type(e).__name__}: {_one_line(e)} (a bug in vidgen: rerun with --debug "
               "for the stack trace and report it)", file=sys.stderr)

@@ -24,7 +24,9 @@ from vidgen.tracking import Tracker, resolve_tracking_uri
 log = logging.getLogger(__name__)
 
 
-def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
+def tracker_for(cfg: VidgenConfig, run_name: str | None = None, job: str | None = None) -> Tracker:
+    """The job's MLflow run; a training run's reruns (resuming its checkpoints) continue the run its first start
+    made, named in a file beside the checkpoints."""
     uri = resolve_tracking_uri(cfg.tracking.uri, cfg.run.workdir)
     local = storage.local_path(cfg.run.workdir)
     if local:
@@ -32,7 +34,13 @@ def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
             Path(local).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StorageError(f"run.workdir={cfg.run.workdir}: cannot create the folder ({e.strerror})") from None
-    return Tracker(uri, cfg.tracking.experiment, run_name or cfg.run.name, enabled=cfg.tracking.enabled)
+    run_file = None
+    if job == "train":
+        from vidgen.train.launch import mlflow_run_file  # lazy: loads Ray, PyArrow
+
+        run_file = mlflow_run_file(cfg)
+    return Tracker(uri, cfg.tracking.experiment, run_name or cfg.run.name, enabled=cfg.tracking.enabled,
+                   run_file=run_file)
 
 
 def check_outputs_shared(cfg: VidgenConfig, job: str) -> None:

@@ -9,7 +9,10 @@ Workers return metrics and file paths to the driver, which logs them through one
     print(t.ui_command())
 
 One `Tracker` makes one run, ended FINISHED, FAILED when an exception escapes the `with` block, or
-KILLED on Ctrl-C. Every call goes through an `MlflowClient` bound to the tracking URI, never through
+KILLED on Ctrl-C (or SIGTERM, see vidgen.signals). With `run_file` (a training run's, beside its checkpoints) it
+writes the run's id there, and a later start with the same file continues that run, RUNNING again, instead.
+The first use of a sqlite store (its schema created and migrated) happens under a lock file beside it.
+Every call goes through an `MlflowClient` bound to the tracking URI, never through
 mlflow's global state, so two trackers on different stores in one process do not interfere.
 The default store is a sqlite file in the run's workdir (sqlite has one writer: the driver), with
 artifacts beside it in `mlartifacts/`; clusters point `MLFLOW_TRACKING_URI` at an `mlflow server`.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import io
 import json
 import logging
@@ -40,6 +44,7 @@ from typing import Any, Self
 import yaml
 
 from vidgen import storage
+from vidgen.access import credentials_refused
 from vidgen.errors import ConfigError, StorageError
 from vidgen.redact import redact, redact_obj
 
@@ -131,8 +136,11 @@ def _chunks(items: list, n: int) -> list[list]:
 class Tracker:
     """One MLflow run; every method is a no-op when `enabled` is False (then run_id is None)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, enabled: bool = True):
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, enabled: bool = True,
+                 run_file: str | None = None):
         self._uri, self._experiment, self._run_name, self.enabled = tracking_uri, experiment, run_name, enabled
+        self._run_file = run_file  # a JSON file naming the run to continue (see `_continue`); written when new
+        self._logged_params: dict[str, str] = {}  # a continued run's params: MLflow keeps a param's first value
         self._shown = redact(tracking_uri)  # the URI as messages show it: a password in it is masked
         self._client: Any = None
         self._run_id: str | None = None
@@ -155,18 +163,50 @@ class Tracker:
         from mlflow import MlflowClient  # lazy: seconds to import, paid only by jobs that track
 
         try:
-            if db := _sqlite_file(self._uri):
-                os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)  # sqlite makes files, not dirs
-            self._client = MlflowClient(tracking_uri=self._uri)
-            self._experiment_id = self._ensure_experiment()
-            run = self._client.create_run(self._experiment_id, run_name=self._run_name)
+            with _store_lock(self._uri):  # the first use of a sqlite file creates and migrates its schema
+                self._client = MlflowClient(tracking_uri=self._uri)
+                self._experiment_id = self._ensure_experiment()
+            self._run_id = self._continue()
+            if self._run_id is None:
+                self._run_id = self._client.create_run(self._experiment_id, run_name=self._run_name).info.run_id
+                if self._run_file:
+                    storage.write_json(self._run_file, {"run_id": self._run_id, "experiment_id": self._experiment_id,
+                                                        "tracking_uri": self._shown})
         except Exception as e:  # a wrong URI, a server that is down, a store we may not write
+            if refused := credentials_refused(e):
+                raise refused from e
             raise ConfigError(redact(f"tracking.uri={self._uri!r}: cannot start an MLflow run in experiment "
                                      f"{self._experiment!r}: {e}")) from e
-        self._run_id = run.info.run_id
         log.info("MLflow run %s (%s) in experiment %r at %s", self._run_name, self._run_id, self._experiment,
                  self._shown)
         return self
+
+    def _continue(self) -> str | None:
+        """The run named by `run_file` (written by an earlier start of the same job), set RUNNING again; None when
+        there is none to continue: no file, another store or experiment, a deleted run."""
+        if not self._run_file or not storage.exists(self._run_file):
+            return None
+        try:
+            doc = json.loads(storage.read_text(self._run_file))
+            run_id = str(doc["run_id"])
+            same = doc.get("tracking_uri") == self._shown and doc.get("experiment_id") == self._experiment_id
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("%s: unreadable (%s); starting a new MLflow run", self._run_file, type(e).__name__)
+            return None
+        if not same:
+            return None
+        from mlflow.exceptions import MlflowException  # lazy: MLflow takes seconds to import
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException:  # deleted for good
+            return None
+        if run.info.lifecycle_stage != "active":
+            return None
+        self._client.update_run(run_id, status="RUNNING")
+        self._logged_params = dict(run.data.params)
+        log.info("continuing MLflow run %s (%s), %s before", run_id, self._run_name, run.info.status)
+        return run_id
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -295,6 +335,11 @@ class Tracker:
 
         # A dict: two keys that sanitize alike must not reach one batch twice (MLflow rejects duplicates).
         flat = {_key(k): _param_value(v) for k, v in params.items()}
+        changed = sorted(k for k, v in flat.items() if self._logged_params.get(k, v) != v)
+        if changed:  # a continued run: MLflow refuses to change a param; config.yaml holds the new values
+            log.warning("MLflow run %s keeps its first values of %s (this start's config: config.yaml)",
+                        self._run_id, ", ".join(changed))
+        flat = {k: v for k, v in flat.items() if k not in self._logged_params}
         entries = [Param(k, v) for k, v in flat.items()]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._send("params", lambda c=chunk: self._client.log_batch(self._run_id, params=c))
@@ -363,6 +408,25 @@ class Tracker:
                 return base
             return f"{base}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
         return f"mlflow ui --backend-store-uri {shlex.quote(self._shown)} --port {UI_PORT}"
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """For a sqlite store, an exclusive lock on `<file>.lock` beside it: two jobs started at once on a fresh workdir
+    would otherwise both run MLflow's schema migration, and one fails ("Online migration expected to match one row").
+    """
+    db = _sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)  # sqlite makes files, not dirs
+    fd = os.open(f"{os.path.abspath(db)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: as before, unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when the holder exits, even killed
+        yield
+    finally:
+        os.close(fd)
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,9 +1,10 @@
 """Driver side of training: Ray Train TorchTrainer over the loop, live metrics, export of the weights.
 
-`fit(cfg, dataset)` runs `train.num_workers` workers under DeepSpeed ZeRO, resumes from the latest
-checkpoint in `storage_path/<run.name>` when one exists (a rerun with the same name continues where a dead
-run stopped), and exports the trained UNet as a diffusers directory to `storage_path/<run.name>/export` (per run,
-beside its checkpoints).
+`fit(cfg, dataset)` runs `train.num_workers` workers under DeepSpeed ZeRO, resumes from the newest complete
+checkpoint in `storage_path/<run.name>` when one exists (a rerun with the same name continues where a dead or
+stopped run stopped: vidgen/train/checkpoints.py), and exports the trained UNet as a diffusers directory to
+`storage_path/<run.name>/export` (per run, beside its checkpoints). Ctrl-C and SIGTERM end it with
+`signals.Interrupted`, whose message names the checkpoint a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -33,6 +34,8 @@ from vidgen.data.position import Shares
 from vidgen.errors import ConfigError, DataError, JobError, ModelError, raised_remotely
 from vidgen.models import registry
 from vidgen.ray_env import shared_env, worker_env
+from vidgen.signals import Interrupted, raising
+from vidgen.train import checkpoints
 from vidgen.train.manifest import verify_manifest
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,10 @@ class MetricsSink:
         self.committed = 0
         self.delivered = 0  # the last step drained
         self.data_stop: tuple[int, int] | None = None  # (step, samples skipped): the workers stopped for bad data
+
+    def last_step(self) -> int:
+        """The last step rank 0 reported, committed or not."""
+        return max([self.delivered, *(r["step"] for r in self.pending)])
 
     def put(self, rows: list[dict]) -> None:
         self.pending.extend(rows)
@@ -186,20 +193,24 @@ def checkpoint_uri(cfg: VidgenConfig, checkpoint) -> str:
     return f"{root.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}" if "://" in root else checkpoint.path
 
 
-def check_resume(cfg: VidgenConfig) -> None:
-    """Refuse, before any worker starts, to resume a run whose newest checkpoint was written with another
+def run_dir(cfg: VidgenConfig) -> str:
+    """Where Ray Train keeps the run's checkpoints (and vidgen its MLflow run id: `mlflow_run_file`)."""
+    return storage.join(storage_root(cfg), cfg.run.name)
+
+
+def mlflow_run_file(cfg: VidgenConfig) -> str:
+    """The MLflow run a rerun of this training run continues (vidgen.tracking.Tracker's run_file)."""
+    return storage.join(run_dir(cfg), "vidgen-mlflow-run.json")
+
+
+def check_resume(cfg: VidgenConfig, newest: str | None) -> None:
+    """Refuse, before any worker starts, to resume from the checkpoint `newest` if it was written with another
     model/training config: its manifests (vidgen/train/manifest.py) carry the config hash. The workers check the
     hash again when they load the checkpoint (older checkpoints have no hash in their manifest)."""
     from vidgen.train.loop import config_hash  # lazy: loop imports torch; the driver does not
 
-    run_dir = storage.join(storage_root(cfg), cfg.run.name)
-    if not storage.isdir(run_dir):
+    if newest is None:
         return
-    names = sorted(u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(run_dir))
-    ckpts = [n for n in names if re.match(r"checkpoint_\d", n)]  # Ray's checkpoint_<timestamp> folders
-    if not ckpts:
-        return
-    newest = storage.join(run_dir, ckpts[-1])
     manifests = [u for u in storage.listdir(newest) if u.rstrip("/").rsplit("/", 1)[-1].startswith("vidgen-manifest")]
     try:
         written = json.loads(storage.read_text(manifests[0])).get("meta", {}).get("config_hash") if manifests else None
@@ -225,14 +236,17 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
     from ray.train.torch import TorchTrainer  # lazy: imports torch; the driver does not
 
     check(cfg)
-    check_resume(cfg)
     t = cfg.train
+    # The newest complete checkpoint on disk, whatever Ray's registry says (vidgen/train/checkpoints.py).
+    resume = checkpoints.reset(run_dir(cfg), t.keep_checkpoints)
+    check_resume(cfg, resume.uri if resume else None)
     # On the driver's node: it lives and dies with the driver, never with a worker node (a sink lost with a
     # node would lose every metric and validation video of the run, silently).
     sink = MetricsSink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     loop_config = {"train": t.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.run.seed,
-                   "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg)}
+                   "metrics_sink": sink, "deepspeed_user": user_deepspeed_config(cfg),
+                   "resume_from": ray_checkpoint(cfg, resume.uri) if resume else None}
     if not isinstance(data, ray.data.Dataset):  # Shares: each worker reads its own rows
         if data.num_samples < t.num_workers:
             raise ConfigError(f"train.num_workers={t.num_workers}: more workers than the {data.num_samples} samples "
@@ -287,9 +301,12 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
 
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()
+    stopped: Interrupted | None = None
     try:
-        result = trainer.fit()
+        result = _fit_in_thread(trainer)
         data_stop = ray.get(sink.stopped_for_data.remote())
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: say where the run stands and how to go on
+        stopped = _interrupted(cfg, e, sink)
     except Exception as e:  # Ray wraps worker errors; show the root cause in one line
         raise JobError(f"training run {cfg.run.name!r} failed: {_root_cause(e)}") from e
     finally:
@@ -298,9 +315,13 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
         if not lost:
             drain()
         ray.kill(sink)
+    if stopped is not None:
+        raise stopped
+    checkpoints.prune(run_dir(cfg), t.keep_checkpoints, incomplete=True)  # Ray's retention sees this fit's only
     if lost:
         raise lost[0]
     check_skipped(data, data_stop)
+    result.checkpoint = result.checkpoint or loop_config["resume_from"]  # a rerun of a finished run: its last one
     if result.checkpoint is None:
         raise JobError(f"training run {cfg.run.name!r} finished without a checkpoint")
     recipe = registry.recipe_class(cfg.model, t.recipe)
@@ -326,6 +347,55 @@ def check_skipped(data, data_stop: tuple[int, int] | None) -> None:
     if data_stop:  # the report missed records the workers counted (a report_dir not every node shares)
         raise DataError(f"{where}{data_stop[1]} of the {data.num_samples} samples of {data.source} made no clip, "
                         f"more than data.max_bad_fraction={data.max_bad_fraction} allows")
+
+
+def ray_checkpoint(cfg: VidgenConfig, uri: str) -> ray.train.Checkpoint:
+    """The checkpoint folder `uri` as Ray Train names it (the inverse of `checkpoint_uri`)."""
+    fs = ray_storage(cfg)[1]
+    return ray.train.Checkpoint(storage.filesystem(uri)[1] if fs is not None else uri, filesystem=fs)
+
+
+def _fit_in_thread(trainer):
+    """`trainer.fit()` in a thread, this (main) thread waiting under `signals.raising`: Ctrl-C and SIGTERM reach
+    vidgen, not Ray Train's own SIGINT handler (main thread only), which aborts the run and exits without a word.
+    The workers go with this process (the Ray Train controller is an actor it owns)."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # noqa: B036  # handed to the waiting thread
+            out["error"] = e
+
+    fitter = threading.Thread(target=target, name="vidgen-fit", daemon=True)
+    with raising():
+        fitter.start()
+        while fitter.is_alive():
+            fitter.join(0.5)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def _interrupted(cfg: VidgenConfig, e: KeyboardInterrupt, sink) -> Interrupted:
+    """The one line of a stopped fit. Metrics up to the newest complete checkpoint are committed (the rerun resumes
+    there, so they are not trained again); retention is applied (Ray's lags behind a stopped run)."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    try:
+        step = ray.get(sink.last_step.remote(), timeout=10)
+    except Exception:  # the line is said anyway, without the step
+        step = None
+    checkpoints.prune(run_dir(cfg), cfg.train.keep_checkpoints)  # complete ones only: a worker may still write
+    newest = checkpoints.newest_complete(checkpoints.scan(run_dir(cfg)))
+    if newest is not None:
+        sink.commit.remote(newest.step)
+    at = f" at step {step}" if step else ""
+    kept = (f"the newest complete checkpoint is step {newest.step} at {newest.uri}; rerun the same command to resume"
+            if newest else "no checkpoint was complete yet; rerunning the same command starts at step 0")
+    return Interrupted(signum, f"training run {cfg.run.name!r} interrupted by {signal.Signals(signum).name}{at}; "
+                               f"{kept}")
 
 
 def worker_runtime_env(use_gpu: bool) -> dict[str, str]:

@@ -227,7 +227,7 @@ def train_func(config: dict) -> None:
     my_hash = config_hash(config["model"], config["train"], registry.recipe_class(model_cfg, t.recipe).TRAIN_SECTIONS)
     step, batches_seen, client = 0, 0, {}
     with contextlib.ExitStack() as stack:
-        ckpt = ray.train.get_checkpoint()
+        ckpt = ray.train.get_checkpoint() or config.get("resume_from")  # this fit's newest, else the one on disk
         # DeepSpeed unpickles its files (weights_only=False): the manifest check first is what keeps a truncated or
         # altered file from being loaded.
         ckpt_dir = stack.enter_context(valid_checkpoint(ckpt)) if ckpt else None
