@@ -5,6 +5,7 @@ stream proves it; every run exports under its own name."""
 from __future__ import annotations
 
 import io
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_a_sample_of_a_large_dataset_refuses_it_only_beyond_reasonable_doubt(tmp
     n = 5000
     bad30 = {i for i in range(n) if i % 10 < 3}
     with pytest.raises(DataError) as e:
-        check_sample(_table(tmp_path, n, bad30), "SRC", 0.05, **kw)
+        check_sample(_table(tmp_path, n, bad30), "data.source=SRC", 0.05, **kw)
     msg = str(e.value)
     k = int(msg.removeprefix("data.source=SRC: ").split()[0])
     assert 50 <= k <= 105, msg  # about 30% of 256
@@ -98,19 +99,19 @@ def test_a_sample_of_a_large_dataset_refuses_it_only_beyond_reasonable_doubt(tmp
                           f"data.max_bad_fraction=0.05: corrupt image ({k}); e.g. corrupt image: ")
     assert "bad.jpg" in msg and "\n" not in msg
     # 5% bad under a 5% limit: the sample cannot prove it over, the job goes on (the stream decides)
-    out = check_sample(_table(tmp_path, n, set(range(0, n, 20))), "SRC", 0.05, **kw)
+    out = check_sample(_table(tmp_path, n, set(range(0, n, 20))), "data.source=SRC", 0.05, **kw)
     assert out["sampled"] == 256 and 3 <= out["bad"] <= 25 and out["bound"] <= 0.05
-    assert check_sample(_table(tmp_path, n, bad30), "SRC", 0.5, **kw)["bound"] < 0.5
+    assert check_sample(_table(tmp_path, n, bad30), "data.source=SRC", 0.5, **kw)["bound"] < 0.5
     # of 1000 samples, the bad ones of the sample alone are already more than 5% of them all
     with pytest.raises(DataError, match=r"^data.source=SRC: \d+ of 256 samples read before training are bad, "
                                         r"already more than all 1000 allow at data.max_bad_fraction=0.05: "):
-        check_sample(_table(tmp_path, 1000, {i for i in range(1000) if i % 10 < 3}), "SRC", 0.05, **kw)
+        check_sample(_table(tmp_path, 1000, {i for i in range(1000) if i % 10 < 3}), "data.source=SRC", 0.05, **kw)
 
 
 def test_too_short_samples_count_as_bad(tmp_path):
     with pytest.raises(DataError, match=r"2 of the 2 samples are bad \(100.0%\).*too few frames \(2\); "
                                         r"e.g. too few frames: .*s0000: 2 frames, a clip needs 4"):
-        check_sample(_table(tmp_path, 2, set()), "SRC", 0.0, num_frames=4, fps=None, source_fps=8.0, seed=0)
+        check_sample(_table(tmp_path, 2, set()), "data.source=SRC", 0.0, num_frames=4, fps=None, source_fps=8.0, seed=0)
 
 
 def test_train_refuses_data_over_the_limit_before_any_worker_starts(tmp_path):
@@ -125,6 +126,61 @@ def test_train_refuses_data_over_the_limit_before_any_worker_starts(tmp_path):
     assert "s0001/0.jpg" in str(e.value)
     run_dir = tmp_path / "work" / "train" / cfg.run.name  # Ray Train's run folder: checkpoints and the export
     assert not run_dir.exists() and not (tmp_path / "work" / "export").exists()
+
+
+def _cli_train(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`vidgen train ARGS` in this process, with Ray's start skipped and Ray Train's fit failing the test: every
+    refusal here must come before either."""
+    from vidgen import ray_env
+    from vidgen.cli import main
+    from vidgen.train import launch
+
+    def fit(*a, **k):
+        raise AssertionError("Ray Train started")
+
+    monkeypatch.setattr(ray_env, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(launch, "fit", fit)
+    rc = main(["train", *args])
+    return rc, capsys.readouterr().err
+
+
+def _mlflow_runs(db: Path) -> list[tuple]:
+    """(name, status) of every run in a sqlite MLflow store; none when the store was never made."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT name, status FROM runs").fetchall()
+
+
+def test_cli_train_refuses_data_over_the_limit_before_its_mlflow_run_opens(tmp_path, monkeypatch, capsys):
+    data = frame_folders(tmp_path / "data", 10, bad={1, 4, 7})  # 30% corrupt
+    db = tmp_path / "mlflow.db"
+    rc, err = _cli_train(monkeypatch, capsys, f"run.workdir={tmp_path / 'work'}", "run.name=bad-data",
+                         f"data.source={data}", *TOY, "tracking.enabled=true", f"tracking.uri=sqlite:///{db}",
+                         "data.max_bad_fraction=0.05")
+    assert rc == 2
+    assert err.startswith(f"vidgen: error: data.source={data}: 3 of the 10 samples are bad (30.0%), more than "
+                          "data.max_bad_fraction=0.05: corrupt image (3); e.g. corrupt image: ")
+    assert err.count("\n") == 1
+    assert _mlflow_runs(db) == []  # no FAILED run left behind
+    assert not (tmp_path / "work" / "train").exists()
+
+
+def test_cli_train_checks_model_path_before_ray_train_starts(tmp_path, monkeypatch, capsys):
+    data = frame_folders(tmp_path / "data", 2, bad=set())
+    typo = tmp_path / "stable-video-difusion"
+    db = tmp_path / "mlflow.db"
+    common = [f"run.workdir={tmp_path / 'work'}", "run.name=weights", f"data.source={data}", "model.num_frames=2",
+              "data.height=32", "data.width=32", "model.flavor=pretrained", f"tracking.uri=sqlite:///{db}"]
+    rc, err = _cli_train(monkeypatch, capsys, *common, f"model.path={typo}")
+    assert rc == 2
+    assert err == (f"vidgen: error: model.path={typo}: no such directory; expected a diffusers-format SVD directory "
+                   "(with unet, vae, image_encoder, feature_extractor, scheduler/) (vidgen never downloads weights)\n")
+    (typo / "unet").mkdir(parents=True)  # a folder that is not an SVD model
+    rc, err = _cli_train(monkeypatch, capsys, *common, f"model.path={typo}")
+    assert rc == 2 and err.startswith(f"vidgen: error: model.path={typo}: missing subfolder(s) vae, ")
+    assert err.count("\n") == 1
+    assert _mlflow_runs(db) == []
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -279,7 +280,7 @@ def _eval_text(out: dict) -> str:
 
 def _run_job(args, name: str) -> dict:
     from vidgen.ray_env import init_ray  # lazy: loads fsspec; jobs load only when one runs
-    from vidgen.runner import check_outputs_shared, eval_job, generate_job, tracker_for, train_job
+    from vidgen.runner import check_outputs_shared, eval_job, generate_job, prepare_train, tracker_for, train_job
 
     cfg = config.load_config(args.config, args.overrides)
     if name == "eval":
@@ -298,6 +299,8 @@ def _run_job(args, name: str) -> dict:
     init_ray(cfg)
     check_outputs_shared(cfg, name)  # before the MLflow run: a refused job leaves nothing behind
     fn = {"train": train_job, "generate": generate_job, "eval": eval_job}[name]
+    if name == "train":  # data, outputs and weights too: a refused training job opens no MLflow run
+        fn = functools.partial(train_job, data=prepare_train(cfg))
     # SIGTERM (Kubernetes, `ray job stop`) ends a job as Ctrl-C does, said and its run closed (Ray's would exit 15)
     with raising(), tracker_for(cfg, job=name) as tracker:
         tracker.log_config(cfg.to_dict())

@@ -66,28 +66,41 @@ def check_outputs_shared(cfg: VidgenConfig, job: str) -> None:
     require_shared(cfg, w, needs_gpu)
 
 
-def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
-    """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
+def prepare_train(cfg: VidgenConfig):
+    """Every check `vidgen train` makes before it opens its MLflow run or starts a worker, each refusal one line:
+    settings, output locations, weights paths, and data.source listed and sampled (or the latent cache opened).
+    Returns what `train_job` reads: a ClipStream of data.source, or a CacheStream of data.latents."""
     from vidgen.data.pipeline import read_config_clips  # lazy: loads PIL, Ray, PyArrow
     from vidgen.train.launch import check
-    from vidgen.train.preflight import check_data, check_outputs_writable
+    from vidgen.train.preflight import check_data, check_outputs_writable, check_weights
 
     check(cfg)
     check_outputs_shared(cfg, "train")
     check_outputs_writable(cfg)
+    check_weights(cfg)
     d = cfg.data
     if d.latents:
-        return _train_from_cache(cfg, tracker, progress)
+        from vidgen.train import latents  # lazy: loads PIL
+
+        return latents.CacheStream(cfg, latents.open_cache(cfg))  # refuses a cache of another config, in one line
     if not d.source:
         raise JobError("data.source: required for training (a dataset root path or URI, or data.latents)")
     stream = read_config_clips(cfg, train=True,
                                report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))
     log.info("training on %d samples from %s", stream.num_samples, d.source)
-    check_data(cfg, stream)  # before any worker starts: data provably over data.max_bad_fraction is refused
+    check_data(cfg, stream)  # data provably over data.max_bad_fraction is refused
+    return stream
 
-    images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None
-    result = _fit(cfg, tracker, progress, stream, images)
-    return _train_summary(cfg, tracker, result, stream.check())
+
+def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None, data=None) -> dict:
+    """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives. `data`: what
+    `prepare_train(cfg)` returned (the CLI calls it before opening `tracker`'s run); None: prepared here."""
+    data = prepare_train(cfg) if data is None else data
+    if cfg.data.latents:
+        return _train_from_cache(cfg, tracker, progress, data)
+    images = validation_images(cfg, data.samples) if cfg.train.validation_every else None
+    result = _fit(cfg, tracker, progress, data, images)
+    return _train_summary(cfg, tracker, result, data.check())
 
 
 def _fit(cfg: VidgenConfig, tracker: Tracker, progress, dataset, images):
@@ -106,11 +119,11 @@ def _fit(cfg: VidgenConfig, tracker: Tracker, progress, dataset, images):
     return fit(cfg, dataset, on_metrics=on_metrics, validation_images=images, on_artifacts=on_artifacts)
 
 
-def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
+def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress, cache) -> dict:
     """Training on a latent cache (`vidgen prepare latents`): no decoding, no frozen-encoder forward."""
     from vidgen.train import latents  # lazy: loads PIL
 
-    manifest = latents.open_cache(cfg)  # refuses a cache of another config, in one line
+    manifest = cache.manifest
     t = cfg.train
     log.info("training on %d cached clips from %s", manifest["clips"], cfg.data.latents)
     images = None
@@ -120,7 +133,7 @@ def _train_from_cache(cfg: VidgenConfig, tracker: Tracker, progress) -> dict:
             images = list(t.validation_prompts) or [r["prompt"] or "a video" for r in rows]
         else:
             images = validation_images(cfg, []) if t.validation_images else [r["first_frame"] for r in rows]
-    result = _fit(cfg, tracker, progress, latents.CacheStream(cfg, manifest), images)
+    result = _fit(cfg, tracker, progress, cache, images)
     return _train_summary(cfg, tracker, result, manifest["report"])
 
 

@@ -39,11 +39,14 @@ def wilson_lower(bad: int, n: int, z: float = Z) -> float:
     return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
-def check_sample(samples: SampleTable, source: str, limit: float, *, num_frames: int, fps: float | None,
-                 source_fps: float, seed: int, size: int = SAMPLE_SIZE, workers: int = 8) -> dict:
+def check_sample(samples: SampleTable, where: str, limit: float, *, num_frames: int, fps: float | None,
+                 source_fps: float, seed: int, size: int = SAMPLE_SIZE, workers: int = 8,
+                 job: str = "training") -> dict:
     """Read the headers of `size` samples drawn with `seed`; DataError when they prove more than `limit` of all
     the samples bad (see the module docstring). A sample is bad when its header cannot be read, its prompt is
-    missing, or it has too few frames for one clip of `num_frames` at `fps`. Returns {sampled, bad, bound}."""
+    missing, or it has too few frames for one clip of `num_frames` at `fps`. `where`: the field and its value, as
+    the error begins (`data.source=s3://...`); `job`: what the refusal comes before. Returns {sampled, bad,
+    bound}."""
     total = len(samples)
     n = min(size, total)
     picked = np.sort(np.random.default_rng([seed % (1 << 64), 0x7E57]).choice(total, n, replace=False))
@@ -64,11 +67,11 @@ def check_sample(samples: SampleTable, source: str, limit: float, *, num_frames:
         if n == total:
             verdict = f"{k} of the {total} samples are bad ({k / n:.1%}), more than"
         elif k > limit * total:
-            verdict = f"{k} of {n} samples read before training are bad, already more than all {total} allow at"
+            verdict = f"{k} of {n} samples read before {job} are bad, already more than all {total} allow at"
         else:
-            verdict = (f"{k} of {n} samples read before training are bad ({k / n:.1%}), so at least {bound:.1%} "
+            verdict = (f"{k} of {n} samples read before {job} are bad ({k / n:.1%}), so at least {bound:.1%} "
                        f"of all {total} are (99.95% confidence), more than")
         reasons = ", ".join(f"{r} ({c})" for r, c in Counter(r for r, _ in bad).most_common(3))
         examples = "; ".join(f"{r}: {d}" for r, d in bad[:2]).replace("\n", " ")
-        raise DataError(f"data.source={source}: {verdict} data.max_bad_fraction={limit}: {reasons}; e.g. {examples}")
+        raise DataError(f"{where}: {verdict} data.max_bad_fraction={limit}: {reasons}; e.g. {examples}")
     return {"sampled": n, "bad": k, "bound": bound}

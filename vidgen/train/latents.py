@@ -338,7 +338,7 @@ class CacheStream:
     rows (clips) are visited in an order seeded by (run.seed, epoch, i), and each rank reads its own shards."""
 
     def __init__(self, cfg: VidgenConfig, manifest: dict):
-        self.source = cfg.data.latents
+        self.source, self.manifest = cfg.data.latents, manifest
         shards = [s for s in manifest["shards"] if s["clips"]]
         if not shards:
             raise DataError(f"data.latents={self.source}: the cache holds no clips")

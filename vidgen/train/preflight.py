@@ -1,4 +1,5 @@
-"""What `vidgen train` checks on the driver before any worker starts: every output location takes a file, and the
+"""What `vidgen train` checks on the driver before any worker starts (and before its MLflow run opens): every output
+location takes a file, every weights path the recipe loads opens and fits (the family's `check_weights`), and the
 data is not provably worse than data.max_bad_fraction (vidgen.data.preflight). Each failure is one line."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from vidgen import storage
 from vidgen.config import VidgenConfig
 from vidgen.data.preflight import check_sample
 from vidgen.errors import StorageError
+from vidgen.models import registry
 
 
 def check_writable(field: str, uri: str) -> None:
@@ -31,8 +33,14 @@ def check_outputs_writable(cfg: VidgenConfig) -> None:
         check_writable("train.storage_path", storage_root(cfg))
 
 
-def check_data(cfg: VidgenConfig, stream) -> dict:
+def check_weights(cfg: VidgenConfig) -> None:
+    """model.path and the family's other weights paths, as the recipe's build loads them (config files and weight
+    headers; no generation settings apply)."""
+    registry.spec(cfg.model).check_weights(cfg.model, None)
+
+
+def check_data(cfg: VidgenConfig, stream, job: str = "training") -> dict:
     """`check_sample` over a `ClipStream` of data.source, drawn with run.seed."""
     d = cfg.data
-    return check_sample(stream.samples, d.source, d.max_bad_fraction, num_frames=cfg.model.num_frames, fps=d.fps,
-                        source_fps=d.source_fps, seed=cfg.run.seed)
+    return check_sample(stream.samples, f"data.source={d.source}", d.max_bad_fraction, num_frames=cfg.model.num_frames,
+                        fps=d.fps, source_fps=d.source_fps, seed=cfg.run.seed, job=job)
