@@ -160,6 +160,45 @@ def test_cache_round_trip_and_damaged_files(tmp_path, caplog):
     assert load_cache(uri, key) is None and "unusable real-feature cache" in caplog.text
 
 
+def test_sets_over_the_bad_limit_are_refused_in_one_line_before_any_feature_actor(tmp_path, monkeypatch, capsys):
+    """10 real frame folders of which 3 hold a frame that is not an image (30% > data.max_bad_fraction=0.05), then
+    10 generated videos of which 3 are not videos: `vidgen eval fvd` exits 2 with one line naming the set, and no
+    feature actor starts (Ray is not even started here)."""
+    from vidgen import ray_env
+    from vidgen.eval import job
+
+    def featurize(*a, **k):
+        raise AssertionError("a feature actor stage started")
+
+    monkeypatch.setattr(ray_env, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(job, "featurize", featurize)
+    real, good, bad = tmp_path / "real", tmp_path / "good", tmp_path / "bad"
+    make_moving_shapes(str(real), 10, NUM_FRAMES, 16, 16, seed=1)
+    folders = sorted(p for p in real.iterdir() if p.is_dir())
+    for i in (1, 4, 7):
+        (folders[i] / "0.png").write_bytes(b"not an image")
+    write_video(str(tmp_path / "v.mp4"), moving_shape_clip(np.random.default_rng(0), NUM_FRAMES, 16, 16)[0], fps=8)
+    video = (tmp_path / "v.mp4").read_bytes()
+    for folder, broken in ((good, ()), (bad, (2, 5, 8))):
+        folder.mkdir()
+        for i in range(10):
+            (folder / f"video_{i}.mp4").write_bytes(b"not a video" if i in broken else video)
+    opts = [f"run.workdir={tmp_path / 'work'}", f"eval.cache_dir={tmp_path / 'cache'}", "eval.i3d_flavor=tiny",
+            f"eval.num_frames={NUM_FRAMES}", "tracking.enabled=false", "data.max_bad_fraction=0.05"]
+
+    assert main(["eval", "fvd", "--real", str(real), "--fake", str(good), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vidgen: error: eval.real={real}: 3 of the 10 samples are bad (30.0%), more than "
+                          "data.max_bad_fraction=0.05: corrupt image (3); e.g. corrupt image: ")
+    assert f"{folders[1]}/0.png" in err and err.count("\n") == 1
+
+    assert main(["eval", "fvd", "--real", str(real), "--fake", str(bad), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vidgen: error: eval.generated={bad}: 3 of the 10 samples are bad (30.0%), more than "
+                          "data.max_bad_fraction=0.05: unreadable video (3); e.g. unreadable video: ")
+    assert "video_2.mp4" in err and err.count("\n") == 1
+
+
 def test_eval_help_documents_both_forms(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--help"])

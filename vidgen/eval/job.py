@@ -31,7 +31,9 @@ import numpy as np
 from vidgen import storage
 from vidgen.config import VidgenConfig
 from vidgen.data.layouts import list_samples
+from vidgen.data.listing import SampleTable
 from vidgen.data.pipeline import ClipStream, check_bad_fraction
+from vidgen.data.preflight import check_sample
 from vidgen.errors import DataError
 from vidgen.eval import bootstrap, protocols
 from vidgen.eval.fvd import FeatureStats, kvd, protocol_fvd
@@ -241,6 +243,7 @@ def real_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureS
     if e.cache and (cached := load_cache(uri, key)) is not None:
         log.info("real features of %s: cache hit %s (%d clips)", source, uri, len(cached[0].clip_ids))
         return cached[0], "hit", cached[1]
+    check_set(cfg, f"eval.real={source}" if source == e.real else f"data.source={source}", samples)
     spec = native_spec(e.num_frames, e.fps, d.source_fps, e.clips_per_real_video, cfg.run.seed)
     report_dir = storage.join(cfg.run.workdir, "eval-report", cfg.run.name, "real")
     storage.makedirs(report_dir)
@@ -256,6 +259,15 @@ def real_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureS
     return fs, ("miss" if e.cache else "off"), report["skipped"]
 
 
+def check_set(cfg: VidgenConfig, where: str, samples: SampleTable) -> None:
+    """Before any feature actor starts: a set provably worse than data.max_bad_fraction (the headers of a sample of
+    it, vidgen.data.preflight) is refused in one line beginning with `where` (the field and its value)."""
+    e, d = cfg.eval, cfg.data
+    if len(samples):
+        check_sample(samples, where, d.max_bad_fraction, num_frames=e.num_frames, fps=e.fps, source_fps=d.source_fps,
+                     seed=cfg.run.seed, job="evaluation")
+
+
 def _need_two(fs: FeatureSet, source: str, num_frames: int) -> None:
     if len(fs.clip_ids) < 2:
         raise DataError(f"{source}: {len(fs.clip_ids)} clip(s) of {num_frames} frames; FVD needs at least 2 "
@@ -265,14 +277,14 @@ def _need_two(fs: FeatureSet, source: str, num_frames: int) -> None:
 # ---- generated set --------------------------------------------------------------------------------
 
 
-def generated_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureSet, list[dict], int]:
-    """(features with 'windows' / 'video' columns, per-video metrics, skipped videos) of the generated set."""
+def generated_features(cfg: VidgenConfig, source: str, samples: SampleTable) -> tuple[FeatureSet, list[dict], int]:
+    """(features with 'windows' / 'video' columns, per-video metrics, skipped videos) of the generated set: the
+    `samples` listed under `source`."""
     import ray  # lazy: heavy
 
     from vidgen.eval.features import generated_rows  # lazy: heavy (torch)
 
     e, d = cfg.eval, cfg.data
-    samples = list_samples(source, layout)
     report_dir = storage.join(cfg.run.workdir, "eval-report", cfg.run.name, "generated")
     storage.makedirs(report_dir)
     token = uuid.uuid4().hex
@@ -315,8 +327,11 @@ def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | No
     e = cfg.eval
     real_layout = real_layout or e.real_layout or cfg.data.layout
     generated_layout = generated_layout or e.generated_layout
+    gen_samples = list_samples(generated, generated_layout)  # both sets checked before any feature actor starts
+    check_set(cfg, f"eval.generated={generated}" if generated == e.generated else f"generate.output={generated}",
+              gen_samples)
     real_fs, cache_state, real_skipped = real_features(cfg, real, real_layout)
-    gen_fs, per_video, gen_skipped = generated_features(cfg, generated, generated_layout)
+    gen_fs, per_video, gen_skipped = generated_features(cfg, generated, gen_samples)
 
     proto = protocols.resolve(e)
     fvd_of = partial(protocol_fvd, cov_norm=proto.cov_norm, matrix_sqrt=proto.matrix_sqrt,

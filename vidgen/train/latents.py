@@ -39,6 +39,7 @@ from vidgen.data.worker import BadSample, ClipSpec, sample_clips
 from vidgen.devices import compute_device
 from vidgen.errors import ConfigError, DataError
 from vidgen.models import registry
+from vidgen.train.preflight import check_data
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
         raise ConfigError("data.source: required for prepare latents (the clips to encode)")
     out = cache_uri(cfg)
     stream = read_config_clips(cfg, train=False)
+    check_data(cfg, stream, job="encoding")  # before the encoders load: data provably over the limit is refused
     # with Ray the driver only hashes the weights (the actors encode), so it never takes a GPU
     from vidgen.models.attention import portable  # lazy: torch, imported by the job, not by this module
 
