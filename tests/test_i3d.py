@@ -158,7 +158,8 @@ def test_wrong_weights_are_refused_with_the_path(tmp_path):
     assert str(garbage) in str(err.value)
 
 
-def test_bn_eps_is_selectable_and_weights_have_a_digest(tmp_path):
+def test_bn_eps_is_selectable_and_weights_have_a_digest(tmp_path, monkeypatch):
+    from vidgen import storage
     from vidgen.models.i3d import weights_digest
 
     bns = [m for m in build_i3d("tiny", bn_eps=1e-5).modules() if isinstance(m, torch.nn.BatchNorm3d)]
@@ -171,8 +172,12 @@ def test_bn_eps_is_selectable_and_weights_have_a_digest(tmp_path):
     copy = tmp_path / "renamed.pt"
     copy.write_bytes(path.read_bytes())
     assert digest.startswith("sha256:") and weights_digest("pretrained", str(copy)) == digest
-    torch.save(_full_state(seed=3), copy)
-    assert weights_digest("pretrained", str(copy)) != digest
+    reads, real_open, real_read = [], storage.open, storage.read_bytes
+    monkeypatch.setattr(storage, "open", lambda uri, mode="rb": reads.append(uri) or real_open(uri, mode))
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(uri) or real_read(uri))
+    assert weights_digest("pretrained", str(path)) == digest and reads == []  # an eval asks twice: one read
+    torch.save(_full_state(seed=3), copy)  # changed in place: read again
+    assert weights_digest("pretrained", str(copy)) != digest and reads == [str(copy)]
     assert weights_digest("tiny", seed=1) != weights_digest("tiny", seed=2)
     with pytest.raises(ModelError, match="eval.i3d_path"):
         weights_digest("pretrained", str(tmp_path / "missing.pt"))

@@ -18,7 +18,6 @@ Shapes: B batch, C channels, T frames, H/W pixels.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import io
 import logging
@@ -32,7 +31,7 @@ from torch import nn
 
 from vidgen import storage
 from vidgen.errors import ConfigError, ModelError, brief
-from vidgen.models.loading import key_report, read_state_dict
+from vidgen.models.loading import file_digest, key_report, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -288,16 +287,13 @@ def check_torchscript(path: str | None) -> None:
 
 def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
     """What identifies the weights a `build_i3d` call uses: sha256 of the checkpoint file's bytes for
-    `pretrained` (a renamed or moved copy of the same file keeps its digest), the seed for `tiny`."""
+    `pretrained` (a renamed or moved copy of the same file keeps its digest; read once per process while the file is
+    unchanged: vidgen.models.loading.file_digest), the seed for `tiny`."""
     if flavor == "tiny":
         return f"tiny-width{TINY.width:g}-seed{seed}"
     if not path:
         raise ModelError(f"I3D flavor 'pretrained' needs eval.i3d_path (got {path!r}). {WEIGHTS_HELP}")
-    try:
-        data = _read_bytes(path)
-    except Exception as e:
-        raise ModelError(f"cannot read I3D weights at {path!r} (eval.i3d_path): {brief(e)}. {WEIGHTS_HELP}") from e
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return file_digest(path, "eval.i3d_path", WEIGHTS_HELP)
 
 
 def _read_bytes(path: str) -> bytes:

@@ -7,11 +7,12 @@ Driver-side checks (before any Ray actor loads a model): `check_model_dir` (a di
 of the expected class, weights whose headers read), `weights_header` (a safetensors file's tensor names and shapes,
 from its header alone), `read_state_dict` (a PyTorch file, tensors only, memory-mapped when local) and `key_report`
 (missing, unexpected and wrong-shape keys in one phrase). Each error names the config field, the path and what was
-expected.
+expected. `file_digest`: what identifies a weights file (its sha256), read once per process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -49,6 +50,27 @@ def resolve_model_dir(path: str, cache_dir: str, what: str, subfolders: tuple[st
         why = "not a local directory (hub ids are not fetched)" if looks_like_hub_id else "no such directory"
         raise missing_weights(path, why, what, subfolders)
     return local
+
+
+def file_digest(path: str, field: str, advice: str = "") -> str:
+    """"sha256:<hex>" of the file's bytes, read in 16 MiB chunks and memoised in this process per (path,
+    modification time, size): a job looks its weights id up more than once (a cache key, the logged params), and a
+    4 GB file is read once. Errors name `field` and the path, then `advice`."""
+    try:
+        local = storage.local_path(path)
+        key = (path, os.stat(local).st_mtime_ns if local is not None else None, storage.size(path))
+        if key not in _DIGESTS:
+            digest = hashlib.sha256()
+            with storage.open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            _DIGESTS[key] = "sha256:" + digest.hexdigest()
+    except Exception as e:
+        raise ModelError(f"{field}={path}: cannot read it ({brief(e)}). {advice}".rstrip()) from None
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
 
 
 # -- configs only, for vidgen plan (no weight is read) --

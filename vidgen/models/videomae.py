@@ -26,7 +26,6 @@ Shapes: B clips, T frames (even), D width (1408), N tokens = T/2 * 16 * 16.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -37,7 +36,7 @@ from torch import nn
 
 from vidgen import storage
 from vidgen.errors import ConfigError, ModelError, brief
-from vidgen.models.loading import key_report, read_state_dict
+from vidgen.models.loading import file_digest, key_report, read_state_dict
 
 WEIGHTS_HELP = (
     "vidgen never downloads weights. Get VideoMAE-v2's ViT-g checkpoint fine-tuned on SSv2, "
@@ -226,32 +225,13 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: str | Non
 
 def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
     """What identifies the weights `build_videomae` uses: sha256 of the checkpoint's bytes for `pretrained`
-    (read in chunks: about 4 GB for ViT-g), the width and seed for `tiny`."""
+    (about 4 GB for ViT-g, read once per process while the file is unchanged: vidgen.models.loading.file_digest),
+    the width and seed for `tiny`."""
     if flavor == "tiny":
         return f"videomae-tiny-dim{TINY.dim}-seed{seed}"
     if not path:
         raise ModelError(f"eval.videomae_flavor=pretrained needs eval.videomae_path (got {path!r}). {WEIGHTS_HELP}")
-    try:
-        key = (path, storage.size(path))
-    except Exception as e:
-        raise ModelError(f"eval.videomae_path={path}: cannot read it ({brief(e)}). {WEIGHTS_HELP}") from None
-    if key not in _DIGESTS:
-        _DIGESTS[key] = _sha256(path)
-    return _DIGESTS[key]
-
-
-_DIGESTS: dict[tuple[str, int], str] = {}  # one read of a 4 GB file per process, not one per lookup
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    try:
-        with storage.open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    except Exception as e:
-        raise ModelError(f"eval.videomae_path={path}: cannot read it ({brief(e)}). {WEIGHTS_HELP}") from None
-    return "sha256:" + digest.hexdigest()
+    return file_digest(path, "eval.videomae_path", WEIGHTS_HELP)
 
 
 def num_tokens(num_frames: int, cfg: VideoMAEConfig = FULL) -> int:
