@@ -1,0 +1,228 @@
+"""Wan family on the tiny flavor: the flow-matching objective against DiffSynth-Studio's (restated here), the
+recipes, per-token timesteps, the base sampler against diffusers' WanPipeline, FIFO over latent frames.
+
+Shapes: B batch, F pixel frames, L latent frames, C latent channels, h/w latents, N transformer tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidgen.config import load_config
+from vidgen.errors import ConfigError, ModelError
+from vidgen.models import registry
+from vidgen.models.wan import flow
+from vidgen.models.wan import model as wm
+from vidgen.models.wan.pipeline import FlowSigmas, WanDenoiser, text_to_video
+
+WAN = ["model.family=wan", "model.flavor=tiny", "model.num_frames=5", "data.height=32", "data.width=32"]
+
+
+def recipe(*overrides: str):
+    cfg = load_config(None, [*WAN, *overrides])
+    return registry.build_recipe(cfg.model, cfg.train, cfg.run.seed), cfg
+
+
+def clips(b: int = 2, frames: int = 5, size: int = 32) -> dict:
+    rng = np.random.default_rng(0)
+    return {"frames": torch.from_numpy(rng.integers(0, 256, (b, frames, size, size, 3), dtype=np.uint8)),
+            "fps": torch.full((b,), 8.0), "prompt": [f"clip {i}" for i in range(b)]}
+
+
+# ---------------------------------------------------------------------------------------------- objective
+
+
+class DiffSynthWanTraining:
+    """DiffSynth-Studio's Wan training objective, restated from its source (diffsynth/schedulers/flow_match.py:
+    FlowMatchScheduler(shift=5, sigma_min=0.0, extra_one_step=True), set_timesteps(1000, training=True); the Wan
+    trainer's loss: mse(pred, noise - x0) * training_weight(timestep)), one clip at a time."""
+
+    def __init__(self, shift: float = 5.0, steps: int = 1000):
+        sigmas = torch.linspace(1.0, 0.0, steps + 1)[:-1]  # sigma_max 1, sigma_min 0, extra_one_step
+        self.sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        self.timesteps = self.sigmas * 1000
+        y = torch.exp(-2 * ((self.timesteps - steps / 2) / steps) ** 2)
+        y_shifted = y - y.min()
+        self.weights = y_shifted * (steps / y_shifted.sum())
+
+    def clip_loss(self, transformer, x0_cfhw, noise_cfhw, timestep_id, embeds_sd):
+        timestep = self.timesteps[timestep_id]
+        sigma = self.sigmas[torch.argmin((self.timesteps - timestep).abs())]
+        noisy = (1 - sigma) * x0_cfhw + sigma * noise_cfhw
+        pred = transformer(noisy[None], timestep[None], embeds_sd[None], return_dict=False)[0][0]
+        mse = torch.nn.functional.mse_loss(pred.float(), (noise_cfhw - x0_cfhw).float())
+        return mse * self.weights[torch.argmin((self.timesteps - timestep).abs())]
+
+
+def test_flow_loss_equals_diffsynth_studios_wan_objective_on_a_fixed_batch():
+    r, _ = recipe("train.recipe=wan_full")
+    enc = r.encode(clips())
+    tr = r.unet
+
+    def unet_fn(x, t, encoder_hidden_states):
+        return tr(x, t, encoder_hidden_states, return_dict=False)[0]
+
+    loss, extra = r.loss(enc, unet_fn, torch.Generator().manual_seed(7))
+
+    # the same draws, in DiffSynth's order: the noise, then a timestep index per clip
+    g = torch.Generator().manual_seed(7)
+    x0 = enc["latents"].permute(0, 2, 1, 3, 4)  # [B, C, L, h, w]: DiffSynth's layout
+    noise = torch.randn(enc["latents"].shape, generator=g).permute(0, 2, 1, 3, 4)
+    ids = torch.randint(0, 1000, (2,), generator=g)
+    ref = DiffSynthWanTraining()
+    expected = torch.stack([ref.clip_loss(tr, x0[i], noise[i], ids[i], enc["prompt_embeds"][i]) for i in range(2)])
+    torch.testing.assert_close(loss, expected.mean(), rtol=1e-6, atol=0)
+    assert extra["sigma_mean"] == pytest.approx(ref.sigmas[ids].mean().item())
+    assert ref.weights.sum().item() == pytest.approx(1000, rel=1e-5)
+
+
+def test_flow_options_sample_where_they_say():
+    cfg = load_config(None, ["train.flow.timesteps=uniform", "train.flow.shift=1", "train.flow.weighting=none"])
+    sigma, weight = flow.draw(4000, cfg.train.flow, torch.Generator().manual_seed(0))
+    assert 0 <= sigma.min() and sigma.max() < 1 and sigma.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(weight, torch.ones(4000))
+    cfg = load_config(None, ["train.flow.timesteps=logit_normal", "train.flow.shift=3"])
+    sigma, weight = flow.draw(4000, cfg.train.flow, torch.Generator().manual_seed(0))
+    # the median of sigmoid(N(0, 1)) is 0.5, shifted by 3: 0.75
+    assert sigma.median().item() == pytest.approx(0.75, abs=0.02) and (weight >= 0).all()
+    sigmas, weights = flow.table(5.0)
+    assert sigmas[0] == 1 and sigmas[-1] == pytest.approx(0.005 / 1.004, rel=1e-6)
+    assert sigmas[weights.argmax()] == pytest.approx(0.5, abs=1e-3)  # the bell peaks at timestep 500
+
+
+def test_recipes_train_what_they_say_and_refuse_bad_frame_counts():
+    full, _ = recipe("train.recipe=wan_full")
+    assert all(p.requires_grad for p in full.unet.parameters())
+    assert not any(p.requires_grad for p in [*full.model.vae.parameters(), *full.model.text_encoder.parameters()])
+    lora_r, _ = recipe("train.recipe=wan_lora", "train.lora.rank=2")
+    names = [n for n, p in lora_r.unet.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n and (".attn1." in n or ".attn2." in n) for n in names)
+    assert len(lora_r.targets) == 2 * 2 * 4  # 2 blocks x (self, cross) x (q, k, v, out)
+    with pytest.raises(ConfigError, match="model.num_frames=4: Wan's causal VAE takes 4k \\+ 1 frames"):
+        recipe("train.recipe=wan_full", "model.num_frames=4")
+    with pytest.raises(ModelError, match="/no/such/wan: no such directory.*transformer, vae, text_encoder, tokenizer/"):
+        recipe("train.recipe=wan_lora", "model.flavor=pretrained", "model.path=/no/such/wan")
+
+
+def test_encoding_is_deterministic_and_matches_the_clip_path():
+    r, _ = recipe("train.recipe=wan_lora")
+    batch = clips()
+    enc = r.encode(batch)
+    assert enc["latents"].shape == (2, 2, 16, 4, 4) and enc["prompt_embeds"].shape == (2, 16, 32)
+    assert torch.equal(enc["latents"], r.encode(batch)["latents"])
+    # "clip 0" is 6 bytes + eos: embeddings are zero past the prompt's 7 tokens (WanPipeline's layout)
+    assert enc["prompt_embeds"][0, 7:].abs().sum() == 0 and enc["prompt_embeds"][0, 6].abs().sum() > 0
+
+    def unet_fn(x, t, encoder_hidden_states):
+        return r.unet(x, t, encoder_hidden_states, return_dict=False)[0]
+
+    a = r.loss(batch, unet_fn, torch.Generator().manual_seed(1))[0]
+    b = r.loss({**enc, "fps": batch["fps"]}, unet_fn, torch.Generator().manual_seed(1))[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_lora_and_full_exports_load_back(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from vidgen.models import lora
+
+    r, _ = recipe("train.recipe=wan_lora", "train.lora.rank=2")
+    state = {n: torch.randn_like(p) for n, p in r.unet.named_parameters() if p.requires_grad}
+    r.export(state, tmp_path)
+    fresh = wm.tiny(0).transformer
+    lora.load_lora(fresh, str(tmp_path))
+    got = lora.lora_state_dict(fresh)
+    assert {k: v for k, v in got.items()} .keys() == r.lora_state(state).keys()
+    assert all(torch.equal(got[k], v) for k, v in r.lora_state(state).items())
+
+    full, _ = recipe("train.recipe=wan_full")
+    state = {k: v + 1 for k, v in full.unet.state_dict().items()}
+    full.export(state, tmp_path / "t")
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path / "t").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_per_frame_levels_reach_the_transformer_as_per_token_timesteps():
+    m = wm.tiny(0)
+    den = WanDenoiser(m)
+    cond = den.condition(["a"])
+    x = torch.randn(1, 2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = m.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    out = den(x, torch.tensor([[3.0, 0.5]]), cond)
+    hook.remove()
+    s = torch.tensor([3 / 4, 0.5 / 1.5])
+    assert seen[0].shape == (1, 2 * 2 * 2)  # a timestep per token: L x h/2 x w/2
+    torch.testing.assert_close(seen[0][0], (1000 * s).floor().repeat_interleave(4))
+    # frame by frame, the same as asking the transformer one clip-wide level at a time
+    for i in range(2):
+        x_t = x / (1 + torch.tensor([3.0, 0.5])[i])
+        v = m.transformer(x_t.permute(0, 2, 1, 3, 4), torch.tensor([1000 * s[i]]).floor(), cond.prompt_embeds,
+                          return_dict=False)[0].permute(0, 2, 1, 3, 4)
+        if i == 0:
+            assert not torch.allclose(out[:, 1], (x_t - s[i] * v)[:, 1], atol=1e-4)  # frames attend to each other
+    uniform = den(x, torch.full((1, 2), 3.0), cond)
+    x_t = x / 4
+    v = m.transformer(x_t.permute(0, 2, 1, 3, 4), torch.tensor([750.0]), cond.prompt_embeds,
+                      return_dict=False)[0].permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(uniform, x_t - 0.75 * v, rtol=1e-5, atol=1e-5)
+
+
+def test_base_sampler_equals_diffusers_wan_pipeline():
+    """WanPipeline with UniPC of order 1 and no corrector (= the flow Euler step) over the original Wan sampler's
+    schedule gives the same latents as vidgen's base sampler with the Wan denoiser, guidance included."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers import WanPipeline as DiffusersWan
+
+    from vidgen.diffusion.samplers import base_sample
+
+    class WanSchedule(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **_):
+            super().set_timesteps(sigmas=np.linspace(0.999, 0, num_inference_steps + 1)[:-1], device=device)
+
+    m = wm.tiny(0)
+    steps = 4
+    sched = WanSchedule(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=m.flow_shift,
+                        solver_order=1, disable_corrector=list(range(steps)))
+    pipe = DiffusersWan(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, scheduler=sched,
+                        transformer=m.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 2, 16, 4, 4, generator=torch.Generator().manual_seed(3))  # [B, L, C, h, w]
+    theirs = pipe("a red car", height=32, width=32, num_frames=5, num_inference_steps=steps, guidance_scale=5.0,
+                  latents=noise.permute(0, 2, 1, 3, 4).clone(), max_sequence_length=m.text_length,
+                  output_type="latent").frames.permute(0, 2, 1, 3, 4)
+    den = WanDenoiser(m, 5.0)
+    ours = base_sample(den, den.condition(["a red car"]), FlowSigmas(m.flow_shift), noise.shape, steps,
+                       latents=noise)
+    assert den.calls == steps
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    video = text_to_video(m, ["a red car"], num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
+
+
+def test_fifo_over_latent_frames_call_count_and_levels():
+    """FIFO over tiny Wan: the transformer runs as often as the algorithm says, and each latent frame passes every
+    level of the schedule (its per-token timesteps) on its way through the queue."""
+    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.diffusion.samplers import fifo_sample, sampling_sigmas
+
+    m = wm.tiny(0)
+    plan = FifoPlan(2, 2, lookahead=True)
+    den = WanDenoiser(m)
+    seen = []
+    hook = m.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[1][0, ::4].clone()))
+    n_out = 4
+    out = fifo_sample(den, den.condition(["a"]), FlowSigmas(m.flow_shift), (1, 2, 16, 4, 4), n_out, plan,
+                      generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert out.shape == (1, n_out, 16, 4, 4) and torch.isfinite(out).all()
+    assert den.calls == len(seen) == plan.steps + plan.iterations(n_out) * len(plan.windows())
+    sig = sampling_sigmas(FlowSigmas(m.flow_shift), plan.steps)[:-1].double()
+    levels = sorted(set((1000 * sig / (1 + sig) + 1e-4).floor().tolist()))
+    queue_levels = sorted({v for t in seen[plan.steps:] for v in t.tolist()})
+    assert queue_levels == levels  # the diagonal visits every level of the nf-step schedule
