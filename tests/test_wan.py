@@ -226,3 +226,46 @@ def test_fifo_over_latent_frames_call_count_and_levels():
     levels = sorted(set((1000 * sig / (1 + sig) + 1e-4).floor().tolist()))
     queue_levels = sorted({v for t in seen[plan.steps:] for v in t.tolist()})
     assert queue_levels == levels  # the diagonal visits every level of the nf-step schedule
+
+
+# ---------------------------------------------------------------------------------------------- registry, plan
+
+
+def test_the_wan_family_provides_what_the_jobs_call():
+    from vidgen.config import GenerateConfig, ModelConfig, TrainConfig
+    from vidgen.models.base import Model, Pipeline, Recipe
+
+    m = ModelConfig(family="wan", flavor="tiny", num_frames=5)
+    spec = registry.spec(m)
+    assert spec.name == "wan" and spec.conditioning == "text" and set(spec.recipes) == {"wan_full", "wan_lora"}
+    assert isinstance(spec.build(m, seed=0), Model)
+    for name in spec.recipes:
+        r = registry.build_recipe(m, TrainConfig(recipe=name), seed=0)
+        assert isinstance(r, Recipe) and r.trainable_parameters()
+    g = GenerateConfig(height=32, width=32, num_frames=5)
+    pipe = spec.build_pipeline(m, g)
+    assert isinstance(pipe, Pipeline) and pipe.latent_shape(g, 5) == (1, 2, 16, 4, 4)
+    with pytest.raises(ConfigError, match="generate.height/width=40x32: Wan needs multiples of 16"):
+        spec.check_generate(m, GenerateConfig(height=40, width=32))
+    with pytest.raises(ConfigError, match="generate.sampler=fifo: the generation job runs Wan with the base sampler"):
+        spec.check_generate(m, GenerateConfig(height=32, width=32, sampler="fifo"))
+
+
+@pytest.mark.parametrize("path, variant, transformer", [
+    (None, "Wan2.1-T2V-1.3B", 1_418_996_800),  # "1.3B"
+    ("s3://models/Wan2.1-T2V-14B-Diffusers", "Wan2.1-T2V-14B", 14_288_491_584),  # "14B"
+    ("/m/Wan2.2-TI2V-5B-Diffusers/", "Wan2.2-TI2V-5B", 4_999_787_712),  # "5B"
+])
+def test_published_sizes_on_the_meta_device(path, variant, transformer):
+    """The published architectures (Wan2.1 / Wan2.2 READMEs: dim, ffn, heads, layers) counted on the meta device:
+    the transformers are the 1.3B, 14B and 5B of their names; UMT5-XXL's encoder is 5.68B."""
+    from vidgen.models.wan.plan import WanPlanner
+
+    assert wm.variant_of(path) == variant
+    build = WanPlanner().meta_builder(None)
+    m = build("pretrained", path=path, dtype=torch.bfloat16)
+    assert build.source.startswith(f"built-in {variant} configs (")  # no config.json read: none local
+    count = {k: sum(p.numel() for p in v.parameters()) for k, v in WanPlanner().parts(m).items()}
+    assert count["unet"] == transformer and count["text_encoder"] == 5_680_910_336
+    assert count["vae"] == (704_688_668 if "2.2" in variant else 126_892_531)
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in m.transformer.parameters())

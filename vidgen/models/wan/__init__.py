@@ -3,6 +3,7 @@
 from vidgen.models.base import FamilySpec
 from vidgen.models.wan.model import from_config
 from vidgen.models.wan.pipeline import build_pipeline, check_generate, validation_video
+from vidgen.models.wan.plan import WanPlanner
 from vidgen.models.wan.recipes import WanFullRecipe, WanLoraRecipe
 
 FAMILY = FamilySpec(
@@ -12,5 +13,6 @@ FAMILY = FamilySpec(
     recipes={"wan_full": WanFullRecipe, "wan_lora": WanLoraRecipe},
     build_pipeline=build_pipeline,
     validation_video=validation_video,
+    planner=WanPlanner(),
     check_generate=check_generate,
 )

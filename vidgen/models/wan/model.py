@@ -9,7 +9,8 @@ UMT5's last hidden states of the prompt's tokens, zero past each prompt's length
 the published models), as WanPipeline pads them.
 
 Flavors: tiny (small configs after diffusers' own Wan tests, random init, seeded; a byte-level tokenizer that needs
-no files), pretrained (a diffusers Wan directory: transformer/, vae/, text_encoder/, tokenizer/, optionally
+no files), full (a published architecture, random init: the one model.path's name says, e.g. Wan2.1-T2V-14B, else
+Wan2.1-T2V-1.3B), pretrained (a diffusers Wan directory: transformer/, vae/, text_encoder/, tokenizer/, optionally
 scheduler/ for the sampling shift; local or any URI).
 """
 
@@ -65,12 +66,12 @@ class Wan:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent, spatially."""
-        return 2 ** len(self.vae.config.temperal_downsample) * int(self.vae.config.patch_size or 1)
+        """Pixels per latent, spatially (8; the Wan 2.2 VAE: 16)."""
+        return int(self.vae.config.scale_factor_spatial)
 
     @property
     def temporal_factor(self) -> int:
-        return 2 ** sum(self.vae.config.temperal_downsample)
+        return int(self.vae.config.scale_factor_temporal)
 
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.temporal_factor + 1
@@ -158,6 +159,51 @@ def from_configs(configs: dict[str, dict], tokenizer=None, text_length: int = TE
     return Wan(transformer, vae, text_encoder, tokenizer, text_length, flow_shift)
 
 
+# The published architectures (Wan2.1 README's table: dim, ffn, heads, layers; Wan2.2 README for TI2V-5B; the VAEs
+# and UMT5-XXL as their diffusers directories' config.json files give them). Counted on the meta device
+# (tests/test_wan.py): transformer 1,418,996,800 (T2V-1.3B), 14,288,491,584 (T2V-14B), 4,999,787,712 (TI2V-5B);
+# VAE 2.1 126,892,531, VAE 2.2 704,688,668; UMT5-XXL encoder 5,680,910,336.
+_DIT = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_VAE_21 = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+_VAE_22 = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+               temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+               patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+               latents_mean=[0.0] * 48, latents_std=[1.0] * 48)  # shapes only: the real statistics are in vae/
+_UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+VARIANTS = {
+    "Wan2.1-T2V-1.3B": dict(transformer=dict(_DIT, num_attention_heads=12, ffn_dim=8960, num_layers=30,
+                                             in_channels=16, out_channels=16), vae=_VAE_21, text_encoder=_UMT5_XXL),
+    "Wan2.1-T2V-14B": dict(transformer=dict(_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                                            in_channels=16, out_channels=16), vae=_VAE_21, text_encoder=_UMT5_XXL),
+    "Wan2.2-TI2V-5B": dict(transformer=dict(_DIT, num_attention_heads=24, ffn_dim=14336, num_layers=30,
+                                            in_channels=48, out_channels=48), vae=_VAE_22, text_encoder=_UMT5_XXL),
+}
+
+
+def variant_of(path: str | None) -> str:
+    """The published model a model.path names (its last component, e.g. .../Wan2.1-T2V-14B-Diffusers), else the
+    1.3B: which built-in configs flavor=full and `vidgen plan` use when no config.json can be read."""
+    name = (path or "").rstrip("/").rsplit("/", 1)[-1].lower()
+    return next((v for v in VARIANTS if v.lower() in name), "Wan2.1-T2V-1.3B")
+
+
+def full_size_configs(variant: str = "Wan2.1-T2V-1.3B") -> dict[str, dict]:
+    return {k: dict(v) for k, v in VARIANTS[variant].items()}
+
+
+def full(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Wan:
+    """A published architecture, random init, built directly in `dtype`; the byte-level tokenizer at 512 tokens."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return from_configs(full_size_configs(variant), ByteTokenizer(TEXT_LENGTH), TEXT_LENGTH, seed=seed)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def tiny(seed: int = 0, text_length: int = 16) -> Wan:
     return from_configs(tiny_configs(), ByteTokenizer(text_length), text_length, DEFAULT_SHIFT, seed=seed)
 
@@ -200,12 +246,14 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
     check_backend(attention)  # before loading gigabytes of weights
     if flavor == "tiny":
         model = tiny(seed)
+    elif flavor == "full":
+        model = full(variant_of(path), seed, dtype)
     elif flavor == "pretrained":
         if not path:
             raise ModelError("model.path: required for model.flavor=pretrained (a diffusers Wan directory)")
         model = pretrained(path, cache_dir, dtype)
     else:
-        raise ModelError(f"model.flavor={flavor}: the wan family has tiny and pretrained")
+        raise ModelError(f"model.flavor={flavor}: expected one of tiny, full, pretrained")
     return model.set_attention(attention)
 
 

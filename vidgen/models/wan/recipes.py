@@ -132,7 +132,7 @@ class WanLoraRecipe(WanFullRecipe):
     checkpoint_trainable_only = True  # the frozen base is rebuilt from the model config on resume
 
     def __post_init__(self):
-        bf16 = self.train_cfg.precision == "bf16" and self.model_cfg.flavor == "pretrained"
+        bf16 = self.train_cfg.precision == "bf16" and self.model_cfg.flavor != "tiny"
         self._build_frozen(torch.bfloat16 if bf16 else torch.float32)
         self.targets = lora.inject_lora(self.unet, self.train_cfg.lora)  # freezes everything else
         self.unet.train()
