@@ -206,26 +206,33 @@ def test_base_sampler_equals_diffusers_wan_pipeline():
 
 
 def test_fifo_over_latent_frames_call_count_and_levels():
-    """FIFO over tiny Wan: the transformer runs as often as the algorithm says, and each latent frame passes every
-    level of the schedule (its per-token timesteps) on its way through the queue."""
+    """FIFO over tiny Wan: the transformer runs as often as the algorithm says, every call gets each latent frame's
+    own level as the timestep of that frame's tokens, and the diagonal passes through every level of the
+    schedule."""
     from vidgen.diffusion.fifo import FifoPlan
     from vidgen.diffusion.samplers import fifo_sample, sampling_sigmas
 
+    class Recording(WanDenoiser):
+        def __call__(self, x, sigma, cond):
+            sigmas.append(sigma.clone())
+            return super().__call__(x, sigma, cond)
+
     m = wm.tiny(0)
-    plan = FifoPlan(2, 2, lookahead=True)
-    den = WanDenoiser(m)
-    seen = []
-    hook = m.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[1][0, ::4].clone()))
-    n_out = 4
+    plan, n_out, sigmas, seen = FifoPlan(2, 2, lookahead=True), 4, [], []
+    den = Recording(m)
+    hook = m.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[1][0].clone()))
     out = fifo_sample(den, den.condition(["a"]), FlowSigmas(m.flow_shift), (1, 2, 16, 4, 4), n_out, plan,
                       generator=torch.Generator().manual_seed(0))
     hook.remove()
     assert out.shape == (1, n_out, 16, 4, 4) and torch.isfinite(out).all()
     assert den.calls == len(seen) == plan.steps + plan.iterations(n_out) * len(plan.windows())
+    for sigma, tokens in zip(sigmas, seen, strict=True):  # [1, F] levels -> [N] timesteps, 4 tokens a frame
+        s = sigma[0].double() / (1 + sigma[0].double())
+        torch.testing.assert_close(tokens, (1000 * s + 1e-4).floor().float().repeat_interleave(4))
     sig = sampling_sigmas(FlowSigmas(m.flow_shift), plan.steps)[:-1].double()
     levels = sorted(set((1000 * sig / (1 + sig) + 1e-4).floor().tolist()))
-    queue_levels = sorted({v for t in seen[plan.steps:] for v in t.tolist()})
-    assert queue_levels == levels  # the diagonal visits every level of the nf-step schedule
+    assert sorted({v for t in seen[plan.steps:] for v in t.tolist()}) == levels
+    assert any(len(set(t.tolist())) > 1 for t in seen[plan.steps:])  # frames of one window at different levels
 
 
 # ---------------------------------------------------------------------------------------------- registry, plan
@@ -269,3 +276,52 @@ def test_published_sizes_on_the_meta_device(path, variant, transformer):
     assert count["unet"] == transformer and count["text_encoder"] == 5_680_910_336
     assert count["vae"] == (704_688_668 if "2.2" in variant else 126_892_531)
     assert all(p.is_meta and p.dtype == torch.bfloat16 for p in m.transformer.parameters())
+
+
+def test_the_generation_actor_makes_a_wan_video(tmp_path):
+    """A generation actor (in-process) with the Wan family: base sampler over the latent frames, decoded to the
+    model's 4k + 1 pixel frames."""
+    from vidgen.data.video import read_video
+    from vidgen.generate.job import VideoGenerator
+
+    cfg = load_config(None, [*WAN, "generate.height=32", "generate.width=32", "generate.num_frames=5",
+                             "generate.sampler=base", "generate.num_inference_steps=2"])
+    actor = VideoGenerator(cfg.model.model_dump(), cfg.generate.model_dump(), str(tmp_path))
+    path = str(tmp_path / "videos" / "a.mp4")
+    actor.generate({"name": "a.mp4", "seed": 0, "prompt": "a red car", "sample_prompt": "", "image": ""}, path)
+    frames, _ = read_video(path)
+    assert frames.shape == (5, 32, 32, 3)
+
+
+def test_pretrained_flavor_reads_a_diffusers_wan_directory(tmp_path):
+    """A diffusers Wan directory written from the tiny model (a word-level tokenizer stands in for UMT5's) loads
+    back with the same weights and sampling shift; a directory without its parts is refused naming them."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    m = wm.tiny(0)
+    root = tmp_path / "Wan-tiny"
+    m.transformer.save_pretrained(root / "transformer")
+    m.vae.save_pretrained(root / "vae")
+    m.text_encoder.save_pretrained(root / "text_encoder")
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "car": 4}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"flow_shift": 5.0}))
+
+    for path in (str(root), f"file://{root}"):
+        loaded = wm.build("pretrained", path=path)
+        assert loaded.flow_shift == 5.0 and loaded.text_length == wm.TEXT_LENGTH
+        assert all(torch.equal(a, b) for a, b in zip(loaded.transformer.state_dict().values(),
+                                                     m.transformer.state_dict().values(), strict=True))
+        emb = loaded.encode_text(["a car"])
+        assert emb.shape == (1, wm.TEXT_LENGTH, 32) and emb[0, 2:].abs().sum() == 0  # "a car": 2 tokens, no eos
+    import shutil
+
+    shutil.rmtree(root / "vae")
+    with pytest.raises(ModelError, match="missing subfolder\\(s\\) vae of a diffusers Wan directory"):
+        wm.build("pretrained", path=str(root))

@@ -1,5 +1,6 @@
 """Wan recipes on the real stack: one optimizer step on 2 CPU Ray workers under DeepSpeed equals the same step in
-plain PyTorch (both ranks' micro-batches in one process), wan_lora under ZeRO-2 and wan_full under ZeRO-3."""
+plain PyTorch (both ranks' micro-batches in one process), wan_lora under ZeRO-2 (with a validation video) and wan_full
+under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -43,15 +44,21 @@ def test_one_wan_step_under_zero_equals_a_plain_pytorch_step(ray_session, tmp_pa
 
     from vidgen.models import registry
 
-    cfg = load_config(None, [f"run.workdir={tmp_path}", f"run.name=wan-{uuid.uuid4().hex[:8]}", "model.family=wan",
-                             "model.flavor=tiny", "model.num_frames=5", f"train.recipe={recipe}",
-                             f"train.zero_stage={stage}", "train.num_workers=2", "train.lr=1e-3",
-                             "train.max_steps=1", "train.checkpoint_every=1", "train.lora.rank=2",
-                             "data.height=32", "data.width=32"])
+    overrides = [f"run.workdir={tmp_path}", f"run.name=wan-{uuid.uuid4().hex[:8]}", "model.family=wan",
+                 "model.flavor=tiny", "model.num_frames=5", f"train.recipe={recipe}", f"train.zero_stage={stage}",
+                 "train.num_workers=2", "train.lr=1e-3", "train.max_steps=1", "train.checkpoint_every=1",
+                 "train.lora.rank=2", "data.height=32", "data.width=32"]
     ds = ray.data.from_items([{"frames": CLIP, "fps": 8.0, "prompt": "a red car"} for _ in range(4)])
-    result = fit(cfg, ds)
+    videos: list[str] = []
+    validation = ["train.validation_every=1", "train.validation_steps=2"] if stage == 2 else []
+    cfg = load_config(None, [*overrides, *validation])
+    result = fit(cfg, ds, validation_images=["a red car"], on_artifacts=lambda step, paths: videos.extend(paths))
     loss, plain = plain_step(cfg)
     assert [r["loss"] for r in result.metrics] == pytest.approx([loss], rel=1e-4)
+    if validation:  # rank 0 sampled the prompt with the weights being trained: 5 frames from 2 latent frames
+        from vidgen.data.video import read_video
+
+        assert len(videos) == 1 and read_video(videos[0])[0].shape == (5, 32, 32, 3)
 
     base = registry.build_recipe(cfg.model, cfg.train, cfg.run.seed)  # the weights before the step
     w0 = {n.replace(".default.", "."): p.detach() for n, p in base.unet.named_parameters() if p.requires_grad}

@@ -279,7 +279,8 @@ class TrainConfig(Section):
     recipe: str = Field(
         "svd_full", description="What trains and with which objective, one of model.family's recipes: svd_full (all "
         "or part of the SVD UNet), svd_lora (LoRA adapters from train.lora on a frozen SVD UNet), hotshot_temporal "
-        "(Hotshot-XL's temporal layers on a frozen SDXL)."
+        "(Hotshot-XL's temporal layers on a frozen SDXL), wan_full / wan_lora (the Wan 2.x transformer, whole or "
+        "LoRA)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (recipe svd_lora).")
     ddpm: DDPMConfig = Field(default_factory=lambda: DDPMConfig(),

@@ -17,7 +17,7 @@ scheduler/ for the sampling shift; local or any URI).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +62,6 @@ class Wan:
     tokenizer: object
     text_length: int = TEXT_LENGTH
     flow_shift: float = DEFAULT_SHIFT  # the sampling schedule's shift (training has its own: train.flow.shift)
-    _stats: dict = field(default_factory=dict, repr=False)
 
     @property
     def vae_scale_factor(self) -> int:
