@@ -254,8 +254,11 @@ def test_the_wan_family_provides_what_the_jobs_call():
     assert isinstance(pipe, Pipeline) and pipe.latent_shape(g, 5) == (1, 2, 16, 4, 4)
     with pytest.raises(ConfigError, match="generate.height/width=40x32: Wan needs multiples of 16"):
         spec.check_generate(m, GenerateConfig(height=40, width=32))
-    with pytest.raises(ConfigError, match="generate.sampler=fifo: the generation job runs Wan with the base sampler"):
-        spec.check_generate(m, GenerateConfig(height=32, width=32, sampler="fifo"))
+    with pytest.raises(ConfigError, match="generate.num_frames=16: Wan's causal VAE decodes 4k \\+ 1 frames"):
+        spec.check_generate(m, GenerateConfig(height=32, width=32, num_frames=16, sampler="fifo"))
+    with pytest.raises(ConfigError, match="generate.sampler=autoregressive: Wan text-to-video"):
+        spec.check_generate(m, GenerateConfig(height=32, width=32, num_frames=5, sampler="autoregressive"))
+    spec.check_generate(m, GenerateConfig(height=32, width=32, num_frames=17, sampler="fifo"))
 
 
 @pytest.mark.parametrize("path, variant, transformer", [
@@ -278,19 +281,25 @@ def test_published_sizes_on_the_meta_device(path, variant, transformer):
     assert all(p.is_meta and p.dtype == torch.bfloat16 for p in m.transformer.parameters())
 
 
-def test_the_generation_actor_makes_a_wan_video(tmp_path):
-    """A generation actor (in-process) with the Wan family: base sampler over the latent frames, decoded to the
-    model's 4k + 1 pixel frames."""
+@pytest.mark.parametrize("sampler, frames", [("base", 5), ("fifo", 13)])
+def test_the_generation_actor_makes_a_wan_video(tmp_path, sampler, frames):
+    """A generation actor (in-process) with the Wan family: the base sampler over the model's window, FIFO over
+    latent frames past it (13 frames: 4 latent frames from a 2-frame window), decoded to 4k + 1 pixel frames."""
     from vidgen.data.video import read_video
     from vidgen.generate.job import VideoGenerator
 
-    cfg = load_config(None, [*WAN, "generate.height=32", "generate.width=32", "generate.num_frames=5",
-                             "generate.sampler=base", "generate.num_inference_steps=2"])
+    cfg = load_config(None, [*WAN, "generate.height=32", "generate.width=32", f"generate.num_frames={frames}",
+                             f"generate.sampler={sampler}", "generate.num_inference_steps=2",
+                             "generate.fifo.partitions=1"])
     actor = VideoGenerator(cfg.model.model_dump(), cfg.generate.model_dump(), str(tmp_path))
     path = str(tmp_path / "videos" / "a.mp4")
     actor.generate({"name": "a.mp4", "seed": 0, "prompt": "a red car", "sample_prompt": "", "image": ""}, path)
-    frames, _ = read_video(path)
-    assert frames.shape == (5, 32, 32, 3)
+    assert read_video(path)[0].shape == (frames, 32, 32, 3)
+    if sampler == "fifo":  # base video (2 levels) + one window per new latent frame and level pass
+        from vidgen.diffusion.fifo import FifoPlan
+
+        plan = FifoPlan(2, 1, True)
+        assert actor.denoiser.calls == plan.steps + plan.iterations(4) * len(plan.windows())
 
 
 def test_pretrained_flavor_reads_a_diffusers_wan_directory(tmp_path):
