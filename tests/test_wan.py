@@ -256,8 +256,6 @@ def test_the_wan_family_provides_what_the_jobs_call():
         spec.check_generate(m, GenerateConfig(height=40, width=32))
     with pytest.raises(ConfigError, match="generate.num_frames=16: Wan's causal VAE decodes 4k \\+ 1 frames"):
         spec.check_generate(m, GenerateConfig(height=32, width=32, num_frames=16, sampler="fifo"))
-    with pytest.raises(ConfigError, match="generate.sampler=autoregressive: Wan text-to-video"):
-        spec.check_generate(m, GenerateConfig(height=32, width=32, num_frames=5, sampler="autoregressive"))
     spec.check_generate(m, GenerateConfig(height=32, width=32, num_frames=17, sampler="fifo"))
 
 

@@ -125,10 +125,6 @@ class WanPipeline:
     def frames(self, cond: WanCondition, indices: list[int]) -> WanCondition:
         return cond  # one text condition for every frame
 
-    def latent_frames(self, frames: int) -> int:
-        """Latent frames of `frames` pixel frames (the generation job's FIFO counts in latent frames)."""
-        return self.model.latent_frames(frames)
-
     def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
         """`window` pixel frames (model.num_frames) as latent frames."""
         s = self.model.vae_scale_factor
@@ -145,14 +141,17 @@ def check_size(height: int, width: int, frames: int) -> None:
 
 
 def check_generate(m: ModelConfig, g: GenerateConfig) -> None:
-    """On the driver: sizes and frame counts Wan cannot make, and the autoregressive sampler (it reconditions on
-    an image, which text-to-video has none of)."""
+    """On the driver: sizes and frame counts Wan cannot make."""
     check_size(g.height, g.width, m.num_frames)
     if g.num_frames % 4 != 1:
         raise ConfigError(f"generate.num_frames={g.num_frames}: Wan's causal VAE decodes 4k + 1 frames "
                           "(e.g. 5, 17, 33, 81)")
-    if g.sampler == "autoregressive":
-        raise ConfigError("generate.sampler=autoregressive: Wan text-to-video generates with base or fifo")
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of `frames` pixel frames: the causal VAE keeps the first and compresses the rest 4x (Wan 2.1's
+    VAE and Wan 2.2's alike)."""
+    return (frames - 1) // 4 + 1
 
 
 def build_pipeline(m: ModelConfig, g: GenerateConfig) -> WanPipeline:
