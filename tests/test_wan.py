@@ -332,3 +332,13 @@ def test_pretrained_flavor_reads_a_diffusers_wan_directory(tmp_path):
     shutil.rmtree(root / "vae")
     with pytest.raises(ModelError, match="missing subfolder\\(s\\) vae of a diffusers Wan directory"):
         wm.build("pretrained", path=str(root))
+
+
+def test_the_demo_runs_wan_with_one_override(tmp_path):
+    from vidgen.demo import demo_config
+
+    cfg = demo_config(str(tmp_path), ["model.family=wan"])
+    assert (cfg.train.recipe, cfg.model.num_frames, cfg.generate.num_frames) == ("wan_full", 5, 17)
+    registry.check(cfg.model, cfg.train.recipe)
+    assert demo_config(str(tmp_path), ["model.family=wan", "generate.num_frames=9"]).generate.num_frames == 9
+    assert demo_config(str(tmp_path), []).train.recipe == "svd_full"  # other families: the demo as it was
