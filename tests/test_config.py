@@ -44,7 +44,9 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     ("train.lr=-1", "train.lr=-1: expected a number > 0"),
     ("train.num_workers=two", "train.num_workers=two: expected an integer"),
     ("train.use_gpu=maybe", "train.use_gpu=maybe: expected true or false"),
-    ("data.height=60", "data.height=60: must be a multiple of 8 (the VAE downsamples by 8)"),
+    ("data.height=60", "data.height=60: must be a multiple of 8 (the VAE downsamples by 8); nearest: 56 or 64"),
+    ("generate.height=65", "generate.height=65: must be a multiple of 8 (the VAE downsamples by 8); nearest: 64 or 72"),
+    ("generate.width=12", "generate.width=12: must be a multiple of 8 (the VAE downsamples by 8); nearest: 8 or 16"),
     ("generate.sampler=ddim", "generate.sampler=ddim: expected one of base, fifo, autoregressive"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(override, message):

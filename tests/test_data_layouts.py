@@ -78,13 +78,13 @@ def test_opv2v_prompt_map_split_root_and_missing_camera(tmp_path: Path):
     only = list_samples(str(root / "train"), "opv2v", prompt_template="{split}|{scenario}|{cav}")
     assert only[0].meta["split"] == "" and only[0].prompt == f"|{SCENARIO}|641"
 
-    # A CAV without the chosen camera is a sample that the ingest skips as too short.
+    # A CAV without the chosen camera is a sample that the ingest skips: it holds no frames of that camera.
     (root / "train" / SCENARIO / "-1").mkdir()
     _png(root / "train" / SCENARIO / "-1" / "000096_camera1.png", 1)
     stream = read_clips(str(root), "opv2v", num_frames=2, height=16, width=16, train=False,
                         report_dir=str(tmp_path / "r"))
     assert len(list(stream.iter_local())) == 1
-    assert [(Path(b["uri"]).name, b["reason"]) for b in stream.report()["bad"]] == [("-1", "too few frames")]
+    assert [(Path(b["uri"]).name, b["reason"]) for b in stream.report()["bad"]] == [("-1", "no frames")]
 
     (root / "prompts.json").write_text("{oops")
     with pytest.raises(DataError, match=r"prompts.json: not a UTF-8 JSON file"):

@@ -74,8 +74,11 @@ def test_pack_png_round_trip_is_exact_and_resume_skips_complete_shards(shapes: P
     repacked = list(read_clips_local(str(out), report_dir=str(tmp_path / "r3"), **READ_BACK))
     _assert_round_trip(source_rows, repacked)
 
-    with pytest.raises(DataError, match=r"holds shards of a different pack \(differs in frame_format\)"):
+    with pytest.raises(DataError, match=r"holds shards of a different pack \(frame_format: 'png' -> 'jpeg'\); "
+                                        r"pack into a new --out"):
         pack(str(shapes), "hotshot", str(out), **{**PNG, "frame_format": "jpeg"})
+    with pytest.raises(DataError, match=r"different pack \(spec.height: 32 -> 40; spec.num_frames: 6 -> 4\)"):
+        pack(str(shapes), "hotshot", str(out), **{**PNG, "height": 40, "num_frames": 4})
     with pytest.raises(DataError, match=r"1 of 5 samples skipped .* empty prompt \(1\)"):
         pack(str(shapes), "hotshot", str(tmp_path / "strict"), **{**PNG, "max_bad_fraction": 0.05})
     assert (tmp_path / "strict" / "_manifest.json").exists()  # written before failing: nothing is lost

@@ -300,6 +300,54 @@ def test_seed_frame_reconditions_once_from_the_first_emitted_frame(plan):
     assert len(conds_on) == len(conds_off) and torch.equal(heads_on[0], heads_off[0])
 
 
+class _Unet(torch.nn.Module):
+    """Stands in for the SVD UNet where only the guidance arithmetic matters (see the test below)."""
+
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_svd_fifo_guidance_ramps_over_output_frames_not_window_positions(monkeypatch):
+    """Each output frame k gets min + (max - min) * min(k, F - 1) / (F - 1) at every step, whichever window
+    position it holds; with lookahead, a ramp over positions would give frame 0 only the upper half."""
+    from types import SimpleNamespace
+
+    from vidgen.diffusion.objectives import edm_scalings
+    from vidgen.models.svd import pipeline as svd_pipeline
+
+    # UNet output 0 for the unconditional half and 1 for the conditional one: the guided output is the scale
+    monkeypatch.setattr(svd_pipeline, "unet_forward_per_frame", lambda unet, x, t, ehs, ids: torch.cat(
+        [torch.zeros_like(x[: len(x) // 2, :, :4]), torch.ones_like(x[len(x) // 2:, :, :4])]))
+    plan, n_out, lo, hi = FifoPlan(4, 2, lookahead=True), 6, 1.0, 2.5
+    den = svd_pipeline.SVDDenoiser(SimpleNamespace(unet=_Unet()), lo, hi)
+    pipe = svd_pipeline.SVDPipeline(den.model, den, None)
+    cond = svd_pipeline.SVDCondition(torch.zeros(1, 1, 8), torch.zeros(1, 4, 2, 2), torch.zeros(1, 3))
+    got: dict[int, set[float]] = {}
+
+    def spy(x, sigma, c):
+        x0 = den(x, sigma, c)
+        sc = edm_scalings(sigma)
+        scale = (x0 - sc.c_skip.view(*sigma.shape, 1, 1, 1) * x) / sc.c_out.view(*sigma.shape, 1, 1, 1)
+        for j, k in enumerate(c.frames):
+            got.setdefault(k, set()).update(round(v, 4) for v in scale[0, j].flatten().tolist())
+        return x0
+
+    levels = _levels(plan).float()
+    queue = init_queue(torch.zeros(1, plan.window, 4, 2, 2), levels, plan, generator=_gen(0))
+    heads = list(fifo_iterate(spy, cond, queue, levels, plan, n_out, generator=_gen(1), window_cond=pipe.frames))
+    assert len(heads) == n_out
+    want = {k: {round(lo + (hi - lo) * min(k, 3) / 3, 4)} for k in range(n_out)}
+    assert {k: got[k] for k in range(n_out)} == want  # 1.0, 1.5, 2.0, 2.5, 2.5, 2.5
+    assert all(v == {lo} for k, v in got.items() if k < 0)  # warm-up frames and context slots
+    # one window without frame indices (base sampler, autoregressive clips): the pipeline's linspace
+    x, sigma = torch.zeros(1, 4, 4, 2, 2), torch.ones(1, 4)
+    scale = den(x, sigma, cond) / edm_scalings(sigma).c_out.view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(scale[0, :, 0, 0, 0], torch.linspace(lo, hi, 4))
+
+
 def _tiny_unet_inputs(seed=0):
     from vidgen.models.svd.model import tiny
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from vidgen.config import load_config
 from vidgen.data.video import read_video
-from vidgen.errors import ConfigError
+from vidgen.errors import ConfigError, ModelError
 from vidgen.generate.job import COLUMNS, VideoGenerator, prepare_rows, run_generation
 
 WINDOW = 4
@@ -82,18 +83,26 @@ def test_a_size_the_pretrained_weights_were_not_trained_at_is_refused_on_the_dri
     with pytest.raises(ConfigError, match="generate size 64x64: Hotshot-XL was trained at .*512x512"):
         prepare_rows(load_config(None, [*base, "model.flavor=pretrained", f"model.path={tmp_path}"]))
     assert len(prepare_rows(load_config(None, [*base, "model.flavor=full"]))) == 1
-    assert len(prepare_rows(load_config(None, [*base[:-2], "model.flavor=pretrained", f"model.path={tmp_path}",
-                                               "generate.height=320", "generate.width=768"]))) == 1
+    with pytest.raises(ModelError, match="model.path=.*missing subfolder"):  # a trained size: on to the weights
+        prepare_rows(load_config(None, [*base[:-2], "model.flavor=pretrained", f"model.path={tmp_path}",
+                                        "generate.height=320", "generate.width=768"]))
 
 
 @pytest.mark.ray
 def test_an_actor_that_cannot_load_its_model_fails_the_job_in_its_own_line(ray_session, tmp_path):
     """A VidgenError raised in an actor's constructor reaches the caller as itself, not as Ray's ActorDiedError
-    with the actor's traceback folded into its message."""
-    from vidgen.errors import ModelError
+    with the actor's traceback folded into its message. The folder passes the driver's checks (configs of the
+    right classes, weights whose headers read), but its UNet config describes no UNet."""
+    from safetensors.torch import save_file
 
     (tmp_path / "prompts.txt").write_text("a cat\n")
-    (tmp_path / "weights").mkdir()
+    configs = {"unet": '{"_class_name": "UNet3DConditionModel"}', "vae": '{"_class_name": "AutoencoderKL"}'}
+    for part in ("unet", "vae", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
+        (tmp_path / "weights" / part).mkdir(parents=True)
+        if part in configs:
+            (tmp_path / "weights" / part / "config.json").write_text(configs[part])
+            save_file({"x": torch.zeros(1)}, str(tmp_path / "weights" / part / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "weights" / "scheduler" / "scheduler_config.json").write_text("{}")
     cfg = load_config(None, [f"run.workdir={tmp_path}", "model.family=hotshot", "model.flavor=pretrained",
                              f"model.path={tmp_path / 'weights'}", f"generate.prompts={tmp_path / 'prompts.txt'}",
                              "generate.prompt_format=text", "generate.height=512", "generate.width=512",

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from vidgen.config import load_config
+from vidgen.config import GenerateConfig, load_config
 from vidgen.data.synth import make_moving_shapes
 from vidgen.data.video import read_video
 from vidgen.diffusion.fifo import FifoPlan
 from vidgen.diffusion.samplers import base_sample, fifo_sample, sampling_sigmas
-from vidgen.errors import ConfigError, ModelError
+from vidgen.errors import ConfigError, DataError, ModelError
 from vidgen.generate.job import prepare_rows
 from vidgen.models.hotshot import model as hotshot
-from vidgen.models.hotshot.control import canny, control_clip, keyframe_indices, load_controlnet
-from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser
+from vidgen.models.hotshot.control import canny, control_clip, keyframe_indices, load_controlnet, load_depth_estimator
+from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser, HotshotPipeline
 
 H = W = 32
 WINDOW = 4
@@ -95,6 +95,24 @@ def _maps(tmp_path) -> np.ndarray:
     return control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny")
 
 
+def test_a_frame_folder_decodes_only_its_key_frames(tmp_path):
+    """Frames the midpoint rule does not pick are never decoded: a damaged one of them changes nothing, a damaged
+    key frame is named in one line."""
+    make_moving_shapes(str(tmp_path / "clip"), 1, 12, 48, 40, seed=3)
+    (clip,) = sorted((tmp_path / "clip").iterdir())
+    frame_number = lambda p: int("".join(filter(str.isdigit, p.stem)))  # noqa: E731
+    files = sorted((p for p in clip.iterdir() if p.suffix == ".png"), key=frame_number)
+    picked = set(keyframe_indices(len(files), WINDOW, None, 1000.0 * WINDOW / 8))
+    before = control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny")
+    skipped = next(i for i in range(len(files)) if i not in picked)
+    files[skipped].write_bytes(b"not a png")
+    assert np.array_equal(control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny"), before)
+    key = files[min(picked)]
+    key.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=key.name):
+        control_clip(str(clip), WINDOW, H, W, fps=8, kind="canny")
+
+
 def test_control_steers_and_zero_scale_is_exactly_uncontrolled(tmp_path, tiny_model):
     maps = _maps(tmp_path)
     assert maps.shape == (WINDOW, H, W, 3) and maps.any()
@@ -159,6 +177,56 @@ def test_fifo_carries_each_frames_control_map_with_its_latent(tmp_path, tiny_mod
     assert scales.tolist() == pytest.approx([0.7 * (i / plan.steps >= 0.5) for i in steps.tolist()])
 
 
+def _tiny_depth_model(root: Path) -> str:
+    """A random-init DPT depth model directory in transformers' format (30k parameters, 32 x 32 input)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32,
+                    patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 8, 8],
+                    fusion_hidden_size=8, head_hidden_size=8)
+    DPTForDepthEstimation(cfg).save_pretrained(root)
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(root)
+    return str(root)
+
+
+def test_depth_control_maps_as_diffusers_examples_steer_deterministically(tmp_path, tiny_model):
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    path = _tiny_depth_model(tmp_path / "depth")
+    make_moving_shapes(str(tmp_path / "clip"), 1, 12, 48, 40, seed=3)
+    (clip,) = sorted((tmp_path / "clip").iterdir())
+    maps = control_clip(str(clip), WINDOW, H, W, fps=8, kind="depth", depth=load_depth_estimator(path, ""))
+    assert maps.shape == (WINDOW, H, W, 3) and maps.dtype == np.uint8
+    assert (maps[..., 0] == maps[..., 2]).all()
+    assert [(f.min(), f.max()) for f in maps] == [(0, 255)] * WINDOW  # each frame spans the whole range
+
+    # diffusers' SDXL depth ControlNet example on the same key frames: processor, predicted_depth, bicubic to the
+    # frame size, per-image min-max, x 255 truncated
+    keys = control_clip(str(clip), WINDOW, H, W, fps=8, kind="none")
+    proc, model = AutoImageProcessor.from_pretrained(path), AutoModelForDepthEstimation.from_pretrained(path)
+    with torch.no_grad():
+        d = model(proc(images=list(keys), return_tensors="pt").pixel_values).predicted_depth
+    d = torch.nn.functional.interpolate(d.unsqueeze(1), size=(H, W), mode="bicubic", align_corners=False)
+    d = (d - d.amin(dim=[1, 2, 3], keepdim=True)) / (d.amax(dim=[1, 2, 3], keepdim=True) - d.amin(dim=[1, 2, 3],
+                                                                                                 keepdim=True))
+    ref = (torch.cat([d] * 3, dim=1).permute(0, 2, 3, 1).numpy() * 255.0).clip(0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(maps, ref)
+
+    again = control_clip(str(clip), WINDOW, H, W, fps=8, kind="depth", depth=load_depth_estimator(path, ""))
+    np.testing.assert_array_equal(again, maps)  # deterministic, model loading included
+    # the job's path: the pipeline computes the maps of a row's control clip with its depth model
+    plain = HotshotDenoiser(tiny_model, 1.0)
+    d = HotshotDenoiser(tiny_model, 1.0, load_controlnet("tiny", tiny_model, "", seed=0), 0.7)
+    pipe = HotshotPipeline(tiny_model, d, _schedule(tiny_model), load_depth_estimator(path, ""))
+    g = GenerateConfig(controlnet="tiny", control=dict(type="depth", depth_model=path, source="path"),
+                       num_frames=WINDOW, height=H, width=W, fps=8)
+    cond = pipe.condition({"id": "0", "sample_prompt": "a road", "control": str(clip)}, g, None, None)
+    np.testing.assert_array_equal((cond.control[0] * 255).round().byte().permute(0, 2, 3, 1).numpy(), maps)
+    steered = _video(d, cond, steps=1)
+    assert (steered - _video(plain, plain.condition(["a road"], H, W), steps=1)).abs().mean() > 1e-3
+
+
 def _synth_opencood(root: Path) -> None:
     """An OpenCOOD-style tree: one scenario, one CAV, 40 timestamps at 10 Hz, four cameras of moving shapes."""
     make_moving_shapes(str(root.parent / "shapes"), 1, 40, 60, 80, seed=5)
@@ -201,6 +269,14 @@ def test_driver_refuses_what_controlnet_generation_cannot_run(tmp_path):
         prepare_rows(load_config(None, [*common, "generate.controlnet=tiny", "generate.sampler=autoregressive"]))
     with pytest.raises(ConfigError, match="guidance_start=0.8 must be below"):
         load_config(None, [*common, "generate.control.guidance_start=0.8", "generate.control.guidance_end=0.5"])
+    with pytest.raises(ConfigError, match="generate.control.depth_model: required with generate.control.type=depth"):
+        load_config(None, [*common, "generate.controlnet=tiny", "generate.control.type=depth"])
+    (tmp_path / "clipnet").mkdir()
+    (tmp_path / "clipnet" / "config.json").write_text('{"model_type": "clip_vision_model"}')
+    with pytest.raises(ModelError, match=r"depth_model=.*clipnet: config.json describes a 'clip_vision_model' model, "
+                                         "not a depth-estimation one"):
+        prepare_rows(load_config(None, [*common, "generate.controlnet=tiny", "generate.control.type=depth",
+                                        f"generate.control.depth_model={tmp_path / 'clipnet'}"]))
     svd = [f"run.workdir={tmp_path}", "model.flavor=tiny", "generate.controlnet=tiny",
            f"generate.prompts={tmp_path / 'prompts.txt'}"]
     with pytest.raises(ConfigError, match="generate.controlnet"):

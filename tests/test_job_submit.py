@@ -130,7 +130,7 @@ def test_submit_train_then_generate(ray_head, tmp_path):
         "train.checkpoint_every=2", "train.num_workers=1", f"data.source={data}", f"run.workdir={work}"])
     assert client.get_job_status(train_id) == JobStatus.SUCCEEDED, train.stdout[-4000:] + train.stderr[-4000:]
     assert train.returncode == 0
-    unet = work / "export" / "unet"
+    unet = work / "train" / "demo" / "export" / "unet"  # demo.yaml: run.name=demo; the export is per run
     assert (unet / "config.json").is_file(), sorted(p.name for p in work.rglob("*"))[:50]
 
     gen = _submit(address, env, gen_id, [

@@ -199,7 +199,7 @@ def test_rerun_resumes_a_lora_run(lora_runs):
         update={"export_merged": False})})
     result = fit(cfg.model_copy(update={"train": train}), constant_clips())
     assert [r["step"] for r in result.metrics] == [2], "did not resume from the step-1 LoRA checkpoint"
-    exported = lora._read_adapter(result.export_dir)[0]
+    exported = lora.read_adapter(result.export_dir)[0]
     step1 = {k.replace(".default.", "."): v for k, v in final.items() if ".lora_" in k}
     assert exported.keys() == step1.keys() and any(not torch.equal(exported[k], step1[k]) for k in step1)
 

@@ -261,7 +261,7 @@ def test_training_survives_the_loss_of_a_node(mn):
     assert ckpts, storage.listdir(f"{mn.bucket}/ckpt/{run}")
     names = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(ckpts[-1])}
     assert {"vidgen-manifest.0-of-2.json", "vidgen-manifest.1-of-2.json", "latest"} <= names, names
-    assert storage.exists(f"{mn.bucket}/work/export/unet/config.json")
+    assert storage.exists(f"{mn.bucket}/ckpt/{run}/export/unet/config.json")  # beside its checkpoints
 
     # -- MLflow: every step once, the validation videos -------------------------------------------------------
     client = MlflowClient(db)

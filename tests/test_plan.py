@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from profiling import allocated_peak
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidgen import cli, plan
@@ -75,7 +76,6 @@ def test_parameter_counts_equal_the_instantiated_model(overrides):
 
 def measured_step_peak(cfg) -> int:
     """Peak tensor bytes of the second plain-PyTorch training step of the tiny recipe on CPU (see the module doc)."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     t = cfg.train
@@ -99,14 +99,7 @@ def measured_step_peak(cfg) -> int:
     before += sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(1)
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            peak = max(peak, e.extra_fields.total_allocated)
-        stack.extend(e.children)
-    assert peak > 0, "the profiler saw no allocation"
-    return before + peak
+    return before + allocated_peak(prof)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -42,10 +42,14 @@ def test_a_toy_family_trains_exports_and_generates_through_the_jobs(ray_session,
     train = load_config(None, [*common, f"run.name=toy-{uuid.uuid4().hex[:8]}", f"data.source={tmp_path / 'data'}",
                                "train.num_workers=2", "train.max_steps=3", "train.checkpoint_every=3", "train.lr=0.05",
                                "train.validation_every=3", "train.validation_steps=2", "train.validation_count=1"])
+    earlier = tmp_path / "work" / "train" / "earlier-run" / "export" / "toy"  # another run's export: left alone
+    earlier.mkdir(parents=True)
+    (earlier / "toy.safetensors").write_bytes(b"earlier")
     result = train_job(train, tracker_for(train))
     assert result["steps"] == 3 and np.isfinite(result["last_loss"])
     export = Path(result["export_dir"])
-    assert export.name == "toy"  # the recipe's EXPORT_NAME
+    assert export == tmp_path / "work" / "train" / train.run.name / "export" / "toy"  # per run; recipe's EXPORT_NAME
+    assert (earlier / "toy.safetensors").read_bytes() == b"earlier"
     from safetensors.torch import load_file
 
     from tests.toy_family import WEIGHTS, ToyUNet

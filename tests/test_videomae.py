@@ -128,7 +128,7 @@ def test_damaged_checkpoints_fail_in_one_line_naming_the_field(tmp_path):
     with pytest.raises(ModelError, match="1 missing keys"):
         build_videomae("pretrained", str(bad), config=TINY)
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint") as e:
+    with pytest.raises(ModelError, match="not a PyTorch state dict") as e:
         read_checkpoint(str(bad))
     assert "\n" not in str(e.value)
     with pytest.raises(ModelError, match="needs eval.videomae_path"):

@@ -5,7 +5,7 @@
     vidgen generate --config C [key=value ...]   batch long-video generation
     vidgen eval     --config C [key=value ...]   FVD / KVD of generated against real clips
     vidgen eval fvd --real SRC --fake SRC [--json] [--i3d-weights P] [key=value ...]
-    vidgen plan     --config C [key=value ...]   parameters, FLOPs, memory per GPU at full size (no weights)
+    vidgen plan     --config C [key=value ...]   memory per GPU and time of training or generation (no weights)
     vidgen config show C [key=value ...]         print the resolved config
     vidgen prepare synth OUT                     write a synthetic clip dataset
     vidgen prepare pack SOURCE --out URI         pack clips into parquet shards (resumable)
@@ -27,7 +27,7 @@ import os
 import sys
 
 from vidgen import config
-from vidgen.errors import VidgenError
+from vidgen.errors import VidgenError, raised_remotely
 from vidgen.redact import install_log_filter, redact
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, applied after the file, e.g. "
@@ -76,17 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(sub, "train", "fine-tune a video diffusion model (Ray Train + DeepSpeed)",
              "Stream clips from data.source with Ray Data into train.num_workers Ray Train workers under "
              "DeepSpeed ZeRO (train.zero_stage), checkpoint to train.storage_path, resume automatically when "
-             "the same run.name is started again, and export the trained UNet to <run.workdir>/export/unet.")
+             "the same run.name is started again, and export the trained UNet beside the checkpoints, to "
+             "<train.storage_path>/<run.name>/export/unet.")
     _add_job(sub, "generate", "generate videos for a prompt file on an actor pool",
              "Fan the rows of generate.prompts out to generate.num_actors actors; each writes "
              "its video atomically under <generate.output>/videos/ (VBench sources: {prompt}-{i}.mp4; else "
              "<id>-<hash>.mp4) and a row to manifest.jsonl. Finished videos are skipped on a rerun.")
     _add_eval(sub)
-    p = _add_job(sub, "plan", "parameters, FLOPs and peak memory per GPU of a training config, before renting GPUs",
-                 "Build the config's model on the meta device (no weights read, no memory) and report total and "
+    p = _add_job(sub, "plan", "memory per GPU and time of a training or generation config, before renting GPUs",
+                 "Build the config's model on the meta device (no weights read, no memory). Training: total and "
                  "trainable parameters, FLOPs per step (counted), peak memory per GPU for the config's ZeRO "
                  "stage, offload, precision, checkpointing and batch (weights, gradients, optimizer states, "
-                 "activations), whether it fits A100-40GB, A100-80GB and H100-80GB, and the step time at --mfu.")
+                 "activations), whether it fits each GPU kind, and the step time at --mfu. Generation: peak memory "
+                 "per actor at the configured size and sampler, UNet evaluations and time per video.")
+    p.add_argument("--job", choices=("auto", "train", "generate"), default="auto",
+                   help="what to plan (default auto: generation for a config with a generate section and no train "
+                        "section, else training)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step times (default: 0.4)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--decode-fps-per-core", type=float, default=None, metavar="F",
@@ -182,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--camera", type=int, default=0, help="OPV2V camera (default: 0)")
     ins.add_argument("--first-header-only", action="store_true",
                      help="read one frame header per folder (faster on object storage; blind to mixed sizes)")
+    ins.add_argument("--decode", action="store_true",
+                     help="also decode every frame as training would, in parallel Ray tasks (finds what headers "
+                          "cannot: a JPEG truncated after its header); slower, reads all the data")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(ins)
     return parser
@@ -273,7 +281,10 @@ def _run_job(args, name: str) -> dict:
 
     cfg = config.load_config(args.config, args.overrides)
     if name == "eval":
+        from vidgen.eval.job import check_weights  # lazy: loads torch
+
         _eval_config(args, cfg)
+        check_weights(cfg)  # I3D / VideoMAE weights open and fit, before Ray starts
     if name == "train":
         from vidgen.train.launch import check  # lazy: loads Ray, PyArrow, PIL
 
@@ -378,23 +389,27 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "data":
             from vidgen.data.inspect import format_report, inspect_source  # lazy: loads PIL, fsspec
 
+            if args.decode:
+                from vidgen.ray_env import init_ray  # lazy: loads fsspec; only --decode starts Ray
+
+                init_ray(config.load_config(None, []))
             report = inspect_source(args.source, args.layout, num_frames=args.num_frames, fps=args.fps,
                                     source_fps=args.source_fps, camera=args.camera,
-                                    all_headers=not args.first_header_only)
+                                    all_headers=not args.first_header_only, decode=args.decode)
             print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
         elif args.command == "demo":
             from vidgen.demo import DemoSizes, run_demo  # lazy: loads fsspec
 
             print(run_demo(args.workdir, args.overrides, DemoSizes(videos=args.videos)).text())
         elif args.command == "plan":
-            from vidgen.plan import format_plan, plan_config  # lazy: loads torch
+            from vidgen.plan_generate import format_job, plan_job  # lazy: loads torch
 
             path, overrides = args.config, list(args.overrides)
             if path is None and overrides and "=" not in overrides[0]:  # `vidgen plan CONFIG`, as the issue spells it
                 path = overrides.pop(0)
-            out = plan_config(path, overrides, mfu=args.mfu, decode_fps=args.decode_fps_per_core,
-                              probe=args.probe, dataset_clips=args.dataset_clips)
-            print(json.dumps(out) if args.json else format_plan(out))
+            out = plan_job(path, overrides, args.job, mfu=args.mfu, decode_fps=args.decode_fps_per_core,
+                           probe=args.probe, dataset_clips=args.dataset_clips)
+            print(json.dumps(out) if args.json else format_job(out))
         elif args.command == "eval" and eval_fvd:
             with contextlib.redirect_stdout(sys.stderr):  # --json: nothing but the object reaches stdout
                 out = _run_job(args, "eval")
@@ -414,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: still one line, with the way to the stack trace
         if debug:
             raise
+        if (original := raised_remotely(e)) is not None:  # a Ray task's or actor's own error, without Ray's wrapper
+            print(f"vidgen: error: {_one_line(original)}", file=sys.stderr)
+            return 2
         print(f"vidgen: internal error: {type(e).__name__}: {_one_line(e)} (a bug in vidgen: rerun with --debug "
               "for the stack trace and report it)", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vidgen.errors import ConfigError
 from vidgen.sizes import parse_buckets
+
+
+def multiple_of_8(v: int) -> int:
+    """A pixel size the VAE can encode without rounding it down: a multiple of 8, or the nearest ones named."""
+    if v % 8:
+        nearest = " or ".join(str(n) for n in (v - v % 8, v - v % 8 + 8) if n >= 8)
+        raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); nearest: {nearest}")
+    return v
 
 
 class Section(BaseModel):
@@ -42,6 +51,16 @@ class RunConfig(Section):
         "every Ray node shares (NFS, EFS, Lustre). Unset, a local path is refused on a cluster of several nodes: "
         "workers on other nodes would write files the driver never sees.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _portable_name(cls, v: str) -> str:
+        # It names folders under train.storage_path (checkpoints, export), MLflow runs and Ray experiments: ASCII
+        # only (Ray's and MLflow's logs encode names as ASCII on some hosts), never a path outside its parent.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) or ".." in v:
+            raise ValueError("expected 1-100 of the letters A-Z a-z, digits 0-9, '.', '_', '-', starting with a "
+                             "letter or digit, without '..'")
+        return v
 
 
 class TrackingConfig(Section):
@@ -114,9 +133,7 @@ class DataConfig(Section):
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
-        return v
+        return multiple_of_8(v)
 
     @field_validator("buckets")
     @classmethod
@@ -218,8 +235,8 @@ class LoraConfig(Section):
         "Empty: no further filter.",
     )
     export_merged: bool = Field(
-        False, description="Also export the base UNet with the LoRA merged in (<workdir>/export/unet, usable as "
-        "generate.unet) beside the LoRA itself (<workdir>/export/lora)."
+        False, description="Also export the base UNet with the LoRA merged in (<storage_path>/<run.name>/export/unet, "
+        "usable as generate.unet) beside the LoRA itself (.../export/lora)."
     )
 
 
@@ -325,7 +342,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by resuming (-1: unlimited).")
     storage_path: str | None = Field(
-        None, description="Where Ray Train keeps checkpoints (shared storage on clusters). Unset: <workdir>/train."
+        None, description="Where Ray Train keeps checkpoints, and the run's export beside them, under "
+        "<storage_path>/<run.name>/ (shared storage on clusters). Unset: <workdir>/train."
     )
     deepspeed_config: str | None = Field(
         None, description="A DeepSpeed JSON file merged on top of the generated config (its keys win)."
@@ -408,9 +426,14 @@ class ControlConfig(Section):
         "clip", description="clip: the prompt row's own clip (an OPV2V scene's camera frames); path: the row's "
         "\"control\" field (a frame folder or video per JSONL row, relative to the prompt file)."
     )
-    type: Literal["canny", "none"] = Field(
+    type: Literal["canny", "depth", "none"] = Field(
         "canny", description="canny: Canny edge maps computed from the clip's key frames (for a Canny ControlNet); "
+        "depth: depth maps of the key frames from generate.control.depth_model (for a depth ControlNet); "
         "none: the clip's frames are the control maps already (precomputed depth, pose, segmentation ...)."
+    )
+    depth_model: str | None = Field(
+        None, description="With type=depth: a transformers depth-estimation model directory, local or URI (DPT, "
+        "Depth-Anything: config.json, weights, preprocessor_config.json)."
     )
     scale: float = Field(0.7, ge=0, description="ControlNet conditioning scale (Hotshot-XL's default 0.7; 0: off).")
     guidance_start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps before the ControlNet acts.")
@@ -430,6 +453,9 @@ class ControlConfig(Section):
                              f"generate.control.guidance_end={self.guidance_end}")
         if self.canny_low > self.canny_high:
             raise ValueError("generate.control.canny_low must not exceed generate.control.canny_high")
+        if self.type == "depth" and not self.depth_model:
+            raise ValueError("generate.control.depth_model: required with generate.control.type=depth (a "
+                             "transformers depth-estimation model directory)")
         return self
 
 
@@ -507,6 +533,11 @@ class GenerateConfig(Section):
     max_failed_fraction: float = Field(
         0.05, ge=0, le=1, description="Stop with an error once more than this fraction of the videos failed."
     )
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        return multiple_of_8(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerateConfig:
@@ -745,6 +776,33 @@ MAX_CONFIG_BYTES = 1 << 20  # real configs are a few KiB; parsing a huge file wo
 MAX_CONFIG_VALUES = 100_000  # after alias expansion: a "billion laughs" file is small and expands without end
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"duplicate key {key!r} at line {again} (first at line {first})")
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a mapping that holds a key twice is an error (PyYAML keeps the last silently).
+    Keys a merge (`<<: *anchor`) brings in may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -757,7 +815,10 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.again}: duplicate key {e.key!r} (first at line {e.first}); a key may "
+                          "appear once per section") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -828,8 +889,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        node[path[-1]] = _comma_list(path, value)
     return data
+
+
+def _comma_list(path: list[str], value: Any) -> Any:
+    """`key=a,b,c` for a list-typed key is the list [a, b, c] (`key=` the empty list); other values unchanged."""
+    model: Any = VidgenConfig
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return value
+        model = field.annotation
+    if typing.get_origin(model) is not list or not isinstance(value, str | int | float) or isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    return [item.strip() for item in text.split(",")] if text else []
 
 
 def _fix_yaml_floats(node: Any) -> Any:
@@ -872,6 +947,8 @@ def _describe(err: dict[str, Any]) -> str:
         return "expected true or false"
     if kind.startswith("string_"):
         return "expected a string"
+    if kind == "list_type":
+        return "expected a list: key=a,b,c on the command line, [a, b, c] in YAML"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return "expected a section (a mapping of keys)"
     msg = err["msg"]

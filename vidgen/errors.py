@@ -69,3 +69,12 @@ def raised_remotely(e: BaseException) -> VidgenError | None:
         if isinstance(cls, type) and issubclass(cls, VidgenError):
             return cls(message.strip())
     return None
+
+
+def ray_failure(e: BaseException) -> tuple[bool, str]:
+    """(whether the failed actor had started, one line on why) for an error Ray raised on the driver: an actor that
+    died in its constructor is told by its cause (the last line of Ray's text), anything else by its first line."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    if "raised in its creation task" in (lines[0] if lines else ""):
+        return False, f"an actor failed to start: {lines[-1]}"
+    return True, f"{type(e).__name__}: {lines[0] if lines else ''}"

@@ -105,17 +105,19 @@ class _LiveBytes(TorchDispatchMode):
     Storages of tensors made before entering (weights, inputs) are ignored. A storage counts once however many
     views share it, and stops counting when it is freed (PyTorch keeps a storage's Python object alive exactly
     as long as the storage, so a weakref finalizer fires at the real free, also for tensors autograd saved).
-    Storages marked as gradients are summed apart too, so the peak splits into activations and gradients."""
+    Storages marked as gradients are summed apart too, so the peak splits into activations and gradients. With
+    `device`, only tensors on that device type count (a generation plan: not the host tensors the samplers draw
+    noise into before moving it)."""
 
-    def __init__(self, ignore: set[int]):
+    def __init__(self, ignore: set[int], device: str | None = None):
         super().__init__()
-        self.ignore, self.live, self.grads = ignore, {}, set()
+        self.ignore, self.live, self.grads, self.device = ignore, {}, set(), device
         self.now = self.peak = self.grad_now = self.grad_at_peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and self.device in (None, t.device.type):
                 st = t.untyped_storage()
                 key = st._cdata
                 if key not in self.live and key not in self.ignore:

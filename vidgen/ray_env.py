@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from vidgen import storage
 from vidgen.config import VidgenConfig
-from vidgen.errors import ConfigError
+from vidgen.errors import ConfigError, raised_remotely
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,27 @@ def apply_worker_env(use_gpu: bool) -> None:
         os.environ[k] = v
 
 
+class HideVidgenErrors(logging.Filter):
+    """Drops a log record about an exception that carries a vidgen error (a Ray actor's or task's bad input): the
+    driver reports that error in one line itself. Ray Data logs an actor that dies in its constructor as an internal
+    error, with Ray's whole traceback, while the exception is being handled (so `sys.exc_info` holds it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or raised_remotely(exc) is None
+
+
+def hide_vidgen_errors_in_ray_logs() -> None:
+    logger = logging.getLogger("ray.data.exceptions")  # Ray Data's logger of failed executions
+    if not any(isinstance(f, HideVidgenErrors) for f in logger.filters):
+        logger.addFilter(HideVidgenErrors())
+
+
 def init_ray(cfg: VidgenConfig) -> None:
     import ray  # lazy: Ray is heavy; ray_env loads only fsspec
 
     set_driver_env()
+    hide_vidgen_errors_in_ray_logs()
     if ray.is_initialized():
         return
     env = shared_env()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vidgen import storage
 from vidgen.config import VidgenConfig
-from vidgen.errors import JobError
+from vidgen.errors import JobError, StorageError
 from vidgen.models import registry
 from vidgen.ray_env import require_shared
 from vidgen.tracking import Tracker, resolve_tracking_uri
@@ -28,7 +28,10 @@ def tracker_for(cfg: VidgenConfig, run_name: str | None = None) -> Tracker:
     uri = resolve_tracking_uri(cfg.tracking.uri, cfg.run.workdir)
     local = storage.local_path(cfg.run.workdir)
     if local:
-        Path(local).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(local).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"run.workdir={cfg.run.workdir}: cannot create the folder ({e.strerror})") from None
     return Tracker(uri, cfg.tracking.experiment, run_name or cfg.run.name, enabled=cfg.tracking.enabled)
 
 
@@ -59,9 +62,11 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     """Ingest -> Ray Train + DeepSpeed fit -> exported UNet. Loss series logged as it arrives."""
     from vidgen.data.pipeline import read_config_clips  # lazy: loads PIL, Ray, PyArrow
     from vidgen.train.launch import check
+    from vidgen.train.preflight import check_data, check_outputs_writable
 
     check(cfg)
     check_outputs_shared(cfg, "train")
+    check_outputs_writable(cfg)
     d = cfg.data
     if d.latents:
         return _train_from_cache(cfg, tracker, progress)
@@ -70,6 +75,7 @@ def train_job(cfg: VidgenConfig, tracker: Tracker, progress=None) -> dict:
     stream = read_config_clips(cfg, train=True,
                                report_dir=storage.join(cfg.run.workdir, "data-report", cfg.run.name))
     log.info("training on %d samples from %s", stream.num_samples, d.source)
+    check_data(cfg, stream)  # before any worker starts: data provably over data.max_bad_fraction is refused
 
     images = validation_images(cfg, stream.samples) if cfg.train.validation_every else None
     result = _fit(cfg, tracker, progress, stream, images)

@@ -352,7 +352,8 @@ class FileTree:
     Folder d (`dirs[d]`, relative to the root with '/'; "" is the root) holds the files
     `names[c] for c in codes[offsets[d]:offsets[d + 1]]`: base names are stored once each, since frame
     names repeat from folder to folder. A root that is itself a file is `is_file`: one folder "" holding it.
-    Folders and files are in no particular order.
+    Folders and files are in no particular order; a local folder holding nothing at all is listed, with no file
+    (object storage has no empty folders).
     """
 
     uri: str
@@ -390,10 +391,10 @@ class _TreeBuilder:
         self.uri, self.dirs, self.counts, self.codes = uri, [], array("q"), array("i")
         self.index: dict[str, int] = NameCodes()
 
-    def add(self, rel_dir: str, names: Iterable[str]) -> None:
+    def add(self, rel_dir: str, names: Iterable[str], keep: bool = False) -> None:
         start = len(self.codes)
         self.codes.extend(map(self.index.__getitem__, names))
-        if len(self.codes) > start:
+        if len(self.codes) > start or keep:
             self.dirs.append(rel_dir)
             self.counts.append(len(self.codes) - start)
 
@@ -438,7 +439,7 @@ def walk_tree(uri: str, threads: int | None = None) -> FileTree:
             if not rel:
                 raise _error("list", uri, e, False) from e
             continue  # os.walk skips folders it cannot read
-        files = []
+        files, subdirs = [], 0
         with entries:
             for entry in entries:
                 name = entry.name
@@ -452,7 +453,8 @@ def walk_tree(uri: str, threads: int | None = None) -> FileTree:
                     files.append(name)
                 elif not entry.is_symlink():
                     stack.append(f"{rel}/{name}" if rel else name)
-        builder.add(rel, files)
+                    subdirs += 1
+        builder.add(rel, files, keep=bool(rel) and not subdirs)  # an empty leaf folder is listed, holding nothing
     return builder.build()
 
 

@@ -428,3 +428,51 @@ def test_hostile_unet_directory(tmp_path, faults):
         assert "\n" not in msg and str(d) in msg and len(msg) < 1000, f"{name}: {msg!r}"
         faults.record(f"weights: UNet directory, {name}", injected=1, survived=True, lost=0,
                       detail=msg.replace(str(tmp_path) + "/", "")[:90])
+
+
+# ---- job entrypoints with bad weights paths: refused on the driver, before Ray starts ---------------------------
+
+
+def bad_weights(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """{case: (command line, what the error line must name)}: the generate, eval and nightly entrypoints."""
+    (tmp / "img.png").write_bytes(png())
+    (tmp / "p.jsonl").write_text('{"image": "img.png", "prompt": "a cat"}\n')
+    (tmp / "vae").mkdir()
+    (tmp / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (tmp / "i3d.pt").write_bytes(b"PK\x03\x04" + bytes(200))  # a zip header, then nothing: a cut-off download
+    gen = ["generate", f"generate.prompts={tmp / 'p.jsonl'}", f"run.workdir={tmp / 'work'}", "model.num_frames=4",
+           "generate.num_frames=4"]
+    nightly = [sys.executable, str(Path(__file__).parents[2] / "jobs" / "nightly_eval.py"),
+               f"run.workdir={tmp / 'work'}", f"eval.real={tmp}", f"generate.prompts={tmp / 'p.jsonl'}"]
+    return {
+        "generate: a typo in generate.unet": ([*gen, f"generate.unet={tmp / 'unte'}"], "generate.unet="),
+        "generate: model.path missing": ([*gen, "model.flavor=pretrained", f"model.path={tmp / 'svd'}"], "model.path="),
+        "generate: a folder that is not a UNet": ([*gen, f"generate.unet={tmp / 'vae'}"], "AutoencoderKL"),
+        "eval: a corrupt I3D file": (["eval", "fvd", "--real", str(tmp), "--fake", str(tmp), "--i3d-weights",
+                                      str(tmp / "i3d.pt"), f"run.workdir={tmp / 'work'}"], "eval.i3d_path="),
+        "nightly: a bad weights path": ([*nightly, f"generate.unet={tmp / 'unte'}"], "generate.unet="),
+    }
+
+
+@pytest.mark.parametrize("case", ["generate: a typo in generate.unet", "generate: model.path missing",
+                                  "generate: a folder that is not a UNet", "eval: a corrupt I3D file",
+                                  "nightly: a bad weights path"])
+def test_bad_weights_paths_end_jobs_before_any_actor(sandbox, faults, case):
+    """One line naming the field and the path, exit 2, nothing else on stderr (no Ray started: no Ray traceback),
+    nothing written."""
+    tmp = sandbox.tmp
+    argv, expect = bad_weights(tmp)[case]
+    sandbox.inputs_ready()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDGEN_FAULT", "RAY_ADDRESS"))}
+    cmd = argv if argv[0] == sys.executable else [str(VIDGEN), *argv]
+    p = subprocess.run(cmd, cwd=tmp / "cwd", capture_output=True, timeout=120, env=env)
+    err = p.stderr.decode("utf-8", "replace")
+    prefix = "nightly_eval: error: " if case.startswith("nightly") else "vidgen: error: "
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(prefix), f"exit {p.returncode}:\n{err}"
+    assert expect in lines[0] and str(tmp) in lines[0], lines[0]
+    assert "rerun" not in lines[0] and "internal error" not in lines[0]
+    sandbox.check()
+    assert not (tmp / "work").exists(), "a job with bad weights started work"
+    faults.record(f"weights path: {case}", injected=1, survived=True, lost=0,
+                  detail=lines[0][len(prefix):].replace(f"{tmp}/", "")[:90])

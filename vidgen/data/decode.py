@@ -14,7 +14,7 @@ import io
 import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vidgen.errors import DataError
 
@@ -82,7 +82,12 @@ def decode_image(data: bytes, name: str, draft_size: tuple[int, int] | None = No
         img.load()  # decode now, so truncation is reported here and not later
         return to_rgb(img)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise DataError(f"{name}: cannot decode image: {_reason(e)}") from e
+        raise image_error(name, e) from e
+
+
+def image_error(name: str, e: BaseException) -> DataError:
+    """The DataError for image `name` that PIL could not read: the file named, PIL's reason without its buffer."""
+    return DataError(f"{name}: cannot decode image: {_reason(e)}")
 
 
 def image_size(data: bytes, name: str) -> tuple[int, int]:
@@ -91,7 +96,7 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
     except Exception as e:
-        raise DataError(f"{name}: cannot decode image: {_reason(e)}") from e
+        raise image_error(name, e) from e
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -128,5 +133,7 @@ def is_image_name(name: str) -> bool:
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # PIL's text names its buffer (<_io.BytesIO object at 0x...>)
+        return "not an image format PIL reads (expected JPEG, PNG, WebP or BMP)"
     text = str(e).strip() or type(e).__name__
     return text if len(text) < 200 else text[:197] + "..."

@@ -3,14 +3,16 @@
 Only listings and headers are read: image sizes come from `PIL.Image.open` (which parses the header
 and decodes nothing), videos from `probe_video` (container header), packed shards from their
 metadata columns (never the frames), prompts from their small files. So the counts, histograms and
-bad-sample list come without decoding a frame; what only a decode can find (a JPEG truncated
-after its header) is left to the ingest's own skip report.
+bad-sample list come without decoding a frame. What only a decode can find (a JPEG truncated after
+its header) takes `decode=True` (`--decode`): every frame of every sample decoded as training
+decodes it (`worker.decode_every_frame`), in Ray tasks when Ray is up, else in threads here.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,10 +23,11 @@ from PIL import Image
 
 from vidgen import storage
 from vidgen.data.clips import clip_span, frame_stride
+from vidgen.data.decode import image_error
 from vidgen.data.layouts import list_samples
 from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample, SampleTable
 from vidgen.data.video import probe_video
-from vidgen.data.worker import BadSample, resolve_prompt
+from vidgen.data.worker import BadSample, check_has_frames, decode_every_frame, resolve_prompt
 from vidgen.errors import DataError, StorageError
 
 _COUNT_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -41,12 +44,14 @@ def inspect_source(
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
     all_headers: bool = True,
     workers: int = 8,
+    decode: bool = False,
 ) -> dict[str, Any]:
     """Counts, histograms and the bad-sample list of the dataset at `source`.
 
     Maps 1:1 to `vidgen data inspect SOURCE --layout L [--num-frames N] [--fps F] [--source-fps F]
-    [--camera K] [--prompt-template T] [--first-header-only]` (all_headers=False reads one header per
-    frame folder instead of every frame's: faster on object storage, but blind to mixed sizes).
+    [--camera K] [--prompt-template T] [--first-header-only] [--decode]` (all_headers=False reads one header
+    per frame folder instead of every frame's: faster on object storage, but blind to mixed sizes; decode=True
+    also decodes every frame, in Ray tasks when Ray is initialised, and lists what fails as bad).
     num_frames/fps: when given, samples too short for one clip are listed as bad, as the ingest
     would skip them. Returns {source, layout, samples, usable, frames, videos, frame_counts,
     sizes, fps, reasons, bad: [{uri, reason, detail}], seconds}; histograms map a
@@ -55,13 +60,16 @@ def inspect_source(
     start = time.monotonic()
     samples = list_samples(source, layout, camera=camera, prompt_template=prompt_template)
     resolved = samples[0].meta.get("layout", layout)  # list_samples never returns an empty table
-    infos = _shard_infos(samples) if resolved == "shards" else _header_infos(samples, source_fps, all_headers, workers)
+    failed = decode_failures(samples, workers) if decode else {}
+    infos = shard_infos(samples) if resolved == "shards" else header_infos(samples, source_fps, all_headers, workers)
     # summed as they come: a million samples never become a million dicts
     bad, frames, videos, usable = [], 0, 0, 0
     frame_counts: Counter = Counter()
     sizes: Counter = Counter()
     rates: Counter = Counter()
     for i, info in enumerate(infos):
+        if info.get("bad") is None and i in failed:
+            info["bad"] = failed[i]
         if info.get("bad") is None and num_frames is not None:
             stride = frame_stride(info["fps"], fps)
             if info["frames"] < clip_span(num_frames, stride):
@@ -88,8 +96,51 @@ def inspect_source(
         "fps": dict(rates.most_common()),
         "reasons": dict(Counter(b["reason"] for b in bad).most_common()),
         "bad": sorted(bad, key=lambda b: b["uri"]),
+        "decoded": decode,
         "seconds": round(time.monotonic() - start, 3),
     }
+
+
+def decode_failures(samples: SampleTable, workers: int = 8) -> dict[int, tuple[str, str]]:
+    """{sample index: (reason, detail)} of the samples whose frames do not all decode; one Ray task per span of
+    samples when Ray is initialised (a bounded number in flight), else `workers` threads in this process."""
+    span = 16
+    spans = [(lo, samples[lo:lo + span]) for lo in range(0, len(samples), span)]
+    failed: dict[int, tuple[str, str]] = {}
+    if _ray_up():
+        import ray  # lazy: heavy; only inspect --decode on a running Ray
+
+        task = ray.remote(num_cpus=1)(_decode_span)  # decoding is CPU work: one core a task
+        limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        pending: list = []
+        for lo, table in spans:
+            if len(pending) >= limit:
+                done, pending = ray.wait(pending, num_returns=1)
+                failed.update(ray.get(done[0]))
+            pending.append(task.remote(lo, table))
+        for result in ray.get(pending):
+            failed.update(result)
+        return failed
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL and PyAV decode without holding the GIL
+        for result in pool.map(lambda s: _decode_span(*s), spans):
+            failed.update(result)
+    return failed
+
+
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _decode_span(lo: int, table: SampleTable) -> dict[int, tuple[str, str]]:
+    failed = {}
+    for i, sample in enumerate(table, lo):
+        try:
+            decode_every_frame(sample)
+        except BadSample as e:
+            failed[i] = (e.reason, e.detail)
+        except Exception as e:  # an unforeseen input: listed like the ingest lists it, never fatal
+            failed[i] = (f"unexpected {type(e).__name__}", f"{sample.uri}: {e}"[:500])
+    return failed
 
 
 # Local trees of this many samples or more are read by one process per core: opening a small file and parsing a
@@ -98,7 +149,7 @@ FORK_FROM = 20_000
 _FORKED: SampleTable | None = None  # the table, inherited by forked readers
 
 
-def _header_infos(samples: SampleTable, source_fps: float, all_headers: bool, workers: int) -> Iterator[dict]:
+def header_infos(samples: SampleTable, source_fps: float, all_headers: bool, workers: int) -> Iterator[dict]:
     """`_sample_info` of every sample, in order, read by `workers` threads (header reads are I/O), a bounded
     number of samples at a time; on a local tree of FORK_FROM samples or more, in one forked process per core."""
     global _FORKED
@@ -135,6 +186,7 @@ def _sample_info(sample: Sample, source_fps: float, all_headers: bool) -> dict:
     """{kind, frames, fps, height, width} of one sample, or {kind, bad: (reason, detail)}."""
     kind = "frames" if sample.frame_uris is not None else "video"
     try:
+        check_has_frames(sample)
         resolve_prompt(sample)
         if sample.frame_uris is None:
             try:
@@ -167,10 +219,10 @@ def _header_size(uri: str) -> tuple[int, int]:
     except StorageError as e:
         raise BadSample("unreadable object", str(e)) from e
     except Exception as e:  # PIL.UnidentifiedImageError, OSError, SyntaxError...
-        raise BadSample("corrupt image", f"{uri}: cannot decode image: {e}") from e
+        raise BadSample("corrupt image", str(image_error(uri, e))) from e
 
 
-def _shard_infos(samples: SampleTable) -> list[dict]:
+def shard_infos(samples: SampleTable) -> list[dict]:
     """Per packed clip, from each shard's metadata columns (one read per shard, no frames)."""
     import pyarrow.parquet as pq  # lazy: heavy; inspection of other layouts never loads pyarrow
 
@@ -209,7 +261,8 @@ def _count_histogram(counts) -> dict[str, int]:
 def format_report(d: dict[str, Any], max_bad: int = 20) -> str:
     """The inspect_source dict as text for a terminal."""
     lines = [
-        f"source  {d['source']}  (layout {d['layout']}; listed and read headers in {d['seconds']:.1f} s)",
+        f"source  {d['source']}  (layout {d['layout']}; listed, read headers"
+        f"{' and decoded every frame' if d.get('decoded') else ''} in {d['seconds']:.1f} s)",
         f"samples {d['samples']}: {d['usable']} usable, {len(d['bad'])} bad"
         + (f"; {d['frames']} frames in folders" if d["frames"] else "")
         + (f"; {d['videos']} videos" if d["videos"] else ""),

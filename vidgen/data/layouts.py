@@ -50,6 +50,7 @@ from vidgen.errors import DataError
 log = logging.getLogger(__name__)
 
 PROMPT_FILE = "prompt.txt"
+FPS_FILE = "fps.json"
 SIDECARS = ("prompts.jsonl", "prompts.csv")
 _KEY_FIELDS = ("name", "video", "folder", "path", "id", "file")
 _PROMPT_FIELDS = ("prompt", "caption", "text")
@@ -115,7 +116,8 @@ def _frame_samples(listing: Listing, layout: str, required: bool) -> SampleTable
     """One sample per folder holding images, built from the grouped listing's columns (no URI per frame)."""
     tree = listing.tree
     sidecar = {} if required else read_sidecar(listing)
-    dirs = listing.frame_dir_ids
+    prompted = listing.prompt_dirs(PROMPT_FILE)
+    dirs = _sample_dirs(listing, prompted)
     names = [tree.dirs[d] or listing.rel(tree.dir_uri(d)) or tree.dir_uri(d).rstrip("/").rpartition("/")[2]
              for d in dirs.tolist()]
     order = np.array(natural_order(names), dtype=np.int64)
@@ -141,13 +143,52 @@ def _frame_samples(listing: Listing, layout: str, required: bool) -> SampleTable
         uris = name_column.with_prefix(prefix)  # the same bytes as the names
     prompts, prompt_vocab = encode_codes(_lookup(sidecar, n) for n in names) if sidecar else \
         (np.full(len(names), -1, dtype=np.int32), [])
-    with_prompt = listing.prompt_dirs(PROMPT_FILE)[dirs]
+    with_prompt = prompted[dirs]
     return SampleTable(
         uris=uris, names=name_column,
         frame_offsets=offsets_of(frame_counts), frame_codes=frame_codes, frame_vocab=tree.names,
         has_frames=np.ones(len(dirs), bool), frames_relative=True, prompts=prompts, prompt_vocab=prompt_vocab,
         prompt_uris=np.where(with_prompt, 0, -1).astype(np.int32), prompt_uri_vocab=[f"/{PROMPT_FILE}"],
-        prompt_uri_relative=True, meta={"layout": layout, "name": None, "prompt_required": required})
+        prompt_uri_relative=True, meta={"layout": layout, "name": None, "prompt_required": required,
+                                        **_root_fps(listing)})
+
+
+def _sample_dirs(listing: Listing, prompted: np.ndarray) -> np.ndarray:
+    """The folders holding images, and those that should but hold none (the skip report lists them as "no
+    frames"): a folder with a prompt.txt (`prompted`) and no image, or an empty folder as deep as a frame folder."""
+    tree, frame_dirs = listing.tree, listing.frame_dir_ids
+    framed = np.zeros(len(tree.dirs), bool)
+    framed[frame_dirs] = True
+    empty = np.diff(tree.offsets) == 0
+    frameless = prompted & ~framed
+    if not frame_dirs.size or not (empty.any() or frameless.any()):
+        return frame_dirs
+    depths, parents = set(), {""}  # the root, and a folder holding frame folders, is never a sample of its own
+    for d in frame_dirs.tolist():
+        rel = tree.dirs[d]
+        if rel:
+            depths.add(rel.count("/"))
+        while "/" in rel and (rel := rel.rpartition("/")[0]) not in parents:
+            parents.add(rel)
+    for d in np.flatnonzero(empty).tolist():
+        frameless[d] = tree.dirs[d].count("/") in depths
+    frameless[[d for d in np.flatnonzero(frameless).tolist() if tree.dirs[d] in parents]] = False
+    return np.union1d(frame_dirs, np.flatnonzero(frameless))
+
+
+def _root_fps(listing: Listing) -> dict:
+    """{"fps": rate} from <root>/fps.json (written by `vidgen prepare opv2v`: frame folders that know their
+    rate, which then wins over data.source_fps), else {}."""
+    uri = listing.root_files().get(FPS_FILE)
+    if uri is None:
+        return {}
+    try:
+        fps = json.loads(storage.read_bytes(uri).decode("utf-8-sig"))["fps"]
+        if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
+            raise ValueError(fps)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{uri}: expected {{\"fps\": <frames per second > 0>}} ({e})") from e
+    return {"fps": float(fps)}
 
 
 def _hotshot(listing: Listing, options: LayoutOptions) -> SampleTable:

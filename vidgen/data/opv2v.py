@@ -42,11 +42,12 @@ def detect(listing: Listing) -> bool:
 def opv2v_samples(listing: Listing, options: LayoutOptions) -> list[Sample]:
     """One sample per (split, scenario, cav) folder: its `camera` frames in timestamp order."""
     prompts = _read_prompt_map(listing)
-    samples = []
+    samples, cameras = [], set()
     for folder, frames in listing.frame_dirs.items():
         parsed = [(m, u) for u in frames if (m := _FRAME.match(u.rpartition("/")[2]))]
         if not parsed:
             continue  # not a camera folder (a stray image elsewhere in the tree)
+        cameras.update(int(m.group(2)) for m, _ in parsed)
         chosen = sorted((int(m.group(1)), u.rpartition("/")[2], u) for m, u in parsed
                         if int(m.group(2)) == options.camera)
         name = listing.rel(folder)
@@ -64,6 +65,9 @@ def opv2v_samples(listing: Listing, options: LayoutOptions) -> list[Sample]:
                   "split": split, "scenario": scenario, "cav": cav, "camera": options.camera,
                   "timestamps": [t for t, _, _ in chosen]},
         ))
+    if cameras and options.camera not in cameras:  # else every sample would be empty, and no clip come out
+        raise DataError(f"{listing.root}: camera {options.camera} (data.camera / --camera): this OPV2V tree has "
+                        f"no camera{options.camera} frames; cameras found: {', '.join(map(str, sorted(cameras)))}")
     return samples
 
 

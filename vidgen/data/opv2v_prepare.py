@@ -10,6 +10,7 @@ imports this one.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ from PIL import Image
 from vidgen import storage
 from vidgen.data.clips import frame_stride
 from vidgen.data.decode import decode_image
-from vidgen.data.layouts import list_samples
+from vidgen.data.layouts import FPS_FILE, list_samples
 from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE
 from vidgen.data.opv2v import OPV2V_FPS
 from vidgen.errors import ConfigError, DataError, StorageError
@@ -91,6 +92,7 @@ def prepare_opv2v(
         raise ConfigError(f"prepare opv2v: max_seconds={max_seconds} holds no frame at {out_fps} fps")
 
     samples = list_samples(root, "opv2v", camera=camera, prompt_template=prompt_template)
+    _record_fps(out, out_fps)
     done = _complete_clips(out)
     jobs, too_short = [], 0
     for sample in samples:
@@ -116,6 +118,19 @@ def prepare_opv2v(
              len(jobs), len(pending) - len(bad), len(jobs) - len(pending), len(bad), len(samples), out)
     return {"clips": len(jobs), "written": len(pending) - len(bad), "existing": len(jobs) - len(pending),
             "too_short": int(too_short), "bad": bad, "fps": out_fps, "out": out}
+
+
+def _record_fps(out: str, fps: float) -> None:
+    """<out>/fps.json: the clips' frame rate, which the frame layouts read (else they assume data.source_fps)."""
+    uri = storage.join(out, FPS_FILE)
+    if storage.exists(uri):
+        previous = json.loads(storage.read_text(uri)).get("fps")
+        if previous != fps:
+            raise ConfigError(f"prepare opv2v --fps: {out} holds clips at {previous} fps ({uri}), these would be "
+                              f"{fps:g} fps; prepare into a new --out")
+        return
+    storage.makedirs(out)
+    storage.write_json(uri, {"fps": fps})
 
 
 def _complete_clips(out: str) -> set[str]:

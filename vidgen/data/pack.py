@@ -114,13 +114,26 @@ def _claim(out: str, info: dict) -> None:
     uri = storage.join(out, PACK_INFO)
     if storage.exists(uri):
         previous = json.loads(storage.read_text(uri))
-        changed = sorted(k for k in set(info) | set(previous) if info.get(k) != previous.get(k))
+        changed = _differences(previous, info)
         if changed:
-            raise DataError(f"{out}: holds shards of a different pack (differs in {', '.join(changed)}); "
+            raise DataError(f"{out}: holds shards of a different pack ({'; '.join(changed)}); "
                             f"pack into a new --out or delete {out}")
         return
     storage.makedirs(out)
     storage.write_json(uri, info)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every field that differs, nested ones dotted ('spec.height: 64 -> 128')."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            what = "the listed samples differ" if key == "samples" else f"{a!r} -> {b!r}"
+            out.append(f"{prefix}{key}: {what}")
+    return out
 
 
 def _pack_shard(out: str, index: int, samples: list[Sample], spec: ClipSpec, fmt: str, quality: int) -> int:

@@ -16,6 +16,7 @@ epoch is still trained exactly once.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -129,12 +130,15 @@ class DataPosition:
         return cls(num_samples, clips_per_sample, int(state["floor"]), done)
 
 
-def rank_rows(shares: Shares, position: DataPosition, rank: int, world: int) -> Iterator[dict]:
+def rank_rows(shares: Shares, position: DataPosition, rank: int, world: int,
+              skipped: Counter | None = None) -> Iterator[dict]:
     """This rank's rows, epoch after epoch without end, from where `position` says training stands.
 
     Each row carries `_epoch` and `_slot`: mark them in `position` once the row is trained. Empty slots (bad
     samples, clips a short video does not make) are marked here, as they are found. DataError when two epochs
-    in a row give this rank nothing: its samples are all unusable.
+    in a row give this rank nothing: its samples are all unusable. skipped: counts, per epoch, the samples found
+    to make no clip (bad samples) among those whose first clip was still wanted (a sample whose first clip was
+    trained before a resume is never counted); within an epoch the ranks' counts add up without overlap.
     """
     epoch, barren = position.floor, 0
     while True:
@@ -146,14 +150,21 @@ def rank_rows(shares: Shares, position: DataPosition, rank: int, world: int) -> 
                 order = int(row.pop("_order"))
                 if order < last:
                     raise RuntimeError(f"rank {rank}: epoch {epoch} rows came out of order ({order} after {last})")
-                position.mark_samples(epoch, samples[last + 1:order])  # they made no clip at all
+                _none_made(position, epoch, samples[last + 1:order], wanted[last + 1:order], skipped)
                 position.mark_samples(epoch, samples[order:order + 1], first_clip=int(row.pop("_made")))
                 last = order
                 got += 1
                 yield {**row, "_epoch": epoch}
-            position.mark_samples(epoch, samples[last + 1:])
+            _none_made(position, epoch, samples[last + 1:], wanted[last + 1:], skipped)
         barren = 0 if got or not len(samples) else barren + 1
         if barren == 2:
             raise DataError(f"rank {rank} of {world}: no usable clip among its {len(samples)} samples of epochs "
                             f"{epoch - 1} and {epoch} of {shares.source}")
         epoch += 1
+
+
+def _none_made(position: DataPosition, epoch: int, samples, wanted, skipped: Counter | None) -> None:
+    """`samples` made no clip at all: their slots are empty; those whose first clip was wanted are counted."""
+    position.mark_samples(epoch, samples)
+    if skipped is not None:
+        skipped[epoch] += int(wanted[:, 0].sum())

@@ -67,12 +67,62 @@ def sample_clips(sample: Sample, spec: ClipSpec) -> list[dict]:
         raise BadSample("file name not UTF-8", f"{sample.uri!r}: names must be UTF-8 to be stored and logged "
                                                "(rename the files)")
     rng = sample_rng(spec.seed, spec.epoch, 0, sample.uri) if spec.train else None
+    check_has_frames(sample)
     if sample.meta.get("layout") == "shards":
         return _shard_clips(sample, spec, rng)
     prompt = resolve_prompt(sample, spec.default_prompt)
     if sample.frame_uris is not None:
         return _frame_folder_clips(sample, prompt, spec, rng)
     return _video_clips(sample, prompt, spec, rng)
+
+
+def check_has_frames(sample: Sample) -> None:
+    """BadSample "no frames" for a sample folder holding no frame (or none of the chosen OPV2V camera)."""
+    if sample.frame_uris is not None and not sample.frame_uris:
+        camera = f" of camera {sample.meta['camera']}" if "camera" in sample.meta else ""
+        raise BadSample("no frames", f"{sample.uri}: the sample folder holds no image frames{camera}")
+
+
+def decode_every_frame(sample: Sample, chunk: int = 32) -> int:
+    """Read and decode every frame of `sample` through the decoders training uses, `chunk` frames at a time
+    (a long video never sits in memory whole); the number of frames, or BadSample for the first that fails."""
+    check_has_frames(sample)
+    if sample.meta.get("layout") == "shards":  # a packed clip is small: decoded whole
+        record = _shard_record(sample)
+        if record["format"] == "mp4":
+            try:
+                got = len(read_video(record["video"])[0])
+            except DataError as e:
+                raise BadSample("corrupt shard", f"{sample.uri}: {e}") from e
+        else:
+            got = len(_decode_all(dict(enumerate(record["frames"])),
+                                  [f"{sample.uri} frame {i}" for i in range(len(record["frames"]))], None))
+        if got < int(record["num_frames"]):
+            raise BadSample("too few frames", f"{sample.uri}: {got} decodable frames, header said "
+                            f"{record['num_frames']}")
+        return got
+    if sample.frame_uris is not None:
+        first = None
+        for lo in range(0, len(sample.frame_uris), chunk):
+            names = sample.frame_uris[lo:lo + chunk]
+            frames = _decode_all({i: _read(u) for i, u in enumerate(names, lo)}, names, None)
+            first = first or (names[0], next(iter(frames.values())).shape)
+            shape = next(iter(frames.values())).shape
+            if shape != first[1]:
+                raise BadSample("mixed frame sizes", f"{names[0]} is {shape[1]}x{shape[0]}, "
+                                f"{first[0]} is {first[1][1]}x{first[1][0]}")
+        return len(sample.frame_uris)
+    source: str | bytes = _read(sample.uri) if storage.is_remote(sample.uri) else sample.uri
+    try:
+        total = probe_video(source)[0]
+        for lo in range(0, total, chunk):
+            got = len(read_video(source, lo, chunk)[0])
+            if got < min(chunk, total - lo):
+                raise BadSample("too few frames", f"{sample.uri}: only {lo + got} frames decodable, the header "
+                                f"says {total}")
+    except DataError as e:
+        raise BadSample("unreadable video", str(e) if str(e).startswith(sample.uri) else f"{sample.uri}: {e}") from e
+    return total
 
 
 def resolve_prompt(sample: Sample, default_prompt: str = "") -> str:
@@ -173,12 +223,7 @@ def _video_clips(sample: Sample, prompt: str, spec: ClipSpec, rng) -> list[dict]
 
 def _shard_clips(sample: Sample, spec: ClipSpec, rng) -> list[dict]:
     """Clips from one packed clip: re-windowed and resized only when the request differs from the pack."""
-    try:
-        record = read_shard_clip(sample.meta["shard"], int(sample.meta["row"]))
-    except StorageError as e:
-        raise BadSample("unreadable object", str(e)) from e
-    except Exception as e:  # ArrowInvalid and friends: a damaged shard
-        raise BadSample("corrupt shard", f"{sample.uri}: {e}"[:500]) from e
+    record = _shard_record(sample)
     available = int(record["num_frames"])
     stride = frame_stride(float(record["fps"]), spec.fps)
     starts = clip_starts(available, spec.num_frames, stride, spec.clips_per_video, rng)
@@ -210,6 +255,15 @@ def _shard_clips(sample: Sample, spec: ClipSpec, rng) -> list[dict]:
             row["clip_id"] = record["clip_id"]
         rows.append(row)
     return rows
+
+
+def _shard_record(sample: Sample) -> dict:
+    try:
+        return read_shard_clip(sample.meta["shard"], int(sample.meta["row"]))
+    except StorageError as e:
+        raise BadSample("unreadable object", str(e)) from e
+    except Exception as e:  # ArrowInvalid and friends: a damaged shard
+        raise BadSample("corrupt shard", f"{sample.uri}: {e}"[:500]) from e
 
 
 def _fit(clip: np.ndarray, target: tuple[int, int], rng, orig_hw: tuple[int, int]) -> tuple[np.ndarray, dict]:

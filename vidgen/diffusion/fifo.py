@@ -16,6 +16,10 @@ and are dropped. Iterations per video: N + nf - F for N output frames.
 Consistency options of the FIFO+ fork (generation.md 2.3-2.6), each changing one thing only:
 `uniform` spreads the base frames evenly over the queue (slot i holds frame i // n); `reseed` replaces the
 conditioning once, with what it returns for the first emitted frame (every later call sees the new one).
+The queue, its windows and `uniform` match the fork's code (tests/test_fifo_fork_parity.py), with deterministic
+steps (the fork's DDIM defaults to eta = 1). The fork seeds instead before the first iteration, from queue slot 0
+as initialised (base frame 0 still at the first noise level; `scripts/evaluation/funcs.py:247`), and in every
+mode (its test at funcs.py:246 is always true); here the seed is the first frame the video shows, clean.
 """
 
 from __future__ import annotations

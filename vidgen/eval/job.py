@@ -120,6 +120,23 @@ def weights_id(cfg: VidgenConfig) -> str:
     return weights_digest(e.i3d_flavor, e.i3d_path, cfg.run.seed)
 
 
+def check_weights(cfg: VidgenConfig) -> None:
+    """On the driver, before Ray starts: the feature network's weights (eval.features) open and fit it."""
+    e = cfg.eval
+    if e.features == "videomae":
+        if e.videomae_flavor == "pretrained":
+            from vidgen.models import videomae  # lazy: heavy (torch)
+
+            videomae.check_weights(e.videomae_path)
+        return
+    from vidgen.models import i3d  # lazy: heavy (torch)
+
+    if protocols.resolve(e).i3d_format == "torchscript":
+        i3d.check_torchscript(e.i3d_path)
+    elif e.i3d_flavor == "pretrained":
+        i3d.check_weights(e.i3d_path)
+
+
 FEATURE_IMPL = {"i3d": "i3d-400-logits", "videomae": "videomae-v2-vitg14-fc_norm-mean"}
 
 

@@ -133,8 +133,14 @@ def _need_tracking(cfg: VidgenConfig) -> None:
 
 def check_config(cfg: VidgenConfig) -> None:
     """What the config alone can refuse, before Ray starts and before an MLflow run or a folder is made."""
+    from vidgen.eval.job import check_weights  # lazy: heavy (torch)
+    from vidgen.generate.pipelines import check_family
+
     _need_tracking(cfg)
     real_set(cfg)
+    for _, unet in checkpoints(cfg):  # the family's refusals and weights (model.path, each checkpoint's UNet, ...)
+        check_family(cfg.model, cfg.generate.model_copy(update={"unet": unet}))
+    check_weights(cfg)  # the feature network's
 
 
 def measure_checkpoint(cfg: VidgenConfig, night_dir: str) -> Measured:

@@ -25,7 +25,7 @@ import yaml
 
 from vidgen.cluster import runtime_env_dict_errors
 from vidgen.config import VidgenConfig, load_config
-from vidgen.errors import ConfigError, VidgenError
+from vidgen.errors import ConfigError, VidgenError, raised_remotely
 from vidgen.eval.nightly import check_config, exit_status, night_date, run_nightly, submission_id, summary
 from vidgen.ray_env import init_ray
 from vidgen.redact import install_log_filter, redact
@@ -155,10 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_nightly(cfg)
         print(json.dumps(summary(results), indent=2, default=str))
         return exit_status(results)
-    except VidgenError as e:
-        if args.debug:
+    except Exception as e:
+        error = e if isinstance(e, VidgenError) else raised_remotely(e)  # a Ray actor's own error, unwrapped
+        if args.debug or error is None:
             raise
-        one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        one_line = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"nightly_eval: error: {redact(one_line)}", file=sys.stderr)
         return 2
 

@@ -29,7 +29,7 @@ from vidgen.data.prompts import expand_samples, load_rows, read_jsonl
 from vidgen.data.video import write_video
 from vidgen.diffusion.fifo import FifoPlan
 from vidgen.diffusion.samplers import autoregressive_sample, base_sample, fifo_sample
-from vidgen.errors import ConfigError, DataError, JobError, raised_remotely
+from vidgen.errors import ConfigError, DataError, JobError, raised_remotely, ray_failure
 from vidgen.generate.outputs import (
     checkpoint_of,
     clean_stale_temps,
@@ -264,8 +264,9 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
     except Exception as e:  # a dead actor without restarts, a Ray error: the manifest still gets written
         if (original := raised_remotely(e)) is not None:  # e.g. an actor's model failed to load: its own line
             raise original from None
-        raise JobError(f"generation stopped after {len(results)} of {len(videos)} videos: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0][:300]}; rerun to do the rest") from e
+        started, why = ray_failure(e)  # an actor that failed to start fails the same way on a rerun
+        raise JobError(f"generation stopped after {len(results)} of {len(videos)} videos: {why[:300]}"
+                       + ("; rerun to do the rest" if started else "")) from e
     finally:
         write_manifest(root, _manifest_rows(root, videos, results))
     return [results[v["name"]] for v in videos]

@@ -53,6 +53,8 @@ def pixel_settings(gen: GenerateConfig) -> dict:
         d["consistency"].pop("seed_frame"), d["consistency"].pop("seed_frame_weight")
     else:
         d.pop("num_inference_steps")
+        if gen.min_guidance_scale != gen.max_guidance_scale:  # FIFO ramps guidance over output frames; named,
+            d["guidance_ramp"] = "output_frame"  # so videos made by a window-position ramp never pass as these
     if gen.sampler != "autoregressive":
         d.pop("autoregressive")
     if not gen.controlnet:  # absent, so names of uncontrolled videos stay what they were

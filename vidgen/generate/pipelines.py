@@ -19,11 +19,13 @@ def image_conditioned(model: ModelConfig) -> bool:
 
 def check_family(model: ModelConfig, g: GenerateConfig) -> None:
     """What the driver can refuse before any actor loads a model: the family's own refusals (e.g. a size its
-    pretrained weights were not trained at), and settings that need an image-conditioned model."""
+    pretrained weights were not trained at), weights that will not load, and settings that need an
+    image-conditioned model."""
     family = registry.spec(model)
     if g.controlnet and not family.controlnet:
         raise ConfigError(f"generate.controlnet: model.family={model.family} takes no ControlNet (Hotshot-XL does)")
     family.check_generate(model, g)
+    family.check_weights(model, g)
     if family.conditioning == "image":
         return
     asked = [name for name, on in (("generate.sampler=autoregressive", g.sampler == "autoregressive"),

@@ -45,7 +45,7 @@ class Recipe(Protocol):
     ENCODED: ClassVar[tuple[str, ...]]  # what `encode` returns: the latent cache's tensor columns
     OPTIONAL_COLUMNS: ClassVar[tuple[str, ...]]  # row columns `loss` reads when the dataset has them
     TRAIN_SECTIONS: ClassVar[tuple[str, ...]]  # train.* sub-sections the recipe reads (checkpoint compatibility)
-    EXPORT_NAME: ClassVar[str]  # <workdir>/export/<EXPORT_NAME>: what `export` writes
+    EXPORT_NAME: ClassVar[str]  # <storage_path>/<run.name>/export/<EXPORT_NAME>: what `export` writes
     checkpoint_trainable_only: ClassVar[bool]  # True: checkpoints hold the trainable tensors, the rest is rebuilt
     model: Any
 
@@ -87,9 +87,20 @@ class Pipeline(Protocol):
     def frames(self, cond: Any, indices: list[int]) -> Any: ...  # the condition of a window of output frames
 
 
+@dataclass
+class MetaGeneration:
+    """A family's generation pipeline with every module on the meta device (`Planner.meta_generation`), for
+    `vidgen plan --job generate`: no weight read, no memory."""
+
+    pipeline: Pipeline  # as the actors build it: its denoiser is what the samplers call
+    modules: dict[str, torch.nn.Module]  # everything an actor holds on its device, by name
+    condition: Callable[[], Any]  # one video's condition from meta inputs (the encoders' pass a video starts with)
+    source: str  # where the shapes came from
+
+
 class Planner(Protocol):
     """`vidgen plan`'s view of a family: the model on the meta device and one micro-step's encoder and UNet
-    passes at full size."""
+    passes at full size (training), or its generation pipeline (`meta_generation`)."""
 
     def meta_builder(self, model_cfg: Any) -> Callable: ...  # a `build` whose `.source` says where shapes came from
 
@@ -100,6 +111,8 @@ class Planner(Protocol):
     def unet_loss(self, unet: torch.nn.Module, enc: dict[str, torch.Tensor], b: int, f: int) -> torch.Tensor: ...
 
     def cache_bytes_per_clip(self, f: int, h: int, w: int) -> int: ...  # a latent-cache row's tensor bytes
+
+    def meta_generation(self, model_cfg: Any, g: Any) -> MetaGeneration: ...  # (model config, generate config)
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,9 @@ class FamilySpec:
     validation_video: Callable[[Any, Any, dict, int, torch.Generator], torch.Tensor]
     planner: Planner | None = None
     check_generate: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)  # driver-side refusals
+    # (model config, generate config): every weights path a generation job will load, opened and checked on the
+    # driver before any actor starts (configs and weight headers; vidgen.models.loading)
+    check_weights: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)
     cache_key: Callable[[Any], dict] = field(default=lambda cfg: {})  # extra config fields a latent cache depends on
     controlnet: bool = False  # its pipeline takes generate.controlnet / generate.control
     demo_overrides: tuple[str, ...] = ()  # what `vidgen demo model.family=<name>` changes in the demo's settings

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidgen import storage
 from vidgen.errors import ConfigError, ModelError, brief
+from vidgen.models.loading import key_report, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +273,19 @@ class TorchScriptI3D(nn.Module):
         return self.net(frames_bcthw, rescale=True, resize=True, return_features=True)
 
 
+def check_torchscript(path: str | None) -> None:
+    """On the driver: eval.i3d_path exists and is a TorchScript archive (a zip), read no further."""
+    try:
+        with storage.open(path or "", "rb") as f:
+            magic = f.read(4)
+    except Exception as e:
+        raise ModelError(f"eval.i3d_path={path}: cannot read it ({brief(e)}); eval.protocol=stylegan-v needs "
+                         "StyleGAN-V's i3d_torchscript.pt") from None
+    if magic != b"PK\x03\x04":
+        raise ModelError(f"eval.i3d_path={path}: not a TorchScript archive; eval.protocol=stylegan-v needs "
+                         "StyleGAN-V's i3d_torchscript.pt")
+
+
 def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:
     """What identifies the weights a `build_i3d` call uses: sha256 of the checkpoint file's bytes for
     `pretrained` (a renamed or moved copy of the same file keeps its digest), the seed for `tiny`."""
@@ -298,48 +313,33 @@ def _read_bytes(path: str) -> bytes:
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state dict file into `model`; every weight and BN statistic must be present with its shape."""
-    try:
-        data = _read_bytes(path)
-    except Exception as e:  # StorageError, FileNotFoundError, permission errors, ... all mean "no weights"
-        raise ModelError(f"cannot read I3D weights at {path!r} (eval.i3d_path): {brief(e)}. {WEIGHTS_HELP}") from e
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(
-            f"I3D weights at {path!r} (eval.i3d_path) are not a PyTorch state dict of tensors ({brief(e)}). "
-            f"{WEIGHTS_HELP}"
-        ) from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(
-            f"I3D weights at {path!r} (eval.i3d_path): expected a dict of tensors (a state dict), "
-            f"got {type(state).__name__}. {WEIGHTS_HELP}"
-        )
-    check_state_dict(model, state, path)
+    check_state_dict(model, state := read_checkpoint(path), path)
     # The published file has no num_batches_tracked buffers (converted from TF); they do not affect
     # inference, so they are the only keys allowed to be absent.
     model.load_state_dict(state, strict=False)
 
 
+def read_checkpoint(path: str | None) -> dict[str, torch.Tensor]:
+    if not path:
+        raise ModelError(f"I3D flavor 'pretrained' needs eval.i3d_path (got {path!r}). {WEIGHTS_HELP}")
+    try:  # tensors only (weights_only): a pickle that would run code is refused
+        return read_state_dict(path, "eval.i3d_path")
+    except ModelError as e:
+        raise ModelError(f"{e}. {WEIGHTS_HELP}") from None
+
+
+def check_weights(path: str | None) -> None:
+    """On the driver, before any actor builds the network: the file at eval.i3d_path reads as tensors and fits the
+    400-class I3D key for key (the model is built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = I3D()
+    check_state_dict(model, read_checkpoint(path), path)
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    given = {k: v.shape for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(given) if tuple(expected[k]) != tuple(given[k]))
-    if not (missing or unexpected or wrong):
-        return
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if wrong:
-        k = wrong[0]
-        problems.append(
-            f"{len(wrong)} keys with the wrong shape (e.g. {k}: file {tuple(given[k])}, "
-            f"expected {tuple(expected[k])})"
-        )
-    raise ModelError(
-        f"I3D weights at {path!r} (eval.i3d_path) do not fit the 400-class Inception-I3D: "
-        f"{'; '.join(problems)}. {WEIGHTS_HELP}"
-    )
+    skip = "num_batches_tracked"
+    problems = key_report({k: v.shape for k, v in model.state_dict().items() if not k.endswith(skip)},
+                          {k: v.shape for k, v in state.items() if not k.endswith(skip)})
+    if problems:
+        raise ModelError(f"I3D weights at {path!r} (eval.i3d_path) do not fit the 400-class Inception-I3D: "
+                         f"{problems}. {WEIGHTS_HELP}")

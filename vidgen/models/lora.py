@@ -141,7 +141,7 @@ def save_lora(unet: torch.nn.Module, lora_cfg, targets: list[str], uri: str) -> 
         write_lora_dir(lora_state_dict(unet), config_from_targets(lora_cfg, targets), tmp)
 
 
-def _read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights keyed `<module>.lora_A.weight`, adapter config) from a LoRA directory or .safetensors file."""
     from safetensors import safe_open  # lazy: heavy (safetensors)
 
@@ -203,7 +203,7 @@ def load_lora(unet: torch.nn.Module, path: str, scale: float = 1.0) -> list[str]
 
     if lora_layers(unet):
         raise ModelError(f"{path}: this UNet has a LoRA already; load into a fresh UNet (or merge_lora first)")
-    state, cfg = _read_adapter(path)
+    state, cfg = read_adapter(path)
     known = set(LoraConfig.__dataclass_fields__)
     try:
         peft_cfg = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k not in ("peft_type", "task_type")})

@@ -27,7 +27,6 @@ Shapes: B clips, T frames (even), D width (1408), N tokens = T/2 * 16 * 16.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +37,7 @@ from torch import nn
 
 from vidgen import storage
 from vidgen.errors import ConfigError, ModelError, brief
+from vidgen.models.loading import key_report, read_state_dict
 
 WEIGHTS_HELP = (
     "vidgen never downloads weights. Get VideoMAE-v2's ViT-g checkpoint fine-tuned on SSv2, "
@@ -192,36 +192,36 @@ def build_videomae(flavor: Literal["tiny", "pretrained"], path: str | None = Non
 
 
 def read_checkpoint(path: str | None) -> dict[str, torch.Tensor]:
-    """The state dict in a VideoMAE-v2 checkpoint file: its 'model' or 'module' entry, or the file itself."""
+    """The state dict in a VideoMAE-v2 checkpoint file: its 'model' or 'module' entry, or the file itself (tensors
+    only, memory-mapped when local)."""
     if not path:
         raise ModelError(f"eval.videomae_flavor=pretrained needs eval.videomae_path (got {path!r}). {WEIGHTS_HELP}")
     try:
-        local = storage.local_path(path)
-        source = local if local is not None else io.BytesIO(storage.read_bytes(path))
-        data = torch.load(source, map_location="cpu", weights_only=True, mmap=local is not None)
-    except Exception as e:
-        raise ModelError(f"eval.videomae_path={path}: not a readable PyTorch checkpoint ({brief(e)}). "
-                         f"{WEIGHTS_HELP}") from None
-    if isinstance(data, dict):
-        data = next((data[k] for k in ("model", "module") if k in data), data)
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ModelError(f"eval.videomae_path={path}: expected a state dict of tensors (under 'model' or 'module'), "
-                         f"got {type(data).__name__}. {WEIGHTS_HELP}")
-    return data
+        return read_state_dict(path, "eval.videomae_path", unwrap=("model", "module"))
+    except ModelError as e:
+        raise ModelError(f"{e}. {WEIGHTS_HELP}") from None
+
+
+def check_weights(path: str | None, config: VideoMAEConfig = FULL) -> None:
+    """On the driver, before any actor builds the encoder: a local checkpoint reads (memory-mapped, tensors only)
+    and fits `config` key for key (the model is built on the meta device); a remote one (about 4 GB) exists."""
+    if path and storage.is_remote(path):
+        try:
+            if storage.size(path) > 0:
+                return
+        except Exception as e:
+            raise ModelError(f"eval.videomae_path={path}: cannot read it ({brief(e)}). {WEIGHTS_HELP}") from None
+        raise ModelError(f"eval.videomae_path={path}: an empty file. {WEIGHTS_HELP}")
+    state = read_checkpoint(path)
+    with torch.device("meta"):
+        model = VideoMAEv2(config)
+    check_keys(model, state, path)
 
 
 def check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: str | None) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items()}
-    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-    problems = [f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})"] if missing else []
-    problems += [f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})"] if unexpected else []
-    problems += [f"{len(wrong)} keys with the wrong shape (e.g. {wrong[0]}: file {given[wrong[0]]}, expected "
-                 f"{expected[wrong[0]]})"] if wrong else []
+    problems = key_report({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()})
     if problems:
-        raise ModelError(f"eval.videomae_path={path}: not VideoMAE-v2 ViT-g/14 weights: {'; '.join(problems)}. "
-                         f"{WEIGHTS_HELP}")
+        raise ModelError(f"eval.videomae_path={path}: not VideoMAE-v2 ViT-g/14 weights: {problems}. {WEIGHTS_HELP}")
 
 
 def weights_digest(flavor: str, path: str | None = None, seed: int = 0) -> str:

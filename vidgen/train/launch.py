@@ -2,7 +2,8 @@
 
 `fit(cfg, dataset)` runs `train.num_workers` workers under DeepSpeed ZeRO, resumes from the latest
 checkpoint in `storage_path/<run.name>` when one exists (a rerun with the same name continues where a dead
-run stopped), and exports the trained UNet as a diffusers directory.
+run stopped), and exports the trained UNet as a diffusers directory to `storage_path/<run.name>/export` (per run,
+beside its checkpoints).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from vidgen import faults, storage
 from vidgen.config import VidgenConfig
 from vidgen.data.position import Shares
-from vidgen.errors import ConfigError, JobError, ModelError, raised_remotely
+from vidgen.errors import ConfigError, DataError, JobError, ModelError, raised_remotely
 from vidgen.models import registry
 from vidgen.ray_env import shared_env, worker_env
 from vidgen.train.manifest import verify_manifest
@@ -55,6 +56,7 @@ class MetricsSink:
         self.artifacts: list[tuple[int, list[str]]] = []
         self.committed = 0
         self.delivered = 0  # the last step drained
+        self.data_stop: tuple[int, int] | None = None  # (step, samples skipped): the workers stopped for bad data
 
     def put(self, rows: list[dict]) -> None:
         self.pending.extend(rows)
@@ -66,6 +68,12 @@ class MetricsSink:
         self.pending = [r for r in self.pending if r["step"] <= step]
         self.artifacts = [a for a in self.artifacts if a[0] <= step]
         self.committed = min(self.committed, step)
+
+    def stop_for_data(self, step: int, skipped: int) -> None:
+        self.data_stop = (step, skipped)
+
+    def stopped_for_data(self) -> tuple[int, int] | None:
+        return self.data_stop
 
     def commit(self, step: int) -> None:
         self.committed = max(self.committed, step)
@@ -157,6 +165,11 @@ def storage_root(cfg: VidgenConfig) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def export_root(cfg: VidgenConfig) -> str:
+    """Where the run's weights are exported: beside its checkpoints, `<storage root>/<run.name>/export`."""
+    return storage.join(storage_root(cfg), cfg.run.name, "export")
+
+
 def ray_storage(cfg: VidgenConfig):
     """(path, filesystem) for Ray Train: remote roots through vidgen's own fsspec filesystem, so that Ray reaches
     the same store as vidgen (VIDGEN_S3_ENDPOINT_URL, fsspec's credentials), not one it builds from the URI."""
@@ -225,6 +238,8 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
             raise ConfigError(f"train.num_workers={t.num_workers}: more workers than the {data.num_samples} samples "
                               f"of {data.source}; each worker needs samples of its own")
         loop_config |= {"clips": ray.put(data), "columns": share_columns(cfg)}
+        if getattr(data, "max_bad_fraction", None) is not None:  # the clips of data.source: bad samples are skipped
+            loop_config["skip_limit"] = data.max_bad_fraction * data.num_samples
         datasets = {}
     else:
         datasets = {"train": data.select_columns(train_columns(cfg, data))}
@@ -274,6 +289,7 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
     pumper.start()
     try:
         result = trainer.fit()
+        data_stop = ray.get(sink.stopped_for_data.remote())
     except Exception as e:  # Ray wraps worker errors; show the root cause in one line
         raise JobError(f"training run {cfg.run.name!r} failed: {_root_cause(e)}") from e
     finally:
@@ -284,17 +300,32 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
         ray.kill(sink)
     if lost:
         raise lost[0]
+    check_skipped(data, data_stop)
     if result.checkpoint is None:
         raise JobError(f"training run {cfg.run.name!r} finished without a checkpoint")
     recipe = registry.recipe_class(cfg.model, t.recipe)
-    export_dir = os.path.join(cfg.run.workdir, "export", recipe.EXPORT_NAME)
+    export_dir = storage.join(export_root(cfg), recipe.EXPORT_NAME)
     merged = "lora" in recipe.TRAIN_SECTIONS and t.lora.export_merged  # the base UNet with the adapters merged in
-    merged_dir = os.path.join(cfg.run.workdir, "export", "unet") if merged else None
+    merged_dir = storage.join(export_root(cfg), "unet") if merged else None
     t_export = time.perf_counter()
     export_on_worker(cfg, result.checkpoint, export_dir, merged_dir)
     rows.sort(key=lambda r: r["step"])
     return TrainResult(checkpoint_dir=checkpoint_uri(cfg, result.checkpoint), export_dir=export_dir, metrics=rows,
                        merged_dir=merged_dir, export_s=time.perf_counter() - t_export)
+
+
+def check_skipped(data, data_stop: tuple[int, int] | None) -> None:
+    """Before anything is exported: DataError when the workers stopped because more than data.max_bad_fraction of
+    the samples were skipped, or when the data report (`ClipStream.check`) finds that many at the end."""
+    where = f"training stopped at step {data_stop[0]}: " if data_stop else ""
+    if callable(getattr(data, "check", None)):
+        try:
+            data.check()
+        except DataError as e:
+            raise DataError(f"{where}{e}") from None
+    if data_stop:  # the report missed records the workers counted (a report_dir not every node shares)
+        raise DataError(f"{where}{data_stop[1]} of the {data.num_samples} samples of {data.source} made no clip, "
+                        f"more than data.max_bad_fraction={data.max_bad_fraction} allows")
 
 
 def worker_runtime_env(use_gpu: bool) -> dict[str, str]:

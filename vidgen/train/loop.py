@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,13 +277,15 @@ def train_func(config: dict) -> None:
     generator = torch.Generator().manual_seed(rank_seed(seed, rank, step))
     samples_per_step = t.batch_size * t.gradient_accumulation * world
     position = None
+    skipped: Counter = Counter()  # samples this rank found bad, per epoch (rank_rows)
     if config.get("clips") is not None:  # data.source or a latent cache: each rank reads its own share, exactly
         stream = ray.get(config["clips"])
         position = resumed_position(client, stream, bool(ckpt))
-        batches = clip_batches(stream, position, rank, world, t.batch_size, config["columns"], device)
+        batches = clip_batches(stream, position, rank, world, t.batch_size, config["columns"], device, skipped)
     else:  # any other Ray Dataset: Ray Train's split, the position counted in batches
         batches = shard_batches(ray.train.get_dataset_shard("train"), t.batch_size, device, rank, skip=batches_seen)
     clip_log = ClipLog(rank, step)
+    first_epoch, skip_limit = (position.floor if position else 0), config.get("skip_limit")
 
     # -- train --------------------------------------------------------------------------------
     t_step, wait, losses = time.perf_counter(), 0.0, []
@@ -303,6 +306,13 @@ def train_func(config: dict) -> None:
         if not boundary:
             continue
         step += 1
+        if skip_limit is not None and (found := sum_over_ranks(skipped[first_epoch], device)) > skip_limit:
+            # More samples of one epoch were bad than data.max_bad_fraction allows of them all: nothing read later
+            # brings the fraction back under it. Every rank sees the same sum and returns here, at the same step;
+            # a return (not an error, which Ray Train would retry) and the driver raises (launch.check_skipped).
+            if rank == 0 and sink is not None:
+                ray.get(sink.stop_for_data.remote(step, found))
+            return
         faults.maybe_exit("TRAIN", fault, rank, step)  # test hook (vidgen/faults.py)
         if ema is not None:
             _ema_update(ema, names, params, t.ema_decay)
@@ -347,12 +357,12 @@ def resumed_position(client: dict, stream, resumed: bool):
 
 
 def clip_batches(stream, position, rank: int, world: int, batch_size: int, columns: list[str],
-                 device: torch.device) -> Iterator[dict]:
+                 device: torch.device, skipped: Counter | None = None) -> Iterator[dict]:
     """Micro-batches of this rank's share of the clips (vidgen.data.position.rank_rows), each of one bucket (one frame
     size; vidgen.data.buckets), as tensors on the device; `_consumed` holds (epochs, slots, clip ids) to mark
     in `position` once the batch is trained."""
     collate = _collate(device)
-    for batch in bucket_batches(rank_rows(stream, position, rank, world), batch_size):
+    for batch in bucket_batches(rank_rows(stream, position, rank, world, skipped), batch_size):
         out = collate({c: np.asarray(batch[c]) for c in columns if c in batch})
         out["_consumed"] = (batch["_epoch"], batch["_slot"], list(batch["clip_id"]), list(batch["bucket"]))
         yield out
@@ -415,6 +425,12 @@ def check_ranks_agree(params: list[torch.nn.Parameter], step: int, device: torch
     if not torch.allclose(values, values[0].expand_as(values), rtol=1e-9, atol=1e-9):
         raise RuntimeError(f"step {step}: ranks hold different weights ({values.tolist()}): "
                            "gradients are not being averaged across workers")
+
+
+def sum_over_ranks(n: int, device: torch.device) -> int:
+    total = torch.tensor([n], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def data_positions(batches_seen: int, rank: int, world: int, device: torch.device) -> list[int]:

@@ -1,6 +1,7 @@
 """Hotshot-XL: text-to-video from SDXL plus temporal layers, trained with the DDPM objective (hotshot_temporal)."""
 
 from vidgen.models.base import FamilySpec
+from vidgen.models.hotshot.checks import check_weights
 from vidgen.models.hotshot.model import from_config
 from vidgen.models.hotshot.pipeline import build_pipeline, check_generate, validation_video
 from vidgen.models.hotshot.plan import HotshotPlanner
@@ -23,4 +24,5 @@ FAMILY = FamilySpec(
     check_generate=check_generate,
     cache_key=cache_key,
     controlnet=True,
+    check_weights=check_weights,
 )

@@ -10,7 +10,9 @@ Hotshot-XL steers its layout with one SDXL ControlNet applied frame by frame (ho
 - control images in [0, 1], the same for the unconditional and the text half of classifier-free guidance.
 Hotshot's inference passes the source frames to the ControlNet as they are; vidgen computes Canny maps for a Canny
 ControlNet (`canny`, the algorithm of OpenCV's `Canny(image, 100, 200)` that diffusers' SDXL Canny ControlNet
-examples use) or takes the frames as control maps (`type: none`: precomputed depth, pose, segmentation ...).
+examples use), depth maps for a depth ControlNet (`depth`: a transformers depth-estimation model, DPT or
+Depth-Anything, normalised as diffusers' SDXL depth ControlNet examples do) or takes the frames as control maps
+(`type: none`: precomputed depth, pose, segmentation ...).
 
 Shapes: N output frames, H/W output pixels.
   control clip  uint8 [N, H, W, 3]
@@ -113,32 +115,128 @@ def canny(frames_nhwc: np.ndarray, low: float = 100.0, high: float = 200.0) -> n
     return out[..., None].expand(n, h, w, 3).numpy().copy()
 
 
+class DepthEstimator:
+    """Depth maps of key frames from a transformers depth-estimation model, as diffusers' SDXL depth ControlNet
+    examples make them: the model's image processor, `predicted_depth` resized bicubically to the frame size,
+    min-max normalised per frame to [0, 1], times 255 truncated to uint8 in all three channels. A flat map (no
+    depth range) is black instead of the examples' NaN."""
+
+    def __init__(self, processor, model):
+        self.processor, self.model = processor, model
+
+    def to(self, device) -> DepthEstimator:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, frames_nhwc: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] of uint8 RGB frames [N, H, W, 3]."""
+        n, h, w, _ = frames_nhwc.shape
+        param = next(self.model.parameters())
+        pixels = self.processor(images=list(frames_nhwc), return_tensors="pt").pixel_values
+        depth = self.model(pixel_values=pixels.to(param.device, param.dtype)).predicted_depth.float()
+        depth = F.interpolate(depth[:, None], size=(h, w), mode="bicubic", align_corners=False)
+        lo, hi = depth.amin((1, 2, 3), keepdim=True), depth.amax((1, 2, 3), keepdim=True)
+        span = hi - lo
+        depth = torch.where(span > 0, (depth - lo) / torch.where(span > 0, span, 1.0), 0.0)
+        out = (depth[:, 0].cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(out[..., None], 3, axis=-1))
+
+
+def check_depth_model_dir(path: str | None) -> None:
+    """On the driver: `generate.control.depth_model` is a transformers depth-estimation model directory."""
+    from transformers.models.auto.modeling_auto import (  # lazy: heavy (transformers)
+        MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES as DEPTH_TYPES,
+    )
+
+    field = f"generate.control.depth_model={path}"
+    expected = ("expected a transformers depth-estimation model directory, e.g. DPT or Depth-Anything: config.json, "
+                "its weights and preprocessor_config.json; vidgen never downloads weights")
+    if not path:
+        raise ConfigError(f"generate.control.depth_model: required with generate.control.type=depth ({expected})")
+    cfg = storage.join(path, "config.json")
+    if not storage.exists(cfg):
+        raise ModelError(f"{field}: no config.json there ({expected})")
+    try:
+        conf = json.loads(storage.read_text(cfg))
+    except Exception as e:
+        raise ModelError(f"{field}: config.json is not readable JSON ({e})") from None
+    kind = conf.get("model_type") if isinstance(conf, dict) else None
+    if kind not in DEPTH_TYPES:
+        raise ModelError(f"{field}: config.json describes a {kind!r} model, not a depth-estimation one (expected "
+                         f"model_type one of {', '.join(sorted(DEPTH_TYPES))})")
+    if not storage.exists(storage.join(path, "preprocessor_config.json")):
+        raise ModelError(f"{field}: no preprocessor_config.json there ({expected})")
+
+
+def load_depth_estimator(path: str, cache_dir: str) -> DepthEstimator:
+    """The depth model of `generate.control.depth_model` (local directory or URI), on the CPU."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation  # lazy: heavy (transformers)
+
+    from vidgen.models.loading import resolve_model_dir  # lazy: keeps this module's imports light
+
+    check_depth_model_dir(path)
+    local = resolve_model_dir(path, cache_dir, "transformers depth-estimation model", ())
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(local))
+        model = AutoModelForDepthEstimation.from_pretrained(str(local)).eval()
+    except Exception as e:
+        raise ModelError(f"generate.control.depth_model={path}: not loadable as a depth-estimation model ({e})") \
+            from None
+    return DepthEstimator(processor, model)
+
+
+def _frame_files(uri: str) -> list[str]:
+    files = [f for f in storage.listdir(uri) if is_image_name(f)]
+    files.sort(key=lambda f: natural_key(f.rsplit("/", 1)[-1]))
+    if not files:
+        raise DataError(f"{uri}: no frames in the control clip folder (expected image files)")
+    return files
+
+
+def _stack(uri: str, frames: list[np.ndarray]) -> np.ndarray:
+    if len({f.shape for f in frames}) > 1:
+        raise DataError(f"{uri}: control frames of different sizes")
+    return np.stack(frames)
+
+
 def read_clip(uri: str) -> tuple[np.ndarray, float | None]:
     """Every frame of a control source, uint8 [T, H, W, 3], and its frame rate when it says (videos)."""
     if storage.isdir(uri):
-        files = [f for f in storage.listdir(uri) if is_image_name(f)]
-        files.sort(key=lambda f: natural_key(f.rsplit("/", 1)[-1]))
-        if not files:
-            raise DataError(f"{uri}: no frames in the control clip folder (expected image files)")
-        frames = [decode_image(storage.read_bytes(f), f) for f in files]
-        if len({f.shape for f in frames}) > 1:
-            raise DataError(f"{uri}: control frames of different sizes")
-        return np.stack(frames), None
+        return _stack(uri, [decode_image(storage.read_bytes(f), f) for f in _frame_files(uri)]), None
     if not storage.exists(uri):
         raise DataError(f"{uri}: no such control clip (a frame folder or a video)")
     source: str | bytes = storage.read_bytes(uri) if storage.is_remote(uri) else uri
     return read_video(source)
 
 
-def control_clip(uri: str, count: int, height: int, width: int, fps: float, kind: str,
-                 source_fps: float | None = None, low: float = 100.0, high: float = 200.0) -> np.ndarray:
-    """The control maps of one video: uint8 [count, height, width, 3] from the clip at `uri`."""
+def _key_frames(uri: str, count: int, fps: float, source_fps: float | None) -> np.ndarray:
+    """The clip's key frames [count, H, W, 3]. A frame folder decodes only the frames picked; a video decodes whole
+    (its length and rate come from the decode)."""
+    def pick(n: int, rate: float | None) -> list[int]:
+        return keyframe_indices(n, count, 1000.0 / rate if rate else None, 1000.0 * count / fps)
+
+    if storage.isdir(uri):
+        files = _frame_files(uri)
+        idx = pick(len(files), source_fps)
+        decoded = {i: decode_image(storage.read_bytes(files[i]), files[i]) for i in sorted(set(idx))}
+        return _stack(uri, [decoded[i] for i in idx])
     frames, own_fps = read_clip(uri)
-    rate = source_fps or own_fps
-    idx = keyframe_indices(len(frames), count, 1000.0 / rate if rate else None, 1000.0 * count / fps)
-    picked = resize_cover_crop(frames[idx], height, width)
+    return frames[pick(len(frames), source_fps or own_fps)]
+
+
+def control_clip(uri: str, count: int, height: int, width: int, fps: float, kind: str,
+                 source_fps: float | None = None, low: float = 100.0, high: float = 200.0,
+                 depth: DepthEstimator | None = None) -> np.ndarray:
+    """The control maps of one video: uint8 [count, height, width, 3] from the clip at `uri` (`depth`: the
+    estimator for kind `depth`)."""
+    picked = resize_cover_crop(_key_frames(uri, count, fps, source_fps), height, width)
     if kind == "canny":
         return canny(picked, low, high)
+    if kind == "depth":
+        if depth is None:
+            raise ConfigError("generate.control.type=depth: no depth model loaded (generate.control.depth_model)")
+        return depth(picked)
     return np.ascontiguousarray(picked, dtype=np.uint8)
 
 
@@ -197,6 +295,6 @@ def load_controlnet(path: str, unet_model, cache_dir: str, seed: int = 0):
 
 
 def check_control_kind(kind: str) -> None:
-    if kind not in ("canny", "none"):
-        raise ConfigError(f"generate.control.type={kind!r}: expected canny (computed here) or none (the clip's "
-                          "frames are the control maps, e.g. precomputed depth)")
+    if kind not in ("canny", "depth", "none"):
+        raise ConfigError(f"generate.control.type={kind!r}: expected canny (computed here), depth (from "
+                          "generate.control.depth_model) or none (the clip's frames are the control maps)")

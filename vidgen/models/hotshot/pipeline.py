@@ -30,7 +30,14 @@ from vidgen.diffusion.objectives import append_dims
 from vidgen.diffusion.samplers import base_sample, sampling_sigmas
 from vidgen.errors import ConfigError
 from vidgen.models.hotshot import model as hotshot
-from vidgen.models.hotshot.control import check_controlnet_dir, control_clip, load_controlnet, step_keep
+from vidgen.models.hotshot.control import (
+    check_controlnet_dir,
+    check_depth_model_dir,
+    control_clip,
+    load_controlnet,
+    load_depth_estimator,
+    step_keep,
+)
 from vidgen.models.hotshot.model import Hotshot
 from vidgen.models.hotshot.sdxl import time_ids_for
 from vidgen.models.hotshot.weights import TEMPORAL_FILE, spatial_state_dict
@@ -267,6 +274,7 @@ class HotshotPipeline:
     model: Hotshot
     denoiser: HotshotDenoiser
     scheduler: DDIMSigmas
+    depth: object | None = None  # the DepthEstimator of generate.control.type=depth
 
     def condition(self, row: dict, g: GenerateConfig, image_fn, generator) -> HotshotCondition:
         maps = None
@@ -276,8 +284,9 @@ class HotshotPipeline:
             if not uri:
                 raise ConfigError(f"prompt {row.get('id')!r}: no control clip (generate.control.source={c.source} "
                                   f"reads the row's {'clip' if c.source == 'clip' else 'control'} field)")
+            depth = self.depth.to(self.denoiser.device) if self.depth else None
             maps = control_clip(uri, g.num_frames, g.height, g.width, g.fps, c.type, c.source_fps, c.canny_low,
-                                c.canny_high)[None]
+                                c.canny_high, depth)[None]
         return self.denoiser.condition([row["sample_prompt"] or row["prompt"]], g.height, g.width,
                                        control_frames=maps)
 
@@ -297,12 +306,19 @@ def check_generate(m: ModelConfig, g: GenerateConfig) -> None:
         if g.sampler == "autoregressive":
             raise ConfigError("generate.controlnet: works with generate.sampler=base or fifo, not autoregressive")
         check_controlnet_dir(g.controlnet)
+        if g.control.type == "depth":
+            check_depth_model_dir(g.control.depth_model)
+
+
+def temporal_layers(m: ModelConfig, g: GenerateConfig | None) -> tuple[str | None, str]:
+    """(the temporal-layer file generation loads, the config field naming it)."""
+    if g is not None and g.unet:  # a `vidgen train` export of hotshot_temporal: its temporal-layer file
+        return (g.unet if g.unet.endswith(".safetensors") else storage.join(g.unet, TEMPORAL_FILE)), "generate.unet"
+    return m.temporal_layers, "model.temporal_layers"
 
 
 def build_pipeline(m: ModelConfig, g: GenerateConfig) -> HotshotPipeline:
-    temporal = m.temporal_layers
-    if g.unet:  # a `vidgen train` export of hotshot_temporal: its temporal-layer file
-        temporal = g.unet if g.unet.endswith(".safetensors") else storage.join(g.unet, TEMPORAL_FILE)
+    temporal = temporal_layers(m, g)[0]
     model = hotshot.build(m.flavor, path=m.path, cache_dir=m.cache_dir, temporal_layers=temporal,
                           spatial_unet_base=m.spatial_unet_base, max_frames=m.max_frames,
                           spatial_norm=m.spatial_norm, attention=m.attention)
@@ -317,7 +333,8 @@ def build_pipeline(m: ModelConfig, g: GenerateConfig) -> HotshotPipeline:
     # Text-to-video: one guidance scale for every frame (max_guidance_scale; SVD ramps min -> max).
     denoiser = HotshotDenoiser(model, g.max_guidance_scale, controlnet, c.scale, (c.guidance_start, c.guidance_end),
                                sampling_sigmas(schedule, steps))
-    return HotshotPipeline(model, denoiser, schedule)
+    depth = load_depth_estimator(c.depth_model, m.cache_dir) if g.controlnet and c.type == "depth" else None
+    return HotshotPipeline(model, denoiser, schedule, depth)
 
 
 def validation_video(model: Hotshot, prompt: str, validation: dict, num_steps: int,

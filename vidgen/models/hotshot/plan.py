@@ -7,11 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from vidgen.diffusion.samplers import sampling_sigmas
+from vidgen.errors import ConfigError
+from vidgen.models.base import MetaGeneration
 from vidgen.models.hotshot import model as hotshot
+from vidgen.models.hotshot.pipeline import DDIMSigmas, HotshotDenoiser, HotshotPipeline
 from vidgen.models.hotshot.weights import WEIGHTS_FILE
 from vidgen.models.loading import configs_source, read_configs
+
+PLAN_PROMPT = "a prompt"  # any: the text encoders pad every prompt to the tokenizer length
 
 SDXL_TOKENS, SDXL_WIDTH, SDXL_POOLED = 77, 2048, 1280  # the real SDXL text encoders' sizes
 LATENT_CHANNELS = 4
@@ -89,3 +96,36 @@ class HotshotPlanner:
         """Posterior mean + logvar of every frame (fp32) and the two text encoders' embeddings."""
         tokens, width, pooled = text
         return f * 2 * LATENT_CHANNELS * (h // 8) * (w // 8) * 4 + (tokens * width + pooled) * 4
+
+    def meta_generation(self, model_cfg, g) -> MetaGeneration:
+        """Hotshot-XL as `pipeline.build_pipeline` makes it, on the meta device, with the SDXL ControlNet of
+        generate.controlnet (its local config.json, else the shapes of one made from the UNet's spatial layers, as
+        an SDXL ControlNet is), and its condition as the denoiser computes it: both text encoders, and the control
+        maps of every output frame."""
+        from diffusers import ControlNetModel, UNet2DConditionModel  # lazy: heavy (diffusers)
+
+        m = model_cfg
+        build = self.meta_builder(m)
+        model = build(m.flavor, path=m.path, max_frames=m.max_frames, spatial_norm=m.spatial_norm,
+                      spatial_unet_base=m.spatial_unet_base)
+        limit = model.unet.config.motion_max_seq_length
+        if m.num_frames > limit:
+            raise ConfigError(f"model.num_frames={m.num_frames}: the temporal positional table holds {limit} frames; "
+                              f"use at most {limit} (or model.max_frames for fresh temporal layers)")
+        modules = self.parts(model)
+        controlnet, source = None, build.source
+        if g.controlnet:
+            read, _ = read_configs(None if g.controlnet == "tiny" else g.controlnet, ("",))
+            with torch.device("meta"):
+                controlnet = (ControlNetModel.from_config(read[""]) if read else
+                              ControlNetModel.from_unet(UNet2DConditionModel.from_config(model.unet.config_2d)))
+            modules["controlnet"] = controlnet.eval()
+            source += ", ControlNet " + ("from its config.json" if read else "shaped by the UNet's spatial layers")
+        schedule = DDIMSigmas(model.scheduler.config)
+        steps = g.num_inference_steps if g.sampler == "base" else m.num_frames * g.fifo.partitions
+        c = g.control
+        denoiser = HotshotDenoiser(model, g.max_guidance_scale, controlnet, c.scale, (c.guidance_start, c.guidance_end),
+                                   sampling_sigmas(schedule, steps))
+        maps = np.zeros((1, g.num_frames, g.height, g.width, 3), np.uint8) if controlnet is not None else None
+        return MetaGeneration(HotshotPipeline(model, denoiser, schedule), modules,
+                              lambda: denoiser.condition([PLAN_PROMPT], g.height, g.width, control_frames=maps), source)

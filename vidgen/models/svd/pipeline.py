@@ -11,7 +11,7 @@ embedding per frame; with equal sigmas it is the stock forward (tests assert tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -63,12 +63,22 @@ class SVDCondition:
     image_embeds: torch.Tensor  # [B, 1, D]
     image_latent: torch.Tensor  # [B, C, h, w], unscaled VAE mode of the conditioning frame
     added_time_ids: torch.Tensor  # [B, 3]
+    frames: tuple[int, ...] | None = None  # output frame of each window position (FIFO); None: 0 .. F-1
 
 
 class SVDDenoiser:
-    """EDM-preconditioned SVD UNet with optional classifier-free guidance ramped over window positions.
+    """EDM-preconditioned SVD UNet with optional classifier-free guidance ramped over the output frames.
 
-    The guidance scale at window position i is linspace(min, max, F)[i], as the SVD pipeline does.
+    Output frame k gets min + (max - min) * min(k, F - 1) / (F - 1): for one window (base sampler, FIFO's base
+    video, each autoregressive clip) that is the SVD pipeline's linspace(min, max, F) over window positions.
+    In FIFO a window holds frames at every distance from the conditioning image, so the ramp runs over the
+    output frame each slot becomes (`SVDCondition.frames`), not over its window position: the ramp says how far
+    a frame is from the image that conditions it (the pipeline raises guidance with that distance), and a
+    window position says nothing about it. Over positions, a frame's guidance would change at every step as
+    it moves through the queue, and with lookahead the written half of every window (positions F/2 .. F-1)
+    would only ever see the upper half of the ramp, so every FIFO frame, the first ones included, would get
+    more guidance than the pipeline gives it. Frames beyond the window get the maximum; warm-up frames
+    and context slots (negative indices) the minimum.
     """
 
     def __init__(self, model: SVD, min_guidance: float = 1.0, max_guidance: float = 3.0):
@@ -114,6 +124,13 @@ class SVDDenoiser:
         return SVDCondition((1 - w) * cond.image_embeds + w * embeds, (1 - w) * cond.image_latent + w * latent,
                             cond.added_time_ids)
 
+    def guidance_scales(self, frames) -> torch.Tensor:
+        """[F] guidance of a window whose positions become output frames `frames` (see the class docstring)."""
+        frames = list(frames)
+        window = len(frames)
+        k = torch.tensor(frames, dtype=torch.float32).clamp(0, window - 1)
+        return self.min_guidance + (self.max_guidance - self.min_guidance) * k / max(window - 1, 1)
+
     @property
     def guided(self) -> bool:
         return self.max_guidance > 1.0 or self.min_guidance > 1.0
@@ -138,7 +155,7 @@ class SVDDenoiser:
         self.calls += 1
         if self.guided:
             uncond, cond_out = out.chunk(2)
-            scale = torch.linspace(self.min_guidance, self.max_guidance, f, device=out.device)
+            scale = self.guidance_scales(range(f) if cond.frames is None else cond.frames).to(out.device)
             out = uncond + append_dims(scale, out.ndim - 1) * (cond_out - uncond)
         return append_dims(sc.c_out, out.ndim) * out + append_dims(sc.c_skip, out.ndim) * latents_bfchw
 
@@ -156,7 +173,7 @@ class SVDPipeline:
                                        generator)
 
     def frames(self, cond: SVDCondition, indices: list[int]) -> SVDCondition:
-        return cond  # one image conditions every frame
+        return replace(cond, frames=tuple(indices))  # one image conditions every frame; the ramp reads indices
 
     def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
         s = self.model.vae_scale_factor

@@ -5,13 +5,19 @@ Shapes: B batch, F frames, C latent channels, H/W pixels, h/w latents.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
+from vidgen.models.base import MetaGeneration
 from vidgen.models.loading import configs_source
 from vidgen.models.svd import model as svd
+from vidgen.models.svd.pipeline import SVDDenoiser, SVDPipeline
+from vidgen.models.svd.qcache import install_qcache
 
 CLIP_EMBED = 1024  # the real CLIP image encoder's embedding width
 LATENT_CHANNELS = 4
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIPImageProcessor
 
 
 class SVDPlanner:
@@ -77,3 +83,22 @@ class SVDPlanner:
         conditioning latent."""
         lat = LATENT_CHANNELS * (h // 8) * (w // 8)
         return f * 2 * lat * 4 + clip_embed * 4 + h * w * 3 + lat * 4
+
+    def meta_generation(self, model_cfg, g) -> MetaGeneration:
+        """SVD as `pipeline.build_pipeline` makes it, on the meta device (generate.unet has the model's shapes; the
+        query cache installed when generate.consistency.qcache), and its condition as the denoiser computes it:
+        CLIP of the image at the encoder's size, the VAE mode of the noise-augmented first frame at the output
+        size."""
+        m = model_cfg
+        build = self.meta_builder(m)
+        model = build(m.flavor, path=m.path, num_frames=m.num_frames)
+        if model.feature_extractor is None:  # a CLIPImageProcessor's mean and std are all encode_image reads
+            model.feature_extractor = SimpleNamespace(image_mean=CLIP_MEAN, image_std=CLIP_STD)
+        if g.consistency.qcache:
+            install_qcache(model.unet, g.consistency.qcache_weight)
+        denoiser = SVDDenoiser(model, g.min_guidance_scale, g.max_guidance_scale)
+        image = torch.empty(1, 3, g.height, g.width, device="meta")
+        return MetaGeneration(
+            SVDPipeline(model, denoiser, model.scheduler),
+            {"unet": model.unet, "vae": model.vae, "image_encoder": model.image_encoder},
+            lambda: denoiser.condition(image, g.fps, g.motion_bucket_id, g.noise_aug_strength), build.source)

@@ -5,10 +5,16 @@ Shapes: N = B * h * w tokens' batch (temporal attention attends over frames), F 
 Within one UNet call, each down block's temporal self-attention records its query [N, F, D]; the temporal
 self-attention of the mirrored up block (same resolution, so same N and D) then attends with
 q = (1 - w) * q_own + w * q_down. Keys, values, spatial attention and cross-attention are untouched.
-The fork hard-codes a full replacement (w = 1); here w is a parameter, and w = 0 is the stock forward.
 
 Up layer j of a level reuses down layer max(L - 1 - j, 0) of that level (L down layers), the fork's
 `out2in` pattern (output blocks 3, 4, 5 -> input blocks 8, 7, 7).
+
+Held against the fork's code (YCmove/FIFO-Diffusion_public b6226b0; tests/test_fifo_fork_parity.py runs its
+rule on a UNet of VideoCrafter's layout and matches this one). Where vidgen departs:
+- w is a parameter; the fork hard-codes vt = 1.0, a full replacement (`lvdm/modules/networks/openaimodel3d.py:692`,
+  mixed at `lvdm/modules/attention.py:175`). w = 0 is the stock forward.
+- only the temporal self-attention (`TTqcache_attn1`); the fork's spatial (`STqcache`) and cross-attention
+  (`attn2`) variants are not offered. The fork mixes after the head split, a linear map, so the same numbers.
 """
 
 from __future__ import annotations
