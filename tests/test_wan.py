@@ -342,3 +342,14 @@ def test_the_demo_runs_wan_with_one_override(tmp_path):
     registry.check(cfg.model, cfg.train.recipe)
     assert demo_config(str(tmp_path), ["model.family=wan", "generate.num_frames=9"]).generate.num_frames == 9
     assert demo_config(str(tmp_path), []).train.recipe == "svd_full"  # other families: the demo as it was
+
+
+def test_generation_plan_counts_fifo_over_latent_frames():
+    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.plan_generate import plan_generation
+
+    cfg = load_config(None, [*WAN, "generate.num_frames=17", "generate.height=32", "generate.width=32"])
+    p = plan_generation(cfg)
+    plan = FifoPlan(2, cfg.generate.fifo.partitions, cfg.generate.fifo.lookahead)  # 5 frames: 2 latent frames
+    assert p["evaluations"]["unet_calls"] == plan.steps + plan.iterations(5) * len(plan.windows())
+    assert p["sampler"]["steps"] == plan.steps and p["shape"]["output_latent"] == [5, 16, 4, 4]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from vidgen.models.base import MetaGeneration
 from vidgen.models.loading import configs_source
 from vidgen.models.wan import model as wan
+from vidgen.models.wan.pipeline import FlowSigmas, WanCondition, WanDenoiser, WanPipeline
 
 TEXT_WIDTH = 4096  # UMT5-XXL's
 
@@ -56,6 +58,21 @@ class WanPlanner:
         t = torch.empty(b, device=latents.device, dtype=dtype)
         out = unet(latents.to(dtype), t, enc["embeds"].to(dtype), return_dict=False)[0]
         return (out.float() - latents).pow(2).mean()
+
+    def meta_generation(self, model_cfg, g) -> MetaGeneration:
+        """Wan as `pipeline.build_pipeline` makes it, on the meta device, and its condition as the denoiser
+        computes it (UMT5 over the prompt, and the empty negative prompt when guided)."""
+        build = self.meta_builder(model_cfg)
+        model = build(model_cfg.flavor, path=model_cfg.path)
+        denoiser = WanDenoiser(model, g.max_guidance_scale)
+
+        def condition() -> WanCondition:  # UMT5 at the padded length (no mask: reading one needs its values)
+            ids = torch.zeros(1, model.text_length, dtype=torch.long, device=torch.device("meta"))
+            embeds = [model.text_encoder(ids).last_hidden_state.float() for _ in range(1 + (g.max_guidance_scale > 1))]
+            return WanCondition(embeds[0], embeds[1] if len(embeds) > 1 else None)
+
+        return MetaGeneration(WanPipeline(model, denoiser, FlowSigmas(model.flow_shift)), self.parts(model),
+                              condition, build.source)
 
     def load_overhead_bytes(self, model_cfg, unet: torch.nn.Module) -> int:
         return 0  # diffusers' and transformers' from_pretrained use the mapped tensors as the parameters
