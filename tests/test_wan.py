@@ -131,6 +131,9 @@ def test_lora_and_full_exports_load_back(tmp_path):
     r, _ = recipe("train.recipe=wan_lora", "train.lora.rank=2")
     state = {n: torch.randn_like(p) for n, p in r.unet.named_parameters() if p.requires_grad}
     r.export(state, tmp_path)
+    from vidgen.models.wan.lora_formats import COMFY_WEIGHTS
+
+    assert {p.name for p in tmp_path.iterdir()} >= {lora.PEFT_WEIGHTS, lora.DIFFUSERS_WEIGHTS, COMFY_WEIGHTS}
     fresh = wm.tiny(0).transformer
     lora.load_lora(fresh, str(tmp_path))
     got = lora.lora_state_dict(fresh)

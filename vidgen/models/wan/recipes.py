@@ -8,7 +8,6 @@ encodings {latents [B, L, C, h, w], prompt_embeds [B, S, D]}; clips without a pr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from vidgen.errors import ConfigError, ModelError
 from vidgen.models import lora
 from vidgen.models.wan import flow
 from vidgen.models.wan import model as wan
+from vidgen.models.wan.lora_formats import write_wan_lora_dir
 
 
 def build_wan(m: ModelConfig, seed: int, dtype: torch.dtype = torch.float32, build=None) -> wan.Wan:
@@ -159,14 +159,10 @@ class WanLoraRecipe(WanFullRecipe):
         return state
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
-        """The adapters in PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
-        `base_model.model.<module>.lora_A.weight`), which `vidgen.models.lora.load_lora` and PEFT read."""
-        from safetensors.torch import save_file  # lazy: heavy (safetensors)
-
-        state = {f"base_model.model.{k}": v.contiguous() for k, v in self.lora_state(state_dict).items()}
-        save_file(state, str(Path(out_dir) / lora.PEFT_WEIGHTS), metadata={"format": "pt"})
+        """The adapters in the PEFT, diffusers (`WanPipeline.load_lora_weights`) and ComfyUI layouts
+        (`vidgen.models.wan.lora_formats`); `vidgen.models.lora.load_lora` reads the directory back."""
         cfg = lora.config_from_targets(self.train_cfg.lora, self.targets)
-        (Path(out_dir) / lora.PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        write_wan_lora_dir(self.lora_state(state_dict), cfg, str(out_dir))
 
     def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
         """The base transformer with the adapters merged in, as a diffusers directory (fp32: a bf16 base would round
