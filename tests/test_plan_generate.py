@@ -28,7 +28,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 JOBS = {"demo.yaml": "train", "generate_demo.yaml": "generate", "generate_opv2v_hotshot_controlnet.yaml": "generate",
         "generate_opv2v_svd.yaml": "generate", "generate_vbench_hotshot.yaml": "generate",
         "hotshot_temporal.yaml": "train", "nightly_eval.yaml": "generate", "svd_full.yaml": "train",
-        "svd_lora_1024x576x25.yaml": "train"}
+        "svd_lora_1024x576x25.yaml": "train", "wan_lora_t2v_1.3b.yaml": "train"}
 PLANNED_IN_TEST_PLAN = {"svd_full.yaml", "svd_lora_1024x576x25.yaml", "hotshot_temporal.yaml"}  # 15-25 s each
 SVD_UNET_PARAMS = 1_524_623_082  # stabilityai/stable-video-diffusion-img2vid-xt's UNet
 TINY = ("model.flavor=tiny", "model.num_frames=4", "generate.height=32", "generate.width=32",

@@ -275,17 +275,37 @@ class EDMConfig(Section):
     )
 
 
+class FlowConfig(Section):
+    """Flow-matching objective (recipes wan_lora, wan_full); the defaults are DiffSynth-Studio's Wan recipe
+    (vidgen.models.wan.flow)."""
+
+    timesteps: Literal["table", "uniform", "logit_normal"] = Field(
+        "table", description="Noise-level sampling: table (a uniform pick of the shifted 1000-step schedule, "
+        "DiffSynth-Studio), uniform (U(0, 1), then shifted), logit_normal (sigmoid of a normal draw, then shifted: "
+        "finetrainers, musubi-tuner)."
+    )
+    shift: float = Field(5.0, gt=0, description="Time shift s: sigma -> s * sigma / (1 + (s - 1) * sigma).")
+    logit_mean: float = Field(0.0, description="Mean of the normal draw of timesteps=logit_normal.")
+    logit_std: float = Field(1.0, gt=0, description="Std of the normal draw of timesteps=logit_normal.")
+    weighting: Literal["bell", "none"] = Field(
+        "bell", description="Loss weight per noise level: bell (DiffSynth-Studio's) or none (plain MSE)."
+    )
+
+
 class TrainConfig(Section):
     recipe: str = Field(
         "svd_full", description="What trains and with which objective, one of model.family's recipes: svd_full (all "
         "or part of the SVD UNet), svd_lora (LoRA adapters from train.lora on a frozen SVD UNet), hotshot_temporal "
-        "(Hotshot-XL's temporal layers on a frozen SDXL)."
+        "(Hotshot-XL's temporal layers on a frozen SDXL), wan_full / wan_lora (the Wan 2.x transformer, whole or "
+        "LoRA)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (recipe svd_lora).")
     ddpm: DDPMConfig = Field(default_factory=lambda: DDPMConfig(),
                              description="DDPM objective settings (recipe hotshot_temporal).")
     edm: EDMConfig = Field(default_factory=lambda: EDMConfig(),
                            description="EDM objective settings (recipes svd_full, svd_lora).")
+    flow: FlowConfig = Field(default_factory=lambda: FlowConfig(),
+                             description="Flow-matching objective settings (recipes wan_lora, wan_full).")
     trainable: Literal["all", "temporal", "patterns"] = Field(
         "all",
         description="all: every UNet parameter; temporal: temporal transformer blocks only (SVD Xtend); "

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from vidgen import storage
 from vidgen.config import VidgenConfig, load_config
+from vidgen.models import registry
 from vidgen.ray_env import init_ray
 from vidgen.runner import eval_job, generate_job, tracker_for, train_job
 
@@ -91,7 +92,9 @@ def demo_config(workdir: str, overrides: list[str] | None = None) -> VidgenConfi
     run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh name: never resume an older demo
     base = [*DEMO_OVERRIDES, f"run.workdir={workdir}", f"run.name={run_name}",
             f"data.source={storage.join(workdir, 'data')}"]
-    return load_config(None, base + list(overrides or []))
+    cfg = load_config(None, base + list(overrides or []))
+    family = registry.spec(cfg.model).demo_overrides  # e.g. the family's recipe and frame counts; the user's win
+    return load_config(None, base + list(family) + list(overrides or [])) if family else cfg
 
 
 def make_prompts(cfg: VidgenConfig, samples: list[str], n: int) -> list[dict]:

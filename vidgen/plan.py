@@ -142,8 +142,10 @@ class _LiveBytes(TorchDispatchMode):
             self.grad_now -= n
 
 
-def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """SDPA as the memory-efficient CUDA kernel: its autograd saves q, k, v, out and the log-sum-exp."""
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as the memory-efficient CUDA kernel: its autograd saves q, k, v, out and the log-sum-exp. (torch's
+    argument names: diffusers' attention dispatch, which Wan uses, passes them by name.)"""
+    q, k, v = query, key, value
     out, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, attn_mask, q.requires_grad or k.requires_grad or v.requires_grad, dropout_p, is_causal, scale=scale)
     return out

@@ -68,7 +68,7 @@ def check_generation(cfg: VidgenConfig) -> None:
     g, window = cfg.generate, cfg.model.num_frames
     if g.controlnet and not registry.spec(cfg.model).controlnet:
         raise ConfigError(f"generate.controlnet: model.family={cfg.model.family} takes no ControlNet")
-    if g.sampler == "fifo" and g.fifo.lookahead and window % 2:
+    if g.sampler == "fifo" and g.fifo.lookahead and registry.spec(cfg.model).latent_frames(window) % 2:
         raise ConfigError(f"generate.fifo.lookahead=true: needs an even window, model.num_frames={window} is odd; "
                           "set generate.fifo.lookahead=false or an even model.num_frames")
     if g.sampler == "base" and g.num_frames != window:
@@ -110,7 +110,8 @@ class CountingDenoiser:
         return torch.empty_like(latents_bfchw, dtype=torch.float32)
 
 
-def run_sampler(g: GenerateConfig, shape_bfchw: tuple[int, ...], denoise) -> tuple[torch.Tensor, dict[str, int]]:
+def run_sampler(g: GenerateConfig, shape_bfchw: tuple[int, ...], denoise,
+                frames: int | None = None) -> tuple[torch.Tensor, dict[str, int]]:
     """The output latents [1, N, C, h, w] and the denoiser calls by stage, with the samplers called as
     `VideoGenerator.sample` calls them (the condition is None and re-conditioning keeps it: neither calls the
     denoiser)."""
@@ -119,7 +120,7 @@ def run_sampler(g: GenerateConfig, shape_bfchw: tuple[int, ...], denoise) -> tup
         plan_ = FifoPlan(window, g.fifo.partitions, g.fifo.lookahead)
         base = base_sample(denoise, None, sched, shape_bfchw, plan_.steps, generator=gen)
         first = denoise.calls
-        out = fifo_sample(denoise, None, sched, shape_bfchw, g.num_frames, plan_, gen, base=base,
+        out = fifo_sample(denoise, None, sched, shape_bfchw, frames or g.num_frames, plan_, gen, base=base,
                           uniform=g.fifo.uniform_latents)
         return out, {"base video": first, "queue": denoise.calls - first}
     if g.sampler == "autoregressive":
@@ -171,7 +172,7 @@ def plan_generation(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
     live = _LiveBytes(set(), device="meta")
     counter = CountingDenoiser(live)
     with live, torch.no_grad():
-        out, calls = run_sampler(g, shape, counter)
+        out, calls = run_sampler(g, shape, counter, family.latent_frames(g.num_frames))
     out_bytes = out.numel() * out.element_size()
     _, decode_peak, _, decode_flops = _measure(lambda: pipe.model.decode_video(out, chunk=window), weight_keys)
 
@@ -196,7 +197,8 @@ def plan_generation(cfg: VidgenConfig, mfu: float = 0.4) -> dict:
     return {
         "job": "generate", "family": cfg.model.family, "model_source": mg.source, "dtype": str(dtype).split(".")[-1],
         "sampler": {"name": g.sampler, "window": window, "frames": g.num_frames,
-                    "steps": _steps(g, window), "fifo": g.fifo.model_dump() if g.sampler == "fifo" else None},
+                    "steps": _steps(g, family.latent_frames(window)),
+                    "fifo": g.fifo.model_dump() if g.sampler == "fifo" else None},
         "shape": {"height": g.height, "width": g.width, "latent": list(shape[1:]),
                   "output_latent": list(out.shape[1:])},
         "evaluations": {"unet_calls": evaluations, "by_stage": calls},

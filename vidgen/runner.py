@@ -196,9 +196,10 @@ def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = 
     g, window = cfg.generate, cfg.model.num_frames
     params = {"generate.window": window}
     if g.sampler == "fifo":
-        plan = FifoPlan(window, g.fifo.partitions, g.fifo.lookahead)
+        latent = registry.spec(cfg.model).latent_frames  # the queue holds latent frames
+        plan = FifoPlan(latent(window), g.fifo.partitions, g.fifo.lookahead)
         cfg_mult = 2 if max(g.min_guidance_scale, g.max_guidance_scale) > 1 else 1
-        params |= {"generate.fifo.steps": plan.steps, "generate.fifo.iterations": plan.iterations(g.num_frames),
+        params |= {"generate.fifo.steps": plan.steps, "generate.fifo.iterations": plan.iterations(latent(g.num_frames)),
                    "generate.fifo.unet_calls_per_frame": len(plan.windows()) * cfg_mult}
     check_outputs_shared(cfg, "generate")
     tracker.log_params(params)

@@ -38,7 +38,10 @@ def sampling_sigmas(scheduler, num_steps: int) -> torch.Tensor:
 
 
 def initial_noise_scale(scheduler, sigma_max: float) -> float:
-    """diffusers' `init_noise_sigma`: sigma_max, or sqrt(sigma_max^2 + 1) for leading/linspace-less spacing."""
+    """diffusers' `init_noise_sigma`: sigma_max, or sqrt(sigma_max^2 + 1) for leading/linspace-less spacing; a
+    scheduler with its own `initial_noise_scale` (flow matching's pure noise: 1 + sigma_max) says it itself."""
+    if hasattr(scheduler, "initial_noise_scale"):
+        return scheduler.initial_noise_scale(sigma_max)
     if getattr(scheduler.config, "timestep_spacing", "linspace") in ("linspace", "trailing"):
         return sigma_max
     return (sigma_max**2 + 1) ** 0.5

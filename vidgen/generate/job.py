@@ -44,7 +44,7 @@ from vidgen.generate.outputs import (
     write_extras,
     write_manifest,
 )
-from vidgen.generate.pipelines import build_pipeline, check_family, image_conditioned
+from vidgen.generate.pipelines import build_pipeline, check_family, image_conditioned, latent_frames
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,14 @@ class VideoGenerator:
         g, window = self.gen, self.model_cfg.num_frames
         sched = self.pipe.scheduler
         if g.sampler == "fifo":
-            plan = FifoPlan(window, g.fifo.partitions, g.fifo.lookahead)
+            plan = FifoPlan(latent_frames(self.model_cfg, window), g.fifo.partitions, g.fifo.lookahead)
             base = self.base_video(row, cond, shape, plan, gen)
             queue_gen = torch.Generator().manual_seed(int(row["seed"]) + 0x9E3779B9)  # independent of the cache
             c = g.consistency
             reseed = (lambda head, cd: self.denoiser.recondition(head, cd, c.seed_frame_weight)) \
                 if c.seed_frame else None
-            return fifo_sample(self.denoiser, cond, sched, shape, g.num_frames, plan, queue_gen, base=base,
+            return fifo_sample(self.denoiser, cond, sched, shape, latent_frames(self.model_cfg, g.num_frames), plan,
+                               queue_gen, base=base,
                                uniform=g.fifo.uniform_latents, reseed=reseed, window_cond=self.pipe.frames)
         if g.sampler == "autoregressive":
             a = g.autoregressive

@@ -36,5 +36,10 @@ def check_family(model: ModelConfig, g: GenerateConfig) -> None:
                           "from text")
 
 
+def latent_frames(model: ModelConfig, frames: int) -> int:
+    """The latent frames `frames` pixel frames are to the family's samplers (the FIFO window and length)."""
+    return registry.spec(model).latent_frames(frames)
+
+
 def build_pipeline(m: ModelConfig, g: GenerateConfig) -> Pipeline:
     return registry.spec(m).build_pipeline(m, g)

@@ -135,3 +135,6 @@ class FamilySpec:
     check_weights: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)
     cache_key: Callable[[Any], dict] = field(default=lambda cfg: {})  # extra config fields a latent cache depends on
     controlnet: bool = False  # its pipeline takes generate.controlnet / generate.control
+    demo_overrides: tuple[str, ...] = ()  # what `vidgen demo model.family=<name>` changes in the demo's settings
+    # pixel frames -> the latent frames the samplers work on (a VAE that compresses time, as Wan's, makes fewer)
+    latent_frames: Callable[[int], int] = field(default=lambda frames: frames)

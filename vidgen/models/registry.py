@@ -24,6 +24,7 @@ class Entry:
 FAMILIES: dict[str, Entry] = {
     "svd": Entry("vidgen.models.svd", ("svd_full", "svd_lora")),
     "hotshot": Entry("vidgen.models.hotshot", ("hotshot_temporal",)),
+    "wan": Entry("vidgen.models.wan", ("wan_full", "wan_lora")),
 }
 
 

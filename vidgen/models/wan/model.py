@@ -1,0 +1,261 @@
+"""Wan 2.x text-to-video: diffusers' WanTransformer3DModel (a DiT), the causal 3-D Wan VAE and a UMT5 text encoder.
+
+Shapes: B batch, F pixel frames, L latent frames ((F - 1) / 4 + 1), C latent channels, H/W pixels, h/w latents,
+S text tokens, D text width.
+
+Latents are the VAE posterior's mean normalised per channel, (mu - latents_mean) / latents_std (the VAE config's
+statistics), as the original Wan code, DiffSynth-Studio and diffusers' WanPipeline use them. Text embeddings are
+UMT5's last hidden states of the prompt's tokens, zero past each prompt's length, at `text_length` tokens (512 for
+the published models), as WanPipeline pads them.
+
+Flavors: tiny (small configs after diffusers' own Wan tests, random init, seeded; a byte-level tokenizer that needs
+no files), full (a published architecture, random init: the one model.path's name says, e.g. Wan2.1-T2V-14B, else
+Wan2.1-T2V-1.3B), pretrained (a diffusers Wan directory: transformer/, vae/, text_encoder/, tokenizer/, optionally
+scheduler/ for the sampling shift; local or any URI).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import BatchEncoding, UMT5Config, UMT5EncoderModel
+
+from vidgen.errors import ModelError, brief
+from vidgen.models import attention
+from vidgen.models.attention import check_backend
+from vidgen.models.loading import resolve_model_dir
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")
+TEXT_LENGTH = 512  # WanPipeline's max_sequence_length
+DEFAULT_SHIFT = 3.0  # WanPipeline's sampling flow_shift at 480p (5.0 at 720p), when scheduler/ does not say
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (pad 0, eos 1, byte b -> b + 3), then eos: the tiny flavor's tokenizer, called as
+    a transformers tokenizer is (padding to max_length, truncation, attention mask, return_tensors="pt")."""
+
+    vocab_size = 259
+    pad_token_id, eos_token_id = 0, 1
+
+    def __init__(self, model_max_length: int = 32):
+        self.model_max_length = model_max_length
+
+    def __call__(self, text, max_length: int | None = None, **_) -> BatchEncoding:
+        texts = [text] if isinstance(text, str) else list(text)
+        n = max_length or self.model_max_length
+        ids = torch.zeros(len(texts), n, dtype=torch.long)
+        for i, t in enumerate(texts):
+            row = [b + 3 for b in t.encode("utf-8")][: n - 1] + [self.eos_token_id]
+            ids[i, : len(row)] = torch.tensor(row)
+        return BatchEncoding({"input_ids": ids, "attention_mask": (ids != self.pad_token_id).long()})
+
+
+@dataclass
+class Wan:
+    transformer: WanTransformer3DModel
+    vae: AutoencoderKLWan
+    text_encoder: UMT5EncoderModel
+    tokenizer: object
+    text_length: int = TEXT_LENGTH
+    flow_shift: float = DEFAULT_SHIFT  # the sampling schedule's shift (training has its own: train.flow.shift)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent, spatially (8; the Wan 2.2 VAE: 16)."""
+        return int(self.vae.config.scale_factor_spatial)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.vae.config.scale_factor_temporal)
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.temporal_factor + 1
+
+    def set_attention(self, backend: str) -> Wan:
+        attention.apply(backend, [self.transformer, self.vae], [self.text_encoder])
+        return self
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Wan:
+        for m in (self.transformer, self.vae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def _mean_std(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel latent statistics, [1, 1, C, 1, 1], on `like`'s device, fp32."""
+        c = self.vae.config
+        mean = torch.tensor(c.latents_mean, dtype=torch.float32, device=like.device).view(1, 1, -1, 1, 1)
+        std = torch.tensor(c.latents_std, dtype=torch.float32, device=like.device).view(1, 1, -1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_video(self, frames_bfchw: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, L, C, h, w] (fp32) of frames in [-1, 1]: the posterior mean, deterministic."""
+        x = frames_bfchw.permute(0, 2, 1, 3, 4).to(self.vae.dtype)  # [B, 3, F, H, W]
+        mu = self.vae.encode(x).latent_dist.mean.float().permute(0, 2, 1, 3, 4)
+        mean, std = self._mean_std(mu)
+        return ((mu - mean) / std).contiguous()
+
+    @torch.no_grad()
+    def decode_video(self, latents_blchw: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Frames in [-1, 1], [B, F, 3, H, W] with F = (L - 1) * 4 + 1 (the causal VAE decodes a clip whole)."""
+        mean, std = self._mean_std(latents_blchw)
+        z = (latents_blchw.float() * std + mean).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        return self.vae.decode(z).sample.float().permute(0, 2, 1, 3, 4)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings [B, S, D] (S = text_length), zero past each prompt's tokens (WanPipeline's layout)."""
+        device = next(self.text_encoder.parameters()).device
+        tok = self.tokenizer([" ".join(p.split()) for p in prompts], padding="max_length", max_length=self.text_length,
+                             truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        hidden = self.text_encoder(ids, mask).last_hidden_state
+        keep = (torch.arange(ids.shape[1], device=device)[None] < mask.gt(0).sum(1, keepdim=True))[..., None]
+        return (hidden * keep).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def tiny_configs() -> dict[str, dict]:
+    """Small configs after diffusers' own Wan tests (tests/pipelines/wan/test_wan.py), a UMT5 of the same size."""
+    return {
+        "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+        "vae": dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                    temperal_downsample=[False, True, True]),
+        "text_encoder": dict(vocab_size=ByteTokenizer.vocab_size, d_model=32, d_kv=8, d_ff=32, num_layers=2,
+                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                             decoder_start_token_id=0),
+    }
+
+
+def from_configs(configs: dict[str, dict], tokenizer=None, text_length: int = TEXT_LENGTH,
+                 flow_shift: float = DEFAULT_SHIFT, seed: int | None = None) -> Wan:
+    """Random init from config dicts, on the current default device and dtype (build under torch.device("meta")
+    for shapes only). With `seed`, each part is seeded on its own: seed (transformer), + 1 (VAE), + 2 (text)."""
+    def seeded(i: int) -> None:
+        if seed is not None:
+            torch.manual_seed(seed + i)
+
+    def clean(c: dict) -> dict:
+        return {k: v for k, v in c.items() if not k.startswith("_")}
+
+    seeded(0)
+    transformer = WanTransformer3DModel.from_config(clean(configs["transformer"])).eval()
+    seeded(1)
+    vae = AutoencoderKLWan.from_config(clean(configs["vae"])).eval()
+    seeded(2)
+    text = configs["text_encoder"]
+    text_encoder = UMT5EncoderModel(text if isinstance(text, UMT5Config) else UMT5Config(**clean(text))).eval()
+    return Wan(transformer, vae, text_encoder, tokenizer, text_length, flow_shift)
+
+
+# The published architectures (Wan2.1 README's table: dim, ffn, heads, layers; Wan2.2 README for TI2V-5B; the VAEs
+# and UMT5-XXL as their diffusers directories' config.json files give them). Counted on the meta device
+# (tests/test_wan.py): transformer 1,418,996,800 (T2V-1.3B), 14,288,491,584 (T2V-14B), 4,999,787,712 (TI2V-5B);
+# VAE 2.1 126,892,531, VAE 2.2 704,688,668; UMT5-XXL encoder 5,680,910,336.
+_DIT = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_VAE_21 = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+_VAE_22 = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+               temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+               patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+               latents_mean=[0.0] * 48, latents_std=[1.0] * 48)  # shapes only: the real statistics are in vae/
+_UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+VARIANTS = {
+    "Wan2.1-T2V-1.3B": dict(transformer=dict(_DIT, num_attention_heads=12, ffn_dim=8960, num_layers=30,
+                                             in_channels=16, out_channels=16), vae=_VAE_21, text_encoder=_UMT5_XXL),
+    "Wan2.1-T2V-14B": dict(transformer=dict(_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                                            in_channels=16, out_channels=16), vae=_VAE_21, text_encoder=_UMT5_XXL),
+    "Wan2.2-TI2V-5B": dict(transformer=dict(_DIT, num_attention_heads=24, ffn_dim=14336, num_layers=30,
+                                            in_channels=48, out_channels=48), vae=_VAE_22, text_encoder=_UMT5_XXL),
+}
+
+
+def variant_of(path: str | None) -> str:
+    """The published model a model.path names (its last component, e.g. .../Wan2.1-T2V-14B-Diffusers), else the
+    1.3B: which built-in configs flavor=full and `vidgen plan` use when no config.json can be read."""
+    name = (path or "").rstrip("/").rsplit("/", 1)[-1].lower()
+    return next((v for v in VARIANTS if v.lower() in name), "Wan2.1-T2V-1.3B")
+
+
+def full_size_configs(variant: str = "Wan2.1-T2V-1.3B") -> dict[str, dict]:
+    return {k: dict(v) for k, v in VARIANTS[variant].items()}
+
+
+def full(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Wan:
+    """A published architecture, random init, built directly in `dtype`; the byte-level tokenizer at 512 tokens."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return from_configs(full_size_configs(variant), ByteTokenizer(TEXT_LENGTH), TEXT_LENGTH, seed=seed)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def tiny(seed: int = 0, text_length: int = 16) -> Wan:
+    return from_configs(tiny_configs(), ByteTokenizer(text_length), text_length, DEFAULT_SHIFT, seed=seed)
+
+
+def _flow_shift(root: Path) -> float:
+    f = root / "scheduler" / "scheduler_config.json"
+    if not f.is_file():
+        return DEFAULT_SHIFT
+    try:
+        return float(json.loads(f.read_text()).get("flow_shift") or DEFAULT_SHIFT)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"{f}: not a readable scheduler config ({brief(e)})") from None
+
+
+def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", dtype: torch.dtype = torch.float32) -> Wan:
+    """A diffusers Wan directory (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers copied to disk or object storage)."""
+    from transformers import AutoTokenizer  # lazy: tokenizers load only for pretrained weights
+
+    root = resolve_model_dir(path, cache_dir, "diffusers-format Wan", SUBFOLDERS)
+    missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+    if missing:
+        raise ModelError(f"{path}: missing subfolder(s) {', '.join(missing)} of a diffusers Wan directory")
+    try:
+        transformer = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype,
+                                                            local_files_only=True).eval()
+        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32,
+                                               local_files_only=True).eval()
+        text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype,
+                                                        local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    except Exception as e:  # unreadable configs, truncated or foreign weights
+        raise ModelError(f"{path}: cannot load the Wan transformer/vae/text_encoder/tokenizer ({brief(e)})") from None
+    return Wan(transformer, vae, text_encoder, tokenizer, TEXT_LENGTH, _flow_shift(root))
+
+
+def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vidgen/models", seed: int = 0,
+          attention: str = "sdpa", dtype: torch.dtype = torch.float32) -> Wan:
+    """The entry point configs use (model.family=wan). `dtype`: what pretrained weights load in (the recipe's
+    frozen-base dtype); the VAE stays fp32."""
+    check_backend(attention)  # before loading gigabytes of weights
+    if flavor == "tiny":
+        model = tiny(seed)
+    elif flavor == "full":
+        model = full(variant_of(path), seed, dtype)
+    elif flavor == "pretrained":
+        if not path:
+            raise ModelError("model.path: required for model.flavor=pretrained (a diffusers Wan directory)")
+        model = pretrained(path, cache_dir, dtype)
+    else:
+        raise ModelError(f"model.flavor={flavor}: expected one of tiny, full, pretrained")
+    return model.set_attention(attention)
+
+
+def from_config(m, seed: int = 0, dtype: torch.dtype = torch.float32) -> Wan:
+    """The model a `model.*` config section describes (vidgen.config.ModelConfig)."""
+    return build(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, attention=m.attention, dtype=dtype)
