@@ -76,3 +76,17 @@ def test_the_lazy_import_check_sees_runs_and_their_reasons(tmp_path):
     src.write_text("def f():\n    import os  # lazy: a reason\n    import re\n    x = 1\n    import json\n"
                    "    try:\n        import yaml\n    except ImportError:\n        pass\n")
     assert lazy_import_runs(src) == [(2, True), (5, False), (7, False)]
+
+
+def test_the_import_contracts_cover_every_registered_family():
+    """import-linter lists modules by name: a family registered without joining the independence and
+    "only the registry knows" contracts would go unchecked."""
+    import tomllib
+
+    from vidgen.models.registry import FAMILIES
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    independent = next(c for c in contracts if c["type"] == "independence")["modules"]
+    forbidden = next(c for c in contracts if "vidgen.models.registry" in c.get("source_modules", []))
+    families = {e.module for e in FAMILIES.values()}
+    assert families == set(independent) == set(forbidden["forbidden_modules"])
