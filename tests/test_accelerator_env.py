@@ -80,7 +80,7 @@ def test_every_collective_runs_on_the_compute_device(collective_devices, collect
         "data_positions": lambda: loop.data_positions(5, 1, 2, META),
         "same_step": lambda: loop._check_same_step(7, META),
         "ranks_agree": lambda: loop.check_ranks_agree(params, 3, META),
-        "mean_loss": lambda: loop.mean_over_ranks([torch.empty((), device=META)] * 2, META),
+        "mean_loss": lambda: loop.step_totals([torch.empty((), device=META)] * 2, 3, META),
     }
     with pytest.raises(_Collected):
         calls[collective]()

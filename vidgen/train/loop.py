@@ -306,7 +306,9 @@ def train_func(config: dict) -> None:
         if not boundary:
             continue
         step += 1
-        if skip_limit is not None and (found := sum_over_ranks(skipped[first_epoch], device)) > skip_limit:
+        mean_loss, found = step_totals(losses, skipped[first_epoch] if skip_limit is not None else 0, device)
+        losses = []
+        if skip_limit is not None and found > skip_limit:
             # More samples of one epoch were bad than data.max_bad_fraction allows of them all: nothing read later
             # brings the fraction back under it. Every rank sees the same sum and returns here, at the same step;
             # a return (not an error, which Ray Train would retry) and the driver raises (launch.check_skipped).
@@ -316,8 +318,6 @@ def train_func(config: dict) -> None:
         faults.maybe_exit("TRAIN", fault, rank, step)  # test hook (vidgen/faults.py)
         if ema is not None:
             _ema_update(ema, names, params, t.ema_decay)
-        mean_loss = mean_over_ranks(losses, device)
-        losses = []
         now = time.perf_counter()
         dt = now - t_step
         if rank == 0 and sink is not None:
@@ -408,11 +408,14 @@ def _ema_update(ema: dict, names: list[str], params: list, decay: float) -> None
 # takes CUDA tensors only; gloo (CPU workers) takes CPU tensors.
 
 
-def mean_over_ranks(losses: list[torch.Tensor], device: torch.device) -> float:
-    """The mean of every rank's micro-batch losses since the last optimizer step."""
-    mean = torch.stack(losses).mean().detach().to(device)
-    torch.distributed.all_reduce(mean)
-    return mean.item() / torch.distributed.get_world_size()
+def step_totals(losses: list[torch.Tensor], skipped: int, device: torch.device) -> tuple[float, int]:
+    """The mean of every rank's micro-batch losses since the last optimizer step, and the sum of the ranks' skipped
+    samples: one all-reduce, so one device sync a step."""
+    mine = torch.stack([torch.stack(losses).mean().detach().double().to(device),
+                        torch.tensor(float(skipped), dtype=torch.float64, device=device)])
+    torch.distributed.all_reduce(mine)
+    total_loss, total_skipped = mine.tolist()
+    return total_loss / torch.distributed.get_world_size(), round(total_skipped)
 
 
 def check_ranks_agree(params: list[torch.nn.Parameter], step: int, device: torch.device) -> None:
@@ -425,12 +428,6 @@ def check_ranks_agree(params: list[torch.nn.Parameter], step: int, device: torch
     if not torch.allclose(values, values[0].expand_as(values), rtol=1e-9, atol=1e-9):
         raise RuntimeError(f"step {step}: ranks hold different weights ({values.tolist()}): "
                            "gradients are not being averaged across workers")
-
-
-def sum_over_ranks(n: int, device: torch.device) -> int:
-    total = torch.tensor([n], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(total)
-    return int(total.item())
 
 
 def data_positions(batches_seen: int, rank: int, world: int, device: torch.device) -> list[int]:
