@@ -205,6 +205,19 @@ def weights_shapes(path: str, field: str) -> dict[str, tuple[int, ...]]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def check_subfolders(path: str, parts: tuple[str, ...], what: str) -> None:
+    """model.path on the driver: a readable directory holding every one of `parts` (a pretrained pipeline's)."""
+    try:
+        found = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(path)} if storage.isdir(path) else None
+    except Exception as e:
+        raise ModelError(f"model.path={path}: cannot read it ({brief(e)}); expected {what}") from None
+    if found is None:
+        raise ModelError(f"model.path={path}: no such directory; expected {what} (vidgen never downloads weights)")
+    missing = [s for s in parts if s not in found]
+    if missing:
+        raise ModelError(f"model.path={path}: missing subfolder(s) {', '.join(missing)}; expected {what}")
+
+
 def check_model_dir(path: str, field: str, classes: tuple[str, ...], what: str) -> tuple[dict, dict]:
     """(config.json, {tensor name: shape} over its weight files) of a diffusers model directory (local or URI),
     checked: a directory, a JSON config whose `_class_name` is one of `classes`, weight files whose headers read.

@@ -5,7 +5,7 @@ generate.unet, generate.lora), reading config files and weight headers only."""
 from __future__ import annotations
 
 from vidgen import storage
-from vidgen.errors import ModelError, brief
+from vidgen.errors import ModelError
 from vidgen.models import loading
 from vidgen.models.hotshot.pipeline import temporal_layers
 from vidgen.models.hotshot.weights import is_temporal
@@ -16,15 +16,7 @@ UNETS = ("UNet3DConditionModel", "UNet2DConditionModel")
 
 
 def check_pretrained(path: str, temporal: str | None) -> None:
-    try:
-        found = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(path)} if storage.isdir(path) else None
-    except Exception as e:
-        raise ModelError(f"model.path={path}: cannot read it ({brief(e)}); expected {WHAT}") from None
-    if found is None:
-        raise ModelError(f"model.path={path}: no such directory; expected {WHAT} (vidgen never downloads weights)")
-    missing = [s for s in PARTS if s not in found]
-    if missing:
-        raise ModelError(f"model.path={path}: missing subfolder(s) {', '.join(missing)}; expected {WHAT}")
+    loading.check_subfolders(path, PARTS, WHAT)
     config, _ = loading.check_model_dir(storage.join(path, "unet"), "model.path", UNETS, "a Hotshot-XL or SDXL unet/")
     if config["_class_name"] == "UNet2DConditionModel" and temporal is None:
         raise ModelError(f"model.path={path}: unet/ is an SDXL (2-D) UNet; set model.temporal_layers to a Hotshot-XL "

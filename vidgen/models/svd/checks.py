@@ -35,15 +35,7 @@ def check_unet(path: str, field: str) -> None:
 
 def check_pretrained(path: str, own_unet: bool) -> None:
     """model.path: the components `pretrained` loads (the UNet unless generate.unet replaces it)."""
-    try:
-        found = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(path)} if storage.isdir(path) else None
-    except Exception as e:
-        raise ModelError(f"model.path={path}: cannot read it ({brief(e)}); expected {WHAT}") from None
-    if found is None:
-        raise ModelError(f"model.path={path}: no such directory; expected {WHAT} (vidgen never downloads weights)")
-    missing = [s for s in SUBFOLDERS if s not in found]
-    if missing:
-        raise ModelError(f"model.path={path}: missing subfolder(s) {', '.join(missing)}; expected {WHAT}")
+    loading.check_subfolders(path, SUBFOLDERS, WHAT)
     if own_unet:
         check_unet(storage.join(path, "unet"), "model.path")
     loading.check_model_dir(storage.join(path, "vae"), "model.path", ("AutoencoderKLTemporalDecoder",),
