@@ -330,9 +330,19 @@ def test_pretrained_flavor_reads_a_diffusers_wan_directory(tmp_path):
                                                      m.transformer.state_dict().values(), strict=True))
         emb = loaded.encode_text(["a car"])
         assert emb.shape == (1, wm.TEXT_LENGTH, 32) and emb[0, 2:].abs().sum() == 0  # "a car": 2 tokens, no eos
+    from vidgen.config import load_config
+    from vidgen.models.wan.checks import check_weights
+
+    model_cfg = load_config(None, ["model.family=wan", "model.flavor=pretrained", f"model.path={root}"]).model
+    check_weights(model_cfg, None)  # the driver accepts what the actors load
+    (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ModelError, match="model.path=.*transformer.*WanTransformer3DModel"):
+        check_weights(model_cfg, None)
     import shutil
 
     shutil.rmtree(root / "vae")
+    with pytest.raises(ModelError, match=f"model.path={root}: missing subfolder\\(s\\) vae; expected a diffusers Wan"):
+        check_weights(model_cfg, None)
     with pytest.raises(ModelError, match="missing subfolder\\(s\\) vae of a diffusers Wan directory"):
         wm.build("pretrained", path=str(root))
 
