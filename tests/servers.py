@@ -226,3 +226,13 @@ def mlflow_server() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def mlflow_runs(db) -> list[tuple]:
+    """(name, status) of every run in a sqlite MLflow store; none when the store was never made."""
+    import sqlite3
+
+    if not os.path.exists(db):
+        return []
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT name, status FROM runs").fetchall()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from servers import mlflow_runs
 
 from vidgen.cli import _eval_text, main
 from vidgen.config import load_config
@@ -162,8 +163,8 @@ def test_cache_round_trip_and_damaged_files(tmp_path, caplog):
 
 def test_sets_over_the_bad_limit_are_refused_in_one_line_before_any_feature_actor(tmp_path, monkeypatch, capsys):
     """10 real frame folders of which 3 hold a frame that is not an image (30% > data.max_bad_fraction=0.05), then
-    10 generated videos of which 3 are not videos: `vidgen eval fvd` exits 2 with one line naming the set, and no
-    feature actor starts (Ray is not even started here)."""
+    10 generated videos of which 3 are not videos: `vidgen eval fvd` exits 2 with one line naming the set, no
+    feature actor starts (Ray is not even started here) and no MLflow run opens."""
     from vidgen import ray_env
     from vidgen.eval import job
 
@@ -183,8 +184,9 @@ def test_sets_over_the_bad_limit_are_refused_in_one_line_before_any_feature_acto
         folder.mkdir()
         for i in range(10):
             (folder / f"video_{i}.mp4").write_bytes(b"not a video" if i in broken else video)
+    db = tmp_path / "mlflow.db"
     opts = [f"run.workdir={tmp_path / 'work'}", f"eval.cache_dir={tmp_path / 'cache'}", "eval.i3d_flavor=tiny",
-            f"eval.num_frames={NUM_FRAMES}", "tracking.enabled=false", "data.max_bad_fraction=0.05"]
+            f"eval.num_frames={NUM_FRAMES}", f"tracking.uri=sqlite:///{db}", "data.max_bad_fraction=0.05"]
 
     assert main(["eval", "fvd", "--real", str(real), "--fake", str(good), *opts]) == 2
     err = capsys.readouterr().err
@@ -197,6 +199,7 @@ def test_sets_over_the_bad_limit_are_refused_in_one_line_before_any_feature_acto
     assert err.startswith(f"vidgen: error: eval.generated={bad}: 3 of the 10 samples are bad (30.0%), more than "
                           "data.max_bad_fraction=0.05: unreadable video (3); e.g. unreadable video: ")
     assert "video_2.mp4" in err and err.count("\n") == 1
+    assert mlflow_runs(db) == []  # no FAILED run left behind
 
 
 def test_eval_help_documents_both_forms(capsys):

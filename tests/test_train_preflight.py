@@ -5,13 +5,13 @@ stream proves it; every run exports under its own name."""
 from __future__ import annotations
 
 import io
-import sqlite3
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from servers import mlflow_runs
 
 from vidgen.config import load_config
 from vidgen.data.listing import Sample, SampleTable
@@ -144,14 +144,6 @@ def _cli_train(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def _mlflow_runs(db: Path) -> list[tuple]:
-    """(name, status) of every run in a sqlite MLflow store; none when the store was never made."""
-    if not db.exists():
-        return []
-    with sqlite3.connect(db) as con:
-        return con.execute("SELECT name, status FROM runs").fetchall()
-
-
 def test_cli_train_refuses_data_over_the_limit_before_its_mlflow_run_opens(tmp_path, monkeypatch, capsys):
     data = frame_folders(tmp_path / "data", 10, bad={1, 4, 7})  # 30% corrupt
     db = tmp_path / "mlflow.db"
@@ -162,7 +154,7 @@ def test_cli_train_refuses_data_over_the_limit_before_its_mlflow_run_opens(tmp_p
     assert err.startswith(f"vidgen: error: data.source={data}: 3 of the 10 samples are bad (30.0%), more than "
                           "data.max_bad_fraction=0.05: corrupt image (3); e.g. corrupt image: ")
     assert err.count("\n") == 1
-    assert _mlflow_runs(db) == []  # no FAILED run left behind
+    assert mlflow_runs(db) == []  # no FAILED run left behind
     assert not (tmp_path / "work" / "train").exists()
 
 
@@ -180,7 +172,7 @@ def test_cli_train_checks_model_path_before_ray_train_starts(tmp_path, monkeypat
     rc, err = _cli_train(monkeypatch, capsys, *common, f"model.path={typo}")
     assert rc == 2 and err.startswith(f"vidgen: error: model.path={typo}: missing subfolder(s) vae, ")
     assert err.count("\n") == 1
-    assert _mlflow_runs(db) == []
+    assert mlflow_runs(db) == []
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------------

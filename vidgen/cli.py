@@ -280,7 +280,15 @@ def _eval_text(out: dict) -> str:
 
 def _run_job(args, name: str) -> dict:
     from vidgen.ray_env import init_ray  # lazy: loads fsspec; jobs load only when one runs
-    from vidgen.runner import check_outputs_shared, eval_job, generate_job, prepare_train, tracker_for, train_job
+    from vidgen.runner import (
+        check_outputs_shared,
+        eval_job,
+        generate_job,
+        prepare_eval,
+        prepare_train,
+        tracker_for,
+        train_job,
+    )
 
     cfg = config.load_config(args.config, args.overrides)
     if name == "eval":
@@ -301,6 +309,8 @@ def _run_job(args, name: str) -> dict:
     fn = {"train": train_job, "generate": generate_job, "eval": eval_job}[name]
     if name == "train":  # data, outputs and weights too: a refused training job opens no MLflow run
         fn = functools.partial(train_job, data=prepare_train(cfg))
+    if name == "eval":  # both sets listed and sampled: a refused evaluation opens no MLflow run either
+        fn = functools.partial(eval_job, inputs=prepare_eval(cfg))
     # SIGTERM (Kubernetes, `ray job stop`) ends a job as Ctrl-C does, said and its run closed (Ray's would exit 15)
     with raising(), tracker_for(cfg, job=name) as tracker:
         tracker.log_config(cfg.to_dict())

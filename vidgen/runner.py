@@ -231,17 +231,11 @@ def generate_job(cfg: VidgenConfig, tracker: Tracker, rows: list[dict] | None = 
             "manifest": storage.join(job_root(cfg), "manifest.jsonl")}
 
 
-def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, generated: str | None = None,
-             real_layout: str | None = None, generated_layout: str | None = None) -> dict:
-    """FVD / KVD (overall and per window) and model-free metrics, logged to the open run.
-
-    Logs the eval params (`fvd.*`), metrics `fvd`, `kvd`, `fvd/<window>`, `kvd/<window>`, the bootstrap
-    intervals `fvd/lo`, `fvd/hi`, `kvd/lo`, `kvd/hi` (and per window `fvd/<window>/lo` ...),
-    `eval/n_real`, `eval/n_fake`, `eval/<metric>_mean|_median`, and the per-video metrics as the
-    artifact `eval/per_video.json`. Returns `EvalResult.to_dict()` plus the first version's
-    `num_real` / `num_generated`.
-    """
-    from vidgen.eval.job import run_eval  # lazy: loads SciPy, PIL, torch
+def prepare_eval(cfg: VidgenConfig, real: str | None = None, generated: str | None = None,
+                 real_layout: str | None = None, generated_layout: str | None = None):
+    """Every check `vidgen eval` makes before it opens its MLflow run or starts a feature actor: output locations,
+    and both sets listed and sampled (`vidgen.eval.job.prepare_inputs`). Returns what `eval_job` reads."""
+    from vidgen.eval.job import prepare_inputs  # lazy: loads SciPy, PIL, torch
     from vidgen.generate.job import output_dir
 
     real = real or cfg.eval.real or cfg.data.source
@@ -249,7 +243,24 @@ def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, gener
     if not real:
         raise JobError("eval.real: required (real clips to compare against; defaults to data.source)")
     check_outputs_shared(cfg, "eval")
-    res = run_eval(cfg, real, generated, real_layout, generated_layout)
+    return prepare_inputs(cfg, real, generated, real_layout, generated_layout)
+
+
+def eval_job(cfg: VidgenConfig, tracker: Tracker, real: str | None = None, generated: str | None = None,
+             real_layout: str | None = None, generated_layout: str | None = None, inputs=None) -> dict:
+    """FVD / KVD (overall and per window) and model-free metrics, logged to the open run.
+
+    Logs the eval params (`fvd.*`), metrics `fvd`, `kvd`, `fvd/<window>`, `kvd/<window>`, the bootstrap
+    intervals `fvd/lo`, `fvd/hi`, `kvd/lo`, `kvd/hi` (and per window `fvd/<window>/lo` ...),
+    `eval/n_real`, `eval/n_fake`, `eval/<metric>_mean|_median`, and the per-video metrics as the
+    artifact `eval/per_video.json`. Returns `EvalResult.to_dict()` plus the first version's
+    `num_real` / `num_generated`. `inputs`: what `prepare_eval` returned (the CLI calls it before opening
+    `tracker`'s run); None: prepared here from the other arguments.
+    """
+    from vidgen.eval.job import evaluate  # lazy: loads SciPy, PIL, torch
+
+    inputs = inputs or prepare_eval(cfg, real, generated, real_layout, generated_layout)
+    res = evaluate(cfg, inputs)
     tracker.log_params(res.params)
     metrics = {"fvd": res.fvd, "kvd": res.kvd, "eval/n_real": res.n_real, "eval/n_fake": res.n_fake}
     bounds = ("fvd_lo", "fvd_hi", "kvd_lo", "kvd_hi")  # the bootstrap intervals, when computed

@@ -230,32 +230,54 @@ def load_cache(uri: str, key: dict[str, Any]) -> tuple[FeatureSet, int] | None:
         return None
 
 
-def real_features(cfg: VidgenConfig, source: str, layout: str) -> tuple[FeatureSet, str, int]:
-    """(features, "hit" | "miss" | "off", skipped samples) of the real set."""
-    from vidgen.eval.features import native_spec  # lazy: heavy (torch)
+@dataclass
+class RealSet:
+    """The real clips' samples (cut to what eval.max_real needs, with a margin for skips), and their features
+    when the cache holds them."""
 
+    source: str
+    layout: str
+    samples: SampleTable
+    cache_key: dict[str, Any]
+    cache_uri: str
+    cached: tuple[FeatureSet, int] | None
+
+
+def list_real(cfg: VidgenConfig, source: str, layout: str) -> RealSet:
+    """Lists the real set and, unless its features are cached, checks a sample of it (`check_set`)."""
     e, d = cfg.eval, cfg.data
     samples = list_samples(source, layout, camera=d.camera, prompt_template=d.prompt_template)
     needed = math.ceil(e.max_real / e.clips_per_real_video)
     samples = samples[: needed + max(8, needed // 20)]  # a margin for skipped samples; rows are cut below
     key = cache_key(cfg, source, layout, [s.uri for s in samples])
     uri = cache_uri(cfg, key)
-    if e.cache and (cached := load_cache(uri, key)) is not None:
-        log.info("real features of %s: cache hit %s (%d clips)", source, uri, len(cached[0].clip_ids))
-        return cached[0], "hit", cached[1]
-    check_set(cfg, f"eval.real={source}" if source == e.real else f"data.source={source}", samples)
+    cached = load_cache(uri, key) if e.cache else None
+    if cached is None:
+        check_set(cfg, f"eval.real={source}" if source == e.real else f"data.source={source}", samples)
+    return RealSet(source, layout, samples, key, uri, cached)
+
+
+def real_features(cfg: VidgenConfig, real: RealSet) -> tuple[FeatureSet, str, int]:
+    """(features, "hit" | "miss" | "off", skipped samples) of the real set."""
+    from vidgen.eval.features import native_spec  # lazy: heavy (torch)
+
+    e, d = cfg.eval, cfg.data
+    if real.cached is not None:
+        log.info("real features of %s: cache hit %s (%d clips)", real.source, real.cache_uri,
+                 len(real.cached[0].clip_ids))
+        return real.cached[0], "hit", real.cached[1]
     spec = native_spec(e.num_frames, e.fps, d.source_fps, e.clips_per_real_video, cfg.run.seed)
     report_dir = storage.join(cfg.run.workdir, "eval-report", cfg.run.name, "real")
     storage.makedirs(report_dir)
-    stream = ClipStream(source, samples, spec, report_dir, d.max_bad_fraction, d.read_cpus, uuid.uuid4().hex,
-                        d.samples_per_task)
+    stream = ClipStream(real.source, real.samples, spec, report_dir, d.max_bad_fraction, d.read_cpus,
+                        uuid.uuid4().hex, d.samples_per_task)
     fs = featurize(stream.dataset.select_columns(["frames", "clip_id"]), cfg)
     report = stream.check()
     if len(fs.clip_ids) > e.max_real:  # the first max_real by clip id, whatever order they arrived in
         fs = fs.head(e.max_real)
-    _need_two(fs, source, e.num_frames)
+    _need_two(fs, real.source, e.num_frames)
     if e.cache:
-        save_cache(uri, key, fs, report["skipped"])
+        save_cache(real.cache_uri, real.cache_key, fs, report["skipped"])
     return fs, ("miss" if e.cache else "off"), report["skipped"]
 
 
@@ -317,21 +339,45 @@ def _skip_records(report_dir: str, token: str) -> list[dict]:
 # ---- the evaluation -------------------------------------------------------------------------------
 
 
-def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | None = None,
-             generated_layout: str | None = None) -> EvalResult:
-    """FVD, KVD (overall and per window) and model-free metrics of `generated` against `real`.
+@dataclass
+class EvalInputs:
+    """Both sets of an evaluation, listed and checked before any feature actor (or MLflow run) starts."""
 
-    real: any data layout (real_layout, else eval.real_layout, else data.layout); generated: a
-    generation output folder (generated_layout, else eval.generated_layout: videos). Ray must be up.
-    """
+    real: RealSet
+    generated: str
+    generated_layout: str
+    generated_samples: SampleTable
+
+
+def prepare_inputs(cfg: VidgenConfig, real: str, generated: str, real_layout: str | None = None,
+                   generated_layout: str | None = None) -> EvalInputs:
+    """Lists both sets and refuses one provably over data.max_bad_fraction (`check_set`), in one line.
+
+    real: any data layout (real_layout, else eval.real_layout, else data.layout); generated: a generation output
+    folder (generated_layout, else eval.generated_layout: videos)."""
     e = cfg.eval
-    real_layout = real_layout or e.real_layout or cfg.data.layout
     generated_layout = generated_layout or e.generated_layout
-    gen_samples = list_samples(generated, generated_layout)  # both sets checked before any feature actor starts
+    gen_samples = list_samples(generated, generated_layout)
     check_set(cfg, f"eval.generated={generated}" if generated == e.generated else f"generate.output={generated}",
               gen_samples)
-    real_fs, cache_state, real_skipped = real_features(cfg, real, real_layout)
-    gen_fs, per_video, gen_skipped = generated_features(cfg, generated, gen_samples)
+    return EvalInputs(list_real(cfg, real, real_layout or e.real_layout or cfg.data.layout), generated,
+                      generated_layout, gen_samples)
+
+
+def run_eval(cfg: VidgenConfig, real: str, generated: str, real_layout: str | None = None,
+             generated_layout: str | None = None) -> EvalResult:
+    """FVD, KVD (overall and per window) and model-free metrics of `generated` against `real` (as
+    `prepare_inputs` takes them). Ray must be up."""
+    return evaluate(cfg, prepare_inputs(cfg, real, generated, real_layout, generated_layout))
+
+
+def evaluate(cfg: VidgenConfig, inputs: EvalInputs) -> EvalResult:
+    """`run_eval` over sets `prepare_inputs` listed and checked."""
+    e = cfg.eval
+    real, generated = inputs.real.source, inputs.generated
+    real_layout, generated_layout = inputs.real.layout, inputs.generated_layout
+    real_fs, cache_state, real_skipped = real_features(cfg, inputs.real)
+    gen_fs, per_video, gen_skipped = generated_features(cfg, generated, inputs.generated_samples)
 
     proto = protocols.resolve(e)
     fvd_of = partial(protocol_fvd, cov_norm=proto.cov_norm, matrix_sqrt=proto.matrix_sqrt,
