@@ -128,6 +128,23 @@ def test_train_refuses_data_over_the_limit_before_any_worker_starts(tmp_path):
     assert not run_dir.exists() and not (tmp_path / "work" / "export").exists()
 
 
+def test_prepare_latents_refuses_data_over_the_limit_before_the_encoders_load(tmp_path, monkeypatch):
+    from vidgen.train import latents
+
+    def load_encoders(*a, **k):
+        raise AssertionError("the encoders loaded")
+
+    monkeypatch.setattr(latents, "load_encoders", load_encoders)
+    data = frame_folders(tmp_path / "data", 10, bad={2, 5, 8})  # 30% corrupt
+    cfg = train_config(tmp_path, data, "data.max_bad_fraction=0.05", f"latents.output={tmp_path / 'cache'}")
+    with pytest.raises(DataError) as e:
+        latents.prepare_latents(cfg, use_ray=False)
+    assert str(e.value).startswith(f"data.source={data}: 3 of the 10 samples are bad (30.0%), more than "
+                                   "data.max_bad_fraction=0.05: corrupt image (3); e.g. corrupt image: ")
+    assert "s0002/0.jpg" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "cache").exists()  # nothing written
+
+
 def _cli_train(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """`vidgen train ARGS` in this process, with Ray's start skipped and Ray Train's fit failing the test: every
     refusal here must come before either."""
