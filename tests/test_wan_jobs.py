@@ -100,32 +100,31 @@ def test_validation_videos_of_the_tiny_wan(tmp_path):
 
 
 @pytest.mark.ray
-def test_fvd_of_wan_generated_videos_through_the_generate_and_eval_jobs(ray_session, tmp_path):
-    """`vidgen generate` with model.family=wan (a plain-text prompt file: Wan takes no image) writes 4k + 1 frame
+def test_fvd_of_wan_generated_videos_through_the_eval_job(ray_session, tmp_path):
+    """A generation actor with model.family=wan (in-process: the Ray fan-out is family-agnostic) writes 4k + 1 frame
     videos at generate.fps; `vidgen eval` cuts them into eval.num_frames clips (early and late windows) and scores
     them against real clips with the tiny I3D."""
     from vidgen.data.synth import make_moving_shapes
     from vidgen.eval.job import run_eval
-    from vidgen.generate.job import run_generation, summarize
+    from vidgen.generate.job import VideoGenerator
 
     real = tmp_path / "real"
     make_moving_shapes(str(real), 3, 9, 32, 32, seed=0)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red car\na blue boat\n")
-    cfg = load_config(None, [*WAN, f"run.workdir={tmp_path / 'work'}", "model.num_frames=9",
-                             f"generate.prompts={prompts}", "generate.sampler=base", "generate.num_frames=9",
+    cfg = load_config(None, [*WAN, "model.num_frames=9", "generate.sampler=base", "generate.num_frames=9",
                              "generate.height=32", "generate.width=32", "generate.fps=16",
                              "generate.num_inference_steps=2", "generate.max_guidance_scale=1.0",
                              "generate.min_guidance_scale=1.0", f"eval.cache_dir={tmp_path / 'cache'}",
                              "eval.i3d_flavor=tiny", "eval.num_frames=8", "eval.resolution=32",
                              "eval.windows=[early,late]", "eval.bootstrap=0"])
-    made = run_generation(cfg)
-    assert summarize(made) == {"generated": 2}
-    for r in made:
-        frames, fps = read_video(r["path"])
+    actor = VideoGenerator(cfg.model.model_dump(), cfg.generate.model_dump(), str(tmp_path / "out"))
+    fake = tmp_path / "out" / "videos"
+    for i, prompt in enumerate(["a red car", "a blue boat"]):
+        actor.generate({"name": f"{i}.mp4", "seed": i, "prompt": prompt, "sample_prompt": "", "image": ""},
+                       str(fake / f"{i}.mp4"))
+        frames, fps = read_video(str(fake / f"{i}.mp4"))
         assert frames.shape == (9, 32, 32, 3) and fps == pytest.approx(16)
 
-    out = run_eval(cfg, str(real), str(Path(made[0]["path"]).parent), real_layout="hotshot")
+    out = run_eval(cfg, str(real), str(fake), real_layout="hotshot")
     assert (out.n_real, out.n_fake) == (3, 4)  # 2 videos x 2 windows
     assert {w: v["n_fake"] for w, v in out.windows.items()} == {"early": 2, "late": 2}
     assert [v["num_frames"] for v in out.per_video] == [9, 9]
