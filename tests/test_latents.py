@@ -1,9 +1,9 @@
 """The latent cache: `vidgen prepare latents` and training with data.latents.
 
 What is proven: the cached encodings are bit-identical to those computed on the fly and give the same loss for
-the same generator (both families); a cache of another config is refused in one line naming the field; a
-prepare job killed mid-shard resumes, leaving finished shards untouched; a Ray prepare + a training fit on the
-cache run end to end.
+the same generator (every family); a cache of another config, or of another family, is refused in one line naming
+the field; training reads a cached clip's bucket from its latents; a prepare job killed mid-shard resumes, leaving
+finished shards untouched; a Ray prepare + a training fit on the cache run end to end.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from vidgen.models.registry import build_recipe
 from vidgen.train import latents
 
 FAMILY = {"svd": ["train.recipe=svd_full"],
-          "hotshot": ["model.family=hotshot", "train.recipe=hotshot_temporal", "train.ddpm.caption_dropout=0.5"]}
+          "hotshot": ["model.family=hotshot", "train.recipe=hotshot_temporal", "train.ddpm.caption_dropout=0.5"],
+          # Wan's causal VAE: 5 frames -> 2 latent frames
+          "wan": ["model.family=wan", "train.recipe=wan_lora", "model.num_frames=5"]}
+RERUN = {  # a field that changes what is stored, and the refusal naming it
+    "svd": ("model.num_frames=5", "model.num_frames=4, this config has model.num_frames=5"),
+    "hotshot": ("model.num_frames=5", "model.num_frames=4, this config has model.num_frames=5"),
+    "wan": ("data.default_prompt=a video", "data.default_prompt='', this config has data.default_prompt='a video'"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def collate(rows: list[dict], keys) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["svd", "hotshot"])
+@pytest.mark.parametrize("family", ["svd", "hotshot", "wan"])
 def test_cache_is_bit_exact_and_gives_the_same_loss(tmp_path, clips_dir, family):
     cfg = config(tmp_path, clips_dir, family)
     manifest = latents.prepare_latents(cfg, use_ray=False)
@@ -92,9 +99,25 @@ def test_cache_is_bit_exact_and_gives_the_same_loss(tmp_path, clips_dir, family)
         latents.open_cache(other)
     msg = str(e.value)
     assert "\n" not in msg and "cache was written with data.height=32, this config has data.height=40" in msg
-    rerun = config(tmp_path, clips_dir, family, f"latents.output={latents.cache_uri(cfg)}", "model.num_frames=5")
-    with pytest.raises(ConfigError, match=r"model.num_frames=4, this config has model.num_frames=5"):
+    field, refusal = RERUN[family]
+    rerun = config(tmp_path, clips_dir, family, f"latents.output={latents.cache_uri(cfg)}", field)
+    with pytest.raises(ConfigError, match=refusal):
         latents.prepare_latents(rerun, use_ray=False)
+    # another family's cache, however many other fields differ: refused naming the family first
+    stranger = "svd" if family != "svd" else "wan"
+    wrong = config(tmp_path, clips_dir, stranger, f"data.latents={latents.cache_uri(cfg)}", "data.source=")
+    with pytest.raises(ConfigError) as e:
+        latents.open_cache(wrong)
+    assert "\n" not in str(e.value) and (f"the cache was written with model.family={family!r}, this config has "
+                                         f"model.family={stranger!r}") in str(e.value)
+
+    # training from the cache batches a clip by its latents' size (the bucket column; 32 pixels = 4 latents)
+    stream = latents.CacheStream(train_cfg, manifest)
+    assert stream.latents == keys[0]
+    item = {"uri": stream.files[0], "slot": 0, "order": 0, "wanted": [True, True], "seed": [0, 0, 0],
+            "latents": stream.latents}
+    rows = latents._share_rows({"item": json.dumps(item)})
+    assert len(rows) == 2 and {r["bucket"] for r in rows} == {"4x4"}
 
 
 def test_killed_prepare_resumes_without_redoing_finished_shards(tmp_path, clips_dir):

@@ -42,7 +42,8 @@ class Recipe(Protocol):
     `build`, when given, replaces the family's model builder (`vidgen plan` passes one that builds on the meta
     device)."""
 
-    ENCODED: ClassVar[tuple[str, ...]]  # what `encode` returns: the latent cache's tensor columns
+    ENCODED: ClassVar[tuple[str, ...]]  # what `encode` returns: the latent cache's tensor columns, the video latents
+    # (h, w last: a cached clip's bucket) first
     OPTIONAL_COLUMNS: ClassVar[tuple[str, ...]]  # row columns `loss` reads when the dataset has them
     TRAIN_SECTIONS: ClassVar[tuple[str, ...]]  # train.* sub-sections the recipe reads (checkpoint compatibility)
     EXPORT_NAME: ClassVar[str]  # <storage_path>/<run.name>/export/<EXPORT_NAME>: what `export` writes
@@ -133,6 +134,9 @@ class FamilySpec:
     # (model config, generate config): every weights path a generation job will load, opened and checked on the
     # driver before any actor starts (configs and weight headers; vidgen.models.loading)
     check_weights: Callable[[Any, Any], None] = field(default=lambda model_cfg, g: None)
+    # (the whole config): driver-side refusals of a training run or latent cache (clip sizes, frame counts) before
+    # any worker, actor or encoder starts
+    check_train: Callable[[Any], None] = field(default=lambda cfg: None)
     cache_key: Callable[[Any], dict] = field(default=lambda cfg: {})  # extra config fields a latent cache depends on
     controlnet: bool = False  # its pipeline takes generate.controlnet / generate.control
     demo_overrides: tuple[str, ...] = ()  # what `vidgen demo model.family=<name>` changes in the demo's settings

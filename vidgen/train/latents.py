@@ -7,6 +7,8 @@ the training generator draws the same latents from the cache as on the fly):
   svd_*:    latent_params fp32 [F, 2C, h, w], image_embeds fp32 [1, D], first_frame uint8 [H, W, 3],
             cond_latent fp32 [C, h, w] (clean first frame; the loss re-encodes the noise-augmented frame)
   hotshot:  latent_params fp32 [F, 2C, h, w], prompt_embeds fp32 [S, D], pooled_embeds fp32 [P]
+  wan_*:    latents fp32 [L, C, h, w] (the normalised posterior mean the recipe trains on: L = (F - 1) / 4 + 1 latent
+            frames), prompt_embeds fp32 [S, D] (UMT5; the empty prompt for clips without one)
 plus the clip's fps, prompt, clip_id and SDXL geometry (orig_height, orig_width, crop_top, crop_left).
 
 Layout under the cache root: `part-NNNNN.parquet` (one row per clip; each tensor as raw little-endian bytes in
@@ -16,8 +18,9 @@ Shard k holds the clips of samples [k * m, (k + 1) * m) (the listing is sorted),
 so a rerun redoes exactly the shards without a done marker. Clips are read with train=False: evenly spread
 starts and centre crops, so the cache is reproducible (training from it sees the same clips every epoch).
 
-The key holds every config field that changes what is stored, and the sha256 of the encoders' weights (tensor
-bytes, hashed once per actor); a training run or a rerun with a differing field is refused in one line.
+The key holds every config field that changes what is stored (model.family first: another family's cache is never
+read), and the sha256 of the encoders' weights (tensor bytes, hashed once per actor); a training run or a rerun
+with a differing field is refused in one line.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def differing(expected: dict, found: dict) -> list[str]:
 
 def refuse(uri: str, expected: dict, found: dict, what: str) -> None:
     """One line naming the first differing field (and how many more), or nothing when the keys agree."""
-    diff = differing(expected, found)
+    diff = sorted(differing(expected, found), key=lambda k: k != "model.family")  # another family's: said first
     if not diff:
         return
     k = diff[0]
@@ -229,6 +232,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
     d, lat = cfg.data, cfg.latents
     if not d.source:
         raise ConfigError("data.source: required for prepare latents (the clips to encode)")
+    registry.spec(cfg.model).check_train(cfg)  # sizes and frame counts the family cannot encode
     out = cache_uri(cfg)
     stream = read_config_clips(cfg, train=False)
     check_data(cfg, stream, job="encoding")  # before the encoders load: data provably over the limit is refused
@@ -347,6 +351,7 @@ class CacheStream:
         self.files = [storage.join(self.source, s["name"]) for s in shards]
         self.num_samples, self.clips_per_sample = len(shards), max(s["clips"] for s in shards)
         self.seed, self.read_cpus = cfg.run.seed, cfg.data.read_cpus
+        self.latents = registry.recipe_class(cfg.model, cfg.train.recipe).ENCODED[0]  # the video latents' column
 
     def share_dataset(self, epoch: int, samples, wanted):
         """One task per shard; rows as `decode_row` gives them, plus `bucket` (the latents' h x w, so that
@@ -355,7 +360,7 @@ class CacheStream:
 
         k = self.clips_per_sample
         items = [{"item": json.dumps({"uri": self.files[int(i)], "slot": int(i) * k, "order": j, "wanted": w.tolist(),
-                                      "seed": [self.seed, epoch, int(i)]})}
+                                      "seed": [self.seed, epoch, int(i)], "latents": self.latents})}
                  for j, (i, w) in enumerate(zip(samples, wanted, strict=True))]
         ds = ray.data.from_items(items, override_num_blocks=min(4096, len(items)))
         ds = ds.flat_map(_share_rows, num_cpus=self.read_cpus)
@@ -373,6 +378,6 @@ def _share_rows(item: dict) -> list[dict]:
     for k in np.random.default_rng(d["seed"]).permutation(len(rows)).tolist():
         if k < len(d["wanted"]) and d["wanted"][k]:
             row = decode_row(rows[k])
-            bucket = "x".join(str(n) for n in row["latent_params"].shape[-2:])
+            bucket = "x".join(str(n) for n in row[d["latents"]].shape[-2:])
             out.append({**row, "bucket": bucket, "_slot": d["slot"] + k, "_order": d["order"], "_made": len(rows)})
     return out

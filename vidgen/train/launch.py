@@ -119,6 +119,7 @@ def check(cfg: VidgenConfig) -> None:
     """Refuse combinations that would only fail inside the workers, before any worker starts."""
     t = cfg.train
     registry.check(cfg.model, t.recipe)
+    registry.spec(cfg.model).check_train(cfg)  # sizes and frame counts the family cannot train on
     if cfg.model.attention == "xformers" and not t.use_gpu:
         raise ConfigError("model.attention=xformers: needs train.use_gpu=true (a CUDA GPU per worker); "
                           "use model.attention=sdpa")
