@@ -1,4 +1,4 @@
-"""Wan 2.x text-to-video: diffusers' WanTransformer3DModel (a DiT), the causal 3-D Wan VAE and a UMT5 text encoder.
+"""Wan 2.x: diffusers' WanTransformer3DModel (a DiT), the causal 3-D Wan VAE and a UMT5 text encoder.
 
 Shapes: B batch, F pixel frames, L latent frames ((F - 1) / 4 + 1), C latent channels, H/W pixels, h/w latents,
 S text tokens, D text width.
@@ -8,8 +8,15 @@ statistics), as the original Wan code, DiffSynth-Studio and diffusers' WanPipeli
 UMT5's last hidden states of the prompt's tokens, zero past each prompt's length, at `text_length` tokens (512 for
 the published models), as WanPipeline pads them.
 
+Image-to-video where the checkpoint has the image branch: Wan 2.2 TI2V-5B's (`expand_timesteps`, the flag of its
+diffusers model_index.json) puts a first frame's latent in place of latent frame 0 and gives that frame's tokens
+timestep 0, so it stays clean while the others are denoised. The causal VAE encodes frame 0 on its own, so a clip's
+latent frame 0 is its first frame's latent. Checkpoints that take the image as extra input channels (Wan 2.1 I2V,
+Wan 2.2 I2V-A14B: transformer in_channels > out_channels, a CLIP image embedder when image_dim is set) are refused
+by name.
+
 Flavors: tiny (small configs after diffusers' own Wan tests, random init, seeded; a byte-level tokenizer that needs
-no files), full (a published architecture, random init: the one model.path's name says, e.g. Wan2.1-T2V-14B, else
+no files; model.path naming Wan2.2-TI2V-5B gives the tiny TI2V architecture), full (a published architecture, random init: the one model.path's name says, e.g. Wan2.1-T2V-14B, else
 Wan2.1-T2V-1.3B), pretrained (a diffusers Wan directory: transformer/, vae/, text_encoder/, tokenizer/, optionally
 scheduler/ for the sampling shift; local or any URI).
 """
@@ -62,6 +69,12 @@ class Wan:
     tokenizer: object
     text_length: int = TEXT_LENGTH
     flow_shift: float = DEFAULT_SHIFT  # the sampling schedule's shift (training has its own: train.flow.shift)
+    expand_timesteps: bool = False  # TI2V: a first frame's latent is latent frame 0, held at timestep 0
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per transformer token, spatially: VAE x patch (16 for Wan 2.1, 32 for TI2V-5B)."""
+        return self.vae_scale_factor * int(self.transformer.config.patch_size[1])
 
     @property
     def vae_scale_factor(self) -> int:
@@ -100,6 +113,11 @@ class Wan:
         return ((mu - mean) / std).contiguous()
 
     @torch.no_grad()
+    def encode_image(self, image_bchw: torch.Tensor) -> torch.Tensor:
+        """A first frame's normalised latent [B, C, h, w] (image in [-1, 1]): latent frame 0 of any clip it opens."""
+        return self.encode_video(image_bchw[:, None])[:, 0]
+
+    @torch.no_grad()
     def decode_video(self, latents_blchw: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Frames in [-1, 1], [B, F, 3, H, W] with F = (L - 1) * 4 + 1 (the causal VAE decodes a clip whole)."""
         mean, std = self._mean_std(latents_blchw)
@@ -122,9 +140,10 @@ class Wan:
 # configs
 
 
-def tiny_configs() -> dict[str, dict]:
-    """Small configs after diffusers' own Wan tests (tests/pipelines/wan/test_wan.py), a UMT5 of the same size."""
-    return {
+def tiny_configs(ti2v: bool = False) -> dict[str, dict]:
+    """Small configs after diffusers' own Wan tests (tests/pipelines/wan/test_wan.py; test_wan_22.py's 5B for
+    `ti2v`: the Wan 2.2 VAE's 48 channels, 2x2 pixel patches and 16x spatial factor), a UMT5 of the same size."""
+    configs = {
         "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
                             out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
                             cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
@@ -135,10 +154,17 @@ def tiny_configs() -> dict[str, dict]:
                              feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
                              decoder_start_token_id=0),
     }
+    if ti2v:  # latent statistics other than 0 and 1, so that tests see the normalisation
+        configs["transformer"].update(in_channels=48, out_channels=48)
+        configs["vae"].update(z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                              scale_factor_spatial=16, scale_factor_temporal=4,
+                              latents_mean=[(i % 5 - 2) / 10 for i in range(48)],
+                              latents_std=[1 + (i % 3) / 2 for i in range(48)])
+    return configs
 
 
 def from_configs(configs: dict[str, dict], tokenizer=None, text_length: int = TEXT_LENGTH,
-                 flow_shift: float = DEFAULT_SHIFT, seed: int | None = None) -> Wan:
+                 flow_shift: float = DEFAULT_SHIFT, seed: int | None = None, expand_timesteps: bool = False) -> Wan:
     """Random init from config dicts, on the current default device and dtype (build under torch.device("meta")
     for shapes only). With `seed`, each part is seeded on its own: seed (transformer), + 1 (VAE), + 2 (text)."""
     def seeded(i: int) -> None:
@@ -155,7 +181,19 @@ def from_configs(configs: dict[str, dict], tokenizer=None, text_length: int = TE
     seeded(2)
     text = configs["text_encoder"]
     text_encoder = UMT5EncoderModel(text if isinstance(text, UMT5Config) else UMT5Config(**clean(text))).eval()
-    return Wan(transformer, vae, text_encoder, tokenizer, text_length, flow_shift)
+    check_image_branch(transformer.config, "the transformer config")
+    return Wan(transformer, vae, text_encoder, tokenizer, text_length, flow_shift, expand_timesteps)
+
+
+def check_image_branch(config, where: str) -> None:
+    """Refuse the image branch vidgen does not run: image latents and a mask as extra input channels (Wan 2.1 I2V,
+    Wan 2.2 I2V-A14B), a CLIP image embedder (image_dim)."""
+    cin, cout, image_dim = config.get("in_channels"), config.get("out_channels"), config.get("image_dim")
+    if (cin and cout and cin != cout) or image_dim:
+        raise ModelError(f"{where}: in_channels={cin}, out_channels={cout}, image_dim={image_dim} is a Wan "
+                         "image-to-video checkpoint with the image as extra input channels (Wan 2.1 I2V, Wan 2.2 "
+                         "I2V-A14B); vidgen runs Wan text-to-video and TI2V (Wan2.2-TI2V-5B, in_channels = "
+                         "out_channels, no image_dim)")
 
 
 # The published architectures (Wan2.1 README's table: dim, ffn, heads, layers; Wan2.2 README for TI2V-5B; the VAEs
@@ -182,6 +220,9 @@ VARIANTS = {
 }
 
 
+FIRST_FRAME_VARIANTS = ("Wan2.2-TI2V-5B",)  # diffusers' pipeline flag expand_timesteps=True
+
+
 def variant_of(path: str | None) -> str:
     """The published model a model.path names (its last component, e.g. .../Wan2.1-T2V-14B-Diffusers), else the
     1.3B: which built-in configs flavor=full and `vidgen plan` use when no config.json can be read."""
@@ -198,13 +239,17 @@ def full(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Wan
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return from_configs(full_size_configs(variant), ByteTokenizer(TEXT_LENGTH), TEXT_LENGTH, seed=seed)
+        return from_configs(full_size_configs(variant), ByteTokenizer(TEXT_LENGTH), TEXT_LENGTH, seed=seed,
+                            expand_timesteps=variant in FIRST_FRAME_VARIANTS)
     finally:
         torch.set_default_dtype(previous)
 
 
-def tiny(seed: int = 0, text_length: int = 16) -> Wan:
-    return from_configs(tiny_configs(), ByteTokenizer(text_length), text_length, DEFAULT_SHIFT, seed=seed)
+def tiny(seed: int = 0, text_length: int = 16, variant: str | None = None) -> Wan:
+    """`variant`: a published model's name (`variant_of`); a TI2V one gives the tiny TI2V architecture."""
+    ti2v = variant in FIRST_FRAME_VARIANTS
+    return from_configs(tiny_configs(ti2v), ByteTokenizer(text_length), text_length, DEFAULT_SHIFT, seed=seed,
+                        expand_timesteps=ti2v)
 
 
 def _flow_shift(root: Path) -> float:
@@ -217,6 +262,21 @@ def _flow_shift(root: Path) -> float:
         raise ModelError(f"{f}: not a readable scheduler config ({brief(e)})") from None
 
 
+def _expand_timesteps(root: Path) -> bool:
+    """model_index.json's expand_timesteps (diffusers' WanPipeline / WanImageToVideoPipeline flag, true for
+    Wan2.2-TI2V-5B-Diffusers); false when the file or the key is absent."""
+    f = root / "model_index.json"
+    if not f.is_file():
+        return False
+    try:
+        flag = json.loads(f.read_text()).get("expand_timesteps", False)
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{f}: not a readable diffusers model index ({brief(e)})") from None
+    if not isinstance(flag, bool):
+        raise ModelError(f"{f}: expand_timesteps={flag!r}, expected true or false")
+    return flag
+
+
 def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", dtype: torch.dtype = torch.float32) -> Wan:
     """A diffusers Wan directory (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers copied to disk or object storage)."""
     from transformers import AutoTokenizer  # lazy: tokenizers load only for pretrained weights
@@ -225,6 +285,12 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", dtype: torc
     missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
     if missing:
         raise ModelError(f"{path}: missing subfolder(s) {', '.join(missing)} of a diffusers Wan directory")
+    config = root / "transformer" / "config.json"
+    try:
+        check_image_branch(json.loads(config.read_text()), f"{path}: transformer/config.json")
+    except (OSError, ValueError, AttributeError):
+        pass  # unreadable: from_pretrained below says so
+    expand = _expand_timesteps(root)
     try:
         transformer = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype,
                                                             local_files_only=True).eval()
@@ -235,7 +301,7 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", dtype: torc
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     except Exception as e:  # unreadable configs, truncated or foreign weights
         raise ModelError(f"{path}: cannot load the Wan transformer/vae/text_encoder/tokenizer ({brief(e)})") from None
-    return Wan(transformer, vae, text_encoder, tokenizer, TEXT_LENGTH, _flow_shift(root))
+    return Wan(transformer, vae, text_encoder, tokenizer, TEXT_LENGTH, _flow_shift(root), expand)
 
 
 def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vidgen/models", seed: int = 0,
@@ -244,7 +310,7 @@ def build(flavor: str, *, path: str | None = None, cache_dir: str = "~/.cache/vi
     frozen-base dtype); the VAE stays fp32."""
     check_backend(attention)  # before loading gigabytes of weights
     if flavor == "tiny":
-        model = tiny(seed)
+        model = tiny(seed, variant=variant_of(path))
     elif flavor == "full":
         model = full(variant_of(path), seed, dtype)
     elif flavor == "pretrained":

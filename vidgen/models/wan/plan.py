@@ -23,7 +23,7 @@ class WanPlanner:
 
         def build(flavor: str, *, path: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, **_):
             if flavor == "tiny":
-                model, build.source = wan.tiny(seed), "tiny flavor"
+                model, build.source = wan.tiny(seed, variant=wan.variant_of(path)), "tiny flavor"
             else:
                 variant = wan.variant_of(path)
                 configs = wan.full_size_configs(variant)

@@ -1,9 +1,15 @@
-"""Wan's training recipes (wan_full, wan_lora): text-to-video with the flow-matching objective of `flow`.
+"""Wan's training recipes (wan_full, wan_lora): text-to-video with the flow-matching objective of `flow`, and
+image-to-video on a TI2V checkpoint (`Wan.expand_timesteps`).
 
 Shapes: B batch, F pixel frames, L latent frames, C latent channels, H/W pixels, h/w latents, S text tokens.
 
 A batch is {frames uint8 [B, F, H, W, 3], fps [B]} plus `prompt` (strings) when the dataset has them, or its cached
 encodings {latents [B, L, C, h, w], prompt_embeds [B, S, D]}; clips without a prompt train on the empty prompt.
+
+TI2V conditions each clip on its own first frame, as DiffSynth-Studio trains Wan2.2-TI2V-5B (its `input_image` is
+the clip's frame 0; diffsynth/diffusion/loss.py FlowMatchSFTLoss): the noisy latents' frame 0 is the first frame's
+latent (latent frame 0 of the clip: the causal VAE encodes frame 0 alone), that frame's tokens get timestep 0, and
+the loss covers the other latent frames only. The cache is the same: frame 0 comes from the cached latents.
 """
 
 from __future__ import annotations
@@ -105,9 +111,21 @@ class WanFullRecipe:
         x_t = flow.noisy(x0, noise, sigma.to(device))
         dtype = next(self.unet.parameters()).dtype
         timestep = (sigma * flow.TRAIN_TIMESTEPS).to(device)
+        first = 1 if self.model.expand_timesteps else 0  # TI2V: latent frame 0 is the clean first frame
+        if first:
+            x_t[:, 0] = x0[:, 0]
+            timestep = self.token_timesteps(timestep, x0.shape)
         pred = unet_fn(x_t.permute(0, 2, 1, 3, 4).to(dtype), timestep.to(dtype), encoder_hidden_states=embeds.to(dtype))
-        loss = flow.loss(pred.permute(0, 2, 1, 3, 4), x0, noise, weight.to(device))
+        loss = flow.loss(pred.permute(0, 2, 1, 3, 4)[:, first:], x0[:, first:], noise[:, first:], weight.to(device))
         return loss, {"sigma_mean": sigma.mean().item()}
+
+    def token_timesteps(self, timestep_b: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """[B, N]: each clip's timestep on the tokens of latent frames 1.., 0 on frame 0's."""
+        b, frames, _, h, w = shape
+        _, ph, pw = self.unet.config.patch_size
+        per_frame = timestep_b[:, None].repeat(1, frames)
+        per_frame[:, 0] = 0
+        return per_frame.repeat_interleave(h // ph * (w // pw), dim=1)
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
         """The trained transformer as a diffusers directory (`WanTransformer3DModel.from_pretrained`)."""
