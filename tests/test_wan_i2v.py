@@ -1,7 +1,7 @@
-"""Wan image-to-video on a TI2V checkpoint (Wan 2.2 TI2V-5B's design, tiny): training on the clip's first frame
-against DiffSynth-Studio's TI2V loss (restated here), base sampling against diffusers' WanImageToVideoPipeline with
-expand_timesteps, FIFO holding output frame 0 clean, the generation actor reading a row's image, and the refusal of
-the image-channel checkpoints (Wan 2.1 I2V).
+"""Wan image-to-video, tiny, in diffusers' two designs: TI2V (Wan 2.2 TI2V-5B) and the image as input channels
+with CLIP (Wan 2.1 I2V). For each, training on the clip's first frame against DiffSynth-Studio's loss (restated
+here) and base sampling against diffusers' WanImageToVideoPipeline; for TI2V also FIFO holding output frame 0 clean
+and the generation actor reading a row's image; the checkpoint layouts that are refused.
 
 Shapes: B batch, F pixel frames, L latent frames, C latent channels, h/w latents, N transformer tokens.
 """
@@ -20,7 +20,7 @@ from vidgen.models import registry
 from vidgen.models.wan import model as wm
 from vidgen.models.wan.pipeline import FlowSigmas, WanDenoiser
 
-TI2V = "Wan2.2-TI2V-5B"
+TI2V, I2V = "Wan2.2-TI2V-5B", "Wan2.1-I2V-14B"
 WAN = ["model.family=wan", "model.flavor=tiny", f"model.path={TI2V}", "model.num_frames=5", "data.height=64",
        "data.width=64"]
 
@@ -76,7 +76,8 @@ def test_ti2v_loss_equals_diffsynth_studios_on_the_clips_first_frame():
         latents = (1 - sigmas[ids[i]]) * x0[i:i + 1] + sigmas[ids[i]] * noise[i:i + 1]
         latents[:, :, 0:1] = z
         per_frame = x0.shape[3] * x0.shape[4] // 4
-        timestep = torch.cat([torch.zeros(1, per_frame), torch.ones(x0.shape[2] - 1, per_frame) * sigmas[ids[i]] * 1000])
+        later = torch.ones(x0.shape[2] - 1, per_frame) * sigmas[ids[i]] * 1000
+        timestep = torch.cat([torch.zeros(1, per_frame), later])
         pred = tr(latents, timestep.flatten()[None], enc["prompt_embeds"][i:i + 1], return_dict=False)[0]
         target = noise[i:i + 1] - x0[i:i + 1]
         mse = torch.nn.functional.mse_loss(pred[:, :, 1:].float(), target[:, :, 1:].float())
@@ -190,7 +191,7 @@ def test_the_generation_actor_conditions_on_the_rows_image(tmp_path):
     from vidgen.errors import ConfigError
 
     g = load_config(None, [*WAN, "generate.height=48", "generate.width=64"]).generate
-    with pytest.raises(ConfigError, match="generate.height/width=48x64: this Wan model needs multiples of 32"):
+    with pytest.raises(ConfigError, match="generate.height/width=48x64: Wan needs multiples of 32"):
         check_generate(cfg.model, g)
     t2v = registry.spec(cfg.model).build_pipeline(load_config(None, ["model.family=wan"]).model, cfg.generate)
     assert t2v.condition(row, actor.gen, actor._image, None).image_latent is None
@@ -215,22 +216,99 @@ def test_pretrained_ti2v_reads_model_index_and_image_channel_checkpoints_are_ref
     (root / "model_index.json").write_text(json.dumps({"expand_timesteps": "yes"}))
     with pytest.raises(ModelError, match="model_index.json: expand_timesteps='yes', expected true or false"):
         wm.build("pretrained", path=str(root))
+    (root / "model_index.json").unlink()
 
     config = json.loads((root / "transformer" / "config.json").read_text())
-    config.update(in_channels=36, out_channels=16, image_dim=32)
+    config.update(in_channels=36, out_channels=16, image_dim=None)  # Wan 2.2 I2V-A14B's layout
     (root / "transformer" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="transformer/config.json: in_channels=36, out_channels=16, image_dim=32 is "
-                                         "a Wan image-to-video checkpoint with the image as extra input channels"):
+    with pytest.raises(ModelError, match="transformer/config.json: in_channels=36, out_channels=16, image_dim=None; "
+                                         "vidgen runs Wan text-to-video and TI2V"):
+        wm.build("pretrained", path=str(root))
+    config.update(in_channels=36, out_channels=16, image_dim=4)  # Wan 2.1 I2V's, without its CLIP folders
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="missing subfolder\\(s\\) image_encoder, image_processor of a diffusers "
+                                         "Wan I2V directory \\(its transformer has image_dim=4\\)"):
         wm.build("pretrained", path=str(root))
 
 
-def test_plan_counts_ti2v_5b_and_its_first_frame_loss():
-    """`vidgen plan` for TI2V-5B at its size (built-in configs on the meta device): the 5B transformer trains."""
-    from vidgen.plan import plan
 
-    cfg = load_config(None, ["model.family=wan", "model.flavor=full", "model.path=/m/Wan2.2-TI2V-5B-Diffusers",
-                             "model.num_frames=17", "data.height=704", "data.width=1280", "train.recipe=wan_lora"])
-    p = plan(cfg)
-    text = json.dumps(p)
-    assert "Wan2.2-TI2V-5B" in text
-    assert "4999787712" in text.replace(",", "").replace("_", "") or "4999787712" in str(p)
+# ---------------------------------------------------------------------------------------------- Wan 2.1 I2V
+
+
+def test_i2v_loss_equals_diffsynth_studios_with_the_image_as_input_channels():
+    """DiffSynth-Studio's Wan2.1-I2V-14B training (input_image = the clip's frame 0): y = [mask, VAE latents of
+    (image, black frames...)] concatenated to the noisy latents, CLIP's penultimate states through the image
+    embedder, the loss over every latent frame; the encodings are cached as two more columns."""
+    cfg = load_config(None, ["model.family=wan", "model.flavor=tiny", f"model.path={I2V}", "model.num_frames=5",
+                             "data.height=32", "data.width=32", "train.recipe=wan_lora", "train.lora.rank=2"])
+    r = registry.build_recipe(cfg.model, cfg.train, cfg.run.seed)
+    assert r.ENCODED == ("latents", "prompt_embeds", "image_condition", "image_embeds")
+    assert r.model.image_encoder in r.encoders()
+    batch = clips(size=32)
+    enc = r.encode(batch)
+    assert set(enc) == set(r.ENCODED) and enc["image_condition"].shape == (2, 2, 20, 4, 4)
+    tr, m = r.unet, r.model
+    loss, _ = r.loss(enc, lambda x, t, **kw: tr(x, t, **kw, return_dict=False)[0], torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)
+    x0 = enc["latents"].permute(0, 2, 1, 3, 4)  # [B, C, L, h, w]
+    noise = torch.randn(x0.permute(0, 2, 1, 3, 4).shape, generator=g).permute(0, 2, 1, 3, 4)
+    ids = torch.randint(0, 1000, (2,), generator=g)
+    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sigmas = 5 * sigmas / (1 + 4 * sigmas)
+    bell = torch.exp(-2 * ((sigmas * 1000 - 500) / 1000) ** 2)
+    weights = (bell - bell.min()) * (1000 / (bell - bell.min()).sum())
+    mean = torch.tensor(m.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(m.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    expected = []
+    for i in range(2):
+        first = batch["frames"][i, 0].permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W]
+        video = torch.cat([first[:, None], torch.zeros(3, 4, 32, 32)], dim=1)[None]  # [1, 3, F, H, W]
+        y = (m.vae.encode(video).latent_dist.mean - mean) / std
+        msk = torch.zeros(1, 4, 2, 4, 4)
+        msk[:, :, 0] = 1
+        pixels = m.image_processor(images=[batch["frames"][i, 0].numpy()], return_tensors="pt").pixel_values
+        clip = m.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        noisy = (1 - sigmas[ids[i]]) * x0[i:i + 1] + sigmas[ids[i]] * noise[i:i + 1]
+        pred = tr(torch.cat([noisy, msk, y], dim=1), sigmas[ids[i]][None] * 1000, enc["prompt_embeds"][i:i + 1],
+                  encoder_hidden_states_image=clip, return_dict=False)[0]
+        mse = torch.nn.functional.mse_loss(pred.float(), (noise[i:i + 1] - x0[i:i + 1]).float())
+        expected.append(mse * weights[ids[i]])
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=0)
+
+
+def test_i2v_base_sampler_equals_diffusers_image_to_video_pipeline():
+    """WanImageToVideoPipeline (CLIP, the image as input channels) with first-order UniPC over the original Wan
+    schedule: the same latents as vidgen's base sampler on the same image, guidance included; a row without an
+    image is refused."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from PIL import Image
+
+    from vidgen.diffusion.samplers import base_sample
+    from vidgen.errors import DataError
+
+    class WanSchedule(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **_):
+            super().set_timesteps(sigmas=np.linspace(0.999, 0, num_inference_steps + 1)[:-1], device=device)
+
+    m, steps = wm.tiny(0, variant=I2V), 3
+    assert m.image_channels and not m.expand_timesteps and m.image_encoder is not None
+    sched = WanSchedule(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=m.flow_shift,
+                        solver_order=1, disable_corrector=list(range(steps)))
+    pipe = WanImageToVideoPipeline(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, scheduler=sched,
+                                   transformer=m.transformer, image_encoder=m.image_encoder,
+                                   image_processor=m.image_processor)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 2, 16, 4, 4, generator=torch.Generator().manual_seed(3))  # [B, L, C, h, w]
+    img = image(32)
+    embeds = {"prompt_embeds": m.encode_text(["a red car"]), "negative_prompt_embeds": m.encode_text([""])}
+    theirs = pipe(Image.fromarray(img), **embeds, height=32, width=32, num_frames=5, num_inference_steps=steps,
+                  guidance_scale=5.0, latents=noise.permute(0, 2, 1, 3, 4).clone(),
+                  max_sequence_length=m.text_length, output_type="latent").frames.permute(0, 2, 1, 3, 4)
+    den = WanDenoiser(m, 5.0)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ours = base_sample(den, den.condition(["a red car"], image_bchw=x, num_frames=5), FlowSigmas(m.flow_shift),
+                       noise.shape, steps, latents=noise)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(DataError, match="prompt row: no image, and this Wan checkpoint is image-to-video only"):
+        den.condition(["a red car"])

@@ -23,6 +23,11 @@ window slot that becomes output frame 0 is that latent at timestep 0 in every ca
 estimate is the image's latent exactly: the base sampler ends on it, and FIFO keeps it clean while it is in the
 queue. A row without an image generates from text alone (TI2V-5B does both); a text-to-video checkpoint ignores the
 image, as every text-conditioned family does.
+
+On a Wan 2.1 I2V checkpoint (the image as input channels), as diffusers' WanImageToVideoPipeline: every call gets
+CLIP's embedding of the image and, channel-concatenated to each latent frame, that frame's mask and latent of the
+video [image, black frames...] encoded at the whole output length (FIFO: the output frame each slot becomes; slots
+that never become output frames take frame 0's). Such a checkpoint needs the row's image.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from vidgen import storage
 from vidgen.config import GenerateConfig, ModelConfig
 from vidgen.diffusion.objectives import append_dims
 from vidgen.diffusion.samplers import base_sample
-from vidgen.errors import ConfigError
+from vidgen.errors import ConfigError, DataError
 from vidgen.models import lora
 from vidgen.models.wan import flow
 from vidgen.models.wan import model as wan
@@ -74,6 +79,8 @@ class WanCondition:
     negative_embeds: torch.Tensor | None = None  # [B, S, D]: the unconditional branch, when guided
     image_latent: torch.Tensor | None = None  # [B, C, h, w]: TI2V's first frame, held clean as output frame 0
     frames: tuple[int, ...] | None = None  # output frame of each window position (FIFO); None: 0 .. L-1
+    image_condition: torch.Tensor | None = None  # [B, L_out, 4 + C, h, w]: Wan 2.1 I2V's mask and image latents
+    image_embeds: torch.Tensor | None = None  # [B, T, D]: its CLIP hidden states
 
 
 class WanDenoiser:
@@ -89,14 +96,24 @@ class WanDenoiser:
         return next(self.model.transformer.parameters()).device
 
     @torch.no_grad()
-    def condition(self, prompts: list[str], negative: str = "", image_bchw: torch.Tensor | None = None
-                  ) -> WanCondition:
-        """`image_bchw` (in [-1, 1], the output size): the first frame, on a TI2V checkpoint."""
-        embeds = self.model.encode_text(prompts).to(self.device)
-        neg = self.model.encode_text([negative] * len(prompts)).to(self.device) if self.guidance_scale > 1 else None
+    def condition(self, prompts: list[str], negative: str = "", image_bchw: torch.Tensor | None = None,
+                  num_frames: int = 5) -> WanCondition:
+        """`image_bchw` (in [-1, 1], the output size): the first frame, on an image-to-video checkpoint, of a video
+        of `num_frames` pixel frames."""
+        m, b = self.model, len(prompts)
+        embeds = m.encode_text(prompts).to(self.device)
+        neg = m.encode_text([negative] * b).to(self.device) if self.guidance_scale > 1 else None
+        if m.image_channels:
+            if image_bchw is None:
+                raise DataError("prompt row: no image, and this Wan checkpoint is image-to-video only (Wan 2.1 I2V: "
+                                "its transformer takes the image as input channels); give each row an `image`")
+            x = image_bchw.to(self.device)
+            channels = m.encode_condition(x, num_frames).expand(b, -1, -1, -1, -1)
+            return WanCondition(embeds, neg, image_condition=channels,
+                                image_embeds=m.encode_clip(x).to(self.device).expand(b, -1, -1))
         image = None
-        if image_bchw is not None and self.model.expand_timesteps:
-            image = self.model.encode_image(image_bchw.to(self.device)).expand(len(prompts), -1, -1, -1)
+        if image_bchw is not None and m.expand_timesteps:
+            image = m.encode_image(image_bchw.to(self.device)).expand(b, -1, -1, -1)
         return WanCondition(embeds, neg, image)
 
     @torch.no_grad()
@@ -116,12 +133,20 @@ class WanDenoiser:
         # float32 put a hair below an integer on it
         t = torch.floor(s * flow.TRAIN_TIMESTEPS + 1e-4)
         tokens = t.float().repeat_interleave(h // ph * (w // pw), dim=1)  # [B, N]
-        x_in, embeds = x_t.permute(0, 2, 1, 3, 4).to(tr.dtype), cond.prompt_embeds.to(tr.dtype)
+        x_in, embeds, image = x_t, cond.prompt_embeds.to(tr.dtype), None
+        if cond.image_condition is not None:  # Wan 2.1 I2V: the image as input channels, and CLIP
+            last = cond.image_condition.shape[1] - 1
+            index = torch.tensor(list(cond.frames) if cond.frames is not None else range(frames)).clamp(0, last)
+            x_in = torch.cat([x_t, cond.image_condition[:, index.to(x_t.device)].to(x_t)], dim=2)
+            image = cond.image_embeds.to(tr.dtype)
+        x_in = x_in.permute(0, 2, 1, 3, 4).to(tr.dtype)
         guided = self.guidance_scale > 1 and cond.negative_embeds is not None
         if guided:  # unconditional half first
             x_in, tokens = torch.cat([x_in, x_in]), torch.cat([tokens, tokens])
             embeds = torch.cat([cond.negative_embeds.to(tr.dtype), embeds])
-        v = tr(x_in, tokens.to(tr.dtype), embeds, return_dict=False)[0].float().permute(0, 2, 1, 3, 4)
+            image = None if image is None else torch.cat([image, image])
+        v = tr(x_in, tokens.to(tr.dtype), embeds, encoder_hidden_states_image=image,
+               return_dict=False)[0].float().permute(0, 2, 1, 3, 4)
         self.calls += 1
         if guided:
             uncond, text = v.chunk(2)
@@ -147,12 +172,15 @@ class WanPipeline:
     scheduler: FlowSigmas
 
     def condition(self, row: dict, g: GenerateConfig, image_fn, generator) -> WanCondition:
-        image = image_fn(row["image"]) if row.get("image") and self.model.expand_timesteps else None
-        return self.denoiser.condition([row.get("sample_prompt") or row["prompt"]], image_bchw=image)
+        image = image_fn(row["image"]) if row.get("image") and self.model.image_to_video else None
+        return self.denoiser.condition([row.get("sample_prompt") or row["prompt"]], image_bchw=image,
+                                       num_frames=g.num_frames)
 
     def frames(self, cond: WanCondition, indices: list[int]) -> WanCondition:
-        """One text condition for every frame; the first frame's image only where output frame 0 is."""
-        return cond if cond.image_latent is None else replace(cond, frames=tuple(indices))
+        """One text condition for every frame; the image's part by the output frame each window position becomes."""
+        if cond.image_latent is None and cond.image_condition is None:
+            return cond
+        return replace(cond, frames=tuple(indices))
 
     def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
         """`window` pixel frames (model.num_frames) as latent frames."""
@@ -164,7 +192,7 @@ class WanPipeline:
 def check_size(height: int, width: int, frames: int, token: int = 16) -> None:
     """`token`, pixels per transformer token: 8 (VAE) x 2 (patch) = 16 for the 2.1 models (Wan 2.2 TI2V-5B: 32)."""
     if height % token or width % token:
-        raise ConfigError(f"generate.height/width={height}x{width}: this Wan model needs multiples of {token}")
+        raise ConfigError(f"generate.height/width={height}x{width}: Wan needs multiples of {token}")
     if frames % 4 != 1:
         raise ConfigError(f"model.num_frames={frames}: Wan's causal VAE takes 4k + 1 frames (e.g. 5, 17, 33, 81)")
 
@@ -204,7 +232,7 @@ def text_to_video(model: wan.Wan, prompts: list[str], num_frames: int = 5, heigh
     `image`: a first frame [1, 3, H, W] in [-1, 1], on a TI2V checkpoint)."""
     check_size(height, width, num_frames, model.token_pixels)
     denoiser = WanDenoiser(model, guidance_scale)
-    cond = denoiser.condition(prompts, image_bchw=image)
+    cond = denoiser.condition(prompts, image_bchw=image, num_frames=num_frames)
     s = model.vae_scale_factor
     shape = (len(prompts), model.latent_frames(num_frames), model.transformer.config.out_channels, height // s,
              width // s)
