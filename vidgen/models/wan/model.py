@@ -280,7 +280,8 @@ VARIANTS = {
                                             in_channels=16, out_channels=16), vae=_VAE_21, text_encoder=_UMT5_XXL),
     "Wan2.2-TI2V-5B": dict(transformer=dict(_DIT, num_attention_heads=24, ffn_dim=14336, num_layers=30,
                                             in_channels=48, out_channels=48), vae=_VAE_22, text_encoder=_UMT5_XXL),
-    # Wan2.1-I2V-14B-480P-Diffusers' transformer/ and image_encoder/ (open-clip ViT-H/14) configs
+    # Wan2.1-I2V-14B-480P-Diffusers' transformer/ and image_encoder/ (open-clip ViT-H/14) configs; counted on the
+    # meta device: transformer 16,394,878,784, CLIP vision tower 630,766,080
     "Wan2.1-I2V-14B": dict(transformer=dict(_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40,
                                             in_channels=36, out_channels=16, image_dim=1280, added_kv_proj_dim=5120),
                            vae=_VAE_21, text_encoder=_UMT5_XXL,
