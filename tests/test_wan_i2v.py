@@ -193,6 +193,8 @@ def test_the_generation_actor_conditions_on_the_rows_image(tmp_path):
     g = load_config(None, [*WAN, "generate.height=48", "generate.width=64"]).generate
     with pytest.raises(ConfigError, match="generate.height/width=48x64: Wan needs multiples of 32"):
         check_generate(cfg.model, g)
+    with pytest.raises(ConfigError, match="generate.height/width=48x64: Wan needs multiples of 32"):
+        actor.pipe.latent_shape(g, 5)  # what the actor says when model.path's name does not say TI2V
     t2v = registry.spec(cfg.model).build_pipeline(load_config(None, ["model.family=wan"]).model, cfg.generate)
     assert t2v.condition(row, actor.gen, actor._image, None).image_latent is None
 
@@ -312,3 +314,34 @@ def test_i2v_base_sampler_equals_diffusers_image_to_video_pipeline():
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     with pytest.raises(DataError, match="prompt row: no image, and this Wan checkpoint is image-to-video only"):
         den.condition(["a red car"])
+
+
+def test_i2v_fifo_gives_each_slot_the_channels_of_the_frame_it_becomes():
+    """FIFO over tiny Wan 2.1 I2V (a 9-frame video: 3 latent frames, encoded whole): each call's image channels are
+    those of the output frame each window slot becomes (warm-up and context slots: frame 0's)."""
+    from vidgen.diffusion.fifo import FifoPlan
+    from vidgen.diffusion.samplers import fifo_sample
+    from vidgen.models.wan.pipeline import WanPipeline
+
+    m = wm.tiny(0, variant=I2V)
+    den = WanDenoiser(m)
+    pipe = WanPipeline(m, den, FlowSigmas(m.flow_shift))
+    x = torch.from_numpy(image(32)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    cond = den.condition(["a"], image_bchw=x, num_frames=9)
+    assert cond.image_condition.shape == (1, 3, 20, 4, 4)
+    windows, seen = [], []
+
+    def window_cond(c, indices):
+        windows.append(list(indices))
+        return pipe.frames(c, indices)
+
+    hook = m.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    plan = FifoPlan(2, 1, lookahead=True)
+    fifo_sample(den, cond, FlowSigmas(m.flow_shift), (1, 2, 16, 4, 4), 3, plan,
+                generator=torch.Generator().manual_seed(0), window_cond=window_cond)
+    hook.remove()
+    assert len(seen) == plan.steps + plan.iterations(3) * len(plan.windows())
+    for indices, x_in in zip([list(range(plan.window))] * plan.steps + windows[1:], seen, strict=True):
+        for j, k in enumerate(indices):
+            torch.testing.assert_close(x_in[0, 16:, j], cond.image_condition[0, max(0, min(k, 2))], rtol=0, atol=0)
+    assert {k for w in windows for k in w} >= {-1, 0, 1, 2}

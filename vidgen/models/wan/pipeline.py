@@ -183,7 +183,8 @@ class WanPipeline:
         return replace(cond, frames=tuple(indices))
 
     def latent_shape(self, g: GenerateConfig, window: int) -> tuple[int, ...]:
-        """`window` pixel frames (model.num_frames) as latent frames."""
+        """`window` pixel frames (model.num_frames) as latent frames, at a size this checkpoint's tokens divide."""
+        check_size(g.height, g.width, window, self.model.token_pixels)
         s = self.model.vae_scale_factor
         return (1, self.model.latent_frames(window), self.model.transformer.config.out_channels,
                 g.height // s, g.width // s)
