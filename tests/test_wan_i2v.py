@@ -39,6 +39,15 @@ def image(size: int = 64) -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
+def diffsynth_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffSynth-Studio's training levels and weights (FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True),
+    set_timesteps(1000, training=True)), as tests/test_wan.py restates them."""
+    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sigmas = 5 * sigmas / (1 + 4 * sigmas)
+    bell = torch.exp(-2 * ((sigmas * 1000 - 500) / 1000) ** 2)
+    return sigmas, (bell - bell.min()) * (1000 / (bell - bell.min()).sum())
+
+
 def test_ti2v_is_what_the_checkpoint_says():
     m = tiny()
     assert m.expand_timesteps and m.token_pixels == 32 and m.transformer.config.in_channels == 48
@@ -64,10 +73,7 @@ def test_ti2v_loss_equals_diffsynth_studios_on_the_clips_first_frame():
     x0 = enc["latents"].permute(0, 2, 1, 3, 4)  # [B, C, L, h, w]: DiffSynth's layout
     noise = torch.randn(x0.permute(0, 2, 1, 3, 4).shape, generator=g).permute(0, 2, 1, 3, 4)
     ids = torch.randint(0, 1000, (2,), generator=g)
-    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
-    sigmas = 5 * sigmas / (1 + 4 * sigmas)
-    bell = torch.exp(-2 * ((sigmas * 1000 - 500) / 1000) ** 2)
-    weights = (bell - bell.min()) * (1000 / (bell - bell.min()).sum())
+    sigmas, weights = diffsynth_table()
     mean = torch.tensor(m.vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(m.vae.config.latents_std).view(1, -1, 1, 1, 1)
     expected = []
@@ -256,10 +262,7 @@ def test_i2v_loss_equals_diffsynth_studios_with_the_image_as_input_channels():
     x0 = enc["latents"].permute(0, 2, 1, 3, 4)  # [B, C, L, h, w]
     noise = torch.randn(x0.permute(0, 2, 1, 3, 4).shape, generator=g).permute(0, 2, 1, 3, 4)
     ids = torch.randint(0, 1000, (2,), generator=g)
-    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
-    sigmas = 5 * sigmas / (1 + 4 * sigmas)
-    bell = torch.exp(-2 * ((sigmas * 1000 - 500) / 1000) ** 2)
-    weights = (bell - bell.min()) * (1000 / (bell - bell.min()).sum())
+    sigmas, weights = diffsynth_table()
     mean = torch.tensor(m.vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(m.vae.config.latents_std).view(1, -1, 1, 1, 1)
     expected = []
