@@ -34,7 +34,6 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import (
     BatchEncoding,
-    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     UMT5Config,
@@ -237,6 +236,8 @@ def from_configs(configs: dict[str, dict], tokenizer=None, text_length: int = TE
     check_image_branch(transformer.config, "the transformer config")
     image_encoder = processor = None
     if "image_encoder" in configs:
+        from transformers import CLIPImageProcessor  # lazy: importing it warns when torchvision is absent
+
         seeded(3)
         image_encoder = CLIPVisionModel(CLIPVisionConfig(**clean(configs["image_encoder"]))).eval()
         size = image_encoder.config.image_size
@@ -381,6 +382,8 @@ def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", dtype: torc
         raise ModelError(f"{path}: cannot load the Wan transformer/vae/text_encoder/tokenizer ({brief(e)})") from None
     image_encoder = processor = None
     if transformer.config.image_dim:  # Wan 2.1 I2V: its CLIP
+        from transformers import CLIPImageProcessor  # lazy: importing it warns when torchvision is absent
+
         try:
             image_encoder = CLIPVisionModel.from_pretrained(root / "image_encoder", torch_dtype=dtype,
                                                             local_files_only=True).eval()
