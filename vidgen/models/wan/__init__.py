@@ -1,4 +1,5 @@
-"""Wan 2.x: text-to-video DiT, trained with flow matching (recipes wan_full, wan_lora)."""
+"""Wan 2.x: a text-to-video DiT, and image-to-video where the checkpoint has the image branch (TI2V-5B, 2.1 I2V),
+trained with flow matching (recipes wan_full, wan_lora)."""
 
 from vidgen.models.base import FamilySpec
 from vidgen.models.wan.checks import check_train, check_weights

@@ -23,7 +23,7 @@ class WanPlanner:
 
         def build(flavor: str, *, path: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, **_):
             if flavor == "tiny":
-                model, build.source = wan.tiny(seed), "tiny flavor"
+                model, build.source = wan.tiny(seed, variant=wan.variant_of(path)), "tiny flavor"
             else:
                 variant = wan.variant_of(path)
                 configs = wan.full_size_configs(variant)
@@ -32,7 +32,7 @@ class WanPlanner:
                 configs.update(read or {})
                 with torch.device("meta"):
                     model = wan.from_configs(configs, wan.ByteTokenizer(wan.TEXT_LENGTH), wan.TEXT_LENGTH)
-            for m in (model.transformer, model.vae, model.text_encoder):
+            for m in (model.transformer, *model.frozen()):
                 m.to(device="meta", dtype=dtype if flavor != "tiny" else None)
             return model
 
@@ -40,7 +40,8 @@ class WanPlanner:
         return build
 
     def parts(self, model) -> dict[str, torch.nn.Module]:
-        return {"unet": model.transformer, "vae": model.vae, "text_encoder": model.text_encoder}
+        parts = {"unet": model.transformer, "vae": model.vae, "text_encoder": model.text_encoder}
+        return parts | ({"image_encoder": model.image_encoder} if model.image_encoder is not None else {})
 
     def encode(self, m, b: int, f: int, h: int, w: int) -> dict[str, torch.Tensor]:
         """The causal VAE over the clip and UMT5 at the padded prompt length (no_grad is the caller's)."""
@@ -49,14 +50,24 @@ class WanPlanner:
                              device=meta, dtype=next(m.vae.parameters()).dtype)
         latents = m.vae.encode(frames).latent_dist.mode()  # [B, C, L, h, w]
         ids = torch.zeros(b, m.text_length, dtype=torch.long, device=meta)
-        return {"latents": latents, "embeds": m.text_encoder(ids).last_hidden_state}
+        out = {"latents": latents, "embeds": m.text_encoder(ids).last_hidden_state}
+        if m.image_channels:  # Wan 2.1 I2V: [image, black frames...] through the VAE again, and CLIP
+            out["image_condition"] = torch.cat([latents[:, :4], m.vae.encode(frames).latent_dist.mode()], dim=1)
+            size = m.image_encoder.config.image_size
+            pixels = torch.empty(b, 3, size, size, device=meta, dtype=m.image_encoder.dtype)
+            out["image_embeds"] = m.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        return out
 
     def unet_loss(self, unet: torch.nn.Module, enc: dict[str, torch.Tensor], b: int, f: int) -> torch.Tensor:
         """Noisy latents at one timestep per clip and the text embeddings; an MSE of the objective's shapes."""
         dtype = next(unet.parameters()).dtype
         latents = enc["latents"].float()
         t = torch.empty(b, device=latents.device, dtype=dtype)
-        out = unet(latents.to(dtype), t, enc["embeds"].to(dtype), return_dict=False)[0]
+        x, image = latents, enc.get("image_embeds")
+        if "image_condition" in enc:
+            x = torch.cat([latents, enc["image_condition"].float()], dim=1)
+        out = unet(x.to(dtype), t, enc["embeds"].to(dtype), encoder_hidden_states_image=None if image is None else
+                   image.to(dtype), return_dict=False)[0]
         return (out.float() - latents).pow(2).mean()
 
     def meta_generation(self, model_cfg, g) -> MetaGeneration:

@@ -1,9 +1,20 @@
-"""Wan's training recipes (wan_full, wan_lora): text-to-video with the flow-matching objective of `flow`.
+"""Wan's training recipes (wan_full, wan_lora): text-to-video with the flow-matching objective of `flow`, and
+image-to-video on a TI2V checkpoint (`Wan.expand_timesteps`).
 
 Shapes: B batch, F pixel frames, L latent frames, C latent channels, H/W pixels, h/w latents, S text tokens.
 
 A batch is {frames uint8 [B, F, H, W, 3], fps [B]} plus `prompt` (strings) when the dataset has them, or its cached
 encodings {latents [B, L, C, h, w], prompt_embeds [B, S, D]}; clips without a prompt train on the empty prompt.
+
+TI2V conditions each clip on its own first frame, as DiffSynth-Studio trains Wan2.2-TI2V-5B (its `input_image` is
+the clip's frame 0; diffsynth/diffusion/loss.py FlowMatchSFTLoss): the noisy latents' frame 0 is the first frame's
+latent (latent frame 0 of the clip: the causal VAE encodes frame 0 alone), that frame's tokens get timestep 0, and
+the loss covers the other latent frames only. The cache is the same: frame 0 comes from the cached latents.
+
+Wan 2.1 I2V (the image as input channels) conditions each clip on its first frame as DiffSynth-Studio trains
+Wan2.1-I2V-14B: the mask and the latents of [first frame, black frames...] concatenated to every noisy latent frame
+(`Wan.encode_condition`), CLIP's hidden states of the frame through the image embedder, the loss over every latent
+frame. Those are two more encoded columns (image_condition, image_embeds), cached with the others.
 """
 
 from __future__ import annotations
@@ -62,8 +73,13 @@ class WanFullRecipe:
         if f % 4 != 1:
             raise ConfigError(f"model.num_frames={f}: Wan's causal VAE takes 4k + 1 frames (e.g. 5, 17, 33, 81)")
         self.model = build_wan(self.model_cfg, self.seed, dtype, self.build)
-        self.model.vae.requires_grad_(False)
-        self.model.text_encoder.requires_grad_(False)
+        for m in self.model.frozen():
+            m.requires_grad_(False)
+        if self.model.image_channels:
+            self.ENCODED = (*type(self).ENCODED, "image_condition", "image_embeds")
+            if self.train_cfg.validation_every:
+                raise ConfigError("train.validation_every: Wan 2.1 I2V makes videos from an image only, and the Wan "
+                                  "family's validation videos come from prompts; set train.validation_every=0")
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -73,15 +89,15 @@ class WanFullRecipe:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
     def to(self, device: torch.device) -> WanFullRecipe:
-        self.model.vae.to(device)
-        self.model.text_encoder.to(device)
+        for m in self.model.frozen():
+            m.to(device)
         return self
 
     def deepspeed_overrides(self) -> dict:
         return {}
 
     def encoders(self) -> list[torch.nn.Module]:
-        return [self.model.vae, self.model.text_encoder]
+        return self.model.frozen()
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -92,7 +108,11 @@ class WanFullRecipe:
         frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, F, 3, H, W]
         prompts = batch.get("prompt")
         prompts = [str(p) for p in prompts] if prompts is not None else [""] * frames.shape[0]
-        return {"latents": m.encode_video(frames), "prompt_embeds": m.encode_text(prompts)}
+        out = {"latents": m.encode_video(frames), "prompt_embeds": m.encode_text(prompts)}
+        if m.image_channels:  # Wan 2.1 I2V: the clip's first frame as its image
+            out["image_condition"] = m.encode_condition(frames[:, 0], frames.shape[1])
+            out["image_embeds"] = m.encode_clip(frames[:, 0]).to(device)
+        return out
 
     def loss(self, batch: dict, unet_fn, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """The flow-matching loss of `vidgen.models.wan.flow` (train.flow) for clips or their cached encodings."""
@@ -105,9 +125,26 @@ class WanFullRecipe:
         x_t = flow.noisy(x0, noise, sigma.to(device))
         dtype = next(self.unet.parameters()).dtype
         timestep = (sigma * flow.TRAIN_TIMESTEPS).to(device)
-        pred = unet_fn(x_t.permute(0, 2, 1, 3, 4).to(dtype), timestep.to(dtype), encoder_hidden_states=embeds.to(dtype))
-        loss = flow.loss(pred.permute(0, 2, 1, 3, 4), x0, noise, weight.to(device))
+        first = 1 if self.model.expand_timesteps else 0  # TI2V: latent frame 0 is the clean first frame
+        if first:
+            x_t[:, 0] = x0[:, 0]
+            timestep = self.token_timesteps(timestep, x0.shape)
+        extra = {}
+        if self.model.image_channels:  # Wan 2.1 I2V: the image as input channels and CLIP
+            x_t = torch.cat([x_t, enc["image_condition"].to(device).float()], dim=2)
+            extra["encoder_hidden_states_image"] = enc["image_embeds"].to(device, dtype)
+        pred = unet_fn(x_t.permute(0, 2, 1, 3, 4).to(dtype), timestep.to(dtype), encoder_hidden_states=embeds.to(dtype),
+                       **extra)
+        loss = flow.loss(pred.permute(0, 2, 1, 3, 4)[:, first:], x0[:, first:], noise[:, first:], weight.to(device))
         return loss, {"sigma_mean": sigma.mean().item()}
+
+    def token_timesteps(self, timestep_b: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """[B, N]: each clip's timestep on the tokens of latent frames 1.., 0 on frame 0's."""
+        b, frames, _, h, w = shape
+        _, ph, pw = self.unet.config.patch_size
+        per_frame = timestep_b[:, None].repeat(1, frames)
+        per_frame[:, 0] = 0
+        return per_frame.repeat_interleave(h // ph * (w // pw), dim=1)
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
         """The trained transformer as a diffusers directory (`WanTransformer3DModel.from_pretrained`)."""
