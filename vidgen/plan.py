@@ -10,9 +10,10 @@ config's B, F, H, W and dtypes, with the frozen encoders (VAE + CLIP image, or V
 under no_grad:
 
 - FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over that step (matmuls, convolutions,
-  attention; the fused attention backward counts its own score recompute, as torch's formula does). The
-  recompute that activation checkpointing adds is counted apart (a counter wraps each segment's recompute) and
-  left out of the model FLOPs that MFU is quoted in.
+  attention; the fused attention backward counts its own score recompute, as torch's formula does), without its
+  module tracking (`FlopCounter`: the tracker's hooks would keep what checkpointing frees). The recompute that
+  activation checkpointing adds is counted apart (a counter wraps each segment's recompute) and left out of the
+  model FLOPs that MFU is quoted in.
 - Activations are measured, not modelled: `_LiveBytes` sees every tensor the step creates and holds a weakref on
   its storage, so its running total is what a caching allocator would hold (no fragmentation), and its maximum
   is the step's transient peak, with checkpointing as configured. Attention runs as the fused kernel GPUs use
@@ -216,8 +217,8 @@ class FlopCounter(FlopCounterMode):
     """FlopCounterMode without its per-module breakdown. Its module tracker hooks the gradient of every module's
     inputs and outputs, and those hooks keep the autograd graph of each checkpointed segment's recompute (and the
     tensors it saved) alive until the mode exits: counted that way, a checkpointed backward holds every segment's
-    recomputed activations at once (Wan2.1-14B LoRA at 81x480x832: 500 GiB instead of 7), which no training step
-    does. The totals are the same."""
+    recomputed activations at once (Wan2.1-14B LoRA at 81x480x832: 475 GiB of activations instead of 29), which no
+    training step does. The totals are the same."""
 
     def __init__(self):
         super().__init__(display=False)
