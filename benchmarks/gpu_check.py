@@ -107,8 +107,12 @@ class Run:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def timed(self, fn, counting=contextlib.nullcontext) -> tuple[float, list[float], object]:
-        """(FLOPs of the first call, seconds of each of --steps calls after it, last result)."""
-        with counting() as recompute, FlopCounterMode(display=False) as fc:
+        """(FLOPs of the first call, seconds of each of --steps calls after it, last result). The first call's
+        counter is vidgen.plan's: FlopCounterMode's module hooks would hold every checkpointed block's recompute to
+        the end of the backward, and the peak memory read after it with them."""
+        from vidgen.plan import FlopCounter
+
+        with counting() as recompute, FlopCounter() as fc:
             out = fn()
             self.sync()
         flops = fc.get_total_flops() - sum(recompute or ())
@@ -475,7 +479,9 @@ def _counting_checkpoint(recomputed: list):
 
     class Recompute:
         def __enter__(self):
-            self.fc = FlopCounterMode(display=False)
+            from vidgen.plan import FlopCounter
+
+            self.fc = FlopCounter()
             self.fc.__enter__()
 
         def __exit__(self, *exc):

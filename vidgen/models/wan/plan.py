@@ -18,8 +18,8 @@ TEXT_WIDTH = 4096  # UMT5-XXL's
 class WanPlanner:
     def meta_builder(self, model_cfg):
         """A stand-in for `wan.build` on the meta device: config.json files under a local model.path, else the
-        built-in configs of the published model model.path's name says (`wan.variant_of`); in the dtype the real
-        build gives it."""
+        built-in configs of the published model model.path's name says (`wan.variant_of`); in the dtypes the real
+        build gives them."""
 
         def build(flavor: str, *, path: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, **_):
             if flavor == "tiny":
@@ -34,6 +34,8 @@ class WanPlanner:
                     model = wan.from_configs(configs, wan.ByteTokenizer(wan.TEXT_LENGTH), wan.TEXT_LENGTH)
             for m in (model.transformer, *model.frozen()):
                 m.to(device="meta", dtype=dtype if flavor != "tiny" else None)
+            if flavor == "pretrained":
+                model.vae.to(torch.float32)  # `wan.pretrained` loads the VAE in fp32 whatever the training dtype
             return model
 
         build.source = ""
