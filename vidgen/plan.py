@@ -1,6 +1,6 @@
 """`vidgen plan`: parameters, FLOPs and peak GPU (or CPU-worker) memory of a training config at full size.
 
-Shapes: B batch per GPU, F frames, C channels, H/W pixels, h/w latents (H/8, W/8).
+Shapes: B batch per GPU, F frames, C channels, H/W pixels, h/w latents.
 
 Nothing is allocated and no weight is read. The recipe of the config builds its models with its family's meta-device
 builder (the family's planner hooks, `vidgen.models.base.Planner`: config.json files under a local model.path,
@@ -274,6 +274,7 @@ def run_step(recipe, planner, batch: int, frames: int, height: int, width: int, 
             with live, torch.no_grad(), FlopCounter() as enc:
                 encoded = planner.encode(m, batch, frames, height, width)
             res["encoder_peak"] = live.peak
+            res["latent"] = _latent_shape(encoded["latents"], batch)
             live.peak = live.now
             calls = _CallOrder(unet)  # the forward only: checkpointing's recompute runs modules again
             with live, FlopCounter() as fwd, calls:
@@ -292,6 +293,15 @@ def run_step(recipe, planner, batch: int, frames: int, height: int, width: int, 
     res["unet_forward_flops"] = fwd.get_total_flops()
     res["unet_backward_flops"] = bwd.get_total_flops() - res["recompute_flops"]  # the outer counter saw them too
     return res
+
+
+def _latent_shape(latents: torch.Tensor, batch: int) -> list[int]:
+    """One clip's latents as [F, C, h, w]: from per-frame latents [B*F, C, h, w] (image VAEs) or diffusers' video
+    layout [B, C, F, h, w] (causal video VAEs, whose F is the latent frames)."""
+    if latents.ndim == 5:
+        _, c, f, h, w = latents.shape
+        return [f, c, h, w]
+    return [latents.shape[0] // batch, *latents.shape[1:]]
 
 
 # -- model states per ZeRO stage -------------------------------------------------------------------
@@ -626,7 +636,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
                      "samples_per_s": round(b * t.gradient_accumulation * n / step_s, 3)})
     return {
         "recipe": t.recipe, "model_source": source,
-        "shape": {"batch_per_gpu": b, "frames": f, "height": h, "width": w, "latent": [f, 4, h // 8, w // 8],
+        "shape": {"batch_per_gpu": b, "frames": f, "height": h, "width": w, "latent": step["latent"],
                   "buckets": cfg.data.buckets, "gradient_accumulation": t.gradient_accumulation, "gpus": n},
         "training": {"zero_stage": t.zero_stage, "precision": t.precision, "fp32_master": master,
                      "activation_checkpointing": t.activation_checkpointing, "offload_optimizer": t.offload_optimizer,

@@ -32,10 +32,15 @@ class WanPlanner:
                 configs.update(read or {})
                 with torch.device("meta"):
                     model = wan.from_configs(configs, wan.ByteTokenizer(wan.TEXT_LENGTH), wan.TEXT_LENGTH)
-            for m in (model.transformer, *model.frozen()):
-                m.to(device="meta", dtype=dtype if flavor != "tiny" else None)
+            for m in (model.transformer, *model.frozen()):  # as from_pretrained(torch_dtype=dtype) casts them
+                torch.nn.Module.to(m, device="meta", dtype=dtype if flavor != "tiny" else None)
+                keep = getattr(m, "_keep_in_fp32_modules", None) or ()  # diffusers' modules kept in fp32
+                for name, p in m.named_parameters():
+                    if flavor != "tiny" and any(k in name.split(".") for k in keep):
+                        p.data = p.data.float()
             if flavor == "pretrained":
-                model.vae.to(torch.float32)  # `wan.pretrained` loads the VAE in fp32 whatever the training dtype
+                # `wan.pretrained` loads the VAE in fp32 whatever the training dtype
+                torch.nn.Module.to(model.vae, torch.float32)
             return model
 
         build.source = ""
