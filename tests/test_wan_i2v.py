@@ -224,6 +224,22 @@ def test_pretrained_ti2v_reads_model_index_and_image_channel_checkpoints_are_ref
     (root / "model_index.json").write_text(json.dumps({"expand_timesteps": "yes"}))
     with pytest.raises(ModelError, match="model_index.json: expand_timesteps='yes', expected true or false"):
         wm.build("pretrained", path=str(root))
+    from vidgen.config import load_config
+    from vidgen.models.wan.checks import check_weights
+
+    # Wan2.2-T2V-A14B-Diffusers' index: a second expert for the low-noise steps, which vidgen does not run
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "boundary_ratio": 0.875, "expand_timesteps": False,
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    two_experts = "model_index.json: a two-expert Wan 2.2 A14B pipeline \\(transformer_2=\\['diffusers', "
+    with pytest.raises(ModelError, match=two_experts):
+        wm.build("pretrained", path=str(root))
+    model_cfg = load_config(None, ["model.family=wan", "model.flavor=pretrained", f"model.path={root}"]).model
+    with pytest.raises(ModelError, match="model.path: .*" + two_experts):
+        check_weights(model_cfg, None)  # on the driver, before any actor loads it
+    (root / "model_index.json").write_text(json.dumps({"boundary_ratio": None, "transformer_2": [None, None]}))
+    check_weights(model_cfg, None)  # TI2V-5B's index spells the absent expert this way
     (root / "model_index.json").unlink()
 
     config = json.loads((root / "transformer" / "config.json").read_text())

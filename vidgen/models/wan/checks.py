@@ -6,20 +6,23 @@ from __future__ import annotations
 from vidgen import storage
 from vidgen.errors import ConfigError, ModelError
 from vidgen.models import loading
-from vidgen.models.wan.model import SUBFOLDERS, full_size_configs, tiny_configs, variant_of
+from vidgen.models.wan.model import SUBFOLDERS, full_size_configs, parse_model_index, tiny_configs, variant_of
 from vidgen.sizes import parse_buckets
 
 WHAT = f"a diffusers Wan directory (with {', '.join(SUBFOLDERS)}/)"
 
 
 def check_weights(m, g) -> None:
-    """model.path (flavor pretrained): the parts `pretrained` loads; the transformer's and VAE's configs and weight
-    headers."""
+    """model.path (flavor pretrained): the parts `pretrained` loads, its model index (one transformer); the
+    transformer's and VAE's configs and weight headers."""
     if m.flavor != "pretrained":
         return
     if not m.path:
         raise ModelError("model.path: required for model.flavor=pretrained (a diffusers Wan directory)")
     loading.check_subfolders(m.path, SUBFOLDERS, WHAT)
+    index = storage.join(m.path, "model_index.json")
+    if storage.exists(index):  # a two-expert Wan 2.2 A14B is refused here, before the actors load 14B of it
+        parse_model_index(storage.read_text(index), f"model.path: {index}")
     loading.check_model_dir(storage.join(m.path, "transformer"), "model.path", ("WanTransformer3DModel",),
                             "a Wan transformer/ directory")
     loading.check_model_dir(storage.join(m.path, "vae"), "model.path", ("AutoencoderKLWan",),

@@ -335,19 +335,37 @@ def _flow_shift(root: Path) -> float:
         raise ModelError(f"{f}: not a readable scheduler config ({brief(e)})") from None
 
 
+def parse_model_index(text: str, where: str) -> dict:
+    """diffusers' model_index.json of a Wan directory, checked for what vidgen runs: `expand_timesteps` (true for
+    Wan2.2-TI2V-5B-Diffusers) a bool, and one transformer. Wan 2.2's A14B models hand the low-noise steps to a second
+    expert (transformer_2/ below `boundary_ratio`); vidgen trains and samples one transformer, so they are refused
+    rather than half loaded."""
+    try:
+        index = json.loads(text)
+        flag = index.get("expand_timesteps", False)
+        second = index.get("transformer_2") or [None, None]
+    except (ValueError, AttributeError) as e:
+        raise ModelError(f"{where}: not a readable diffusers model index ({brief(e)})") from None
+    if not isinstance(flag, bool):
+        raise ModelError(f"{where}: expand_timesteps={flag!r}, expected true or false")
+    if index.get("boundary_ratio") is not None or any(second if isinstance(second, list) else [second]):
+        raise ModelError(f"{where}: a two-expert Wan 2.2 A14B pipeline (transformer_2={second}, boundary_ratio="
+                         f"{index.get('boundary_ratio')}); vidgen runs one transformer: Wan 2.1 T2V/I2V or Wan 2.2 "
+                         "TI2V-5B")
+    return index
+
+
 def _expand_timesteps(root: Path) -> bool:
-    """model_index.json's expand_timesteps (diffusers' WanPipeline / WanImageToVideoPipeline flag, true for
-    Wan2.2-TI2V-5B-Diffusers); false when the file or the key is absent."""
+    """model_index.json's expand_timesteps (diffusers' WanPipeline / WanImageToVideoPipeline flag); false when the
+    file or the key is absent."""
     f = root / "model_index.json"
     if not f.is_file():
         return False
     try:
-        flag = json.loads(f.read_text()).get("expand_timesteps", False)
-    except (OSError, ValueError, AttributeError) as e:
+        text = f.read_text()
+    except OSError as e:
         raise ModelError(f"{f}: not a readable diffusers model index ({brief(e)})") from None
-    if not isinstance(flag, bool):
-        raise ModelError(f"{f}: expand_timesteps={flag!r}, expected true or false")
-    return flag
+    return parse_model_index(text, str(f)).get("expand_timesteps", False)
 
 
 def pretrained(path: str, cache_dir: str = "~/.cache/vidgen/models", dtype: torch.dtype = torch.float32) -> Wan:
