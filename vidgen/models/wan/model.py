@@ -343,14 +343,14 @@ def parse_model_index(text: str, where: str) -> dict:
     try:
         index = json.loads(text)
         flag = index.get("expand_timesteps", False)
-        second = index.get("transformer_2") or [None, None]
+        second, boundary = index.get("transformer_2"), index.get("boundary_ratio")
     except (ValueError, AttributeError) as e:
         raise ModelError(f"{where}: not a readable diffusers model index ({brief(e)})") from None
     if not isinstance(flag, bool):
         raise ModelError(f"{where}: expand_timesteps={flag!r}, expected true or false")
-    if index.get("boundary_ratio") is not None or any(second if isinstance(second, list) else [second]):
+    if boundary is not None or (any(second) if isinstance(second, list) else second):  # TI2V-5B: [null, null]
         raise ModelError(f"{where}: a two-expert Wan 2.2 A14B pipeline (transformer_2={second}, boundary_ratio="
-                         f"{index.get('boundary_ratio')}); vidgen runs one transformer: Wan 2.1 T2V/I2V or Wan 2.2 "
+                         f"{boundary}); vidgen runs one transformer: Wan 2.1 T2V/I2V or Wan 2.2 "
                          "TI2V-5B")
     return index
 

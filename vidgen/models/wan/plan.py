@@ -34,9 +34,10 @@ class WanPlanner:
                     model = wan.from_configs(configs, wan.ByteTokenizer(wan.TEXT_LENGTH), wan.TEXT_LENGTH)
             for m in (model.transformer, *model.frozen()):  # as from_pretrained(torch_dtype=dtype) casts them
                 torch.nn.Module.to(m, device="meta", dtype=dtype if flavor != "tiny" else None)
-                keep = getattr(m, "_keep_in_fp32_modules", None) or ()  # diffusers' modules kept in fp32
+                # diffusers' and transformers' modules that from_pretrained keeps in fp32 (UMT5's `wo`)
+                keep = set(getattr(m, "_keep_in_fp32_modules", None) or ()) if flavor != "tiny" else set()
                 for name, p in m.named_parameters():
-                    if flavor != "tiny" and any(k in name.split(".") for k in keep):
+                    if keep & set(name.split(".")):
                         p.data = p.data.float()
             if flavor == "pretrained":
                 # `wan.pretrained` loads the VAE in fp32 whatever the training dtype
