@@ -7,7 +7,7 @@ each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not ti
 process of the benchmark's own runs beside the loops for the whole measurement (as data tasks and Ray's own
 processes share a node's cores with the trainer). Prints one JSON line per figure:
 
-    python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps 20] [--warmup 3]
+    python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps N] [--warmup 3]
                                         [--threads 1] [--contend]
 
 Figures per size and stage: plain, deepspeed (vidgen's engine, config and optimizer in a bare loop, in its own
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import queue
 import statistics
@@ -33,6 +34,8 @@ import time
 import uuid
 
 import numpy as np
+
+STEADY_S = 15  # seconds of timed plain steps per loop (at least), so small sizes are timed over a long pass
 
 
 def plain(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int) -> list[float]:
@@ -121,13 +124,16 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
     from vidgen.config import load_config
     from vidgen.train.launch import fit
 
-    total = args.warmup + args.steps
     cfg = load_config(None, [f"run.workdir={tempfile.mkdtemp(prefix='vidgen-bench-')}",
                              f"run.name=bench-{uuid.uuid4().hex[:6]}", f"model.num_frames={frames}",
                              f"data.height={size}", f"data.width={size}", "train.num_workers=1",
-                             f"train.zero_stage={stage}", f"train.max_steps={total}",
-                             f"train.checkpoint_every={total}", f"train.resources_per_worker={{CPU: {args.threads}}}"])
+                             f"train.zero_stage={stage}", f"train.resources_per_worker={{CPU: {args.threads}}}"])
     clip = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+    if args.steps is None:  # a steady state of at least STEADY_S seconds per loop, and at least 20 steps
+        probe = statistics.median(plain(cfg, clip, 3, 1, args.threads))
+        args = argparse.Namespace(**{**vars(args), "steps": max(20, math.ceil(STEADY_S / probe))})
+    total = args.warmup + args.steps
+    cfg.train.max_steps = cfg.train.checkpoint_every = total
     ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(total + 4)])
     competitor = None
     if args.contend:
@@ -144,6 +150,7 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
     p, v = statistics.median(plain_times + plain_after), statistics.median(r["step_time_s"] for r in timed)
     d = statistics.median(ds_times)
     return {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "contend": args.contend, "threads": args.threads,
+            "steps": args.steps,
             "plain_step_s": round(p, 4), "deepspeed_step_s": round(d, 4), "vidgen_step_s": round(v, 4),
             "overhead_ratio": round(v / p, 3), "deepspeed_ratio": round(d / p, 3),
             "vidgen_over_deepspeed": round(v / d, 3), "overhead_ms": round(1000 * (v - p), 1),
@@ -156,7 +163,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64x4,128x8,256x8", help="SIZExFRAMES list (default 64x4,128x8,256x8)")
     ap.add_argument("--stages", default="2,3", help="ZeRO stages (default 2,3)")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"timed steps (default: at least 20, and as many as {STEADY_S} s of plain steps)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="CPUs the worker reserves = threads of both loops")
     ap.add_argument("--contend", action="store_true", help="a busy process runs beside both loops")

@@ -42,7 +42,10 @@ def test_deepspeed_config_from_vidgen_config():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 7
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
-    assert "stage3_max_reuse_distance" not in ds["zero_optimization"]  # the CPU-only tweak
+    assert "stage3_max_reuse_distance" not in ds["zero_optimization"]  # the CPU-only tweaks
+    assert "contiguous_gradients" not in ds["zero_optimization"]  # DeepSpeed's default (on) on a GPU
+    on_cpu = loop.deepspeed_config(t, world_size=2, on_cpu=True)["zero_optimization"]
+    assert on_cpu["contiguous_gradients"] is False and on_cpu["stage3_max_reuse_distance"] == 0
 
 
 @pytest.mark.parametrize("schedule, expected", [
