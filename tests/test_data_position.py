@@ -211,9 +211,12 @@ def test_a_resume_with_fewer_workers_trains_the_rest_of_the_epoch_exactly_once(r
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
     assert written.keys() == loaded.keys() and all(torch.equal(written[k], loaded[k]) for k in written)
 
-    result, stream = _fit(_config(tmp_path, root, "shrink", *opts, "train.num_workers=1"), tmp_path / "one",
-                          monkeypatch)
-    assert result.metrics[0]["step"] == resumed_at + 1
+    # Just the epoch's other 24 - 4 * resumed_at clips (2 a step), with one checkpoint at the end.
+    rest_steps = (24 - 4 * resumed_at) // 2
+    result, stream = _fit(_config(tmp_path, root, "shrink", *opts, "train.num_workers=1",
+                                  f"train.max_steps={resumed_at + rest_steps}", "train.checkpoint_every=1000"),
+                          tmp_path / "one", monkeypatch)
+    assert [r["step"] for r in result.metrics] == list(range(resumed_at + 1, resumed_at + rest_steps + 1))
     before = [json.loads(x) for f in (tmp_path / "two").glob("*.jsonl") for x in f.read_text().splitlines()]
     first = Counter(c for line in before if line["step"] <= resumed_at for c in line["clips"])
     (after,) = [[json.loads(x) for x in f.read_text().splitlines()] for f in (tmp_path / "one").glob("*.jsonl")]
