@@ -512,10 +512,27 @@ def test_zero3_persistent_parameters_are_the_small_ones_counted_whole(tmp_path):
     assert custom["memory"]["per_gpu_bytes"]["buckets"] == 2 * 5_000_000
 
 
+def test_zero3_step_holds_a_training_leaf_blocks_gradients_until_its_backward_hook():
+    """DeepSpeed reduces the gradients of a ZeRO-3 leaf that trains in the leaf's backward hook, not one by one:
+    the measured step holds one block's gradients at most, then none."""
+    cfg = tiny_cfg("train.zero_stage=3", "train.num_workers=2")
+    recipe, planner, _ = plan.meta_recipe(cfg)
+    unet = planner.parts(recipe.model)["unet"]
+    leaves = plan.zero3_leaves(unet, plan._zero_optimization(cfg, recipe))
+    assert len(leaves) >= 18 and all(p.requires_grad for leaf in leaves for p in leaf.parameters())
+    held = []
+    for units in ([], leaves):
+        step = plan.run_step(recipe, planner, 1, 8, 64, 64, checkpointing=True, keep_grads=False, leaves=units)
+        held.append(step["grads_peak"])
+        assert all(p.grad is None for p in unet.parameters())
+    assert held == [0, 4 * max(plan._params(leaf) for leaf in leaves)]  # fp32 gradients of the largest block
+
+
 # A 2-rank gloo ZeRO-3 run of a toy with SVD's shapes of trouble: checkpointed frozen blocks ending in a learned
 # blend (diffusers' AlphaBlender) called with keyword tensors (`kw`) or positional ones, a trainable input layer
-# and head. Rank 0 prints the most non-persistent elements gathered at once (after each module fetch) in the
-# forward and the backward of the third step, per stage3_max_live_parameters.
+# and head; with `leaf`, each block is a ZeRO-3 leaf module (fetched whole, its submodules not hooked). Rank 0
+# prints the most non-persistent elements gathered at once (after each module fetch) in the forward and the
+# backward of the third step, per case (kw, leaf, stage3_max_live_parameters).
 ZERO3_TOY = r"""
 import importlib, json, os, sys
 import torch
@@ -556,7 +573,7 @@ class Toy(torch.nn.Module):
         return self.out(h)
 
 
-def main(rank, port, lives):
+def main(rank, port, cases):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2",
                       LOCAL_WORLD_SIZE="2")
     import deepspeed
@@ -568,34 +585,33 @@ def main(rank, port, lives):
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
     out, fetch = {}, ppc.PartitionedParameterCoordinator.fetch_sub_module
-    for kw in (True, False):
-        for live in lives:
-            torch.manual_seed(0)
-            model = Toy(kw)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-            zero = {"stage": 3, "stage3_max_live_parameters": live, "stage3_prefetch_bucket_size": 10**8,
-                    "stage3_max_reuse_distance": 0}
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-                "train_micro_batch_size_per_gpu": 1, "train_batch_size": 2, "zero_allow_untested_optimizer": True,
-                "zero_optimization": zero})
-            params, peak, phase = list(model.parameters()), {}, ["fwd"]
+    for kw, leaf, live in cases:
+        torch.manual_seed(0)
+        model = Toy(kw)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        zero = {"stage": 3, "stage3_max_live_parameters": live, "stage3_prefetch_bucket_size": 10**8,
+                "stage3_max_reuse_distance": 0, "leaf_module": {"classes": ["Block"] if leaf else []}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+            "train_micro_batch_size_per_gpu": 1, "train_batch_size": 2, "zero_allow_untested_optimizer": True,
+            "zero_optimization": zero})
+        params, peak, phase = list(model.parameters()), {}, ["fwd"]
 
-            def counting(self, sub, forward):
-                fetch(self, sub, forward)
-                n = sum(p.ds_numel for p in params if p.ds_status.name == "AVAILABLE" and not p.ds_persist)
-                peak[phase[0]] = max(peak.get(phase[0], 0), n)
+        def counting(self, sub, forward):
+            fetch(self, sub, forward)
+            n = sum(p.ds_numel for p in params if p.ds_status.name == "AVAILABLE" and not p.ds_persist)
+            peak[phase[0]] = max(peak.get(phase[0], 0), n)
 
-            ppc.PartitionedParameterCoordinator.fetch_sub_module = counting
-            for _ in range(3):  # the first step records DeepSpeed's trace; the next ones prefetch along it
-                peak.clear()
-                phase[0] = "fwd"
-                loss = engine(torch.randn(2, 16)).square().mean()
-                phase[0] = "bwd"
-                engine.backward(loss)
-                engine.step()
-            ppc.PartitionedParameterCoordinator.fetch_sub_module = fetch
-            out[f"{kw}:{live}"] = dict(peak)
-            engine.destroy()
+        ppc.PartitionedParameterCoordinator.fetch_sub_module = counting
+        for _ in range(3):  # the first step records DeepSpeed's trace; the next ones prefetch along it
+            peak.clear()
+            phase[0] = "fwd"
+            loss = engine(torch.randn(2, 16)).square().mean()
+            phase[0] = "bwd"
+            engine.backward(loss)
+            engine.step()
+        ppc.PartitionedParameterCoordinator.fetch_sub_module = fetch
+        out[f"{kw}:{leaf}:{live}"] = dict(peak)
+        engine.destroy()
     if rank == 0:
         print("RESULT " + json.dumps(out))
 
@@ -621,37 +637,43 @@ def test_zero3_window_bounds_what_deepspeed_gathers_in_a_real_2_rank_run(tmp_pat
     spec.loader.exec_module(toy)
     layer = toy.W * toy.W  # a Linear's weight; its bias (W) is persistent
     lives = [0, 4 * layer, 10**9]
+    cases = [(kw, False, live) for kw in (True, False) for live in lives] + [(True, True, live) for live in lives]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, json.dumps(lives)], env=env,
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, json.dumps(cases)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[1][-3000:] + outs[0][-3000:]
     measured = json.loads(next(x for x in outs[1].splitlines() if x.startswith("RESULT "))[len("RESULT "):])
 
-    for kw in (True, False):
+    for kw, leaf in ((True, False), (False, False), (True, True)):
         model = toy.Toy(kw)
-        with plan._CallOrder(model) as calls:
+        leaves = plan.zero3_leaves(model, {"leaf_module": {"classes": ["Block"] if leaf else []}})
+        assert len(leaves) == (toy.L if leaf else 0)
+        with plan._CallOrder(model, leaves) as calls:
             model(torch.randn(2, 16))
         kept = [b for b in model.blocks if calls.post_backward_never_fires(calls.last_inside(b))]
-        assert len(kept) == (toy.L if kw else 0)
+        assert len(kept) == (toy.L if kw and not leaf else 0)  # a leaf block's post-backward hook is its own
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         total = sum(p.numel() for p in model.parameters())
         for live in lives:
             zero = plan.ZERO_DEFAULTS | {"max_live_parameters": live, "prefetch_bucket_size": 10**8}
-            z3 = {"persistent": plan.persistent_params(model, zero), "recomputed": plan.recomputed_frozen(kept, zero)}
-            window, got = plan.zero3_window(total, largest, zero, z3), measured[f"{kw}:{live}"]
+            z3 = {"persistent": plan.persistent_params(model, zero), "recomputed": plan.recomputed_frozen(kept, zero),
+                  "largest_unit": plan.largest_unit(model, leaves)}
+            assert z3["largest_unit"] == (plan._params(model.blocks[0]) if leaf else largest)
+            window, got = plan.zero3_window(total, largest, zero, z3), measured[f"{kw}:{leaf}:{live}"]
             rest = total - z3["persistent"][0]
             assert rest == 2 * toy.L * layer
-            assert max(got.values()) <= window, (kw, live, got, window)  # the plan's window bounds DeepSpeed's
+            assert max(got.values()) <= window, (kw, leaf, live, got, window)  # the plan's window bounds DeepSpeed's
             if live == 4 * layer:
                 assert got["fwd"] == live  # the forward fills to stage3_max_live_parameters
-            if live == 10**9 or kw:
+            if live == 10**9 or (kw and not leaf):
                 assert max(got.values()) == window == rest  # the whole model: under max_live, or kept by the backward
-        # with keyword tensors into the blend, the recomputed blocks stay gathered through the backward
-        assert measured[f"{kw}:0"]["bwd"] == (rest if kw else 2 * layer)
+        # with keyword tensors into the blend, the recomputed blocks stay gathered through the backward, unless each
+        # block is a leaf: then DeepSpeed gathers and releases one block (its two layers) at a time
+        assert measured[f"{kw}:{leaf}:0"]["bwd"] == (rest if kw and not leaf else 2 * layer)
 
 
 def test_full_size_svd_lora_host_memory_matches_measured_zero2_and_zero3_runs():

@@ -48,6 +48,26 @@ def test_deepspeed_config_from_vidgen_config():
     assert on_cpu["contiguous_gradients"] is False and on_cpu["stage3_max_reuse_distance"] == 0
 
 
+@pytest.mark.parametrize("overrides, units", [
+    (["train.recipe=svd_full"], 18),  # every parameter trains: each resnet and transformer block is a unit
+    (["train.recipe=svd_full", "train.trainable=temporal"], 0),
+    (["train.recipe=svd_lora"], 0),
+])
+def test_zero3_leaf_blocks_only_when_the_whole_unet_trains(overrides, units):
+    """The blocks a recipe makes ZeRO-3 leaves (`zero3_units`): the outermost of the family's block classes, and
+    none when part of the UNet is frozen (DeepSpeed's leaf gradient hook would lose a frozen-fed block's
+    gradients)."""
+    from vidgen.models.registry import build_recipe
+    from vidgen.models.svd.recipes import ZERO3_UNITS
+
+    cfg = load_config(None, ["model.num_frames=4", *overrides])
+    recipe = build_recipe(cfg.model, cfg.train, 0)
+    names = recipe.deepspeed_overrides().get("zero_optimization", {}).get("leaf_module", {}).get("names", [])
+    modules = dict(recipe.unet.named_modules())
+    assert sum(type(m).__name__ in ZERO3_UNITS for m in modules.values()) == 18  # the tiny UNet's blocks
+    assert len(names) == units and all(type(modules[n]).__name__ in ZERO3_UNITS for n in names)
+
+
 @pytest.mark.parametrize("schedule, expected", [
     ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
     ("linear", [0.5, 1.0, 1.0, 1.0 - 1 / 8, 1.0 - 2 / 8]),
@@ -138,7 +158,9 @@ def plain_steps(cfg, clip: np.ndarray, steps: int) -> tuple[list[float], dict]:
 
 @pytest.fixture(scope="module")
 def one_step_runs(ray_session, tmp_path_factory):
-    """One optimizer step under ZeRO-2 and under ZeRO-3 (each export copied aside), built lazily."""
+    """One optimizer step under ZeRO-2 and under ZeRO-3 (each export copied aside), built lazily. The ZeRO-3 run
+    checkpoints activations: every block of the tiny UNet is a ZeRO-3 leaf that trains (`zero3_units`), so its
+    gradients reach DeepSpeed through the block's backward hook, recompute and all."""
     import shutil
 
     runs = {}
@@ -147,7 +169,8 @@ def one_step_runs(ray_session, tmp_path_factory):
         if stage not in runs:
             tmp = tmp_path_factory.mktemp(f"zero{stage}")
             ds, clip = constant_clips()
-            cfg = config(tmp, f"train.zero_stage={stage}", "train.max_steps=1", "train.checkpoint_every=1")
+            cfg = config(tmp, f"train.zero_stage={stage}", "train.max_steps=1", "train.checkpoint_every=1",
+                         f"train.activation_checkpointing={str(stage == 3).lower()}")
             result = fit(cfg, ds)
             kept = str(tmp / "export-step1")
             shutil.copytree(result.export_dir, kept)

@@ -106,14 +106,15 @@ class _LiveBytes(TorchDispatchMode):
     Storages of tensors made before entering (weights, inputs) are ignored. A storage counts once however many
     views share it, and stops counting when it is freed (PyTorch keeps a storage's Python object alive exactly
     as long as the storage, so a weakref finalizer fires at the real free, also for tensors autograd saved).
-    Storages marked as gradients are summed apart too, so the peak splits into activations and gradients. With
+    Storages marked as gradients are summed apart too, so the peak splits into activations and gradients
+    (`grad_peak`: the most gradient bytes alive at once). With
     `device`, only tensors on that device type count (a generation plan: not the host tensors the samplers draw
     noise into before moving it)."""
 
     def __init__(self, ignore: set[int], device: str | None = None):
         super().__init__()
         self.ignore, self.live, self.grads, self.device = ignore, {}, set(), device
-        self.now = self.peak = self.grad_now = self.grad_at_peak = 0
+        self.now = self.peak = self.grad_now = self.grad_at_peak = self.grad_peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -134,6 +135,7 @@ class _LiveBytes(TorchDispatchMode):
         if key in self.live and key not in self.grads:
             self.grads.add(key)
             self.grad_now += self.live[key]
+            self.grad_peak = max(self.grad_peak, self.grad_now)
 
     def _free(self, key: int) -> None:
         n = self.live.pop(key, 0)
@@ -168,10 +170,15 @@ class _CallOrder:
     tensors alone, it never fires, and the parameters stay gathered to the end of the backward. SVD's resnets end
     in `time_mixer(x_spatial=..., x_temporal=..., image_only_indicator=...)`: measured on a real 2-rank step,
     DeepSpeed's post-backward hook ran for no AlphaBlender and 94% of the resnets' parameters were gathered at
-    once."""
+    once.
 
-    def __init__(self, module: torch.nn.Module):
-        self.modules, self.finished, self.positional, self.hooks = list(module.modules()), [], {}, []
+    DeepSpeed hooks a ZeRO-3 leaf module (`zero3_leaves`) and none of the modules inside it: those are not
+    recorded either, and a checkpointed block that is a leaf is its own last submodule."""
+
+    def __init__(self, module: torch.nn.Module, leaves: list[torch.nn.Module] = ()):
+        inside = {id(m) for leaf in leaves for m in leaf.modules() if m is not leaf}
+        self.modules = [m for m in module.modules() if id(m) not in inside]
+        self.finished, self.positional, self.hooks = [], {}, []
 
     def __enter__(self):
         for m in self.modules:
@@ -226,14 +233,16 @@ class FlopCounter(FlopCounterMode):
 
 
 def run_step(recipe, planner, batch: int, frames: int, height: int, width: int, *, checkpointing: bool,
-             keep_grads: bool) -> dict:
+             keep_grads: bool, leaves: list[torch.nn.Module] = ()) -> dict:
     """One micro-step on meta tensors: encoders (no_grad), UNet forward, loss, backward.
 
     Returns FLOPs per phase and the transient peak bytes of the encoder pass and of the UNet pass (with the
     gradients alive at that peak), and the checkpointed modules whose recomputed frozen parameters ZeRO-3 keeps
-    gathered to the end of the backward (`recompute_kept`, see `_CallOrder`). With `keep_grads`
+    gathered to the end of the backward (`recompute_kept`, see `_CallOrder`; `leaves`: ZeRO-3's leaf modules,
+    `zero3_leaves`). With `keep_grads`
     the 16-bit gradients stay as autograd accumulates them (ZeRO 0/1); without, each is freed once produced
-    (ZeRO 2/3 move it into the reduce bucket)."""
+    (ZeRO 2/3 move it into the reduce bucket), except those of a leaf that trains: DeepSpeed reduces them all in
+    the leaf's full backward hook, so they are freed there."""
     m, unet = recipe.model, recipe.unet
     encoders = [v for k, v in planner.parts(m).items() if k != "unet"]
     recomputed = []  # FLOPs of each checkpointed segment's recompute (counted apart: not model FLOPs)
@@ -261,13 +270,22 @@ def run_step(recipe, planner, batch: int, frames: int, height: int, width: int, 
         unet.disable_gradient_checkpointing()
     live = _LiveBytes(_storage_keys(unet, *encoders))
 
+    in_leaf = {id(p) for leaf in leaves for p in leaf.parameters()}
+
     def on_grad(p: torch.Tensor) -> None:
-        if keep_grads:
+        if keep_grads or id(p) in in_leaf:
             live.mark_grad(p.grad)
         else:
             p.grad = None
 
+    def reduce_leaf(module, grad_input, grad_output):
+        for p in module.parameters():
+            p.grad = None
+
     hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in unet.parameters() if p.requires_grad]
+    if not keep_grads:
+        hooks += [leaf.register_full_backward_hook(reduce_leaf) for leaf in leaves
+                  if any(p.requires_grad for p in leaf.parameters())]
     res = {}
     try:
         with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa):
@@ -276,17 +294,18 @@ def run_step(recipe, planner, batch: int, frames: int, height: int, width: int, 
             res["encoder_peak"] = live.peak
             res["latent"] = _latent_shape(encoded["latents"], batch)
             live.peak = live.now
-            calls = _CallOrder(unet)  # the forward only: checkpointing's recompute runs modules again
+            calls = _CallOrder(unet, leaves)  # the forward only: checkpointing's recompute runs modules again
             with live, FlopCounter() as fwd, calls:
                 loss = planner.unet_loss(unet, encoded, batch, frames)
                 del encoded
             with live, FlopCounter() as bwd:
                 loss.backward()
-            res["unet_peak"], res["grads_at_peak"] = live.peak, live.grad_at_peak
+            res["unet_peak"], res["grads_at_peak"], res["grads_peak"] = live.peak, live.grad_at_peak, live.grad_peak
     finally:
         for h in hooks:
             h.remove()
         unet.zero_grad(set_to_none=True)
+    res["zero3_leaves"] = list(leaves)
     res["recompute_kept"] = [b for b in checkpointed.values() if calls.post_backward_never_fires(calls.last_inside(b))]
     res["encoder_flops"] = enc.get_total_flops()
     res["recompute_flops"] = sum(recomputed)
@@ -311,10 +330,10 @@ def _params(module: torch.nn.Module, trainable: bool | None = None) -> int:
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
-def zero_config(cfg: VidgenConfig, recipe=None) -> dict[str, int]:
-    """The zero_optimization sizes (`ZERO_DEFAULTS` keys) the workers give DeepSpeed: vidgen's generated config
+def _zero_optimization(cfg: VidgenConfig, recipe=None) -> dict:
+    """The zero_optimization section the workers give DeepSpeed: vidgen's generated config
     (`loop.deepspeed_config`), the recipe's overrides and a local train.deepspeed_config JSON on top (a remote one
-    is not read: no network), DeepSpeed's defaults for what none of them sets."""
+    is not read: no network)."""
     from vidgen.train.loop import deep_merge, deepspeed_config  # lazy: loads PIL, fsspec
 
     user = recipe.deepspeed_overrides() if hasattr(recipe, "deepspeed_overrides") else {}
@@ -326,9 +345,36 @@ def zero_config(cfg: VidgenConfig, recipe=None) -> dict[str, int]:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"train.deepspeed_config={path}: not a readable JSON file ({e})") from None
     ds = deepspeed_config(cfg.train.model_dump(), cfg.train.num_workers, not cfg.train.use_gpu, user)
-    zero = ds.get("zero_optimization") or {}
+    return ds.get("zero_optimization") or {}
+
+
+def zero_config(cfg: VidgenConfig, recipe=None) -> dict[str, int]:
+    """The zero_optimization sizes (`ZERO_DEFAULTS` keys) the workers give DeepSpeed (`_zero_optimization`),
+    DeepSpeed's defaults for what none of its sources sets."""
+    zero = _zero_optimization(cfg, recipe)
     given = {k: zero.get(f"stage3_{k}", zero.get(k, v)) for k, v in ZERO_DEFAULTS.items()}
     return {k: v if isinstance(v, int) else int(float(v)) for k, v in given.items()}  # JSON may say 5e8
+
+
+def zero3_leaves(unet: torch.nn.Module, zero: dict) -> list[torch.nn.Module]:
+    """The modules of `unet` that `zero`'s leaf_module section makes ZeRO-3 leaves: by name, name suffix or class
+    (its name or module-qualified name), as DeepSpeed matches them (`apply_zero_leaf_module_config`). DeepSpeed
+    fetches a leaf's parameters, its submodules' included, as one unit."""
+    spec = zero.get("leaf_module") or {}
+    names, suffixes, classes = ({spec[k]} if isinstance(spec.get(k), str) else set(spec.get(k) or ())
+                                for k in ("names", "name_suffixes", "classes"))
+    return [m for n, m in unet.named_modules()
+            if n in names or any(n.endswith(x) for x in suffixes)
+            or {type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}"} & classes]
+
+
+def largest_unit(unet: torch.nn.Module, leaves: list[torch.nn.Module]) -> int:
+    """Elements of the most parameters one ZeRO-3 module fetch gathers: a leaf's, submodules' included, or any
+    other module's own."""
+    leaf_ids = {id(leaf) for leaf in leaves}
+    inside = {id(m) for leaf in leaves for m in leaf.modules() if m is not leaf}
+    return max((_params(m) if id(m) in leaf_ids else sum(p.numel() for p in m.parameters(recurse=False))
+                for m in unet.modules() if id(m) not in inside), default=0)
 
 
 def persistent_params(unet: torch.nn.Module, zero: dict[str, int]) -> tuple[int, int]:
@@ -354,7 +400,8 @@ def recomputed_frozen(blocks: list[torch.nn.Module], zero: dict[str, int]) -> in
 def zero3_inputs(unet: torch.nn.Module, step: dict, zero: dict[str, int]) -> dict:
     """What `zero3_gathered` needs of the UNet and of the measured step."""
     return {"persistent": persistent_params(unet, zero),
-            "recomputed": recomputed_frozen(step.get("recompute_kept", []), zero)}
+            "recomputed": recomputed_frozen(step.get("recompute_kept", []), zero),
+            "largest_unit": largest_unit(unet, step.get("zero3_leaves", []))}
 
 
 def model_states(t, n_gpus: int, unet_params: int, unet_bytes: int, trainable: int, largest_layer: int,
@@ -408,8 +455,9 @@ def zero3_gathered(n: int, unet_params: int, unet_bytes: int, largest_layer: int
       along the trace while fewer than stage3_max_live_parameters elements are gathered or in flight, and its walk
       marks each parameter it passes as needed again (`__most_recent_step_id_param_fetched_for`), in the backward
       too, so what the forward gathers stays gathered: the window fills to max_live_parameters, plus the module
-      being fetched and the one parameter that overshoots (2 x the largest layer), capped by the non-persistent
-      parameters. With stage3_max_reuse_distance=0 (vidgen on CPU) as with its default;
+      being fetched (`largest_unit`: a leaf module is fetched whole) and the one parameter that overshoots (the
+      largest layer), capped by the non-persistent parameters. With stage3_max_reuse_distance=0 (vidgen on CPU)
+      as with its default;
     - backward: the frozen parameters of the checkpointed blocks whose recompute DeepSpeed credits to a module
       whose post-backward hook never fires stay gathered to the end (`recomputed_frozen`, `_CallOrder`);
     - persistent parameters (`persistent_params`) are gathered once and kept whole.
@@ -435,7 +483,8 @@ def zero3_window(unet_params: int, largest_layer: int, zero: dict[str, int], z3:
     """Elements of non-persistent parameters ZeRO-3 holds gathered at once at most (see `zero3_gathered`)."""
     z3 = z3 or {}
     rest = unet_params - z3.get("persistent", (0, 0))[0]
-    return min(rest, max(zero["max_live_parameters"], z3.get("recomputed", 0)) + 2 * largest_layer)
+    fetched = z3.get("largest_unit", largest_layer)
+    return min(rest, max(zero["max_live_parameters"], z3.get("recomputed", 0)) + fetched + largest_layer)
 
 
 def _cast_like_training(recipe, precision: str, on_gpu: bool = True) -> bool:
@@ -601,7 +650,10 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     grad_size = next((p.element_size() for p in unet.parameters() if p.requires_grad), 2)
     params = {k: {"total": _params(v), "trainable": _params(v, True)} for k, v in parts.items()}
 
-    step = run_step(recipe, planner, b, f, h, w, checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2)
+    zero_section = _zero_optimization(cfg, recipe)
+    leaves = zero3_leaves(unet, zero_section) if t.zero_stage == 3 else []
+    step = run_step(recipe, planner, b, f, h, w, checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2,
+                    leaves=leaves)
     micro = step["encoder_flops"] + step["unet_forward_flops"] + step["unet_backward_flops"]
     per_step = micro * t.gradient_accumulation
 
@@ -621,8 +673,8 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
         dtypes = [p.dtype for p in unet.parameters()]
         _cast_like_training(recipe, t.precision, on_gpu=False)
         same = dtypes == [p.dtype for p in unet.parameters()]
-        cpu_step = step if same else run_step(recipe, planner, b, f, h, w,
-                                              checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2)
+        cpu_step = step if same else run_step(recipe, planner, b, f, h, w, checkpointing=t.activation_checkpointing,
+                                              keep_grads=t.zero_stage < 2, leaves=leaves)
         load_bytes = planner.load_overhead_bytes(cfg.model, unet)
         cpu_run = host_plan(t, parts, cpu_step, master, largest, built_bytes, load_bytes, zero)
 

@@ -57,7 +57,7 @@ class Recipe(Protocol):
 
     def to(self, device: torch.device) -> Recipe: ...  # frozen parts; DeepSpeed moves the UNet
 
-    def deepspeed_overrides(self) -> dict: ...  # merged over the generated DeepSpeed config
+    def deepspeed_overrides(self) -> dict: ...  # merged under the user's, over the generated DeepSpeed config
 
     def encoders(self) -> list[torch.nn.Module]: ...  # frozen encoders `encode` runs (cache key: their hash)
 
@@ -70,6 +70,26 @@ class Recipe(Protocol):
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None: ...
 
     def export_merged(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None: ...
+
+
+def zero3_units(unet: torch.nn.Module, classes: tuple[str, ...]) -> dict:
+    """The `zero_optimization.leaf_module` a recipe gives DeepSpeed when every parameter of the UNet trains: its
+    blocks (the outermost modules of `classes`), by name, which ZeRO-3 then gathers and releases as one unit each.
+    DeepSpeed hooks such a block once instead of every submodule in it, and those per-submodule hooks are most of
+    ZeRO-3's fixed cost per step. Stages 0-2 ignore it.
+
+    Only when the whole UNet trains: DeepSpeed reduces a leaf's gradients in the leaf's full backward hook, and
+    PyTorch runs that hook as soon as the block's output gradient exists when none of the block's positional
+    inputs requires grad (a block fed by frozen layers only, as in LoRA or temporal-layer training): before the
+    block's parameter gradients are computed, which would lose them. When every parameter trains, each block's
+    input comes from trained layers. Frozen blocks could be leaves safely, but are not: see docs/scale.md."""
+    if not all(p.requires_grad for p in unet.parameters()):
+        return {}
+    names: list[str] = []
+    for name, m in unet.named_modules():  # parents before children
+        if type(m).__name__ in classes and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return {"zero_optimization": {"leaf_module": {"names": names}}}
 
 
 @runtime_checkable

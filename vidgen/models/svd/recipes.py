@@ -25,6 +25,7 @@ from vidgen.diffusion.objectives import (
 )
 from vidgen.errors import ConfigError
 from vidgen.models import lora
+from vidgen.models.base import zero3_units
 from vidgen.models.svd import model as svd
 
 
@@ -34,6 +35,9 @@ def build_svd(m: ModelConfig, seed: int, precision: str = "fp32", build=None) ->
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return (build or svd.build)(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, num_frames=m.num_frames,
                                 attention=m.attention, dtype=dtype)
+
+
+ZERO3_UNITS = ("SpatioTemporalResBlock", "TransformerSpatioTemporalModel")  # what ZeRO-3 gathers whole (`zero3_units`)
 
 
 @dataclass
@@ -85,7 +89,7 @@ class SVDFullRecipe:
         return self
 
     def deepspeed_overrides(self) -> dict:
-        return {}
+        return zero3_units(self.unet, ZERO3_UNITS)
 
     def encoders(self) -> list[torch.nn.Module]:
         return [self.model.vae, self.model.image_encoder]

@@ -28,6 +28,7 @@ from vidgen.config import ModelConfig, TrainConfig
 from vidgen.diffusion.noise import randn
 from vidgen.errors import ConfigError, ModelError
 from vidgen.models import lora
+from vidgen.models.base import zero3_units
 from vidgen.models.wan import flow
 from vidgen.models.wan import model as wan
 from vidgen.models.wan.lora_formats import write_wan_lora_dir
@@ -37,6 +38,9 @@ def build_wan(m: ModelConfig, seed: int, dtype: torch.dtype = torch.float32, bui
     """`build`: a stand-in for `wan.build` (vidgen plan's meta-device builder)."""
     return (build or wan.build)(m.flavor, path=m.path, cache_dir=m.cache_dir, seed=seed, attention=m.attention,
                                 dtype=dtype)
+
+
+ZERO3_UNITS = ("WanTransformerBlock",)  # what ZeRO-3 gathers whole (`zero3_units`)
 
 
 @dataclass
@@ -94,7 +98,7 @@ class WanFullRecipe:
         return self
 
     def deepspeed_overrides(self) -> dict:
-        return {}
+        return zero3_units(self.unet, ZERO3_UNITS)
 
     def encoders(self) -> list[torch.nn.Module]:
         return self.model.frozen()
