@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,13 @@ def test_a_large_local_tree_read_by_forked_processes_gives_the_same_report(tmp_p
     monkeypatch.setattr(inspect_mod, "FORK_FROM", 10**9)
     one = inspect_source(str(root), "hotshot", num_frames=6, workers=1)
     monkeypatch.setattr(inspect_mod, "FORK_FROM", 100)
-    forked = inspect_source(str(root), "hotshot", num_frames=6, workers=1)  # 3 spans of 256
+    # A SIGTERM handler that returns, which the forked readers inherit (one was in place in a CI run after the Ray
+    # tests, and the pool's terminate then waited forever on a reader blocked on its task queue).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        forked = inspect_source(str(root), "hotshot", num_frames=6, workers=1)  # 3 spans of 256
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     one.pop("seconds"), forked.pop("seconds")
     assert forked == one
     assert one["samples"] == 600 and one["reasons"] == {"too few frames": 7, "missing prompt": 6, "corrupt image": 1}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -169,11 +170,17 @@ def header_infos(samples: SampleTable, source_fps: float, all_headers: bool, wor
         return
     _FORKED = samples  # set before the fork: each reader sees the table without pickling it
     try:
-        with multiprocessing.get_context("fork").Pool(procs) as pool:
+        with multiprocessing.get_context("fork").Pool(procs, initializer=_reader_start) as pool:
             for infos in pool.imap(_span_infos, spans):
                 yield from infos
     finally:
         _FORKED = None
+
+
+def _reader_start() -> None:
+    """A forked reader dies of SIGTERM, as the pool's exit expects (it terminates readers still waiting for a task).
+    A handler inherited from the parent that returns would leave such a reader waiting, and the pool's exit with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _span_infos(span: tuple) -> list[dict]:
