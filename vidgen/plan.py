@@ -158,6 +158,12 @@ def _storage_keys(*modules: torch.nn.Module) -> set[int]:
     return {t.untyped_storage()._cdata for m in modules for t in (*m.parameters(), *m.buffers())}
 
 
+def _hooked_modules(module: torch.nn.Module, leaves: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules of `module` that ZeRO-3 hooks: all but those inside a leaf module (`zero3_leaves`)."""
+    inside = {id(m) for leaf in leaves for m in leaf.modules() if m is not leaf}
+    return [m for m in module.modules() if id(m) not in inside]
+
+
 class _CallOrder:
     """Records, for one forward of `module`, the order in which its submodules return and which of them were
     called with a positional tensor that requires grad, to tell which checkpointed blocks ZeRO-3 keeps gathered.
@@ -176,8 +182,7 @@ class _CallOrder:
     recorded either, and a checkpointed block that is a leaf is its own last submodule."""
 
     def __init__(self, module: torch.nn.Module, leaves: list[torch.nn.Module] = ()):
-        inside = {id(m) for leaf in leaves for m in leaf.modules() if m is not leaf}
-        self.modules = [m for m in module.modules() if id(m) not in inside]
+        self.modules = _hooked_modules(module, leaves)
         self.finished, self.positional, self.hooks = [], {}, []
 
     def __enter__(self):
@@ -348,10 +353,9 @@ def _zero_optimization(cfg: VidgenConfig, recipe=None) -> dict:
     return ds.get("zero_optimization") or {}
 
 
-def zero_config(cfg: VidgenConfig, recipe=None) -> dict[str, int]:
-    """The zero_optimization sizes (`ZERO_DEFAULTS` keys) the workers give DeepSpeed (`_zero_optimization`),
-    DeepSpeed's defaults for what none of its sources sets."""
-    zero = _zero_optimization(cfg, recipe)
+def zero_config(zero: dict) -> dict[str, int]:
+    """The zero_optimization sizes (`ZERO_DEFAULTS` keys) in the section the workers give DeepSpeed
+    (`_zero_optimization`), DeepSpeed's defaults for what none of its sources sets."""
     given = {k: zero.get(f"stage3_{k}", zero.get(k, v)) for k, v in ZERO_DEFAULTS.items()}
     return {k: v if isinstance(v, int) else int(float(v)) for k, v in given.items()}  # JSON may say 5e8
 
@@ -372,9 +376,8 @@ def largest_unit(unet: torch.nn.Module, leaves: list[torch.nn.Module]) -> int:
     """Elements of the most parameters one ZeRO-3 module fetch gathers: a leaf's, submodules' included, or any
     other module's own."""
     leaf_ids = {id(leaf) for leaf in leaves}
-    inside = {id(m) for leaf in leaves for m in leaf.modules() if m is not leaf}
     return max((_params(m) if id(m) in leaf_ids else sum(p.numel() for p in m.parameters(recurse=False))
-                for m in unet.modules() if id(m) not in inside), default=0)
+                for m in _hooked_modules(unet, leaves)), default=0)
 
 
 def persistent_params(unet: torch.nn.Module, zero: dict[str, int]) -> tuple[int, int]:
@@ -651,6 +654,7 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     params = {k: {"total": _params(v), "trainable": _params(v, True)} for k, v in parts.items()}
 
     zero_section = _zero_optimization(cfg, recipe)
+    zero = zero_config(zero_section)
     leaves = zero3_leaves(unet, zero_section) if t.zero_stage == 3 else []
     step = run_step(recipe, planner, b, f, h, w, checkpointing=t.activation_checkpointing, keep_grads=t.zero_stage < 2,
                     leaves=leaves)
@@ -658,7 +662,6 @@ def plan(cfg: VidgenConfig, mfu: float = 0.4, **feed_args) -> dict:
     per_step = micro * t.gradient_accumulation
 
     largest = max((sum(p.numel() for p in mod.parameters(recurse=False)) for mod in unet.modules()), default=0)
-    zero = zero_config(cfg, recipe)
     z3 = zero3_inputs(unet, step, zero) if t.zero_stage == 3 else None
     gpu, host = model_states(t, n, params["unet"]["total"], _bytes(unet), trainable, largest, master, grad_size,
                              zero, z3)
