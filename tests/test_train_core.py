@@ -3,6 +3,7 @@ tests/faults/test_train_faults.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from vidgen import plan
 from vidgen.config import load_config
 from vidgen.errors import ConfigError
 from vidgen.train import loop
@@ -118,6 +120,17 @@ def test_bad_training_configs_fail_before_any_worker(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"train.deepspeed_config=.*ds.json: not JSON \(line 1"):
         user_deepspeed_config(config(tmp_path, f"train.deepspeed_config={bad}"))
+    for section, message in (({"leaf_module": 5}, r"zero_optimization.leaf_module: expected an object with names, "
+                                                  r"name_suffixes, classes, got 5$"),
+                             ({"leaf_module": {"names": [3]}}, r"zero_optimization.leaf_module.names: expected a "
+                                                              r"string or a list of strings, got \[3\]$")):
+        bad.write_text(json.dumps({"zero_optimization": section}))
+        for cfg in (config(tmp_path, f"train.deepspeed_config={bad}"),
+                    config(tmp_path, f"train.deepspeed_config={bad}", "train.zero_stage=3")):
+            with pytest.raises(ConfigError, match=r"train.deepspeed_config=.*ds.json: " + message):
+                user_deepspeed_config(cfg)  # `vidgen train`, before any worker starts
+            with pytest.raises(ConfigError, match=r"train.deepspeed_config=.*ds.json: " + message):
+                plan.zero_config(plan._zero_optimization(cfg))  # `vidgen plan`
 
 
 def test_trainable_patterns(tmp_path):

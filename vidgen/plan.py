@@ -339,16 +339,17 @@ def _zero_optimization(cfg: VidgenConfig, recipe=None) -> dict:
     """The zero_optimization section the workers give DeepSpeed: vidgen's generated config
     (`loop.deepspeed_config`), the recipe's overrides and a local train.deepspeed_config JSON on top (a remote one
     is not read: no network)."""
-    from vidgen.train.loop import deep_merge, deepspeed_config  # lazy: loads PIL, fsspec
+    from vidgen.train.loop import deep_merge, deepspeed_config, user_config  # lazy: loads PIL, fsspec
 
     user = recipe.deepspeed_overrides() if hasattr(recipe, "deepspeed_overrides") else {}
     path = cfg.train.deepspeed_config
     if path and ("://" not in path or path.startswith("file://")):
         f = Path(path.removeprefix("file://")).expanduser()
         try:
-            user = deep_merge(user, json.loads(f.read_text()))
+            data = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"train.deepspeed_config={path}: not a readable JSON file ({e})") from None
+        user = deep_merge(user, user_config(data, path))
     ds = deepspeed_config(cfg.train.model_dump(), cfg.train.num_workers, not cfg.train.use_gpu, user)
     return ds.get("zero_optimization") or {}
 
@@ -364,9 +365,10 @@ def zero3_leaves(unet: torch.nn.Module, zero: dict) -> list[torch.nn.Module]:
     """The modules of `unet` that `zero`'s leaf_module section makes ZeRO-3 leaves: by name, name suffix or class
     (its name or module-qualified name), as DeepSpeed matches them (`apply_zero_leaf_module_config`). DeepSpeed
     fetches a leaf's parameters, its submodules' included, as one unit."""
-    spec = zero.get("leaf_module") or {}
-    names, suffixes, classes = ({spec[k]} if isinstance(spec.get(k), str) else set(spec.get(k) or ())
-                                for k in ("names", "name_suffixes", "classes"))
+    from vidgen.train.loop import leaf_module_spec  # lazy: loads PIL, fsspec
+
+    spec = leaf_module_spec(zero)
+    names, suffixes, classes = spec["names"], spec["name_suffixes"], spec["classes"]
     return [m for n, m in unet.named_modules()
             if n in names or any(n.endswith(x) for x in suffixes)
             or {type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}"} & classes]

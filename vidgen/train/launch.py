@@ -145,9 +145,9 @@ def user_deepspeed_config(cfg: VidgenConfig) -> dict:
         data = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.deepspeed_config={path}: not JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"train.deepspeed_config={path}: expected a JSON object")
-    return data
+    from vidgen.train.loop import user_config  # lazy: loop imports torch (fit, the caller, imports it anyway)
+
+    return user_config(data, path)
 
 
 def share_columns(cfg: VidgenConfig) -> list[str]:

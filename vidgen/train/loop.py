@@ -34,7 +34,7 @@ from vidgen import faults
 from vidgen.config import ModelConfig, Section, TrainConfig
 from vidgen.data.buckets import bucket_batches
 from vidgen.data.position import DataPosition, rank_rows
-from vidgen.errors import JobError
+from vidgen.errors import ConfigError, JobError
 from vidgen.models import registry
 from vidgen.ray_env import apply_worker_env
 from vidgen.train.manifest import _PART, verify_manifest, write_manifest
@@ -44,6 +44,40 @@ log = logging.getLogger(__name__)
 
 DUMP_ENV = "VIDGEN_DUMP_STATE"  # "<file>": test hook, rank 0 saves the final UNet state dict there
 CLIP_LOG_ENV = "VIDGEN_CLIP_LOG"  # "<dir>": test hook, every rank records the clips it trains on (ClipLog)
+
+
+LEAF_KEYS = ("names", "name_suffixes", "classes")  # how DeepSpeed's zero_optimization.leaf_module picks modules
+
+
+def leaf_module_spec(zero: dict) -> dict[str, set[str]]:
+    """The zero_optimization.leaf_module section of a DeepSpeed config as {key: strings}, each key of `LEAF_KEYS` a
+    string or a list of strings as DeepSpeed takes them; anything else is refused, naming the field."""
+    spec = zero.get("leaf_module") or {}
+    if not isinstance(spec, dict) or set(spec) - set(LEAF_KEYS):
+        raise ConfigError(f"zero_optimization.leaf_module: expected an object with {', '.join(LEAF_KEYS)}, "
+                          f"got {json.dumps(spec)[:200]}")
+    out = {}
+    for k in LEAF_KEYS:
+        v = spec.get(k) or []
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"zero_optimization.leaf_module.{k}: expected a string or a list of strings, "
+                              f"got {json.dumps(v)[:200]}")
+        out[k] = set(v)
+    return out
+
+
+def user_config(data, path: str) -> dict:
+    """`data`, a train.deepspeed_config JSON read from `path`, once checked: an object, and its leaf_module section
+    as `leaf_module_spec` takes it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed_config={path}: expected a JSON object")
+    if isinstance(data.get("zero_optimization"), dict):
+        try:
+            leaf_module_spec(data["zero_optimization"])
+        except ConfigError as e:
+            raise ConfigError(f"train.deepspeed_config={path}: {e}") from None
+    return data
 
 
 def deepspeed_config(train: dict, world_size: int, on_cpu: bool, user: dict | None = None) -> dict:
