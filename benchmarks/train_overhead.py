@@ -3,9 +3,9 @@ the same DeepSpeed engine driven by a bare loop (which splits the overhead into 
 
 Same tiny SVD, same batch, same threads (a Ray Train worker's default: the 1 CPU it reserves; --threads N sets
 train.resources_per_worker={CPU: N} and gives the plain loop N threads), measured side by side in one run at
-each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not timed. With --contend a busy
-process of the benchmark's own runs beside the loops for the whole measurement (as data tasks and Ray's own
-processes share a node's cores with the trainer). Prints one JSON line per figure:
+each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not timed. With --contend all three
+loops are then measured again while a busy process of the benchmark's own runs beside them (as data tasks and
+other processes share a node's cores with the trainer). Prints one JSON line per figure:
 
     python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps N] [--warmup 3]
                                         [--threads 1] [--contend]
@@ -14,7 +14,8 @@ Figures per size and stage: plain, deepspeed (vidgen's engine, config and optimi
 process) and vidgen step (median s), overhead_ratio (vidgen / plain), deepspeed_ratio (deepspeed / plain),
 vidgen_over_deepspeed (vidgen / deepspeed: what Ray Train, the data path, metrics and checkpoint bookkeeping add),
 overhead_ms (vidgen - plain), data_wait_frac, plain_drift (the plain loop timed again after the others, over
-its first time: how much the machine itself moved during the measurement); then per stage the fixed part of the
+its first time: how much the machine itself moved during the measurement); with --contend, the contended step
+times and each loop's slowdown (contended over quiet step); then per stage the fixed part of the
 overhead in ms (the intercept of overhead_ms against the plain step time, least squares over the sizes), and
 DeepSpeed's fixed part alike.
 Goal: overhead at most 5% at 128x128x8 and 256x256x8, at most 10% at 64x64x4, data-wait at most 2% of step
@@ -118,45 +119,71 @@ def _busy(seconds: float) -> None:
         pass
 
 
-def measure(size: int, frames: int, stage: int, args) -> dict:
+def _competitors(n: int) -> list:
+    procs = [mp.get_context("spawn").Process(target=_busy, args=(3600,), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict[str, list[float]]:
+    """Step times of the three loops, quiet or beside `busy` busy processes; the plain loop timed again at the
+    end."""
     import ray
 
-    from vidgen.config import load_config
     from vidgen.train.launch import fit
 
-    cfg = load_config(None, [f"run.workdir={tempfile.mkdtemp(prefix='vidgen-bench-')}",
-                             f"run.name=bench-{uuid.uuid4().hex[:6]}", f"model.num_frames={frames}",
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.name = f"bench-{uuid.uuid4().hex[:6]}"  # a fresh run: never a resume of the previous measurement
+    ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(args.warmup + args.steps + 4)])
+    competitors = _competitors(busy)
+    try:
+        out = {"plain": plain(cfg, clip, args.steps, args.warmup, args.threads),
+               "deepspeed": run_deepspeed_loop(cfg, clip, args)}
+        timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
+        out["vidgen"] = [r["step_time_s"] for r in timed]
+        out["data_wait_frac"] = [statistics.mean(r["data_wait_frac"] for r in timed)]
+        out["plain_after"] = plain(cfg, clip, args.steps, args.warmup, args.threads)
+    finally:
+        for p in competitors:
+            p.terminate()
+    return out
+
+
+def measure(size: int, frames: int, stage: int, args) -> dict:
+    from vidgen.config import load_config
+
+    cfg = load_config(None, [f"run.workdir={tempfile.mkdtemp(prefix='vidgen-bench-')}", f"model.num_frames={frames}",
                              f"data.height={size}", f"data.width={size}", "train.num_workers=1",
                              f"train.zero_stage={stage}", f"train.resources_per_worker={{CPU: {args.threads}}}"])
     clip = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
     if args.steps is None:  # a steady state of at least STEADY_S seconds per loop, and at least 20 steps
         probe = statistics.median(plain(cfg, clip, 3, 1, args.threads))
         args = argparse.Namespace(**{**vars(args), "steps": max(20, math.ceil(STEADY_S / probe))})
-    total = args.warmup + args.steps
-    cfg.train.max_steps = cfg.train.checkpoint_every = total
-    ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(total + 4)])
-    competitor = None
-    if args.contend:
-        competitor = mp.get_context("spawn").Process(target=_busy, args=(3600,), daemon=True)
-        competitor.start()
-    try:
-        plain_times = plain(cfg, clip, args.steps, args.warmup, args.threads)
-        ds_times = run_deepspeed_loop(cfg, clip, args)
-        timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
-        plain_after = plain(cfg, clip, args.steps, args.warmup, args.threads)  # the machine's drift over the run
-    finally:
-        if competitor is not None:
-            competitor.terminate()
-    p, v = statistics.median(plain_times + plain_after), statistics.median(r["step_time_s"] for r in timed)
-    d = statistics.median(ds_times)
-    return {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "contend": args.contend, "threads": args.threads,
-            "steps": args.steps,
-            "plain_step_s": round(p, 4), "deepspeed_step_s": round(d, 4), "vidgen_step_s": round(v, 4),
-            "overhead_ratio": round(v / p, 3), "deepspeed_ratio": round(d / p, 3),
-            "vidgen_over_deepspeed": round(v / d, 3), "overhead_ms": round(1000 * (v - p), 1),
-            "deepspeed_overhead_ms": round(1000 * (d - p), 1),
-            "plain_drift": round(statistics.median(plain_after) / statistics.median(plain_times), 3),
-            "data_wait_frac": round(statistics.mean(r["data_wait_frac"] for r in timed), 4)}
+    cfg.train.max_steps = cfg.train.checkpoint_every = args.warmup + args.steps
+    quiet = timed_loops(cfg, clip, args, busy=0)
+    p, d, v = (statistics.median(quiet[k]) for k in ("plain", "deepspeed", "vidgen"))
+    p = statistics.median(quiet["plain"] + quiet["plain_after"])
+    row = {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "threads": args.threads, "steps": args.steps,
+           "contend": args.contend,
+           "plain_step_s": round(p, 4), "deepspeed_step_s": round(d, 4), "vidgen_step_s": round(v, 4),
+           "overhead_ratio": round(v / p, 3), "deepspeed_ratio": round(d / p, 3),
+           "vidgen_over_deepspeed": round(v / d, 3), "overhead_ms": round(1000 * (v - p), 1),
+           "deepspeed_overhead_ms": round(1000 * (d - p), 1),
+           "plain_drift": round(statistics.median(quiet["plain_after"]) / statistics.median(quiet["plain"]), 3),
+           "data_wait_frac": round(quiet["data_wait_frac"][0], 4)}
+    if args.contend:  # the same loops beside busy processes: how much each one's step slows
+        busy = timed_loops(cfg, clip, args, busy=args.contend)
+        pb = statistics.median(busy["plain"] + busy["plain_after"])
+        db, vb = statistics.median(busy["deepspeed"]), statistics.median(busy["vidgen"])
+        row.update({"contended_plain_step_s": round(pb, 4), "contended_vidgen_step_s": round(vb, 4),
+                    "contended_plain_slowdown": round(pb / p, 3), "contended_deepspeed_slowdown": round(db / d, 3),
+                    "contended_vidgen_slowdown": round(vb / v, 3),
+                    "contended_overhead_ratio": round(vb / pb, 3),
+                    "contended_plain_drift": round(statistics.median(busy["plain_after"])
+                                                   / statistics.median(busy["plain"]), 3),
+                    "contended_data_wait_frac": round(busy["data_wait_frac"][0], 4)})
+    return row
 
 
 def main() -> None:
@@ -167,7 +194,9 @@ def main() -> None:
                     help=f"timed steps (default: at least 20, and as many as {STEADY_S} s of plain steps)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="CPUs the worker reserves = threads of both loops")
-    ap.add_argument("--contend", action="store_true", help="a busy process runs beside both loops")
+    ap.add_argument("--contend", type=int, nargs="?", const=1, default=0, metavar="N",
+                    help="measure every loop again beside N busy processes (default 1: the other core of two), and "
+                         "how much each one's step slows")
     args = ap.parse_args()
 
     import ray
@@ -186,7 +215,7 @@ def main() -> None:
             x = np.array([1000 * r["plain_step_s"] for r in rows])
             slope, fixed = np.polyfit(x, np.array([r["overhead_ms"] for r in rows]), 1)
             ds_slope, ds_fixed = np.polyfit(x, np.array([r["deepspeed_overhead_ms"] for r in rows]), 1)
-            print(json.dumps({"benchmark": "train_overhead", "zero_stage": stage, "contend": args.contend,
+            print(json.dumps({"benchmark": "train_overhead", "zero_stage": stage,
                               "fixed_overhead_ms": round(float(fixed), 1),
                               "proportional_overhead": round(float(slope), 3),
                               "deepspeed_fixed_overhead_ms": round(float(ds_fixed), 1),

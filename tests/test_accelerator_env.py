@@ -287,3 +287,23 @@ def test_a_cpu_worker_runs_as_many_threads_as_the_cpus_ray_reserved_for_it(ray_s
 
     got = [ray.get(ray.remote(num_cpus=c)(reserved_cpus).remote()) for c in (1, 2, 0.5)]
     assert got == [1, 2, 1]
+
+
+@pytest.mark.ray
+def test_train_workers_and_the_export_run_at_normal_priority_while_data_tasks_keep_rays_lowered_one(ray_session):
+    """Ray starts its workers at niceness 15. A train worker at 15 loses its core to any process at 0 (Ray's own,
+    a node's daemons, other jobs): beside one busy process per core it gets about 1/30 of a core. The train
+    workers (Ray Train's worker runtime env, `worker_runtime_env`) and the export task start at 0; data tasks stay
+    at Ray's 15, so a trainer that needs its core wins it. The job's own environment still reaches them."""
+    import ray
+
+    from vidgen.ray_env import FOREGROUND_ENV
+    from vidgen.train.launch import worker_runtime_env
+
+    def niceness_and_env() -> tuple[int, str | None]:  # defined here: Ray ships it by value
+        return os.nice(0), os.environ.get("HF_HUB_OFFLINE")
+
+    task = ray.remote(num_cpus=0)(niceness_and_env)
+    assert ray.get(task.remote()) == (15, "1")  # Ray's default, as every read task gets it
+    assert ray.get(task.options(runtime_env={"env_vars": worker_runtime_env(False)}).remote()) == (0, "1")
+    assert ray.get(task.options(runtime_env={"env_vars": FOREGROUND_ENV}).remote()) == (0, "1")  # export_on_worker

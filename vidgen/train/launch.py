@@ -33,7 +33,7 @@ from vidgen.config import VidgenConfig
 from vidgen.data.position import Shares
 from vidgen.errors import ConfigError, DataError, JobError, ModelError, raised_remotely
 from vidgen.models import registry
-from vidgen.ray_env import shared_env, worker_env
+from vidgen.ray_env import FOREGROUND_ENV, shared_env, worker_env
 from vidgen.signals import Interrupted, raising
 from vidgen.train import checkpoints
 from vidgen.train.manifest import verify_manifest
@@ -401,10 +401,10 @@ def _interrupted(cfg: VidgenConfig, e: KeyboardInterrupt, sink) -> Interrupted:
 
 def worker_runtime_env(use_gpu: bool) -> dict[str, str]:
     """The environment of every training worker: the shared settings, the accelerator settings that follow the
-    worker's own resources (never the driver's: a GPU-less head must not make GPU workers use the CPU), and the
-    test hooks when set."""
+    worker's own resources (never the driver's: a GPU-less head must not make GPU workers use the CPU), the
+    normal priority (`FOREGROUND_ENV`), and the test hooks when set."""
     hooks = {**{k: os.environ[k] for k in TEST_HOOK_ENV if k in os.environ}, **faults.all_from_env()}
-    return {**shared_env(), **hooks, **worker_env(use_gpu)}
+    return {**shared_env(), **hooks, **worker_env(use_gpu), **FOREGROUND_ENV}
 
 
 def _train_func(config: dict) -> None:
@@ -459,9 +459,10 @@ def export_on_worker(cfg: VidgenConfig, checkpoint, export_dir: str, merged_dir:
     state (15-20 GB for SVD-XT), more than a head pod has. The head reserves no CPU (cluster/kuberay), so a
     one-CPU task never lands there; on a single machine it runs beside the driver. The task's process exits when
     it is done (max_calls=1): the allocator keeps most of what consolidation freed (4.5 GiB after a full-size
-    SVD-XT export, measured), which an idle Ray worker would otherwise hold for the rest of the job. Errors come
-    back as the task's own exception. Returns the pid of the process that ran it."""
-    task = ray.remote(num_cpus=1, max_retries=1, max_calls=1)(_export_task)
+    SVD-XT export, measured), which an idle Ray worker would otherwise hold for the rest of the job. It runs at
+    the normal priority (`FOREGROUND_ENV`): the job waits on it. Errors come back as the task's own exception.
+    Returns the pid of the process that ran it."""
+    task = ray.remote(num_cpus=1, max_retries=1, max_calls=1, runtime_env={"env_vars": FOREGROUND_ENV})(_export_task)
     try:
         return ray.get(task.remote(cfg, checkpoint, export_dir, merged_dir))
     except ray.exceptions.RayTaskError as e:
