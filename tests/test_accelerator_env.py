@@ -290,11 +290,12 @@ def test_a_cpu_worker_runs_as_many_threads_as_the_cpus_ray_reserved_for_it(ray_s
 
 
 @pytest.mark.ray
-def test_train_workers_and_the_export_run_at_normal_priority_while_data_tasks_keep_rays_lowered_one(ray_session):
+def test_the_processes_a_job_waits_on_run_at_normal_priority_while_data_tasks_keep_rays_lowered_one(ray_session):
     """Ray starts its workers at niceness 15. A train worker at 15 loses its core to any process at 0 (Ray's own,
-    a node's daemons, other jobs): beside one busy process per core it gets about 1/30 of a core. The train
-    workers (Ray Train's worker runtime env, `worker_runtime_env`) and the export task start at 0; data tasks stay
-    at Ray's 15, so a trainer that needs its core wins it. The job's own environment still reaches them."""
+    a node's daemons, other jobs): beside one busy process per core it gets about 1/30 of a core
+    (benchmarks/worker_priority.py). The train workers (Ray Train's worker runtime env, `worker_runtime_env`), the
+    export task and the actors of generation, evaluation and the latent cache start at 0; data tasks stay at
+    Ray's 15, so the process the job waits on wins its core. The job's own environment still reaches them."""
     import ray
 
     from vidgen.ray_env import FOREGROUND_ENV
@@ -307,3 +308,11 @@ def test_train_workers_and_the_export_run_at_normal_priority_while_data_tasks_ke
     assert ray.get(task.remote()) == (15, "1")  # Ray's default, as every read task gets it
     assert ray.get(task.options(runtime_env={"env_vars": worker_runtime_env(False)}).remote()) == (0, "1")
     assert ray.get(task.options(runtime_env={"env_vars": FOREGROUND_ENV}).remote()) == (0, "1")  # export_on_worker
+
+    class Niceness:  # the actors of generation, evaluation and the latent cache: Ray Data's actor pools
+        def __call__(self, batch):
+            return {"nice": np.full(len(batch["id"]), os.nice(0))}
+
+    pool = ray.data.range(2).map_batches(Niceness, concurrency=1, batch_size=1, num_cpus=0,
+                                         runtime_env={"env_vars": FOREGROUND_ENV})
+    assert {int(r["nice"]) for r in pool.take_all()} == {0}

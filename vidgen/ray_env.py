@@ -30,8 +30,9 @@ SHARED_ENV = ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_
 # Ray starts its worker processes at niceness 15, below every process at the default 0 (its own raylet and GCS,
 # the driver, a node's daemons, other jobs). The processes a job waits on, and that reserved their CPUs, start at
 # 0 instead (a runtime env setting of Ray's, read as the worker starts; lowering a niceness later needs a
-# privilege containers lack): the train workers and the export. Beside one busy process per core, a worker at 15
-# gets about 1/30 of its core. Data tasks keep Ray's 15: a trainer that needs its core wins it from them.
+# privilege containers lack): the train workers, the export, and the actors of generation, evaluation and the
+# latent cache. Beside one busy process per core, a worker at 15 gets about 1/30 of its core
+# (benchmarks/worker_priority.py). Data tasks keep Ray's 15: a trainer that needs its core wins it from them.
 FOREGROUND_ENV = {"RAY_worker_niceness": "0"}
 
 

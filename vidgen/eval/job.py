@@ -38,6 +38,7 @@ from vidgen.errors import DataError
 from vidgen.eval import bootstrap, protocols
 from vidgen.eval.fvd import FeatureStats, kvd, protocol_fvd
 from vidgen.eval.metrics import aggregate
+from vidgen.ray_env import FOREGROUND_ENV
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def featurize(ds, cfg: VidgenConfig, passthrough: tuple[str, ...] = ()) -> Featu
         batch_size=e.batch_size,
         num_gpus=gpus,
         num_cpus=0.5 if gpus else 1,
+        runtime_env={"env_vars": FOREGROUND_ENV},  # the job waits on these actors; decode tasks keep Ray's 15
     )
     stats: FeatureStats | None = None
     feats, ids, shapes = [], [], []

@@ -45,6 +45,7 @@ from vidgen.generate.outputs import (
     write_manifest,
 )
 from vidgen.generate.pipelines import build_pipeline, check_family, image_conditioned, latent_frames
+from vidgen.ray_env import FOREGROUND_ENV
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ def run_generation(cfg: VidgenConfig, rows: list[dict] | None = None) -> list[di
                                            device="cuda" if g.use_gpu else "cpu",
                                            fault=faults.from_env("GENERATE")),
                 compute=ray.data.ActorPoolStrategy(min_size=g.min_actors or g.num_actors, max_size=g.num_actors),
-                batch_size=1, num_gpus=g.gpus_per_actor if g.use_gpu else 0, num_cpus=1, **remote_args,
+                batch_size=1, num_gpus=g.gpus_per_actor if g.use_gpu else 0, num_cpus=1,
+                runtime_env={"env_vars": FOREGROUND_ENV}, **remote_args,  # the job waits on these actors
             )
             for r in stream.iter_rows():
                 r = {k: (val.item() if hasattr(val, "item") else val) for k, val in dict(r).items()}

@@ -42,6 +42,7 @@ from vidgen.data.worker import BadSample, ClipSpec, sample_clips
 from vidgen.devices import compute_device
 from vidgen.errors import ConfigError, DataError
 from vidgen.models import registry
+from vidgen.ray_env import FOREGROUND_ENV
 from vidgen.train.preflight import check_data
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,7 @@ def prepare_latents(cfg: VidgenConfig, use_ray: bool = True, progress=None) -> d
         items = [{"index": k} for k in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(ShardEncoder, batch_size=1, concurrency=lat.actors, num_gpus=gpus, num_cpus=1,
+                            runtime_env={"env_vars": FOREGROUND_ENV},  # the job waits on these actors
                             fn_constructor_args=(cfg.model_dump(mode="json"), out, stream.spec, key["encoders"],
                                                  [ray.put(stream.samples)], per_shard, gpus),
                             fn_constructor_kwargs={"fault": faults.from_env("LATENTS")})
