@@ -4,11 +4,11 @@ the same DeepSpeed engine driven by a bare loop (which splits the overhead into 
 Same tiny SVD, same batch, same threads (a Ray Train worker's default: the 1 CPU it reserves; --threads N sets
 train.resources_per_worker={CPU: N} and gives the plain loop N threads), measured side by side in one run at
 each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not timed. With --contend all three
-loops are then measured again while a busy process of the benchmark's own runs beside them (as data tasks and
-other processes share a node's cores with the trainer). Prints one JSON line per figure:
+loops are then measured again while N busy processes of the benchmark's own (default 1) run beside them (as data
+tasks and other processes share a node's cores with the trainer). Prints one JSON line per figure:
 
     python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps N] [--warmup 3]
-                                        [--threads 1] [--contend]
+                                        [--threads 1] [--contend [N]]
 
 Figures per size and stage: plain, deepspeed (vidgen's engine, config and optimizer in a bare loop, in its own
 process) and vidgen step (median s), overhead_ratio (vidgen / plain), deepspeed_ratio (deepspeed / plain),
