@@ -126,9 +126,9 @@ def _competitors(n: int) -> list:
     return procs
 
 
-def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict[str, list[float]]:
-    """Step times of the three loops, quiet or beside `busy` busy processes; the plain loop timed again at the
-    end."""
+def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict:
+    """Step times of the three loops, quiet or beside `busy` busy processes, the plain loop timed again at the
+    end, and vidgen's mean data-wait fraction."""
     import ray
 
     from vidgen.train.launch import fit
@@ -142,7 +142,7 @@ def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict[str, list[float]
                "deepspeed": run_deepspeed_loop(cfg, clip, args)}
         timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
         out["vidgen"] = [r["step_time_s"] for r in timed]
-        out["data_wait_frac"] = [statistics.mean(r["data_wait_frac"] for r in timed)]
+        out["data_wait_frac"] = statistics.mean(r["data_wait_frac"] for r in timed)
         out["plain_after"] = plain(cfg, clip, args.steps, args.warmup, args.threads)
     finally:
         for p in competitors:
@@ -162,8 +162,8 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
         args = argparse.Namespace(**{**vars(args), "steps": max(20, math.ceil(STEADY_S / probe))})
     cfg.train.max_steps = cfg.train.checkpoint_every = args.warmup + args.steps
     quiet = timed_loops(cfg, clip, args, busy=0)
-    p, d, v = (statistics.median(quiet[k]) for k in ("plain", "deepspeed", "vidgen"))
     p = statistics.median(quiet["plain"] + quiet["plain_after"])
+    d, v = statistics.median(quiet["deepspeed"]), statistics.median(quiet["vidgen"])
     row = {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "threads": args.threads, "steps": args.steps,
            "contend": args.contend,
            "plain_step_s": round(p, 4), "deepspeed_step_s": round(d, 4), "vidgen_step_s": round(v, 4),
@@ -171,7 +171,7 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
            "vidgen_over_deepspeed": round(v / d, 3), "overhead_ms": round(1000 * (v - p), 1),
            "deepspeed_overhead_ms": round(1000 * (d - p), 1),
            "plain_drift": round(statistics.median(quiet["plain_after"]) / statistics.median(quiet["plain"]), 3),
-           "data_wait_frac": round(quiet["data_wait_frac"][0], 4)}
+           "data_wait_frac": round(quiet["data_wait_frac"], 4)}
     if args.contend:  # the same loops beside busy processes: how much each one's step slows
         busy = timed_loops(cfg, clip, args, busy=args.contend)
         pb = statistics.median(busy["plain"] + busy["plain_after"])
@@ -182,7 +182,7 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
                     "contended_overhead_ratio": round(vb / pb, 3),
                     "contended_plain_drift": round(statistics.median(busy["plain_after"])
                                                    / statistics.median(busy["plain"]), 3),
-                    "contended_data_wait_frac": round(busy["data_wait_frac"][0], 4)})
+                    "contended_data_wait_frac": round(busy["data_wait_frac"], 4)})
     return row
 
 

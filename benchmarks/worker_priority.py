@@ -1,9 +1,10 @@
 """What the priority of a Ray worker does to a training step when every core is busy.
 
-Ray starts its worker processes at niceness 15; vidgen starts its train workers and the export at 0
-(vidgen.ray_env.FOREGROUND_ENV). This runs train_overhead.py's plain tiny-SVD step (1 thread) in a 1-CPU Ray task
-at each niceness, quiet and then beside N busy processes of its own (default: one per core), and prints one JSON
-line per figure (median step s over the timed steps, and the task's wall time with its start):
+Ray starts its worker processes at niceness 15; vidgen starts the processes a job waits on at 0 (train workers,
+the export, the actors of generation, evaluation and the latent cache: vidgen.ray_env.FOREGROUND_ENV). This runs
+train_overhead.py's plain tiny-SVD step (1 thread) in a 1-CPU Ray task at each niceness, quiet and then beside N
+busy processes of its own (default: one per core), and prints one JSON line per figure (median step s over the
+timed steps, and the task's wall time with its start):
 
     python benchmarks/worker_priority.py [--busy N] [--steps 10] [--size 64] [--frames 4]
 """
@@ -55,7 +56,7 @@ def main() -> None:
     for busy in (0, args.busy):
         procs = _competitors(busy)
         try:
-            for env in ({}, FOREGROUND_ENV):  # Ray's default, then vidgen's train workers'
+            for env in ({}, FOREGROUND_ENV):  # Ray's default, then FOREGROUND_ENV
                 t0 = time.perf_counter()
                 nice, times = ray.get(task.options(runtime_env={"env_vars": env}).remote(HERE, cfg, clip, args.steps))
                 print(json.dumps({"benchmark": "worker_priority", "size": f"{args.size}x{args.size}x{args.frames}",
