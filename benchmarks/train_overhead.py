@@ -3,12 +3,16 @@ the same DeepSpeed engine driven by a bare loop (which splits the overhead into 
 
 Same tiny SVD, same batch, same threads (a Ray Train worker's default: the 1 CPU it reserves; --threads N sets
 train.resources_per_worker={CPU: N} and gives the plain loop N threads), measured side by side in one run at
-each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not timed. With --contend all three
-loops are then measured again while N busy processes of the benchmark's own (default 1) run beside them (as data
-tasks and other processes share a node's cores with the trainer). Prints one JSON line per figure:
+each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not timed. vidgen's trainer reads
+its clips as `vidgen train` does (--data source, the default): a data.source of frame folders written for the run,
+each worker reading its own share of the epoch through Ray Data (decoded by data tasks, the order and position
+kept by the worker); --data dataset gives it the clip as an in-memory Ray Dataset instead, split by Ray Train.
+With --contend all three loops are then measured again while N busy processes of the benchmark's own (default 1)
+run beside them (as data tasks and other processes share a node's cores with the trainer).
+Prints one JSON line per figure:
 
     python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps N] [--warmup 3]
-                                        [--threads 1] [--contend [N]]
+                                        [--threads 1] [--contend [N]] [--data source|dataset]
 
 Figures per size and stage: plain, deepspeed (vidgen's engine, config and optimizer in a bare loop, in its own
 process) and vidgen step (median s), overhead_ratio (vidgen / plain), deepspeed_ratio (deepspeed / plain),
@@ -131,11 +135,15 @@ def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict:
     end, and vidgen's mean data-wait fraction."""
     import ray
 
+    from vidgen.data.pipeline import read_config_clips
     from vidgen.train.launch import fit
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = f"bench-{uuid.uuid4().hex[:6]}"  # a fresh run: never a resume of the previous measurement
-    ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(args.warmup + args.steps + 4)])
+    if cfg.data.source:  # the user's path: each worker reads its share of data.source (frame folders)
+        ds = read_config_clips(cfg, train=True)
+    else:
+        ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(args.warmup + args.steps + 4)])
     competitors = _competitors(busy)
     try:
         out = {"plain": plain(cfg, clip, args.steps, args.warmup, args.threads),
@@ -152,6 +160,7 @@ def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict:
 
 def measure(size: int, frames: int, stage: int, args) -> dict:
     from vidgen.config import load_config
+    from vidgen.data.synth import make_moving_shapes
 
     cfg = load_config(None, [f"run.workdir={tempfile.mkdtemp(prefix='vidgen-bench-')}", f"model.num_frames={frames}",
                              f"data.height={size}", f"data.width={size}", "train.num_workers=1",
@@ -161,11 +170,14 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
         probe = statistics.median(plain(cfg, clip, 3, 1, args.threads))
         args = argparse.Namespace(**{**vars(args), "steps": max(20, math.ceil(STEADY_S / probe))})
     cfg.train.max_steps = cfg.train.checkpoint_every = args.warmup + args.steps
+    if args.data == "source":  # one epoch covers the run: no epoch restart inside the timed steps
+        cfg.data.source = f"{cfg.run.workdir}/clips"
+        make_moving_shapes(cfg.data.source, args.warmup + args.steps + 4, frames, size, size)
     quiet = timed_loops(cfg, clip, args, busy=0)
     p = statistics.median(quiet["plain"] + quiet["plain_after"])
     d, v = statistics.median(quiet["deepspeed"]), statistics.median(quiet["vidgen"])
     row = {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "threads": args.threads, "steps": args.steps,
-           "contend": args.contend,
+           "contend": args.contend, "data": args.data,
            "plain_step_s": round(p, 4), "deepspeed_step_s": round(d, 4), "vidgen_step_s": round(v, 4),
            "overhead_ratio": round(v / p, 3), "deepspeed_ratio": round(d / p, 3),
            "vidgen_over_deepspeed": round(v / d, 3), "overhead_ms": round(1000 * (v - p), 1),
@@ -197,6 +209,10 @@ def main() -> None:
     ap.add_argument("--contend", type=int, nargs="?", const=1, default=0, metavar="N",
                     help="measure every loop again beside N busy processes (default 1: the other core of two), and "
                          "how much each one's step slows")
+    ap.add_argument("--data", choices=("source", "dataset"), default="source",
+                    help="how vidgen's trainer gets its clips: source (default, as `vidgen train` reads them: frame "
+                         "folders of data.source, decoded by Ray Data tasks) or dataset (the clip in memory, a Ray "
+                         "Dataset split by Ray Train)")
     args = ap.parse_args()
 
     import ray
