@@ -316,3 +316,47 @@ def test_the_processes_a_job_waits_on_run_at_normal_priority_while_data_tasks_ke
     pool = ray.data.range(2).map_batches(Niceness, concurrency=1, batch_size=1, num_cpus=0,
                                          runtime_env={"env_vars": FOREGROUND_ENV})
     assert {int(r["nice"]) for r in pool.take_all()} == {0}
+
+
+@pytest.mark.ray
+def test_the_data_tasks_a_train_worker_starts_keep_rays_lowered_priority(ray_session, tmp_path):
+    """A Ray task inherits the runtime env of the process that starts it, the foreground priority included: the
+    read tasks of a train worker's share would run at 0 and, beside a busy process, take the trainer's core from
+    it (benchmarks/train_overhead.py --contend). The share's tasks get Ray's 15 back; so does Ray Data's stats
+    actor, which the driver starts before any worker (`fit`)."""
+    import ray
+
+    from vidgen.data.pipeline import read_config_clips
+    from vidgen.data.synth import make_moving_shapes
+    from vidgen.ray_env import data_task_args, start_data_stats_actor
+    from vidgen.train.launch import worker_runtime_env
+
+    make_moving_shapes(str(tmp_path / "clips"), 2, 4, 32, 32)
+    cfg = load_config(None, ["model.num_frames=4", "data.height=32", "data.width=32", f"run.workdir={tmp_path}",
+                             f"data.source={tmp_path / 'clips'}"])
+    stream = read_config_clips(cfg, train=True)
+    assert data_task_args() == {}  # on the driver: tasks get Ray's 15 anyway, and share the job's worker pool
+    start_data_stats_actor()
+
+    def in_a_train_worker(stream) -> dict:  # defined here: Ray ships it by value
+        def nice(_row):
+            return {"nice": os.nice(0)}
+
+        share = stream.share_dataset(0, np.arange(2), np.ones((2, stream.clips_per_sample), dtype=bool))
+        return {"worker": os.nice(0),
+                "inherited": {r["nice"] for r in ray.data.range(2, override_num_blocks=2).map(nice).take_all()},
+                "given_back": {r["nice"] for r in ray.data.range(2, override_num_blocks=2)
+                               .map(nice, **data_task_args()).take_all()},
+                "share_args": share._logical_plan.dag.ray_remote_args,
+                "clips": len(share.take_all())}
+
+    got = ray.get(ray.remote(num_cpus=0)(in_a_train_worker)
+                  .options(runtime_env={"env_vars": worker_runtime_env(False)}).remote(stream))
+    assert got["worker"] == 0 and got["inherited"] == {0}  # what the share's tasks would get unasked
+    assert got["given_back"] == {15}
+    assert got["share_args"]["runtime_env"] == {"env_vars": {"RAY_worker_niceness": "15"}}
+    assert got["clips"] == 2 * stream.clips_per_sample
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE  # the actor Ray Data made
+
+    stats = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+    assert ray.get(stats.__ray_call__.remote(lambda _self: os.nice(0))) == 15

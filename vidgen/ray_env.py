@@ -34,6 +34,35 @@ SHARED_ENV = ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_
 # latent cache. Beside one busy process per core, a worker at 15 gets about 1/30 of its core
 # (benchmarks/worker_priority.py). Data tasks keep Ray's 15: a trainer that needs its core wins it from them.
 FOREGROUND_ENV = {"RAY_worker_niceness": "0"}
+# A task inherits the runtime env of the process that starts it, this setting included: the data tasks a train
+# worker starts to read its share would run at 0 too, and beside a busy process take the trainer's core from it
+# (64x64x4, ZeRO-2: the worker's read tasks and Ray Data's stats actor took a quarter of a core at 0). They get
+# Ray's own 15 back (`data_task_args`).
+BACKGROUND_ENV = {"RAY_worker_niceness": "15"}
+
+
+def data_task_args() -> dict:
+    """Ray remote args for the Ray Data tasks this process starts: inside a process started at the foreground
+    priority (a train worker), Ray's 15 again; elsewhere nothing, so that the tasks share the job's worker pool."""
+    if os.environ.get("RAY_worker_niceness") == FOREGROUND_ENV["RAY_worker_niceness"]:
+        return {"runtime_env": {"env_vars": dict(BACKGROUND_ENV)}}
+    return {}
+
+
+def start_data_stats_actor() -> None:
+    """Start Ray Data's stats actor from this process, the driver, unless the cluster has it already.
+
+    It is one detached actor per cluster, started by the first process that runs a dataset, with that process's
+    runtime env and on its node. Started by a train worker, it would run at the foreground priority on a training
+    node (it takes about a twentieth of a core while a worker streams its share); from the driver it gets Ray's 15
+    and the driver's node, where Ray Data means it to live. Ray Data has no public call for it: if this one is
+    gone, the actor starts as before."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor  # lazy: private Ray Data API; heavy
+
+        get_or_create_stats_actor()
+    except Exception as e:  # only a priority is lost
+        log.debug("Ray Data's stats actor not started from the driver: %s", e)
 
 
 def set_driver_env() -> None:

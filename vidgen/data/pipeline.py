@@ -38,6 +38,7 @@ from vidgen.data.layouts import list_samples
 from vidgen.data.listing import DEFAULT_PROMPT_TEMPLATE, Sample, SampleTable, as_table
 from vidgen.data.worker import BadSample, ClipSpec, resolve_prompt, sample_clips
 from vidgen.errors import ConfigError, DataError
+from vidgen.ray_env import data_task_args
 
 if TYPE_CHECKING:
     import ray.data
@@ -194,7 +195,7 @@ class ClipStream:
             ds = self._chunks(len(self.samples))  # first: it starts Ray when nothing has yet
             fn = partial(_rows_for_chunk, refs=[self._table_ref()], spec=self.spec, report_dir=self.report_dir,
                          token=self._token)
-            self._dataset = ds.flat_map(fn, num_cpus=self.num_cpus)
+            self._dataset = ds.flat_map(fn, num_cpus=self.num_cpus, **data_task_args())
         return self._dataset
 
     def for_epoch(self, epoch: int) -> ClipStream:
@@ -219,7 +220,7 @@ class ClipStream:
         ds = self._chunks(len(samples))
         fn = partial(_share_rows, refs=[self._table_ref(), ray.put((samples, wanted))],
                      spec=dataclasses.replace(self.spec, epoch=epoch), report_dir=self.report_dir, token=self._token)
-        ds = ds.flat_map(fn, num_cpus=self.num_cpus)
+        ds = ds.flat_map(fn, num_cpus=self.num_cpus, **data_task_args())
         ds.context.execution_options.preserve_order = True
         return ds
 

@@ -42,7 +42,7 @@ from vidgen.data.worker import BadSample, ClipSpec, sample_clips
 from vidgen.devices import compute_device
 from vidgen.errors import ConfigError, DataError
 from vidgen.models import registry
-from vidgen.ray_env import FOREGROUND_ENV
+from vidgen.ray_env import FOREGROUND_ENV, data_task_args
 from vidgen.train.preflight import check_data
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class CacheStream:
                                       "seed": [self.seed, epoch, int(i)], "latents": self.latents})}
                  for j, (i, w) in enumerate(zip(samples, wanted, strict=True))]
         ds = ray.data.from_items(items, override_num_blocks=min(4096, len(items)))
-        ds = ds.flat_map(_share_rows, num_cpus=self.read_cpus)
+        ds = ds.flat_map(_share_rows, num_cpus=self.read_cpus, **data_task_args())
         ds.context.execution_options.preserve_order = True
         return ds
 

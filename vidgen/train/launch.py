@@ -33,7 +33,7 @@ from vidgen.config import VidgenConfig
 from vidgen.data.position import Shares
 from vidgen.errors import ConfigError, DataError, JobError, ModelError, raised_remotely
 from vidgen.models import registry
-from vidgen.ray_env import FOREGROUND_ENV, shared_env, worker_env
+from vidgen.ray_env import FOREGROUND_ENV, shared_env, start_data_stats_actor, worker_env
 from vidgen.signals import Interrupted, raising
 from vidgen.train import checkpoints
 from vidgen.train.manifest import verify_manifest
@@ -241,6 +241,7 @@ def fit(cfg: VidgenConfig, data: Shares | ray.data.Dataset,
     # The newest complete checkpoint on disk, whatever Ray's registry says (vidgen/train/checkpoints.py).
     resume = checkpoints.reset(run_dir(cfg), t.keep_checkpoints)
     check_resume(cfg, resume.uri if resume else None)
+    start_data_stats_actor()  # before any worker runs a dataset: at Ray's priority, on this node
     # On the driver's node: it lives and dies with the driver, never with a worker node (a sink lost with a
     # node would lose every metric and validation video of the run, silently).
     sink = MetricsSink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
