@@ -15,7 +15,7 @@ import torch
 from vidgen import plan
 from vidgen.config import load_config
 from vidgen.errors import ConfigError
-from vidgen.train import loop
+from vidgen.train import launch, loop
 from vidgen.train.launch import check, fit, user_deepspeed_config
 
 
@@ -131,6 +131,24 @@ def test_bad_training_configs_fail_before_any_worker(tmp_path):
                 user_deepspeed_config(cfg)  # `vidgen train`, before any worker starts
             with pytest.raises(ConfigError, match=r"train.deepspeed_config=.*ds.json: " + message):
                 plan.zero_config(plan._zero_optimization(cfg))  # `vidgen plan`
+
+
+def test_zero3_on_one_worker_without_parameter_offload_is_flagged_before_any_worker(tmp_path, caplog):
+    """One worker's ZeRO-3 partition is the whole model: no memory saved over ZeRO-2, a cost every step."""
+    launch._WARNED.clear()
+    flagged = {}
+    for overrides in (("train.zero_stage=3", "train.num_workers=1"), ("train.zero_stage=2", "train.num_workers=1"),
+                      ("train.zero_stage=3", "train.num_workers=2"),
+                      ("train.zero_stage=3", "train.num_workers=1", "train.offload_params=true")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vidgen.train.launch"):
+            check(config(tmp_path, *overrides))
+        flagged[overrides] = any("train.zero_stage=3 on one worker" in r.getMessage() for r in caplog.records)
+    assert list(flagged.values()) == [True, False, False, False]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vidgen.train.launch"):
+        check(config(tmp_path, "train.zero_stage=3", "train.num_workers=1"))  # `vidgen train` checks again later
+    assert not caplog.records  # said once
 
 
 def test_trainable_patterns(tmp_path):

@@ -320,7 +320,11 @@ class TrainConfig(Section):
         default_factory=dict, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Empty: Ray's default."
     )
     accelerator_type: str | None = Field(None, description="Ray accelerator type to schedule on, e.g. A100.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 2 partitions the optimizer states and gradients over the workers, 3 the "
+        "parameters too (and can offload them), at a cost per module each step; on one worker without "
+        "offload_params, 3 holds no less memory than 2."
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states in CPU memory (stage >= 1).")
     offload_params: bool = Field(False, description="ZeRO-Infinity: parameters in CPU memory (stage 3 only).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
