@@ -36,8 +36,8 @@ SHARED_ENV = ("RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_
 FOREGROUND_ENV = {"RAY_worker_niceness": "0"}
 # A task inherits the runtime env of the process that starts it, this setting included: the data tasks a train
 # worker starts to read its share would run at 0 too, and beside a busy process take the trainer's core from it
-# (64x64x4, ZeRO-2: the worker's read tasks and Ray Data's stats actor took a quarter of a core at 0). They get
-# Ray's own 15 back (`data_task_args`).
+# (64x64x4, ZeRO-2: about 1.9 s of CPU per data worker as it starts, during the first steps, then about 1% of a
+# core each). They get Ray's own 15 back (`data_task_args`).
 BACKGROUND_ENV = {"RAY_worker_niceness": "15"}
 
 
@@ -54,9 +54,9 @@ def start_data_stats_actor() -> None:
 
     It is one detached actor per cluster, started by the first process that runs a dataset, with that process's
     runtime env and on its node. Started by a train worker, it would run at the foreground priority on a training
-    node (it takes about a twentieth of a core while a worker streams its share); from the driver it gets Ray's 15
-    and the driver's node, where Ray Data means it to live. Ray Data has no public call for it: if this one is
-    gone, the actor starts as before."""
+    node (its start-up beside the first steps, then about 1% of a core while a worker streams its share); from the
+    driver it gets Ray's 15 and the driver's node, where Ray Data means it to live. Ray Data has no public call
+    for it: if this one is gone, the actor starts as before."""
     try:
         from ray.data._internal.stats import get_or_create_stats_actor  # lazy: private Ray Data API; heavy
 
