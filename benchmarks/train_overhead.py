@@ -7,19 +7,23 @@ each size, for ZeRO-2 and ZeRO-3; the first steps of each are warm-up and not ti
 its clips as `vidgen train` does (--data source, the default): a data.source of frame folders written for the run,
 each worker reading its own share of the epoch through Ray Data (decoded by data tasks, the order and position
 kept by the worker); --data dataset gives it the clip as an in-memory Ray Dataset instead, split by Ray Train.
-With --contend all three loops are then measured again while N busy processes of the benchmark's own (default 1)
-run beside them (as data tasks and other processes share a node's cores with the trainer).
+With --contend, N busy processes of the benchmark's own (default 1) run beside the loops (as data tasks and other
+processes share a node's cores with the trainer), paused and resumed in alternate windows of --window seconds
+while each loop runs twice as many steps: each loop's quiet and contended steps are then steps of the same
+process, interleaved, and a drift of the machine over the run falls on both alike (steps across a switch, or
+within 0.25 s after one, are not counted; vidgen's steps are placed by the end time its metrics carry).
 Prints one JSON line per figure:
 
     python benchmarks/train_overhead.py [--sizes 64x4,128x8,256x8] [--stages 2,3] [--steps N] [--warmup 3]
-                                        [--threads 1] [--contend [N]] [--data source|dataset]
+                                        [--threads 1] [--contend [N]] [--window S] [--data source|dataset]
 
 Figures per size and stage: plain, deepspeed (vidgen's engine, config and optimizer in a bare loop, in its own
 process) and vidgen step (median s), overhead_ratio (vidgen / plain), deepspeed_ratio (deepspeed / plain),
 vidgen_over_deepspeed (vidgen / deepspeed: what Ray Train, the data path, metrics and checkpoint bookkeeping add),
 overhead_ms (vidgen - plain), data_wait_frac, plain_drift (the plain loop timed again after the others, over
-its first time: how much the machine itself moved during the measurement); with --contend, the contended step
-times and each loop's slowdown (contended over quiet step); then per stage the fixed part of the
+its first time: how much the machine itself moved during the measurement); with --contend, these from the quiet
+windows, the contended step times and each loop's slowdown (contended over quiet step), and the steps counted in
+each state; then per stage the fixed part of the
 overhead in ms (the intercept of overhead_ms against the plain step time, least squares over the sizes), and
 DeepSpeed's fixed part alike.
 Goal: overhead at most 5% at 128x128x8 and 256x256x8, at most 10% at 64x64x4, data-wait at most 2% of step
@@ -32,9 +36,12 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import queue
+import signal
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 
@@ -62,7 +69,7 @@ def plain(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int) -> list[
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         opt.step()
-        times.append(time.perf_counter() - t0)
+        times.append((time.time(), time.perf_counter() - t0))
     return times[warmup:]
 
 
@@ -97,7 +104,7 @@ def deepspeed_loop(cfg, clip: np.ndarray, steps: int, warmup: int, threads: int,
         loss, _ = recipe.loss(batch, lambda *a, **k: engine(*a, return_dict=False, **k)[0], gen)
         engine.backward(loss)
         engine.step()
-        times.append(time.perf_counter() - t0)
+        times.append((time.time(), time.perf_counter() - t0))
     out.put(times[warmup:])
 
 
@@ -123,16 +130,63 @@ def _busy(seconds: float) -> None:
         pass
 
 
-def _competitors(n: int) -> list:
-    procs = [mp.get_context("spawn").Process(target=_busy, args=(3600,), daemon=True) for _ in range(n)]
-    for p in procs:
-        p.start()
-    return procs
+class Contention:
+    """`n` busy processes of the benchmark's own, run and paused (SIGCONT, SIGSTOP) in alternate windows of
+    `window` seconds while open: every loop meets quiet and contended steps in the same process, interleaved, so
+    a drift of the machine or of the process over the loop falls on both alike. `state(end, dt)` of a step that
+    ended at `end` (Unix s) after `dt` s: "quiet" or "contended" when it lay wholly inside one window, at least
+    `settle` s after its switch, else None (not counted)."""
+
+    def __init__(self, n: int, window: float, settle: float = 0.25):
+        self.n, self.window, self.settle = n, window, settle
+        self.switches: list[tuple[float, bool]] = []  # (when, busy from then on)
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Contention:
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_busy, args=(24 * 3600,), daemon=True) for _ in range(self.n)]
+        for p in self.procs:
+            p.start()
+        time.sleep(2.0)  # their interpreter start-up is not part of any window
+        self._signal(signal.SIGSTOP, busy=False)
+        self.thread = threading.Thread(target=self._alternate, daemon=True)
+        self.thread.start()
+        return self
+
+    def _signal(self, sig, busy: bool) -> None:
+        for p in self.procs:
+            os.kill(p.pid, sig)
+        self.switches.append((time.time(), busy))
+
+    def _alternate(self) -> None:
+        busy = False
+        while not self._stop.wait(self.window):
+            busy = not busy
+            self._signal(signal.SIGCONT if busy else signal.SIGSTOP, busy)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+        for p in self.procs:
+            p.kill()  # SIGKILL ends a stopped process too
+            p.join()
+
+    def state(self, end: float, dt: float) -> str | None:
+        start = end - dt - self.settle
+        before = [busy for when, busy in self.switches if when <= start]
+        if not before or any(start < when <= end for when, _ in self.switches):
+            return None
+        return "contended" if before[-1] else "quiet"
 
 
-def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict:
-    """Step times of the three loops, quiet or beside `busy` busy processes, the plain loop timed again at the
-    end, and vidgen's mean data-wait fraction."""
+def in_state(steps: list[tuple], contention: Contention | None, state: str) -> list[tuple]:
+    """The steps, (end, dt, ...) each, that ran wholly in `state` (all are quiet without contention)."""
+    return [s for s in steps if (contention.state(s[0], s[1]) if contention else "quiet") == state]
+
+
+def timed_loops(cfg, clip: np.ndarray, args, contention: Contention | None = None) -> dict:
+    """(end, dt) of every timed step of the three loops and of the plain loop timed again at the end; vidgen's
+    data-wait fraction per step."""
     import ray
 
     from vidgen.data.pipeline import read_config_clips
@@ -144,18 +198,27 @@ def timed_loops(cfg, clip: np.ndarray, args, busy: int) -> dict:
         ds = read_config_clips(cfg, train=True)
     else:
         ds = ray.data.from_items([{"frames": clip, "fps": 7.0} for _ in range(args.warmup + args.steps + 4)])
-    competitors = _competitors(busy)
-    try:
-        out = {"plain": plain(cfg, clip, args.steps, args.warmup, args.threads),
-               "deepspeed": run_deepspeed_loop(cfg, clip, args)}
-        timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
-        out["vidgen"] = [r["step_time_s"] for r in timed]
-        out["data_wait_frac"] = statistics.mean(r["data_wait_frac"] for r in timed)
-        out["plain_after"] = plain(cfg, clip, args.steps, args.warmup, args.threads)
-    finally:
-        for p in competitors:
-            p.terminate()
+    out = {"plain": plain(cfg, clip, args.steps, args.warmup, args.threads),
+           "deepspeed": run_deepspeed_loop(cfg, clip, args)}
+    timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
+    out["vidgen"] = [(r["time"], r["step_time_s"]) for r in timed]
+    out["data_wait"] = [(r["time"], r["step_time_s"], r["data_wait_frac"]) for r in timed]
+    out["plain_after"] = plain(cfg, clip, args.steps, args.warmup, args.threads)
     return out
+
+
+def figures(loops: dict, contention: Contention | None, state: str) -> dict:
+    """Median step of each loop in `state`, the plain loop over both of its passes, and the counts."""
+    by = {k: [dt for _, dt in in_state(loops[k], contention, state)]
+          for k in ("plain", "deepspeed", "vidgen", "plain_after")}
+    if not all(by.values()):
+        raise SystemExit(f"no {state} step of some loop ({ {k: len(v) for k, v in by.items()} }): "
+                         "use a longer --window")
+    waits = [w for _, _, w in in_state(loops["data_wait"], contention, state)]
+    return {"plain": statistics.median(by["plain"] + by["plain_after"]),
+            "deepspeed": statistics.median(by["deepspeed"]), "vidgen": statistics.median(by["vidgen"]),
+            "drift": statistics.median(by["plain_after"]) / statistics.median(by["plain"]),
+            "data_wait_frac": statistics.mean(waits), "steps": {k: len(v) for k, v in by.items()}}
 
 
 def measure(size: int, frames: int, stage: int, args) -> dict:
@@ -166,35 +229,38 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
                              f"data.height={size}", f"data.width={size}", "train.num_workers=1",
                              f"train.zero_stage={stage}", f"train.resources_per_worker={{CPU: {args.threads}}}"])
     clip = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
-    if args.steps is None:  # a steady state of at least STEADY_S seconds per loop, and at least 20 steps
-        probe = statistics.median(plain(cfg, clip, 3, 1, args.threads))
-        args = argparse.Namespace(**{**vars(args), "steps": max(20, math.ceil(STEADY_S / probe))})
+    probe = statistics.median(dt for _, dt in plain(cfg, clip, 3, 1, args.threads))
+    window = args.window or max(3.0, 5 * probe)  # several steps inside each window
+    if args.steps is None:  # a steady state of at least STEADY_S seconds per loop (per state), at least 20 steps
+        n = max(20, math.ceil(STEADY_S / probe))
+        args = argparse.Namespace(**{**vars(args), "steps": 2 * n + 10 if args.contend else n})
     cfg.train.max_steps = cfg.train.checkpoint_every = args.warmup + args.steps
     if args.data == "source":  # one epoch covers the run: no epoch restart inside the timed steps
         cfg.data.source = f"{cfg.run.workdir}/clips"
         make_moving_shapes(cfg.data.source, args.warmup + args.steps + 4, frames, size, size)
-    quiet = timed_loops(cfg, clip, args, busy=0)
-    p = statistics.median(quiet["plain"] + quiet["plain_after"])
-    d, v = statistics.median(quiet["deepspeed"]), statistics.median(quiet["vidgen"])
+    if args.contend:
+        with Contention(args.contend, window) as contention:
+            loops = timed_loops(cfg, clip, args, contention)
+    else:
+        contention, loops = None, timed_loops(cfg, clip, args)
+    q = figures(loops, contention, "quiet")
+    p, d, v = q["plain"], q["deepspeed"], q["vidgen"]
     row = {"size": f"{size}x{size}x{frames}", "zero_stage": stage, "threads": args.threads, "steps": args.steps,
            "contend": args.contend, "data": args.data,
            "plain_step_s": round(p, 4), "deepspeed_step_s": round(d, 4), "vidgen_step_s": round(v, 4),
            "overhead_ratio": round(v / p, 3), "deepspeed_ratio": round(d / p, 3),
            "vidgen_over_deepspeed": round(v / d, 3), "overhead_ms": round(1000 * (v - p), 1),
-           "deepspeed_overhead_ms": round(1000 * (d - p), 1),
-           "plain_drift": round(statistics.median(quiet["plain_after"]) / statistics.median(quiet["plain"]), 3),
-           "data_wait_frac": round(quiet["data_wait_frac"], 4)}
-    if args.contend:  # the same loops beside busy processes: how much each one's step slows
-        busy = timed_loops(cfg, clip, args, busy=args.contend)
-        pb = statistics.median(busy["plain"] + busy["plain_after"])
-        db, vb = statistics.median(busy["deepspeed"]), statistics.median(busy["vidgen"])
-        row.update({"contended_plain_step_s": round(pb, 4), "contended_vidgen_step_s": round(vb, 4),
+           "deepspeed_overhead_ms": round(1000 * (d - p), 1), "plain_drift": round(q["drift"], 3),
+           "data_wait_frac": round(q["data_wait_frac"], 4)}
+    if args.contend:  # the contended windows of the same loops: how much each one's step slows
+        c = figures(loops, contention, "contended")
+        pb, db, vb = c["plain"], c["deepspeed"], c["vidgen"]
+        row.update({"window_s": round(window, 1), "quiet_steps": q["steps"], "contended_steps": c["steps"],
+                    "contended_plain_step_s": round(pb, 4), "contended_vidgen_step_s": round(vb, 4),
                     "contended_plain_slowdown": round(pb / p, 3), "contended_deepspeed_slowdown": round(db / d, 3),
-                    "contended_vidgen_slowdown": round(vb / v, 3),
-                    "contended_overhead_ratio": round(vb / pb, 3),
-                    "contended_plain_drift": round(statistics.median(busy["plain_after"])
-                                                   / statistics.median(busy["plain"]), 3),
-                    "contended_data_wait_frac": round(busy["data_wait_frac"], 4)})
+                    "contended_vidgen_slowdown": round(vb / v, 3), "contended_overhead_ratio": round(vb / pb, 3),
+                    "contended_plain_drift": round(c["drift"], 3),
+                    "contended_data_wait_frac": round(c["data_wait_frac"], 4)})
     return row
 
 
@@ -207,8 +273,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="CPUs the worker reserves = threads of both loops")
     ap.add_argument("--contend", type=int, nargs="?", const=1, default=0, metavar="N",
-                    help="measure every loop again beside N busy processes (default 1: the other core of two), and "
-                         "how much each one's step slows")
+                    help="N busy processes (default 1: the other core of two), run and paused in alternate windows "
+                         "while each loop runs twice as many steps: how much each loop's step slows, quiet and "
+                         "contended steps of the same process")
+    ap.add_argument("--window", type=float, default=None,
+                    help="seconds of each quiet or contended window (default: 5 plain steps, at least 3 s)")
     ap.add_argument("--data", choices=("source", "dataset"), default="source",
                     help="how vidgen's trainer gets its clips: source (default, as `vidgen train` reads them: frame "
                          "folders of data.source, decoded by Ray Data tasks) or dataset (the clip in memory, a Ray "

@@ -43,6 +43,10 @@ def test_demo_end_to_end(ray_session, mlflow_server, tmp_path):
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.flavor"] == "tiny"
     losses = client.get_metric_history(summary.run_id, "train/loss")
     assert [m.step for m in losses] == [1, 2, 3]
+    # timestamped when each step ended on the worker: in step order, inside the demo's run
+    stamps = [m.timestamp for m in losses]
+    assert stamps == sorted(stamps) and run.info.start_time <= stamps[0], (stamps, run.info.start_time)
+    assert "train/time" not in run.data.metrics
     assert run.data.metrics["fvd"] == pytest.approx(summary.fvd)
     artifacts = [a.path for a in client.list_artifacts(summary.run_id)]
     assert "config.yaml" in artifacts

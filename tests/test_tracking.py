@@ -58,6 +58,7 @@ def test_run_is_logged(store, tmp_path):
         t.log_config(CONFIG)
         for step, loss in enumerate([0.9, 0.5, 0.25]):
             t.log_metrics({"train/loss": loss, "lr": 1e-4}, step=step)
+        t.log_metrics({"train/step_time_s": 0.5}, step=2, timestamp=1_800_000_000.25)  # when it was measured
         t.log_video(str(video))
         t.set_tags({"recipe": "svd_lora"})
 
@@ -75,6 +76,8 @@ def test_run_is_logged(store, tmp_path):
 
     history = mlflow.get_metric_history(t.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.9), (1, 0.5), (2, 0.25)]
+    (timed,) = mlflow.get_metric_history(t.run_id, "train/step_time_s")
+    assert (timed.step, timed.value, timed.timestamp) == (2, 0.5, 1_800_000_000_250)
 
     assert sorted(a.path for a in mlflow.list_artifacts(t.run_id)) == ["config.yaml", "videos"]
     assert [a.path for a in mlflow.list_artifacts(t.run_id, "videos")] == ["videos/sample_0.mp4"]

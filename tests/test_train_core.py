@@ -259,6 +259,11 @@ def test_validation_ema_accumulation_and_schedule(ray_session, tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f(s) for s in range(1, 5)])
     for r in rows:
         assert r["grad_norm"] > 0 and r["samples_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
+    # each row's time is when its step ended: the gap to the step before is that step's time, and after a step
+    # that validated and saved (every 2nd) also their time, which step_time_s leaves out
+    gaps = {b["step"]: (b["time"] - a["time"], b["step_time_s"]) for a, b in zip(rows, rows[1:])}
+    assert [gaps[s][0] for s in (2, 4)] == pytest.approx([gaps[s][1] for s in (2, 4)], abs=0.01), gaps
+    assert gaps[3][0] > gaps[3][1] + 0.01, gaps
     assert sorted(videos) == [2, 4]
     frames, _ = read_video(videos[4][0])
     assert frames.shape == (4, 64, 64, 3)

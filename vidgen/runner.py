@@ -107,8 +107,9 @@ def _fit(cfg: VidgenConfig, tracker: Tracker, progress, dataset, images):
     from vidgen.train.launch import fit  # lazy: loads Ray, PyArrow, PIL
 
     def on_metrics(rows: list[dict]) -> None:
-        for r in rows:
-            tracker.log_metrics({f"train/{k}": float(v) for k, v in r.items() if k != "step"}, step=r["step"])
+        for r in rows:  # timestamped when the worker ended the step, not when the driver drained the row
+            tracker.log_metrics({f"train/{k}": float(v) for k, v in r.items() if k not in ("step", "time")},
+                                step=r["step"], timestamp=r.get("time"))
             if progress:
                 progress(r)
 

@@ -344,13 +344,15 @@ class Tracker:
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._send("params", lambda c=chunk: self._client.log_batch(self._run_id, params=c))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
+                    timestamp: float | None = None) -> None:
+        """`timestamp`: when the values were measured (Unix s); default now."""
         if not self._active():
             return
         from mlflow.entities import Metric  # lazy: MLflow takes seconds to import
 
-        now = int(time.time() * 1000)
-        entries = [Metric(_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
+        ms = int((time.time() if timestamp is None else timestamp) * 1000)
+        entries = [Metric(_key(k), float(v), ms, int(step or 0)) for k, v in metrics.items()]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self._send(f"metrics@{step}", lambda c=chunk: self._client.log_batch(self._run_id, metrics=c))
 

@@ -357,11 +357,12 @@ def train_func(config: dict) -> None:
         faults.maybe_exit("TRAIN", fault, rank, step)  # test hook (vidgen/faults.py)
         if ema is not None:
             _ema_update(ema, names, params, t.ema_decay)
-        now = time.perf_counter()
+        now, wall = time.perf_counter(), time.time()
         dt = now - t_step
         if rank == 0 and sink is not None:
             norm = engine.get_global_grad_norm()
-            sink.put.remote([{"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+            # "time": when the step ended (Unix s, rank 0's clock): the tracker's timestamp of the row
+            sink.put.remote([{"step": step, "time": wall, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(norm) if norm is not None else float("nan"),
                               "step_time_s": dt, "samples_per_s": samples_per_step / dt,
                               "data_wait_frac": min(1.0, wait / dt), **extra, **timings}])
