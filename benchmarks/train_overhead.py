@@ -186,7 +186,7 @@ def in_state(steps: list[tuple], contention: Contention | None, state: str) -> l
 
 def timed_loops(cfg, clip: np.ndarray, args, contention: Contention | None = None) -> dict:
     """(end, dt) of every timed step of the three loops and of the plain loop timed again at the end; vidgen's
-    data-wait fraction per step."""
+    steps also carry their data-wait fraction, (end, dt, wait)."""
     import ray
 
     from vidgen.data.pipeline import read_config_clips
@@ -201,24 +201,22 @@ def timed_loops(cfg, clip: np.ndarray, args, contention: Contention | None = Non
     out = {"plain": plain(cfg, clip, args.steps, args.warmup, args.threads),
            "deepspeed": run_deepspeed_loop(cfg, clip, args)}
     timed = [r for r in fit(cfg, ds).metrics if r["step"] > args.warmup]
-    out["vidgen"] = [(r["time"], r["step_time_s"]) for r in timed]
-    out["data_wait"] = [(r["time"], r["step_time_s"], r["data_wait_frac"]) for r in timed]
+    out["vidgen"] = [(r["time"], r["step_time_s"], r["data_wait_frac"]) for r in timed]
     out["plain_after"] = plain(cfg, clip, args.steps, args.warmup, args.threads)
     return out
 
 
 def figures(loops: dict, contention: Contention | None, state: str) -> dict:
     """Median step of each loop in `state`, the plain loop over both of its passes, and the counts."""
-    by = {k: [dt for _, dt in in_state(loops[k], contention, state)]
-          for k in ("plain", "deepspeed", "vidgen", "plain_after")}
-    if not all(by.values()):
-        raise SystemExit(f"no {state} step of some loop ({ {k: len(v) for k, v in by.items()} }): "
-                         "use a longer --window")
-    waits = [w for _, _, w in in_state(loops["data_wait"], contention, state)]
+    steps = {k: in_state(loops[k], contention, state) for k in ("plain", "deepspeed", "vidgen", "plain_after")}
+    counts = {k: len(v) for k, v in steps.items()}
+    if not all(counts.values()):
+        raise SystemExit(f"no {state} step of some loop ({counts}): use a longer --window")
+    by = {k: [s[1] for s in v] for k, v in steps.items()}
     return {"plain": statistics.median(by["plain"] + by["plain_after"]),
             "deepspeed": statistics.median(by["deepspeed"]), "vidgen": statistics.median(by["vidgen"]),
             "drift": statistics.median(by["plain_after"]) / statistics.median(by["plain"]),
-            "data_wait_frac": statistics.mean(waits), "steps": {k: len(v) for k, v in by.items()}}
+            "data_wait_frac": statistics.mean(s[2] for s in steps["vidgen"]), "steps": counts}
 
 
 def measure(size: int, frames: int, stage: int, args) -> dict:
@@ -229,8 +227,10 @@ def measure(size: int, frames: int, stage: int, args) -> dict:
                              f"data.height={size}", f"data.width={size}", "train.num_workers=1",
                              f"train.zero_stage={stage}", f"train.resources_per_worker={{CPU: {args.threads}}}"])
     clip = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
-    probe = statistics.median(dt for _, dt in plain(cfg, clip, 3, 1, args.threads))
-    window = args.window or max(3.0, 5 * probe)  # several steps inside each window
+    window = args.window
+    if args.steps is None or (args.contend and not window):  # the plain step's time sets both defaults
+        probe = statistics.median(dt for _, dt in plain(cfg, clip, 3, 1, args.threads))
+        window = window or max(3.0, 5 * probe)  # several steps inside each window
     if args.steps is None:  # a steady state of at least STEADY_S seconds per loop (per state), at least 20 steps
         n = max(20, math.ceil(STEADY_S / probe))
         args = argparse.Namespace(**{**vars(args), "steps": 2 * n + 10 if args.contend else n})
@@ -283,6 +283,8 @@ def main() -> None:
                          "folders of data.source, decoded by Ray Data tasks) or dataset (the clip in memory, a Ray "
                          "Dataset split by Ray Train)")
     args = ap.parse_args()
+    if args.window is not None and args.window <= 0:
+        ap.error(f"--window {args.window}: seconds must be > 0")
 
     import ray
 
