@@ -10,6 +10,10 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.vidgen-installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist), each with its own local Ray cluster and servers; a test file stays in one
+# process (its module fixtures start once). Much of the suite waits on process start-up and imports with one core
+# busy, so 2 processes fill a 2-core machine. TEST_JOBS=0 runs everything in one process.
+TEST_JOBS ?= 2
 
 .PHONY: setup demo test lint bench clean browser
 
@@ -34,7 +38,7 @@ demo: setup
 	$(VENV)/bin/vidgen demo
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # Headless Chromium for tests/test_report.py (the nightly report opened as a browser sees it). CI runs this
 # before `make test`; it installs Debian's package only as root and only when it is missing. Elsewhere the

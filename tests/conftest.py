@@ -1,4 +1,5 @@
-"""Shared test fixtures: one local Ray cluster per session, servers on loopback (see servers.py)."""
+"""Shared test fixtures: one local Ray cluster per test process, servers on loopback (see servers.py), the fault
+report (faultreport.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vidg
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["servers"]
+pytest_plugins = ["servers", "faultreport"]
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -32,7 +33,7 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (Ray start costs 4-8 s)."""
+    """One local Ray per test process (Ray start costs 4-8 s); `make test` runs 2 processes (pytest-xdist)."""
     import ray
 
     if not ray.is_initialized():

@@ -1,8 +1,10 @@
-"""The fault-injection suite: every test records what it injected, whether the job survived, and what was lost.
+"""The fault-injection suite's report (tests/faults/): every test records what it injected, whether the job
+survived, and what was lost.
 
-`pytest tests/faults` ends with a table (and work/fault-report.json): one row per fault, `lost` must be 0.
-A test records its row only after its own assertions, so a row says what was measured, and a failing test
-shows up as a failed test, not as a row.
+The run ends with a table (and work/fault-report.json): one row per fault, `lost` must be 0. A test records its
+row only after its own assertions, so a row says what was measured, and a failing test shows up as a failed test,
+not as a row. Rows travel as user properties of the test's report, so the table is whole when pytest-xdist runs
+the tests in other processes: the process that prints the summary gets every report.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
+
+KEY = "vidgen_fault"
 
 
 @dataclass
@@ -28,17 +32,25 @@ _ROWS: list[FaultRow] = []
 
 
 class FaultRecorder:
+    def __init__(self, item: pytest.Item):
+        self._item = item
+
     def record(self, fault: str, *, injected: int, survived: bool, lost: int, detail: str = "") -> None:
-        _ROWS.append(FaultRow(fault, injected, survived, lost, detail))
+        self._item.user_properties.append((KEY, asdict(FaultRow(fault, injected, survived, lost, detail))))
 
 
 @pytest.fixture
-def faults() -> FaultRecorder:
-    return FaultRecorder()
+def faults(request) -> FaultRecorder:
+    return FaultRecorder(request.node)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":  # the setup and teardown reports carry the same properties
+        _ROWS.extend(FaultRow(**value) for key, value in report.user_properties if key == KEY)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if not _ROWS:
+    if not _ROWS or hasattr(config, "workerinput"):  # an xdist worker: the controller reports
         return
     tr = terminalreporter
     tr.section("fault report")
