@@ -33,7 +33,7 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray per test process (Ray start costs 4-8 s); `make test` runs 2 processes (pytest-xdist)."""
+    """One local Ray per test process (Ray start costs 4-8 s); `make test TEST_JOBS=2` runs 2 (pytest-xdist)."""
     import ray
 
     if not ray.is_initialized():
