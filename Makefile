@@ -11,10 +11,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.vidgen-installed
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist), each with its own local Ray cluster and servers; a test file stays in one
-# process (its module fixtures start once). 0, the default, runs everything in one process. TEST_JOBS=2 on 2 cores
-# took 55 min against 73 serially on one slow day, but the 3-node cluster of tests/test_multinode.py failed to
-# start beside the other process's tests (a raylet's crash report in a query's output), so it is not the default.
-TEST_JOBS ?= 0
+# process (its module fixtures start once), the longest files first (tests/conftest.py). TEST_JOBS=2 on 2 cores took
+# 55 min against 73 serially on one slow day; 0 runs everything in one process, in pytest's order.
+TEST_JOBS ?= 2
 
 .PHONY: setup demo test lint bench clean browser
 
@@ -39,7 +38,7 @@ demo: setup
 	$(VENV)/bin/vidgen demo
 
 test: setup
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Headless Chromium for tests/test_report.py (the nightly report opened as a browser sees it). CI runs this
 # before `make test`; it installs Debian's package only as root and only when it is missing. Elsewhere the

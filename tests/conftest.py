@@ -21,6 +21,44 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = ["servers", "faultreport"]
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TESTS = Path(__file__).resolve().parent
+
+# The longest test files, longest first (seconds each in a serial run on a slow day, from --durations): in
+# pytest-xdist processes (`make test TEST_JOBS=2`, which hands out whole files in collection order) these go first,
+# so the run does not end with one process busy on a long file while the other waits. A serial run keeps pytest's
+# order.
+LONGEST_FIRST = [
+    "test_data_position.py",  # 393
+    "test_accelerator_env.py",  # 356
+    "test_multinode.py",  # 321
+    "faults/test_train_faults.py",  # 279
+    "test_nightly_verdict.py",  # 258
+    "test_train_core.py",  # 231
+    "test_wan_train.py",  # 229
+    "test_plan.py",  # 217
+    "test_job_submit.py",  # 189
+    "test_lora.py",  # 181
+    "faults/test_credentials.py",  # 139
+    "test_nightly.py",  # 120
+    "test_latents.py",  # 116
+    "test_plan_generate.py",  # 114
+    "faults/test_interrupt.py",  # 113
+    "test_demo.py",  # 112
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> int:
+        try:
+            return rank.get(Path(item.fspath).resolve().relative_to(TESTS).as_posix(), len(rank))
+        except ValueError:
+            return len(rank)
+
+    items.sort(key=key)  # stable: a file's tests keep their order, the other files theirs
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,13 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from servers import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_pids(sid: int) -> list[int]:
@@ -190,7 +185,9 @@ class Cluster:
                            timeout=timeout, cwd=self.root)
         if p.returncode != 0 or "\n@@" not in p.stdout:
             raise RuntimeError(f"query {expr!r} failed ({p.returncode}): {p.stderr[-2000:]}")
-        return json.loads(p.stdout.rsplit("\n@@", 1)[1])
+        # The value's line only: Ray may print errors published to every driver after it (a node that died: then
+        # wait_for_nodes sees its `ray start --block` exit and reports that node's log).
+        return json.loads(p.stdout.split("\n@@", 1)[1].split("\n", 1)[0])
 
 
 class S3Gate:

@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,10 +38,39 @@ import pytest
 BIN = Path(sys.executable).parent  # the venv's bin/: moto_server and mlflow live beside python
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free 127.0.0.1 port for a server this process starts next, never one it gave before.
+
+    Not bind(0)'s port: that one is free only until the kernel hands it to another process's bind(0) or connect(),
+    and a Ray node binds its ports seconds after they are chosen while other tests (in another pytest-xdist process
+    too) open connections and start Ray workers, which then take the port and the node's raylet dies. Ports come from
+    20000 up to the kernel's ephemeral range (32768 by default), above Ray's default worker ports (10002-19999); each
+    pytest-xdist process draws from its own slice of that range, so two never pick the same port."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = 20000, ephemeral if ephemeral > 21000 else 32768
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", "gw0"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+    size = (high - low) // max(count, 1)
+    low = low + (index % max(count, 1)) * size
+    rng = random.SystemRandom()
+    for _ in range(2000):
+        port = rng.randrange(low, low + size)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in 127.0.0.1:{low}-{low + size - 1}")
 
 
 class ServerProcess:

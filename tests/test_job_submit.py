@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `python`: jobs run `python jobs/...` from PATH
@@ -34,24 +34,11 @@ PORT_FLAGS = ["--port", "--dashboard-port", "--ray-client-server-port", "--dashb
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports; every Ray port is explicit so this head never collides with another Ray."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """A token-authenticated Ray head with a dashboard on 127.0.0.1: (address, env for the CLI, token)."""
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay short
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    ports = dict(zip(PORT_FLAGS, [free_port() for _ in PORT_FLAGS], strict=True))
     token = secrets.token_hex(32)  # made here, never stored: it reaches Ray only through the environment
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
