@@ -17,6 +17,10 @@ os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vidgen" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's log monitor globs the session's log folder 10 times a second until it holds 1000 files, then twice a second
+# (Ray's own back-off for big clusters): with every test's workers logging there, the 10 Hz scan cost about 5% of
+# the suite's CPU. The tests' drivers do not stream worker logs (log_to_driver=False).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 pytest_plugins = ["servers", "faultreport"]
 

@@ -99,7 +99,31 @@ class Cluster:
 
     # -- nodes ---------------------------------------------------------------------------------------------------
 
-    def _start(self, name: str, args: list[str], resources: dict[str, float], num_cpus: int) -> Node:
+    def _start(self, name: str, args: list[str], resources: dict[str, float], num_cpus: int,
+               attempts: int = 3, timeout: float = 240) -> Node:
+        """Starts a node and returns once its `ray start` reports it running. Ray gives a node's raylet a hard-coded
+        30 s to register with the GCS, and on a loaded machine (another test process busy on both cores) a node
+        can miss that: its `ray start` then exits ("timed out during startup"), its processes are killed and it
+        starts again, up to `attempts` times. The node's log keeps every attempt."""
+        for attempt in range(1, attempts + 1):
+            log_path = self.root / f"node-{name}.log"
+            offset = log_path.stat().st_size if log_path.exists() else 0  # this attempt's output starts there
+            node = self._launch(name, args, resources, num_cpus)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and node.proc.poll() is None:
+                if "Ray runtime started." in node.log_path.read_text(errors="replace")[offset:]:
+                    return node
+                time.sleep(0.5)
+            kill_session(node.proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.proc.wait(timeout=10)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
+            with open(node.log_path, "a") as log:
+                log.write(f"\n[test harness] node {name}: attempt {attempt} of {attempts} did not start "
+                          f"(exit {node.proc.returncode})\n")
+        raise RuntimeError(f"node {name} did not start in {attempts} attempts:\n{self.log_tail(node)}")
+
+    def _launch(self, name: str, args: list[str], resources: dict[str, float], num_cpus: int) -> Node:
         # Ray's socket paths must stay short: a temp dir under /tmp, not under pytest's tmp_path.
         temp_dir = Path(tempfile.mkdtemp(prefix=f"rmn{name[:2]}", dir="/tmp"))
         log_path = self.root / f"node-{name}.log"
@@ -110,7 +134,7 @@ class Cluster:
                 f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
                                     start_new_session=True, preexec_fn=_die_with_parent)
         node = self.nodes[name] = Node(name, resources, proc, log_path, temp_dir)

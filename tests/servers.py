@@ -46,7 +46,7 @@ def free_port() -> int:
 
     Not bind(0)'s port: that one is free only until the kernel hands it to another process's bind(0) or connect(),
     and a Ray node binds its ports seconds after they are chosen while other tests (in another pytest-xdist process
-    too) open connections and start Ray workers, which then take the port and the node's raylet dies. Ports come from
+    too) open connections and start Ray workers, any of which can take it first. Ports come from
     20000 up to the kernel's ephemeral range (32768 by default), above Ray's default worker ports (10002-19999); each
     pytest-xdist process draws from its own slice of that range, so two never pick the same port."""
     try:
