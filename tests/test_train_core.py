@@ -337,3 +337,18 @@ def test_a_build_lock_left_by_a_dead_builder_is_removed_a_live_one_kept(tmp_path
         assert loop.clear_stale_build_lock("cpu_adam", now=built_at + loop.STALE_BUILD_LOCK_S + 1)
     assert not lock.exists() and "left by a build that died" in caplog.text
     assert not loop.clear_stale_build_lock("cpu_adam")  # nothing left to remove
+
+
+def test_a_worker_loads_deepspeed_without_mlflow_and_mlflow_stays_importable():
+    """DeepSpeed's autotuner imports MLflow for itself, seconds of a worker's start-up that nothing uses."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vidgen.train.loop import import_deepspeed; ds = import_deepspeed(); "
+            "from deepspeed.autotuning import autotuner; "
+            "print(ds.__name__, 'mlflow' in sys.modules, autotuner.has_mlflow); "
+            "import mlflow; print(mlflow.__name__)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["deepspeed", "False", "False", "mlflow"], p.stdout

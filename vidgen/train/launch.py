@@ -463,6 +463,9 @@ def consolidated_state_dict(ckpt_dir: str, verify: bool = True) -> dict:
     latest = Path(ckpt_dir, "latest").read_text().strip()
     tag_dir = Path(ckpt_dir, latest)
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+        from vidgen.train.loop import import_deepspeed  # lazy: loop imports torch; the driver does not
+
+        import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: deepspeed, ZeRO only
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=latest))
