@@ -96,6 +96,15 @@ def _submit(address: str, env: dict, submission_id: str, entrypoint: list[str]) 
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
+def _status(client, job_id: str, submitted: subprocess.CompletedProcess):
+    """The job's status; when the head has no such job, what `ray job submit` said (exit status and output)."""
+    try:
+        return client.get_job_status(job_id)
+    except RuntimeError as e:
+        pytest.fail(f"{e}\n`ray job submit` exited {submitted.returncode}:\n{submitted.stdout[-3000:]}\n"
+                    f"{submitted.stderr[-3000:]}")
+
+
 def test_submit_train_then_generate(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -115,7 +124,7 @@ def test_submit_train_then_generate(ray_head, tmp_path):
     train = _submit(address, env, train_id, [
         "python", "jobs/train.py", "--config", "jobs/configs/demo.yaml", "train.max_steps=2",
         "train.checkpoint_every=2", "train.num_workers=1", f"data.source={data}", f"run.workdir={work}"])
-    assert client.get_job_status(train_id) == JobStatus.SUCCEEDED, train.stdout[-4000:] + train.stderr[-4000:]
+    assert _status(client, train_id, train) == JobStatus.SUCCEEDED, train.stdout[-4000:] + train.stderr[-4000:]
     assert train.returncode == 0
     unet = work / "train" / "demo" / "export" / "unet"  # demo.yaml: run.name=demo; the export is per run
     assert (unet / "config.json").is_file(), sorted(p.name for p in work.rglob("*"))[:50]
@@ -123,7 +132,7 @@ def test_submit_train_then_generate(ray_head, tmp_path):
     gen = _submit(address, env, gen_id, [
         "python", "jobs/generate.py", "--config", "jobs/configs/demo.yaml", f"generate.prompts={prompts}",
         f"generate.unet={unet}", "generate.num_frames=8", f"run.workdir={work}"])
-    assert client.get_job_status(gen_id) == JobStatus.SUCCEEDED, gen.stdout[-4000:] + gen.stderr[-4000:]
+    assert _status(client, gen_id, gen) == JobStatus.SUCCEEDED, gen.stdout[-4000:] + gen.stderr[-4000:]
     videos = sorted((work / "generated" / "videos").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 0
 
