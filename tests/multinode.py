@@ -106,7 +106,7 @@ class Cluster:
         can miss that: its `ray start` then exits ("timed out during startup"), its processes are killed and it
         starts again, up to `attempts` times. The node's log keeps every attempt."""
         for attempt in range(1, attempts + 1):
-            log_path = self.root / f"node-{name}.log"
+            log_path = self._log_path(name)
             offset = log_path.stat().st_size if log_path.exists() else 0  # this attempt's output starts there
             node = self._launch(name, args, resources, num_cpus)
             deadline = time.monotonic() + timeout
@@ -123,10 +123,13 @@ class Cluster:
                           f"(exit {node.proc.returncode})\n")
         raise RuntimeError(f"node {name} did not start in {attempts} attempts:\n{self.log_tail(node)}")
 
+    def _log_path(self, name: str) -> Path:
+        return self.root / f"node-{name}.log"
+
     def _launch(self, name: str, args: list[str], resources: dict[str, float], num_cpus: int) -> Node:
         # Ray's socket paths must stay short: a temp dir under /tmp, not under pytest's tmp_path.
         temp_dir = Path(tempfile.mkdtemp(prefix=f"rmn{name[:2]}", dir="/tmp"))
-        log_path = self.root / f"node-{name}.log"
+        log_path = self._log_path(name)
         argv = [str(BIN / "ray"), "start", "--block", *args, f"--temp-dir={temp_dir}",
                 f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
                 "--object-store-memory=100000000", "--disable-usage-stats",

@@ -54,10 +54,10 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         ephemeral = 32768
     low, high = 20000, ephemeral if ephemeral > 21000 else 32768
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER", "gw0"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
-    size = (high - low) // max(count, 1)
-    low = low + (index % max(count, 1)) * size
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    size = (high - low) // count
+    low += (int(worker) % count if worker.isdigit() else 0) * size
     rng = random.SystemRandom()
     for _ in range(2000):
         port = rng.randrange(low, low + size)

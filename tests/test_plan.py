@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 from profiling import allocated_peak
+from servers import free_port
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidgen import cli, plan
@@ -626,7 +627,6 @@ if __name__ == "__main__":
 def test_zero3_window_bounds_what_deepspeed_gathers_in_a_real_2_rank_run(tmp_path):
     import importlib.util
     import os
-    import socket
     import subprocess
     import sys
 
@@ -638,9 +638,7 @@ def test_zero3_window_bounds_what_deepspeed_gathers_in_a_real_2_rank_run(tmp_pat
     layer = toy.W * toy.W  # a Linear's weight; its bias (W) is persistent
     lives = [0, 4 * layer, 10**9]
     cases = [(kw, False, live) for kw in (True, False) for live in lives] + [(True, True, live) for live in lives]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), port, json.dumps(cases)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]

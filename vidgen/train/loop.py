@@ -179,15 +179,14 @@ def import_deepspeed():
     (1.6-1.9 s of CPU per process, measured on a 2-core machine): workers never run the autotuner, and their
     metrics reach MLflow through the driver. `mlflow` is marked absent while DeepSpeed loads and importable again
     afterwards. Call it after `apply_worker_env`: DeepSpeed picks its accelerator when it is imported."""
-    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+    hide = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
+    if hide:
         sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
-        try:
-            import deepspeed  # lazy: after DS_ACCELERATOR is set
-        finally:
-            if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-                del sys.modules["mlflow"]
-    import deepspeed  # lazy: after DS_ACCELERATOR is set
-
+    try:
+        import deepspeed  # lazy: after DS_ACCELERATOR is set
+    finally:
+        if hide and sys.modules.get("mlflow", ...) is None:
+            del sys.modules["mlflow"]
     return deepspeed
 
 
